@@ -1,0 +1,161 @@
+"""Model configuration: one frozen dataclass, mapped from a Hugging Face config.json in one place.
+
+Non-goal: covering every field transformers knows; only what the supported families need. Fields a
+family does not use keep neutral defaults, so the generic decoder reads one shape of config.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from daop.errors import DaopError
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    """Rotary embedding parameters (default or Phi-style "longrope")."""
+
+    theta: float = 10000.0
+    kind: str = "default"
+    short_factor: tuple[float, ...] = ()
+    long_factor: tuple[float, ...] = ()
+    original_max_positions: int = 0
+    attention_factor: float | None = None
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Everything the decoder needs to know about a checkpoint's architecture."""
+
+    family: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    max_positions: int
+    norm_eps: float
+    rope: RopeConfig = field(default_factory=RopeConfig)
+    norm_kind: str = "rms"  # "rms" or "layer" (LayerNorm with bias)
+    router_kind: str = "softmax_topk"  # or "sparsemixer"
+    norm_topk_prob: bool = True
+    router_weights_in_hidden_dtype: bool = False
+    router_jitter_eps: float = 0.0
+    qkv_bias: bool = False
+    o_bias: bool = False
+    qk_norm: str = "none"  # "none", "head" (per head, Qwen3) or "full" (whole projection, OLMoE)
+    clip_qkv: float | None = None
+    lm_head_bias: bool = False
+    tie_word_embeddings: bool = False
+    shared_expert_intermediate_size: int = 0
+    dense_intermediate_size: int = 0
+    moe_layers: tuple[bool, ...] = ()
+    sliding_window: int | None = None
+    torch_dtype: str = "float32"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the engine runs exactly (a sliding window caps it)."""
+        if self.sliding_window and self.sliding_window < self.max_positions:
+            return int(self.sliding_window)
+        return self.max_positions
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return self.moe_layers[layer_idx] if self.moe_layers else True
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """Read a JSON object file, turning every failure into a DaopError naming the file."""
+    if not path.is_file():
+        raise DaopError(f"{what} not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DaopError(f"{path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise DaopError(f"{path}: expected a JSON object at the top level")
+    return data
+
+
+def load_config(model_dir: Path) -> ModelConfig:
+    """Read config.json of a checkpoint folder and map it through its family spec."""
+    from daop.model.specs import spec_for
+
+    path = model_dir / "config.json"
+    raw = read_json(path, "config.json")
+    spec = spec_for(raw, path)
+    try:
+        return spec.config_from_hf(raw)
+    except KeyError as exc:
+        raise DaopError(f"{path}: missing field {exc.args[0]!r} required for {spec.name}") from exc
+    except (TypeError, ValueError) as exc:
+        raise DaopError(f"{path}: invalid value ({exc})") from exc
+
+
+def rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
+    """Rotary parameters from either transformers 4 (rope_theta, rope_scaling) or 5 (rope_parameters)."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    merged = {**scaling, **params}
+    if kind == "default":
+        return RopeConfig(theta=theta)
+    if kind != "longrope":
+        raise ValueError(f"rope type {kind!r} is not supported (supported: default, longrope)")
+    mscale = merged.get("attention_factor", merged.get("short_mscale"))
+    return RopeConfig(
+        theta=theta,
+        kind="longrope",
+        short_factor=tuple(float(x) for x in merged["short_factor"]),
+        long_factor=tuple(float(x) for x in merged["long_factor"]),
+        original_max_positions=int(
+            merged.get("original_max_position_embeddings", raw.get("original_max_position_embeddings", 0))
+        ),
+        attention_factor=None if mscale is None else float(mscale),
+    )
+
+
+def eos_ids(raw: dict[str, Any]) -> tuple[int, ...]:
+    eos = raw.get("eos_token_id")
+    if eos is None:
+        return ()
+    return tuple(int(x) for x in (eos if isinstance(eos, list) else [eos]))
+
+
+def common_fields(raw: dict[str, Any]) -> dict[str, Any]:
+    """Fields every supported family spells the same way in config.json."""
+    hidden = int(raw["hidden_size"])
+    heads = int(raw["num_attention_heads"])
+    return dict(
+        vocab_size=int(raw["vocab_size"]),
+        hidden_size=hidden,
+        num_layers=int(raw["num_hidden_layers"]),
+        num_heads=heads,
+        num_kv_heads=int(raw.get("num_key_value_heads") or heads),
+        head_dim=int(raw.get("head_dim") or hidden // heads),
+        top_k=int(raw["num_experts_per_tok"]),
+        max_positions=int(raw.get("max_position_embeddings", 4096)),
+        norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+        rope=rope_from_hf(raw),
+        tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        sliding_window=raw.get("sliding_window") if raw.get("use_sliding_window", True) else None,
+        torch_dtype=str(raw.get("dtype") or raw.get("torch_dtype") or "float32"),
+        bos_token_id=raw.get("bos_token_id"),
+        eos_token_ids=eos_ids(raw),
+    )
+
+
+def num_routed_experts(raw: dict[str, Any]) -> int:
+    """Routed experts per layer: `num_experts` in original checkpoints, `num_local_experts` in some re-saves."""
+    if "num_experts" in raw:
+        return int(raw["num_experts"])
+    return int(raw["num_local_experts"])

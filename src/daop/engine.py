@@ -1,0 +1,205 @@
+"""The user-facing engine: load a checkpoint folder, then generate, stream or score tokens.
+
+Non-goal here: deciding where experts run. The engine attaches an expert runner to the decoder;
+offloading policies provide other runners with the same contract.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+
+from daop.config import ModelConfig, load_config
+from daop.errors import DaopError
+from daop.model.decoder import Decoder
+from daop.model.moe import ResidentExperts
+from daop.model.specs import FamilySpec, spec_for
+from daop.config import read_json
+from daop.sampling import Sampler, SamplingParams
+from daop.tokenizer import StreamDecoder, Tokenizer
+from daop.weights.loader import load_decoder, parse_dtype
+
+DEFAULT_MODEL = "daop-moe-mini"
+
+
+def default_model_dir() -> Path:
+    """The small trained model shipped inside the package."""
+    return Path(str(resources.files("daop") / "assets" / DEFAULT_MODEL))
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise DaopError("device 'cuda' requested but CUDA is not available (use --device cpu)")
+    if dev.type not in ("cpu", "cuda"):
+        raise DaopError(f"unsupported device {str(device)!r}; choose cpu or cuda")
+    return dev
+
+
+@dataclass
+class GenerationStats:
+    """Numbers of the last generation (for --stats and the server's usage field)."""
+
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str = "length"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = max(self.generated_tokens - 1, 0)
+        return steps / self.decode_s if self.decode_s > 0 else 0.0
+
+
+class Engine:
+    """A loaded model with its tokenizer, ready to generate."""
+
+    def __init__(self, model_dir: Path, config: ModelConfig, spec: FamilySpec, decoder: Decoder, tokenizer: Tokenizer, load_s: float) -> None:
+        self.model_dir, self.config, self.spec, self.decoder, self.tokenizer = model_dir, config, spec, decoder, tokenizer
+        self.load_s = load_s
+        self.last_stats = GenerationStats()
+        eos = set(tokenizer.eos_token_ids) | set(config.eos_token_ids)
+        self.eos_ids = frozenset(eos)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path | None = None,
+        device: str | torch.device | None = None,
+        dtype: str | torch.dtype | None = None,
+        progress: bool = True,
+        **options: Any,
+    ) -> "Engine":
+        """Load a Hugging Face-layout checkpoint folder (the shipped default model when path is None)."""
+        if options:
+            raise DaopError(f"unknown option(s): {', '.join(sorted(options))}")
+        t0 = time.perf_counter()
+        model_dir = Path(path).expanduser() if path is not None else default_model_dir()
+        if not model_dir.is_dir():
+            raise DaopError(f"model folder not found: {model_dir}")
+        config = load_config(model_dir)
+        spec = spec_for(read_json(model_dir / "config.json", "config.json"))
+        tokenizer = Tokenizer.from_dir(model_dir)
+        dev = resolve_device(device)
+        torch_dtype = parse_dtype(dtype, config.torch_dtype)
+        experts = ResidentExperts(config, dev, torch_dtype)
+        decoder = load_decoder(model_dir, config, spec, dev, torch_dtype, experts.weights_of, progress)
+        decoder.experts = experts
+        return cls(model_dir, config, spec, decoder, tokenizer, time.perf_counter() - t0)
+
+    @property
+    def device(self) -> torch.device:
+        return self.decoder.device
+
+    def encode(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise DaopError("the prompt is empty")
+        if max(ids) >= self.config.vocab_size or min(ids) < 0:
+            raise DaopError(f"token id out of range: the vocabulary has {self.config.vocab_size} entries")
+        limit = self.config.context_length
+        if len(ids) >= limit:
+            raise DaopError(f"prompt has {len(ids)} tokens; the context window is {limit} tokens (max_position_embeddings)")
+        return ids
+
+    @torch.inference_mode()
+    def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Full forward without sampling: float32 logits [T, V] (for parity checks)."""
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+        cache = self.decoder.new_cache(1, ids.shape[1])
+        return self.decoder.forward(ids, 0, cache, all_logits=True)[0]
+
+    @torch.inference_mode()
+    def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        """Yield generated token ids until EOS or max_new_tokens (stop strings are handled by stream)."""
+        ids = self.encode(prompt_ids)
+        budget = min(params.max_new_tokens, self.config.context_length - len(ids))
+        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+        cache = self.decoder.new_cache(1, len(ids) + budget)
+        sampler = Sampler(params)
+        t0 = time.perf_counter()
+        logits = self.decoder.forward(torch.tensor([ids]), 0, cache)
+        token = int(sampler(logits)[0])
+        stats.prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        pos = len(ids)
+        for step in range(budget):
+            if token in self.eos_ids:
+                stats.finish_reason = "stop"
+                break
+            stats.generated_tokens += 1
+            stats.decode_s = time.perf_counter() - t1
+            yield token
+            if step + 1 == budget:
+                break
+            logits = self.decoder.forward(torch.tensor([[token]]), pos, cache)
+            pos += 1
+            token = int(sampler(logits)[0])
+        stats.decode_s = time.perf_counter() - t1
+
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated; never a broken UTF-8 character or part of a stop string."""
+        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
+        prompt_ids = self.encode(prompt)
+        detok = StreamDecoder(self.tokenizer)
+        text, emitted = "", 0
+        for token in self.generate_ids(prompt_ids, params):
+            text += detok.push(token)
+            cut = find_stop(text, params.stop, emitted)
+            if cut is not None:
+                self.last_stats.finish_reason = "stop"
+                if cut > emitted:
+                    yield text[emitted:cut]
+                return
+            safe = len(text) - held_back(text, params.stop)
+            if safe > emitted:
+                yield text[emitted:safe]
+                emitted = safe
+        text += detok.flush()
+        cut = find_stop(text, params.stop, emitted)
+        if cut is not None:
+            self.last_stats.finish_reason = "stop"
+        end = len(text) if cut is None else cut
+        if end > emitted:
+            yield text[emitted:end]
+
+    def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> str:
+        """The whole completion as one string (same arguments as stream)."""
+        return "".join(self.stream(prompt, **kwargs))
+
+    def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation rendered with the checkpoint's chat template."""
+        return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+
+
+def find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:
+    """Index where the first stop string starts, searching only text not yet emitted (plus overlap)."""
+    best = None
+    for s in stops:
+        i = text.find(s, max(0, emitted - len(s) + 1))
+        if i != -1 and (best is None or i < best):
+            best = i
+    return best
+
+
+def held_back(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest suffix of text that could still grow into a stop string."""
+    keep = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), keep, -1):
+            if s.startswith(text[-n:]):
+                keep = n
+                break
+    return keep

@@ -1,0 +1,1 @@
+"""The generic MoE decoder: layers, routers, MoE block and per-family specs."""

@@ -1,0 +1,127 @@
+"""The generic decoder: one implementation for every supported family, driven by ModelConfig.
+
+Weights are plain tensors created empty on the target device and filled by the loader through
+`dense_tensors()` (name -> destination). Routed experts live behind an ExpertRunner so that the
+offloading runtime can replace the all-resident one without touching this file.
+Shapes: B batch, T new tokens, D hidden, V vocab.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from daop.config import ModelConfig
+from daop.model.layers import Attention, KVCache, Norm, Rotary, attention_mask
+from daop.model.moe import ExpertRunner, SharedExpert, route
+from daop.model.specs import FamilySpec
+
+
+class DecoderLayer:
+    def __init__(self, config: ModelConfig, layer_idx: int, device: torch.device, dtype: torch.dtype) -> None:
+        c = config
+        self.layer_idx = layer_idx
+        self.is_moe = c.is_moe_layer(layer_idx)
+        self.input_norm = Norm(c.hidden_size, c, device, dtype)
+        self.post_norm = Norm(c.hidden_size, c, device, dtype)
+        self.attn = Attention(c, device, dtype)
+        self.router = torch.empty(c.num_experts, c.hidden_size, device=device, dtype=dtype) if self.is_moe else None
+        self.shared: SharedExpert | None = None
+        if self.is_moe and c.shared_expert_intermediate_size:
+            self.shared = SharedExpert(c.hidden_size, c.shared_expert_intermediate_size, True, device, dtype)
+        elif not self.is_moe:
+            self.shared = SharedExpert(c.hidden_size, c.dense_intermediate_size, False, device, dtype)
+
+    def tensors(self, spec: FamilySpec) -> dict[str, torch.Tensor]:
+        p = spec.layer(self.layer_idx)
+        out = {**self.input_norm.tensors(f"{p}.input_layernorm"), **self.post_norm.tensors(f"{p}.post_attention_layernorm")}
+        out.update(self.attn.tensors(f"{p}.self_attn"))
+        if self.router is not None:
+            out[spec.router_name(self.layer_idx)] = self.router
+        if self.shared is not None and self.is_moe:
+            out.update(self.shared.tensors(f"{p}.mlp.shared_expert", f"{p}.mlp.shared_expert_gate.weight"))
+        elif self.shared is not None:
+            out.update(self.shared.tensors(f"{p}.mlp"))
+        return out
+
+
+@dataclass
+class Step:
+    """Per-forward context shared by all layers."""
+
+    cos: torch.Tensor
+    sin: torch.Tensor
+    mask: torch.Tensor | None
+    start: int
+    cache: KVCache
+
+
+class Decoder:
+    """Embedding, decoder layers, final norm and LM head of any supported family."""
+
+    def __init__(self, config: ModelConfig, spec: FamilySpec, device: torch.device, dtype: torch.dtype) -> None:
+        c = config
+        self.config, self.spec, self.device, self.dtype = c, spec, device, dtype
+        self.embed = torch.empty(c.vocab_size, c.hidden_size, device=device, dtype=dtype)
+        self.layers = [DecoderLayer(c, i, device, dtype) for i in range(c.num_layers)]
+        self.norm = Norm(c.hidden_size, c, device, dtype)
+        self.lm_head = self.embed if c.tie_word_embeddings else torch.empty(c.vocab_size, c.hidden_size, device=device, dtype=dtype)
+        self.lm_head_bias = torch.empty(c.vocab_size, device=device, dtype=dtype) if c.lm_head_bias else None
+        self.rotary = Rotary(c.rope, c.head_dim, c.max_positions, device)
+        self.experts: ExpertRunner | None = None
+
+    def dense_tensors(self) -> dict[str, torch.Tensor]:
+        """Every non-expert tensor by its checkpoint name."""
+        out = {"model.embed_tokens.weight": self.embed, **self.norm.tensors("model.norm")}
+        if not self.config.tie_word_embeddings:
+            out["lm_head.weight"] = self.lm_head
+        if self.lm_head_bias is not None:
+            out["lm_head.bias"] = self.lm_head_bias
+        for layer in self.layers:
+            out.update(layer.tensors(self.spec))
+        return out
+
+    def new_cache(self, batch: int, max_len: int) -> KVCache:
+        return KVCache(self.config, batch, max_len, self.device, self.dtype)
+
+    def begin(self, input_ids: torch.Tensor, start: int, cache: KVCache, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, Step]:
+        """Embed input_ids [B, T] at cache position `start`; returns hidden [B, T, D] and the step context."""
+        B, T = input_ids.shape
+        positions = torch.arange(start, start + T, device=self.device).expand(B, T)
+        if pad is not None:
+            positions = (positions - pad.to(self.device)[:, None]).clamp(min=0)
+        cos, sin = self.rotary.cos_sin(positions, self.dtype, cache.max_len)
+        step = Step(cos, sin, attention_mask(start, T, pad, self.device), start, cache)
+        return F.embedding(input_ids.to(self.device), self.embed), step
+
+    def attention_block(self, layer: DecoderLayer, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream after attention [B, T, D] and its post-attention norm (the MoE input)."""
+        h = x + layer.attn(layer.input_norm(x), step.cos, step.sin, step.cache, layer.layer_idx, step.start, step.mask)
+        return h, layer.post_norm(h)
+
+    def ffn_block(self, layer: DecoderLayer, normed: torch.Tensor) -> torch.Tensor:
+        """MoE (routed experts plus optional shared expert) or dense MLP output [B, T, D]."""
+        shape = normed.shape
+        flat = normed.reshape(-1, shape[-1])
+        if layer.router is None:
+            return layer.shared(flat).view(shape)  # type: ignore[misc]
+        _, ids, weights = route(self.config, layer.router, flat)
+        assert self.experts is not None, "no expert runner attached"
+        out = self.experts(layer.layer_idx, flat, ids, weights)
+        if layer.shared is not None:
+            out = out + layer.shared(flat)
+        return out.view(shape)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits [..., V] in float32 from the last hidden states."""
+        return F.linear(self.norm(x), self.lm_head, self.lm_head_bias).float()
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, start: int, cache: KVCache, pad: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Run T new tokens through the model; logits [B, T, V] or for the last position [B, V]."""
+        x, step = self.begin(input_ids, start, cache, pad)
+        for layer in self.layers:
+            h, normed = self.attention_block(layer, x, step)
+            x = h + self.ffn_block(layer, normed)
+        return self.head(x if all_logits else x[:, -1])

@@ -1,0 +1,192 @@
+"""Dense building blocks of the decoder: norms, rotary embeddings, attention, KV cache.
+
+Shapes: B batch, T new tokens, S cached positions, D hidden, H query heads, G kv heads, d head dim.
+Numerics follow the transformers implementations (RMSNorm in float32, rotary tables in float32).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from daop.config import ModelConfig, RopeConfig
+
+
+class Norm:
+    """RMSNorm (weight only) or LayerNorm (weight and bias), by config.norm_kind."""
+
+    def __init__(self, size: int, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        self.kind = config.norm_kind
+        self.eps = config.norm_eps
+        self.weight = torch.empty(size, device=device, dtype=dtype)
+        self.bias = torch.empty(size, device=device, dtype=dtype) if self.kind == "layer" else None
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kind == "layer":
+            return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.weight": self.weight}
+        if self.bias is not None:
+            out[f"{prefix}.bias"] = self.bias
+        return out
+
+
+class Rotary:
+    """Rotary position tables; 'longrope' picks short or long factors once per sequence length."""
+
+    def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device) -> None:
+        self.rope = rope
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.device = device
+        self._tables: dict[bool, tuple[torch.Tensor, float]] = {}
+
+    def _inv_freq(self, long: bool) -> tuple[torch.Tensor, float]:
+        exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
+        base = self.rope.theta**exponent
+        scale = 1.0
+        if self.rope.kind == "longrope":
+            factors = torch.tensor(self.rope.long_factor if long else self.rope.short_factor, dtype=torch.float32)
+            base = factors * base
+            factor = self.max_positions / max(self.rope.original_max_positions, 1)
+            scale = self.rope.attention_factor or (
+                1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.rope.original_max_positions))
+            )
+        return (1.0 / base).to(self.device), scale
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, total_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin [B, T, d] for integer positions [B, T]."""
+        long = self.rope.kind == "longrope" and total_len > self.rope.original_max_positions
+        if long not in self._tables:
+            self._tables[long] = self._inv_freq(long)
+        inv_freq, scale = self._tables[long]
+        freqs = positions.float()[..., None] * inv_freq  # [B, T, d/2]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, heads, T, d]; cos/sin [B, T, d]."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+class KVCache:
+    """Preallocated keys and values for every layer: [B, G, S_max, d] each."""
+
+    def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
+        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        self.max_len = max_len
+        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+
+    @staticmethod
+    def bytes_needed(config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
+        per = batch * config.num_kv_heads * max_len * config.head_dim * torch.empty((), dtype=dtype).element_size()
+        return 2 * config.num_layers * per
+
+    def update(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = start + k.shape[2]
+        self.keys[layer_idx][:, :, start:end] = k
+        self.values[layer_idx][:, :, start:end] = v
+        return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+
+class Attention:
+    """Grouped-query self-attention with optional biases and q/k norms (per head or whole projection)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        c = config
+        self.c = c
+        q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+
+        def empty(*shape: int) -> torch.Tensor:
+            return torch.empty(*shape, device=device, dtype=dtype)
+
+        self.q_proj, self.k_proj, self.v_proj = empty(q_out, c.hidden_size), empty(kv_out, c.hidden_size), empty(kv_out, c.hidden_size)
+        self.o_proj = empty(c.hidden_size, q_out)
+        self.q_bias = empty(q_out) if c.qkv_bias else None
+        self.k_bias = empty(kv_out) if c.qkv_bias else None
+        self.v_bias = empty(kv_out) if c.qkv_bias else None
+        self.o_bias = empty(c.hidden_size) if c.o_bias else None
+        rms = ModelConfig(**{**c.__dict__, "norm_kind": "rms"})
+        norm_size = {"head": (c.head_dim, c.head_dim), "full": (q_out, kv_out)}.get(c.qk_norm)
+        self.q_norm = Norm(norm_size[0], rms, device, dtype) if norm_size else None
+        self.k_norm = Norm(norm_size[1], rms, device, dtype) if norm_size else None
+
+    def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        for name in ("q", "k", "v", "o"):
+            out[f"{prefix}.{name}_proj.weight"] = getattr(self, f"{name}_proj")
+            bias = getattr(self, f"{name}_bias")
+            if bias is not None:
+                out[f"{prefix}.{name}_proj.bias"] = bias
+        if self.q_norm is not None and self.k_norm is not None:
+            out.update(self.q_norm.tensors(f"{prefix}.q_norm"))
+            out.update(self.k_norm.tensors(f"{prefix}.k_norm"))
+        return out
+
+    def __call__(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache,
+        layer_idx: int,
+        start: int,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        c = self.c
+        B, T, _ = x.shape
+        q = F.linear(x, self.q_proj, self.q_bias)
+        k = F.linear(x, self.k_proj, self.k_bias)
+        v = F.linear(x, self.v_proj, self.v_bias)
+        if c.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q = q.view(B, T, c.num_heads, c.head_dim)
+        k = k.view(B, T, c.num_kv_heads, c.head_dim)
+        if c.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)  # type: ignore[misc]
+        q = apply_rotary(q.transpose(1, 2), cos, sin)
+        k = apply_rotary(k.transpose(1, 2), cos, sin)
+        v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
+        keys, values = cache.update(layer_idx, start, k, v)
+        if c.num_kv_heads != c.num_heads:
+            rep = c.num_heads // c.num_kv_heads
+            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.head_dim**-0.5)
+        out = out.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim)
+        return F.linear(out, self.o_proj, self.o_bias)
+
+
+def attention_mask(
+    start: int, num_new: int, pad: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
+    """Boolean mask [B or 1, 1, T, S] (True = attend): causal over the cache, left padding excluded.
+
+    pad [B] holds each row's number of left-padding positions. Returns None when plain causal
+    attention of a single token needs no mask.
+    """
+    total = start + num_new
+    if pad is None and num_new == 1:
+        return None
+    q_pos = torch.arange(start, total, device=device)[:, None]
+    k_pos = torch.arange(total, device=device)[None, :]
+    mask = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
+    if pad is not None:
+        valid = k_pos[None] >= pad.to(device)[:, None, None]  # [B, 1, S]
+        mask = mask & valid[:, None]
+        # A padding query row would attend to nothing; let it see itself to avoid NaN.
+        mask = mask | (k_pos == q_pos)[None, None]
+    return mask

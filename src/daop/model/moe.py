@@ -1,0 +1,109 @@
+"""Routers and the MoE block. Routing is computed here; expert compute is delegated to a runner.
+
+The split matters: a runner decides where each expert runs (resident GPU weights, CPU, copies),
+while routing stays identical for every runner, so exact runners give the same tokens.
+Shapes: N tokens, D hidden, E experts, K top-k, I expert intermediate size.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from daop.config import ModelConfig
+
+
+def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhiMoE's inference-time sparsemixer: two argmax rounds, each with a masked softmax weight."""
+    weights, ids = [], []
+    scores = logits
+    for _ in range(2):
+        top, idx = scores.max(dim=-1, keepdim=True)
+        factor = logits.abs().clamp(min=top)
+        masked = scores.masked_fill((top - logits) / factor > 2 * jitter_eps, float("-inf"))
+        weights.append(torch.softmax(masked, dim=-1).gather(-1, idx))
+        ids.append(idx)
+        scores = scores.scatter(-1, idx, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(ids, dim=-1)
+
+
+def route(config: ModelConfig, router: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Router logits [N, E], expert ids [N, K] and weights [N, K] for hidden states h [N, D]."""
+    logits = F.linear(h, router)
+    return (logits, *select_experts(config, logits))
+
+
+def select_experts(config: ModelConfig, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k expert ids and their weights from router logits, as the family defines them."""
+    if config.router_kind == "sparsemixer":
+        weights, ids = sparsemixer_top2(logits, config.router_jitter_eps)
+        return ids, weights
+    probs = torch.softmax(logits.float(), dim=-1)
+    weights, ids = torch.topk(probs, config.top_k, dim=-1)
+    if config.norm_topk_prob:
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+    if config.router_weights_in_hidden_dtype:
+        weights = weights.to(logits.dtype)
+    return ids, weights
+
+
+def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert: down(silu(gate x) * up x)."""
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+
+
+class ExpertRunner(Protocol):
+    """Computes the weighted sum of routed experts' outputs for one layer."""
+
+    def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ...
+
+
+class ResidentExperts:
+    """All routed experts of every layer held as stacked tensors on one device (the all-GPU path)."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
+        E, I, D = config.num_experts, config.expert_intermediate_size, config.hidden_size
+        layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
+        self.gate = {i: torch.empty(E, I, D, device=device, dtype=dtype) for i in layers}
+        self.up = {i: torch.empty(E, I, D, device=device, dtype=dtype) for i in layers}
+        self.down = {i: torch.empty(E, D, I, device=device, dtype=dtype) for i in layers}
+
+    def weights_of(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.gate[layer_idx][expert_idx], self.up[layer_idx][expert_idx], self.down[layer_idx][expert_idx]
+
+    def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(h)
+        for expert_idx in torch.unique(ids).tolist():
+            token_idx, slot = torch.where(ids == expert_idx)
+            y = swiglu(h[token_idx], *self.weights_of(layer_idx, expert_idx))
+            out.index_add_(0, token_idx, combine(y, weights[token_idx, slot]))
+        return out
+
+
+def combine(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Scale expert outputs [n, D] by routing weights [n] the way the reference does (float32 product)."""
+    return (y.float() * w.float()[:, None]).to(y.dtype)
+
+
+class SharedExpert:
+    """Qwen2-MoE's always-on expert with a sigmoid gate, or a dense MLP (gate is None)."""
+
+    def __init__(self, hidden: int, inter: int, gated: bool, device: torch.device, dtype: torch.dtype) -> None:
+        self.gate_proj = torch.empty(inter, hidden, device=device, dtype=dtype)
+        self.up_proj = torch.empty(inter, hidden, device=device, dtype=dtype)
+        self.down_proj = torch.empty(hidden, inter, device=device, dtype=dtype)
+        self.gate = torch.empty(1, hidden, device=device, dtype=dtype) if gated else None
+
+    def tensors(self, prefix: str, gate_name: str | None = None) -> dict[str, torch.Tensor]:
+        out = {f"{prefix}.{n}.weight": getattr(self, n) for n in ("gate_proj", "up_proj", "down_proj")}
+        if self.gate is not None and gate_name:
+            out[gate_name] = self.gate
+        return out
+
+    def __call__(self, h: torch.Tensor) -> torch.Tensor:
+        y = swiglu(h, self.gate_proj, self.up_proj, self.down_proj)
+        if self.gate is not None:
+            y = torch.sigmoid(F.linear(h, self.gate)) * y
+        return y

@@ -1,0 +1,1 @@
+"""Checkpoint reading (safetensors, lazy and validated) and weight placement."""

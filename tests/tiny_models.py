@@ -1,0 +1,88 @@
+"""Tiny random checkpoints of every supported family, built offline with transformers (the oracle)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+VOCAB = 384
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+              num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
+              tie_word_embeddings=False)
+
+FAMILIES = ["mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe"]
+
+
+def hf_config(family: str, **overrides):
+    import transformers as tf
+
+    if family == "mixtral":
+        cfg = tf.MixtralConfig(**COMMON, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)
+    elif family == "phimoe":
+        cfg = tf.PhimoeConfig(**COMMON, intermediate_size=96, num_local_experts=8, num_experts_per_tok=2,
+                              attention_bias=True, lm_head_bias=True)
+    elif family == "qwen2_moe":
+        cfg = tf.Qwen2MoeConfig(**COMMON, intermediate_size=128, moe_intermediate_size=48,
+                                shared_expert_intermediate_size=96, num_experts=8, num_experts_per_tok=2,
+                                norm_topk_prob=False, mlp_only_layers=[1])
+    elif family == "qwen3_moe":
+        cfg = tf.Qwen3MoeConfig(**COMMON, head_dim=24, intermediate_size=128, moe_intermediate_size=48,
+                                num_experts=16, num_experts_per_tok=8, norm_topk_prob=True)
+    elif family == "olmoe":
+        cfg = tf.OlmoeConfig(**COMMON, intermediate_size=48, num_experts=8, num_experts_per_tok=2, clip_qkv=4.0)
+    else:
+        raise ValueError(family)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def hf_model(family: str, seed: int = 0, **overrides):
+    """A transformers model with weights large enough that routing and greedy choices are decisive."""
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    cfg = hf_config(family, **overrides)
+    model = tf.AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            elif name.endswith("bias"):
+                p.copy_(0.05 * torch.randn_like(p))
+            else:
+                fan_in = p.shape[-1]
+                p.copy_(torch.randn_like(p) * (1.5 / fan_in**0.5))
+    return model
+
+
+def write_tokenizer(path: Path) -> None:
+    """A small byte-level BPE (ids < VOCAB) with a chat template, written next to the weights."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    text = ["In the beginning was the word, and the word was with the model.",
+            "def forward(self, x):\n    return self.layer(x) + x\n",
+            "Shall I compare thee to a summer's day? Thou art more lovely and more temperate."] * 20
+    tok.train_from_iterator(text, trainer)
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A <s> $B",
+                                                       special_tokens=[("<s>", 1)])
+    tok.save(str(path / "tokenizer.json"))
+    template = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}{{ '[INST] ' + m['content'] + ' [/INST]' }}"
+                "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+    (path / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "chat_template": template,
+         "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+
+def save_checkpoint(model, path: Path, dtype: torch.dtype = torch.float32, shard_mb: int | None = None) -> Path:
+    """Save as safetensors (sharded with an index when shard_mb is given) plus a tokenizer."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.to(dtype).save_pretrained(path, max_shard_size=f"{shard_mb}MB" if shard_mb else "50GB")
+    write_tokenizer(path)
+    return path
