@@ -78,7 +78,7 @@ class ResidentExperts:
         for expert_idx in torch.unique(ids).tolist():
             token_idx, slot = torch.where(ids == expert_idx)
             y = swiglu(h[token_idx], *self.weights_of(layer_idx, expert_idx))
-            out.index_add_(0, token_idx, combine(y, weights[token_idx, slot]))
+            out.index_put_((token_idx,), combine(y, weights[token_idx, slot]), accumulate=True)
         return out
 
 

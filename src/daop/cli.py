@@ -1,0 +1,130 @@
+"""Command line: daop generate | chat (more subcommands register themselves from their modules).
+
+Errors caused by input print one line `daop: error: ...` and exit with status 2; Ctrl-C exits
+with status 130 without a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from daop.errors import DaopError
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="checkpoint folder (Hugging Face layout); default: the shipped daop-moe-mini")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: the checkpoint's dtype")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                top_k=args.top_k, seed=args.seed, stop=args.stop)
+
+
+def load_engine(args: argparse.Namespace):
+    from daop.engine import Engine
+
+    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+
+
+def print_stats(engine) -> None:
+    s = engine.last_stats
+    print(
+        f"[daop] prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} tokens ({s.finish_reason}); "
+        f"prefill {s.prefill_s * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tokens/s; load {engine.load_s:.2f} s",
+        file=sys.stderr,
+    )
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    engine = load_engine(args)
+    for piece in engine.stream(prompt, **sampling_kwargs(args)):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    print_stats(engine)
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    engine = load_engine(args)
+    messages: list[dict[str, str]] = []
+    if args.system:
+        messages.append({"role": "system", "content": args.system})
+    print(f"daop chat with {engine.model_dir.name} on {engine.device}. /exit or Ctrl-D leaves, /reset forgets.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ")
+        except EOFError:
+            print(file=sys.stderr)
+            return 0
+        if line.strip() in ("/exit", "/quit"):
+            return 0
+        if line.strip() == "/reset":
+            messages = messages[:1] if args.system else []
+            continue
+        if not line.strip():
+            continue
+        messages.append({"role": "user", "content": line})
+        try:
+            pieces = []
+            for piece in engine.stream(engine.chat_prompt(messages), **sampling_kwargs(args)):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+        except DaopError as exc:
+            messages.pop()
+            print(f"daop: error: {exc}", file=sys.stderr)
+            continue
+        sys.stdout.write("\n")
+        messages.append({"role": "assistant", "content": "".join(pieces).strip()})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="daop", description="Run Mixture-of-Experts models on a GPU too small to hold them.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    gen = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
+    add_model_args(gen)
+    add_sampling_args(gen)
+    gen.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", help="interactive chat using the checkpoint's chat template")
+    add_model_args(chat)
+    add_sampling_args(chat)
+    chat.add_argument("--system", default=None, help="system message")
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except DaopError as exc:
+        print(f"daop: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\ndaop: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
