@@ -121,11 +121,16 @@ class Engine:
         return self.decoder.forward(ids, 0, cache, all_logits=True)[0]
 
     @torch.inference_mode()
-    def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
-        """Yield generated token ids until EOS or max_new_tokens (stop strings are handled by stream)."""
+    def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None) -> Iterator[int]:
+        """Yield generated token ids until EOS or max_new_tokens (stop strings are handled by stream).
+
+        Closing the iterator early cancels the generation and frees its KV cache.
+        """
         ids = self.encode(prompt_ids)
         budget = min(params.max_new_tokens, self.config.context_length - len(ids))
-        stats = self.last_stats = GenerationStats(prompt_tokens=len(ids))
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = len(ids)
+        self.last_stats = stats
         cache = self.decoder.new_cache(1, len(ids) + budget)
         sampler = Sampler(params)
         t0 = time.perf_counter()
@@ -149,17 +154,23 @@ class Engine:
         stats.decode_s = time.perf_counter() - t1
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] | None = None) -> Iterator[str]:
-        """Yield text pieces as they are generated; never a broken UTF-8 character or part of a stop string."""
+               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] | None = None,
+               stats: GenerationStats | None = None) -> Iterator[str]:
+        """Yield text pieces as they are generated; never a broken UTF-8 character or part of a stop string.
+
+        Pass `stats` to receive this call's numbers (token counts, finish_reason) when several
+        generations share the engine; otherwise read `engine.last_stats`.
+        """
         params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
         prompt_ids = self.encode(prompt)
         detok = StreamDecoder(self.tokenizer)
         text, emitted = "", 0
-        for token in self.generate_ids(prompt_ids, params):
+        stats = stats if stats is not None else GenerationStats()
+        for token in self.generate_ids(prompt_ids, params, stats):
             text += detok.push(token)
             cut = find_stop(text, params.stop, emitted)
             if cut is not None:
-                self.last_stats.finish_reason = "stop"
+                stats.finish_reason = "stop"
                 if cut > emitted:
                     yield text[emitted:cut]
                 return
@@ -170,7 +181,7 @@ class Engine:
         text += detok.flush()
         cut = find_stop(text, params.stop, emitted)
         if cut is not None:
-            self.last_stats.finish_reason = "stop"
+            stats.finish_reason = "stop"
         end = len(text) if cut is None else cut
         if end > emitted:
             yield text[emitted:end]
