@@ -95,6 +95,17 @@ def cmd_chat(args: argparse.Namespace) -> int:
         messages.append({"role": "assistant", "content": "".join(pieces).strip()})
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise DaopError("the server needs FastAPI and uvicorn: pip install 'daop[server]'") from None
+    from daop.server import serve
+
+    return serve(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daop", description="Run Mixture-of-Experts models on a GPU too small to hold them.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -108,6 +119,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system message")
     chat.set_defaults(func=cmd_chat)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'daop[server]')")
+    add_model_args(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default: 1 MiB)")
+    serve.add_argument("--model-name", default=None, help="model id clients use (default: the checkpoint folder's name)")
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

@@ -16,12 +16,12 @@ import torch
 from daop.config import ModelConfig, load_config
 from daop.errors import DaopError
 from daop.model.decoder import Decoder
-from daop.model.moe import ResidentExperts
 from daop.model.specs import FamilySpec, spec_for
 from daop.config import read_json
 from daop.sampling import Sampler, SamplingParams
 from daop.tokenizer import StreamDecoder, Tokenizer
-from daop.weights.loader import load_decoder, parse_dtype
+from daop.runtime.setup import RuntimeOptions, prepare_runtime
+from daop.weights.loader import load_weights, open_checkpoint, parse_dtype
 
 DEFAULT_MODEL = "daop-moe-mini"
 
@@ -79,8 +79,10 @@ class Engine:
         **options: Any,
     ) -> "Engine":
         """Load a Hugging Face-layout checkpoint folder (the shipped default model when path is None)."""
-        if options:
-            raise DaopError(f"unknown option(s): {', '.join(sorted(options))}")
+        try:
+            runtime_opts = RuntimeOptions(**options)
+        except TypeError as exc:
+            raise DaopError(f"unknown option: {exc}") from exc
         t0 = time.perf_counter()
         model_dir = Path(path).expanduser() if path is not None else default_model_dir()
         if not model_dir.is_dir():
@@ -90,10 +92,19 @@ class Engine:
         tokenizer = Tokenizer.from_dir(model_dir)
         dev = resolve_device(device)
         torch_dtype = parse_dtype(dtype, config.torch_dtype)
-        experts = ResidentExperts(config, dev, torch_dtype)
-        decoder = load_decoder(model_dir, config, spec, dev, torch_dtype, experts.weights_of, progress)
-        decoder.experts = experts
-        return cls(model_dir, config, spec, decoder, tokenizer, time.perf_counter() - t0)
+        ckpt = open_checkpoint(model_dir)
+        decoder = Decoder(config, spec, dev, torch_dtype)
+        runtime = prepare_runtime(decoder, runtime_opts)
+        load_weights(ckpt, decoder, runtime.expert_dest, progress)
+        decoder.experts = runtime.start()
+        engine = cls(model_dir, config, spec, decoder, tokenizer, time.perf_counter() - t0)
+        engine.budget, engine.policy = runtime.budget, runtime.policy_name
+        return engine
+
+    def counters(self) -> dict[str, float]:
+        """Expert counters since load (empty for the all-resident path)."""
+        counters = getattr(self.decoder.experts, "counters", None)
+        return counters.totals() if counters is not None else {}
 
     @property
     def device(self) -> torch.device:
@@ -131,6 +142,9 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
         self.last_stats = stats
+        reset = getattr(self.decoder.experts, "reset", None)
+        if reset is not None:
+            reset()  # every sequence starts from the calibrated placement
         cache = self.decoder.new_cache(1, len(ids) + budget)
         sampler = Sampler(params)
         t0 = time.perf_counter()

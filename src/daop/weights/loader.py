@@ -72,23 +72,21 @@ def read_tensors(ckpt: Checkpoint, targets: dict[str, torch.Tensor], progress: b
             bar.update(ckpt.entry(name).nbytes)  # type: ignore[union-attr]
 
 
-def load_decoder(
-    model_dir: Path,
-    config: ModelConfig,
-    spec: FamilySpec,
-    device: torch.device,
-    dtype: torch.dtype,
+def open_checkpoint(model_dir: Path) -> Checkpoint:
+    return Checkpoint(model_dir)
+
+
+def load_weights(
+    ckpt: Checkpoint,
+    decoder: Decoder,
     expert_dest: Callable[[int, int], tuple[torch.Tensor, ...]],
     progress: bool = True,
-) -> Decoder:
-    """Build the decoder on `device` and read all weights; experts go where expert_dest says."""
-    ckpt = Checkpoint(model_dir)
+) -> None:
+    """Read every weight of the decoder from the checkpoint; routed experts go where expert_dest says."""
     try:
-        decoder = Decoder(config, spec, device, dtype)
         targets = decoder.dense_tensors()
-        targets.update(expert_tensors(spec, config, expert_dest))
+        targets.update(expert_tensors(decoder.spec, decoder.config, expert_dest))
         check_tensors(ckpt, targets)
         read_tensors(ckpt, targets, progress)
     finally:
         ckpt.close()
-    return decoder

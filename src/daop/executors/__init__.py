@@ -1,0 +1,1 @@
+"""Executors: the only code that touches streams, threads and asynchronous copies."""

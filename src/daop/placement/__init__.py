@@ -1,0 +1,1 @@
+"""Where experts live: budgets, the placement table, cost model and policies (pure decisions)."""

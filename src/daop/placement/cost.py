@@ -1,0 +1,40 @@
+"""Cost model over a HardwareProfile: CPU, copy and GPU time of one expert for n tokens."""
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+from daop.hardware import HardwareProfile
+
+
+def interpolate(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:
+    """Piecewise-linear in n, extrapolated linearly past the last measured point."""
+    if x <= xs[0]:
+        return ys[0]
+    i = bisect.bisect_left(xs, x)
+    if i == len(xs):
+        i -= 1
+    x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
+    return y0 + (y1 - y0) * (x - x0) / (x1 - x0)
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Times in milliseconds; with no profile every miss is cheapest on the CPU."""
+
+    profile: HardwareProfile | None = None
+
+    def cpu_ms(self, n: int) -> float:
+        p = self.profile
+        return interpolate(p.cpu_token_counts, p.cpu_expert_ms, n) if p else 1.0
+
+    def gpu_ms(self, n: int) -> float:
+        p = self.profile
+        return interpolate(p.gpu_token_counts, p.gpu_expert_ms, n) if p else 0.0
+
+    def copy_ms(self) -> float:
+        return self.profile.copy_pinned_ms if self.profile else float("inf")
+
+    def copy_beats_cpu(self, n: int) -> bool:
+        """Copying the expert and running it on the GPU finishes before the CPU would."""
+        return self.copy_ms() + self.gpu_ms(n) < self.cpu_ms(n)

@@ -1,0 +1,1 @@
+"""Runtime: the offloaded expert runner and its counters."""

@@ -1,0 +1,84 @@
+"""The offloaded expert runner: routes each layer's experts through a policy's plan.
+
+Per layer: read the routing on the host, ask the policy for a plan, start CPU experts first (they
+are the slowest), queue copies on the copy stream, run resident and copied experts on the GPU,
+then add every expert's output in ascending expert order, exactly as the all-resident runner
+does, so exact policies give the same tokens. Shapes: N tokens, D hidden, K top-k.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from daop.executors.cpu import CpuExecutor
+from daop.executors.transfer import Transfer
+from daop.model.moe import combine, swiglu
+from daop.placement.policies import Policy
+from daop.runtime.stats import Counters
+from daop.weights.expert_store import ExpertStore
+
+
+class OffloadedExperts:
+    """ExpertRunner over an ExpertStore, a Policy, a CPU executor and the transfer owner."""
+
+    def __init__(self, store: ExpertStore, policy: Policy, cpu: CpuExecutor, transfer: Transfer, num_layers: int) -> None:
+        self.store, self.policy, self.cpu, self.transfer = store, policy, cpu, transfer
+        self.counters = Counters(num_layers)
+        self.slot_contents: dict[int, tuple[int, int]] = {}
+        self.apply_placement(policy.placement, force=True)
+
+    def apply_placement(self, placement, force: bool = False) -> None:
+        """Copy experts into the slots the placement names (only slots holding something else unless force)."""
+        for layer_idx in self.policy.ctx.moe_layers:
+            for expert_idx in placement.resident_experts(layer_idx):
+                slot = placement.slot(layer_idx, expert_idx)
+                if force or self.slot_contents.get(slot) != (layer_idx, expert_idx):
+                    self.transfer.wait(self.copy(layer_idx, expert_idx, slot))
+
+    def copy(self, layer_idx: int, expert_idx: int, slot: int):
+        """Queue a host->slot copy and remember what the slot holds; returns the completion event."""
+        self.slot_contents[slot] = (layer_idx, expert_idx)
+        return self.transfer.copy_expert(self.store.host_weights(layer_idx, expert_idx), self.store.slot_weights(slot), slot)
+
+    def reset(self) -> None:
+        """Start a new sequence from the policy's calibrated placement (copies back what moved)."""
+        self.policy.reset()
+        self.apply_placement(self.policy.placement)
+
+    def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ids_host = ids.cpu()  # [N, K]; the plan needs the routing on the host
+        experts = torch.unique(ids_host).tolist()
+        rows_host = {e: torch.where(ids_host == e) for e in experts}  # (token rows, top-k slot)
+        plan = self.policy.plan(layer_idx, {e: len(rows_host[e][0]) for e in experts})
+        c, dev = self.counters, h.device
+        future = None
+        if plan.cpu:
+            h_host, ready = self.transfer.to_host(h)
+            jobs = [(e, rows_host[e][0], self.store.host_weights(layer_idx, e)) for e in plan.cpu]
+            future = self.cpu.submit(jobs, h_host, ready)
+        rows = {e: tuple(t.to(dev, non_blocking=True) for t in rows_host[e]) for e in experts}
+        ys: dict[int, torch.Tensor] = {}
+        for e, slot in plan.gpu:
+            ys[e] = swiglu(h[rows[e][0]], *self.store.slot_weights(slot))
+            self.transfer.release_slot(slot)
+        for e, slot in plan.copy:
+            self.transfer.wait(self.copy(layer_idx, e, slot))
+            ys[e] = swiglu(h[rows[e][0]], *self.store.slot_weights(slot))
+            self.transfer.release_slot(slot)
+        if future is not None:
+            t0 = time.perf_counter()
+            for e, y in future.result().items():
+                ys[e] = self.transfer.to_device(y)
+            c.add("cpu_wait_s", layer_idx, time.perf_counter() - t0)
+        out = torch.zeros_like(h)
+        for e in sorted(ys):
+            token_idx, k_slot = rows[e]
+            out.index_put_((token_idx,), combine(ys[e], weights[token_idx, k_slot]), accumulate=True)
+        c.add("resident_calls", layer_idx, len(plan.gpu))
+        c.add("cpu_calls", layer_idx, len(plan.cpu))
+        c.add("copy_calls", layer_idx, len(plan.copy))
+        c.add("copied_bytes", layer_idx, len(plan.copy) * self.store.expert_bytes)
+        c.add("layer_calls", layer_idx, 1)
+        c.add("tokens", layer_idx, h.shape[0])
+        return out

@@ -1,0 +1,133 @@
+"""Turn user options (policy, budget, threads, profile) into an expert runner for a decoder."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from daop.errors import DaopError
+from daop.executors.cpu import CpuExecutor, physical_cores
+from daop.executors.transfer import Transfer
+from daop.hardware import HardwareProfile, calibrate
+from daop.model.decoder import Decoder
+from daop.model.layers import KVCache
+from daop.model.moe import ExpertRunner, ResidentExperts
+from daop.placement.budget import Budget, resolve_budget
+from daop.placement.cost import CostModel
+from daop.placement.policies import POLICIES, PolicyContext, make_policy
+from daop.runtime.offload import OffloadedExperts
+from daop.weights.expert_store import ExpertStore
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """The user's knobs. policy None = automatic: all on the GPU if it fits, else fiddler."""
+
+    policy: str | None = None
+    gpu_memory: str | int | None = None
+    expert_ratio: float | None = None
+    cpu_threads: int | None = None
+    hardware_profile: str | None = None
+    routing_stats: str | None = None
+    max_context: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.policy is not None and self.policy not in POLICIES:
+            raise DaopError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
+            raise DaopError(f"--cpu-threads must be a positive integer, got {self.cpu_threads!r}")
+
+
+def dense_bytes(decoder: Decoder) -> int:
+    seen, total = set(), 0
+    for t in decoder.dense_tensors().values():
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def load_popularity(path: str | None, num_layers: int, num_experts: int) -> np.ndarray:
+    """Decode activation counts [L, E] from a routing-statistics JSON; uniform when none is given."""
+    if path is None:
+        return np.ones((num_layers, num_experts))
+    try:
+        data = json.loads(Path(path).read_text())
+        counts = np.asarray(data["decode_counts"], dtype=np.float64)
+    except (OSError, json.JSONDecodeError, KeyError, ValueError, TypeError) as exc:
+        raise DaopError(f"{path}: not a routing-statistics file ({exc})") from exc
+    if counts.shape != (num_layers, num_experts):
+        raise DaopError(f"{path}: decode_counts has shape {list(counts.shape)}, this model needs [{num_layers}, {num_experts}]")
+    return counts
+
+
+def profile_cache_path(decoder: Decoder) -> Path:
+    c, dev = decoder.config, decoder.device
+    name = torch.cuda.get_device_name(dev).replace(" ", "_") if dev.type == "cuda" else "cpu"
+    dtype = str(decoder.dtype).replace("torch.", "")
+    return Path.home() / ".cache" / "daop" / "profiles" / f"{name}-{c.hidden_size}x{c.expert_intermediate_size}-{dtype}.json"
+
+
+def hardware_profile(decoder: Decoder, opts: RuntimeOptions, threads: int) -> HardwareProfile:
+    """The given profile (validated against the model), a cached one, or a quick calibration."""
+    c = decoder.config
+    dtype = str(decoder.dtype).replace("torch.", "")
+    if opts.hardware_profile:
+        return HardwareProfile.load(Path(opts.hardware_profile), c.hidden_size, c.expert_intermediate_size, dtype)
+    cached = profile_cache_path(decoder)
+    if cached.is_file():
+        try:
+            profile = HardwareProfile.load(cached, c.hidden_size, c.expert_intermediate_size, dtype)
+            if profile.cpu_threads == threads:
+                return profile
+        except DaopError:
+            pass
+    profile = calibrate(c.hidden_size, c.expert_intermediate_size, decoder.dtype, decoder.device, threads, quick=True)
+    try:
+        profile.save(cached)
+    except OSError:
+        pass
+    return profile
+
+
+@dataclass
+class PreparedRuntime:
+    """Where the loader writes expert weights, and how to start the runner once they are loaded."""
+
+    budget: Budget
+    policy_name: str
+    expert_dest: Callable[[int, int], tuple[torch.Tensor, ...]]
+    start: Callable[[], ExpertRunner]
+
+
+def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1) -> PreparedRuntime:
+    """Resolve the budget and policy, and allocate expert storage (host store and GPU slots)."""
+    c, dev = decoder.config, decoder.device
+    esize = torch.empty((), dtype=decoder.dtype).element_size()
+    context = min(opts.max_context or c.context_length, c.context_length)
+    kv = KVCache.bytes_needed(c, kv_batch, context, decoder.dtype)
+    free = torch.cuda.mem_get_info(dev)[0] + dense_bytes(decoder) if dev.type == "cuda" else None
+    budget = resolve_budget(c, esize, dense_bytes(decoder), kv, free, opts.gpu_memory, opts.expert_ratio)
+    policy_name = opts.policy or ("gpu" if budget.gpu_slots >= budget.total_experts else "fiddler")
+    if policy_name == "gpu" and budget.gpu_slots >= budget.total_experts:
+        experts = ResidentExperts(c, dev, decoder.dtype)
+        return PreparedRuntime(budget, policy_name, experts.weights_of, lambda: experts)
+    threads = opts.cpu_threads or physical_cores()
+    moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
+    profile = hardware_profile(decoder, opts, threads) if policy_name == "fiddler" else None
+    ctx = PolicyContext(
+        num_layers=c.num_layers, num_experts=c.num_experts, top_k=c.top_k, gpu_slots=budget.gpu_slots,
+        moe_layers=moe_layers, popularity=load_popularity(opts.routing_stats, c.num_layers, c.num_experts),
+        cost=CostModel(profile),
+    )
+    policy = make_policy(policy_name, ctx)
+    store = ExpertStore(c, decoder.dtype, dev, budget.gpu_slots)
+
+    def start() -> ExpertRunner:
+        return OffloadedExperts(store, policy, CpuExecutor(threads), Transfer(dev), c.num_layers)
+
+    return PreparedRuntime(budget, policy_name, store.host_weights, start)

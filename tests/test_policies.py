@@ -1,0 +1,94 @@
+"""Every offloading policy gives the same greedy tokens as the all-GPU path (CPU as both devices)."""
+import pytest
+import torch
+
+from daop.engine import Engine
+from daop.errors import DaopError
+from daop.sampling import SamplingParams
+
+PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 77, 200, 9, 11]
+POLICIES = ["ondemand", "lru", "static", "fiddler"]
+
+
+def greedy(engine, n=24):
+    engine.eos_ids = frozenset()
+    return list(engine.generate_ids(PROMPT, SamplingParams(max_new_tokens=n)))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_dir):
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            _, path = tiny_dir(family)
+            engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False)
+            cache[family] = (greedy(engine), engine.logits(PROMPT))
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_policy_matches_gpu(tiny_dir, reference, family, policy, ratio):
+    _, path = tiny_dir(family)
+    ref_tokens, ref_logits = reference(family)
+    engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy=policy, expert_ratio=ratio)
+    assert engine.policy == policy
+    assert greedy(engine) == ref_tokens
+    assert torch.equal(engine.logits(PROMPT), ref_logits)
+    totals = engine.counters()
+    assert totals["resident_calls"] + totals["cpu_calls"] + totals["copy_calls"] > 0
+    if policy in ("ondemand", "lru"):
+        assert totals["copy_calls"] > 0 and totals["cpu_calls"] == 0
+    if policy in ("static", "fiddler"):
+        assert totals["cpu_calls"] > 0
+
+
+def test_second_sequence_starts_from_calibrated_placement(tiny_dir):
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy="lru", expert_ratio=0.25)
+    runner = engine.decoder.experts
+    initial = runner.policy.initial.table.copy()
+    first = greedy(engine)
+    assert not (runner.policy.placement.table == initial).all()  # LRU moved experts
+    second = greedy(engine)
+    assert first == second
+    runner.reset()
+    assert (runner.policy.placement.table == initial).all()
+    runner.policy.placement.check()
+
+
+def test_gpu_policy_that_does_not_fit_is_an_error(tiny_dir):
+    _, path = tiny_dir("mixtral")
+    with pytest.raises(DaopError, match="policy 'gpu' needs all"):
+        Engine.from_pretrained(path, device="cpu", progress=False, policy="gpu", expert_ratio=0.5)
+
+
+def test_budget_too_small_for_lru_is_an_error(tiny_dir):
+    _, path = tiny_dir("mixtral")
+    with pytest.raises(DaopError, match="at least one GPU slot per MoE layer"):
+        Engine.from_pretrained(path, device="cpu", progress=False, policy="lru", expert_ratio=0.0)
+
+
+def test_cpu_worker_exception_surfaces_and_engine_recovers(tiny_dir, monkeypatch):
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy="fiddler", expert_ratio=0.25)
+    expected = greedy(engine, 8)
+    cpu = engine.decoder.experts.cpu
+    real_submit = cpu.submit
+    calls = {"n": 0}
+
+    def failing(*args):
+        raise RuntimeError("injected CPU expert failure")
+
+    def submit(jobs, h_host, ready):
+        calls["n"] += 1  # the fifth CPU batch (mid-decode) fails inside the worker thread
+        return real_submit(jobs, h_host, ready, failing) if calls["n"] == 5 else real_submit(jobs, h_host, ready)
+
+    monkeypatch.setattr(cpu, "submit", submit)
+    with pytest.raises(RuntimeError, match="injected CPU expert failure"):
+        greedy(engine, 8)
+    monkeypatch.setattr(cpu, "submit", real_submit)
+    assert greedy(engine, 8) == expected
