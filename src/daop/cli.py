@@ -19,6 +19,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: the checkpoint's dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
+    g = p.add_argument_group("offloading")
+    g.add_argument("--policy", default=None, help="gpu, ondemand, lru, static, fiddler (default: gpu if all experts fit, else fiddler)")
+    budget = g.add_mutually_exclusive_group()
+    budget.add_argument("--gpu-memory", default=None, help="GPU memory budget, e.g. 20GiB (default: free GPU memory)")
+    budget.add_argument("--expert-ratio", type=float, default=None, help="share of routed experts resident on the GPU, 0..1")
+    g.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
+    g.add_argument("--hardware-profile", default=None, help="JSON from `daop calibrate` (default: cached or quick calibration)")
+    g.add_argument("--routing-stats", default=None, help="routing statistics JSON (expert popularity for placement)")
+    g.add_argument("--max-context", type=int, default=None, help="context to reserve KV cache for in the budget")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -38,11 +47,21 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 def load_engine(args: argparse.Namespace):
     from daop.engine import Engine
 
-    return Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress)
+    return Engine.from_pretrained(
+        args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress, policy=args.policy,
+        gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads,
+        hardware_profile=args.hardware_profile, routing_stats=args.routing_stats, max_context=args.max_context,
+    )
 
 
-def print_stats(engine) -> None:
+def print_stats(engine, detailed: bool = False) -> None:
     s = engine.last_stats
+    if detailed:
+        print(f"[daop] policy {engine.policy}: {engine.budget.describe()}", file=sys.stderr)
+        counters = getattr(engine.decoder.experts, "counters", None)
+        if counters is not None:
+            rates = counters.summary(s.prompt_tokens + s.generated_tokens)
+            print("[daop] per token: " + ", ".join(f"{k} {v:.3g}" for k, v in rates.items()), file=sys.stderr)
     print(
         f"[daop] prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} tokens ({s.finish_reason}); "
         f"prefill {s.prefill_s * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tokens/s; load {engine.load_s:.2f} s",
@@ -57,7 +76,31 @@ def cmd_generate(args: argparse.Namespace) -> int:
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print_stats(engine)
+    print_stats(engine, args.stats)
+    return 0
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from daop.config import load_config
+    from daop.engine import default_model_dir, resolve_device
+    from daop.executors.cpu import physical_cores
+    from daop.hardware import calibrate
+    from daop.weights.loader import parse_dtype
+
+    model_dir = Path(args.model) if args.model else default_model_dir()
+    config = load_config(model_dir)
+    device = resolve_device(args.device)
+    dtype = parse_dtype(args.dtype, config.torch_dtype)
+    threads = args.cpu_threads or physical_cores()
+    profile = calibrate(config.hidden_size, config.expert_intermediate_size, dtype, device, threads, quick=args.quick)
+    profile.provenance["model"] = str(model_dir)
+    out = Path(args.output)
+    profile.save(out)
+    print(f"[daop] expert {profile.expert_bytes / 2**20:.1f} MiB: copy pinned {profile.copy_pinned_ms:.2f} ms, "
+          f"pageable {profile.copy_pageable_ms:.2f} ms, CPU 1 token {profile.cpu_expert_ms[0]:.2f} ms at {threads} threads, "
+          f"GPU 1 token {profile.gpu_expert_ms[0]:.3f} ms -> {out}", file=sys.stderr)
     return 0
 
 
@@ -113,12 +156,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(gen)
     add_sampling_args(gen)
     gen.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
+    gen.add_argument("--stats", action="store_true", help="print budget, placement and expert counters to stderr")
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", help="interactive chat using the checkpoint's chat template")
     add_model_args(chat)
     add_sampling_args(chat)
     chat.add_argument("--system", default=None, help="system message")
     chat.set_defaults(func=cmd_chat)
+    cal = sub.add_parser("calibrate", help="measure copy, CPU and GPU expert costs; write a hardware profile JSON")
+    cal.add_argument("--model", default=None)
+    cal.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    cal.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    cal.add_argument("--cpu-threads", type=int, default=None)
+    cal.add_argument("--quick", action="store_true", help="fewer repeats and token counts")
+    cal.add_argument("--output", default="hardware-profile.json")
+    cal.set_defaults(func=cmd_calibrate)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'daop[server]')")
     add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
