@@ -149,6 +149,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from daop.bench.sweep import run
+
+    if args.smoke:
+        args.geometry, args.layers, args.device, args.dtype = "tiny-mixtral", None, "cpu", "fp32"
+        args.prompt_tokens, args.gen_tokens, args.prompts = 32, 8, 2
+    args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+    try:
+        args.ratios = [float(r) for r in args.ratios.split(",")]
+    except ValueError as exc:
+        raise DaopError(f"--ratios must be comma-separated numbers ({exc})") from exc
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daop", description="Run Mixture-of-Experts models on a GPU too small to hold them.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -171,6 +186,21 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--quick", action="store_true", help="fewer repeats and token counts")
     cal.add_argument("--output", default="hardware-profile.json")
     cal.set_defaults(func=cmd_calibrate)
+    bench = sub.add_parser("bench", help="sweep policies x expert ratios on a model geometry; JSON last")
+    bench.add_argument("--geometry", default="mixtral-8x7b", help="mixtral-8x7b, phi-3.5-moe, qwen3-30b-a3b, tiny-mixtral")
+    bench.add_argument("--layers", type=int, default=None, help="cut depth when host memory is short (stated on the card)")
+    bench.add_argument("--policies", default="gpu,fiddler,static,lru,ondemand")
+    bench.add_argument("--ratios", default="0.25,0.5")
+    bench.add_argument("--prompt-tokens", type=int, default=256)
+    bench.add_argument("--gen-tokens", type=int, default=256)
+    bench.add_argument("--prompts", type=int, default=10)
+    bench.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
+    bench.add_argument("--cpu-threads", type=int, default=None)
+    bench.add_argument("--hardware-profile", default=None)
+    bench.add_argument("--output", default=None, help="append every row to this JSONL file")
+    bench.add_argument("--smoke", action="store_true", help="tiny CPU run (under a minute) that checks the benchmark works")
+    bench.set_defaults(func=cmd_bench)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'daop[server]')")
     add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")

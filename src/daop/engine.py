@@ -62,11 +62,11 @@ class GenerationStats:
 class Engine:
     """A loaded model with its tokenizer, ready to generate."""
 
-    def __init__(self, model_dir: Path, config: ModelConfig, spec: FamilySpec, decoder: Decoder, tokenizer: Tokenizer, load_s: float) -> None:
+    def __init__(self, model_dir: Path, config: ModelConfig, spec: FamilySpec, decoder: Decoder, tokenizer: Tokenizer | None, load_s: float) -> None:
         self.model_dir, self.config, self.spec, self.decoder, self.tokenizer = model_dir, config, spec, decoder, tokenizer
         self.load_s = load_s
         self.last_stats = GenerationStats()
-        eos = set(tokenizer.eos_token_ids) | set(config.eos_token_ids)
+        eos = set(tokenizer.eos_token_ids if tokenizer else ()) | set(config.eos_token_ids)
         self.eos_ids = frozenset(eos)
 
     @classmethod
@@ -112,6 +112,8 @@ class Engine:
 
     def encode(self, prompt: str | Sequence[int]) -> list[int]:
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise DaopError("this engine has no tokenizer; pass token ids")
             ids = self.tokenizer.encode(prompt)
         else:
             ids = [int(t) for t in prompt]
@@ -151,6 +153,7 @@ class Engine:
         logits = self.decoder.forward(torch.tensor([ids]), 0, cache)
         token = int(sampler(logits)[0])
         stats.prefill_s = time.perf_counter() - t0
+        stats.extra["counters_after_prefill"] = self.counters()
         t1 = time.perf_counter()
         pos = len(ids)
         for step in range(budget):

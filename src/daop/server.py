@@ -279,6 +279,7 @@ class Worker:
             return
         stats = _CancellableStats(job.cancel)
         gen = None
+        final: tuple[str, Any]
         try:
             ids = self.engine.chat_prompt(job.messages) if job.messages is not None else job.prompt
             ids = self.engine.encode(ids)
@@ -288,23 +289,23 @@ class Worker:
                 job.emit("text", piece)
                 if job.cancel.is_set():
                     raise _Cancelled()
-            gen = None
-            job.emit("done", _stats_dict(stats))
+            final = ("done", _stats_dict(stats))
         except _Cancelled:
             self.metrics.cancelled()
-            job.emit("cancelled")
+            final = ("cancelled", None)
         except DaopError as exc:
-            job.emit("error", ApiError(400, str(exc)))
+            final = ("error", ApiError(400, str(exc)))
         except Exception as exc:
             log.exception("generation failed")
-            job.emit("error", ApiError(500, f"internal error during generation: {type(exc).__name__}"))
+            final = ("error", ApiError(500, f"internal error during generation: {type(exc).__name__}"))
         finally:
             if gen is not None:
                 try:
-                    gen.close()  # cancels the generation and frees its KV cache
+                    gen.close()  # a no-op when finished; otherwise cancels it and frees its KV cache
                 except _Cancelled:
                     pass
-            self.metrics.generation(stats)
+        self.metrics.generation(stats)  # before the last event, so a client that got its answer sees the counts
+        job.emit(*final)
 
 
 def _stats_dict(stats: GenerationStats) -> dict[str, Any]:
@@ -320,7 +321,8 @@ class Metrics:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.requests: dict[tuple[str, str], int] = {}
-        self.durations: dict[str, list[float]] = {}   # endpoint -> [bucket counts..., +Inf count, sum]
+        self.durations: dict[str, list[int]] = {}     # endpoint -> [count per bucket..., +Inf count]
+        self.duration_sums: dict[str, float] = {}
         self.tokens_generated = 0
         self.prompt_tokens = 0
         self.generations = 0
@@ -331,12 +333,12 @@ class Metrics:
         with self._lock:
             key = (endpoint, str(status))
             self.requests[key] = self.requests.get(key, 0) + 1
-            h = self.durations.setdefault(endpoint, [0.0] * (len(DURATION_BUCKETS) + 2))
+            h = self.durations.setdefault(endpoint, [0] * (len(DURATION_BUCKETS) + 1))
             for i, le in enumerate(DURATION_BUCKETS):
                 if seconds <= le:
                     h[i] += 1
-            h[-2] += 1
-            h[-1] += seconds
+            h[-1] += 1
+            self.duration_sums[endpoint] = self.duration_sums.get(endpoint, 0.0) + seconds
 
     def generation(self, stats: GenerationStats) -> None:
         with self._lock:
@@ -375,8 +377,8 @@ class Metrics:
             for e, h in sorted(self.durations.items()):
                 lab = _esc(e)
                 samples += [(f'_bucket{{endpoint="{lab}",le="{le}"}}', h[i]) for i, le in enumerate(DURATION_BUCKETS)]
-                samples += [(f'_bucket{{endpoint="{lab}",le="+Inf"}}', h[-2]), (f'_sum{{endpoint="{lab}"}}', h[-1]),
-                            (f'_count{{endpoint="{lab}"}}', h[-2])]
+                samples += [(f'_bucket{{endpoint="{lab}",le="+Inf"}}', h[-1]),
+                            (f'_sum{{endpoint="{lab}"}}', self.duration_sums[e]), (f'_count{{endpoint="{lab}"}}', h[-1])]
             metric("daop_request_duration_seconds", "histogram", "Request duration, to the last byte of the response.",
                    samples)
         for key, value in sorted(engine_counters.items()):

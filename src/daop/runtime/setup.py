@@ -20,7 +20,7 @@ from daop.placement.budget import Budget, resolve_budget
 from daop.placement.cost import CostModel
 from daop.placement.policies import POLICIES, PolicyContext, make_policy
 from daop.runtime.offload import OffloadedExperts
-from daop.weights.expert_store import ExpertStore
+from daop.weights.expert_store import ExpertStore, HostExperts
 
 
 @dataclass(frozen=True)
@@ -104,8 +104,12 @@ class PreparedRuntime:
     start: Callable[[], ExpertRunner]
 
 
-def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1) -> PreparedRuntime:
-    """Resolve the budget and policy, and allocate expert storage (host store and GPU slots)."""
+def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, host: HostExperts | None = None) -> PreparedRuntime:
+    """Resolve the budget and policy, and allocate expert storage (host store and GPU slots).
+
+    With `host` (already filled), the runner reuses it, so benchmarks can try many policies
+    without reloading; the all-resident path then copies experts from it.
+    """
     c, dev = decoder.config, decoder.device
     esize = torch.empty((), dtype=decoder.dtype).element_size()
     context = min(opts.max_context or c.context_length, c.context_length)
@@ -115,6 +119,9 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1) -
     policy_name = opts.policy or ("gpu" if budget.gpu_slots >= budget.total_experts else "fiddler")
     if policy_name == "gpu" and budget.gpu_slots >= budget.total_experts:
         experts = ResidentExperts(c, dev, decoder.dtype)
+        if host is not None:
+            for l in experts.gate:
+                experts.gate[l].copy_(host.gate[l]), experts.up[l].copy_(host.up[l]), experts.down[l].copy_(host.down[l])
         return PreparedRuntime(budget, policy_name, experts.weights_of, lambda: experts)
     threads = opts.cpu_threads or physical_cores()
     moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
@@ -125,7 +132,7 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1) -
         cost=CostModel(profile),
     )
     policy = make_policy(policy_name, ctx)
-    store = ExpertStore(c, decoder.dtype, dev, budget.gpu_slots)
+    store = ExpertStore(c, decoder.dtype, dev, budget.gpu_slots, host)
 
     def start() -> ExpertRunner:
         return OffloadedExperts(store, policy, CpuExecutor(threads), Transfer(dev), c.num_layers)

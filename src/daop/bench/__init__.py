@@ -1,0 +1,1 @@
+"""Benchmarks: synthetic full-size geometries and end-to-end sweeps (card first, JSON last)."""

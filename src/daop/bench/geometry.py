@@ -1,0 +1,72 @@
+"""Full-size model geometries with synthetic weights, for speed measurements without checkpoints.
+
+Real checkpoints of these sizes cannot be downloaded here, so the dense part is random on the GPU
+and the experts are a few random prototypes copied into the host store (timing does not depend on
+their values). Routing comes from the random routers unless a routing source replaces it.
+"""
+from __future__ import annotations
+
+import torch
+
+from daop.config import ModelConfig
+from daop.errors import DaopError
+from daop.model.decoder import Decoder
+from daop.model.specs import spec_by_name
+from daop.weights.expert_store import HostExperts
+
+GEOMETRIES: dict[str, dict] = {
+    "tiny-mixtral": dict(model_type="mixtral", vocab_size=512, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
+                         num_experts_per_tok=2, rope_theta=1e4, max_position_embeddings=1024, rms_norm_eps=1e-5),
+    "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,
+                         num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=8,
+                         num_experts_per_tok=2, rope_theta=1e6, max_position_embeddings=32768, rms_norm_eps=1e-5),
+    "phi-3.5-moe": dict(model_type="phimoe", vocab_size=32064, hidden_size=4096, intermediate_size=6400,
+                        num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, num_local_experts=16,
+                        num_experts_per_tok=2, rope_theta=1e4, max_position_embeddings=4096, rms_norm_eps=1e-5,
+                        attention_bias=True, lm_head_bias=True),
+    "qwen3-30b-a3b": dict(model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, moe_intermediate_size=768,
+                          intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+                          head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1e6,
+                          max_position_embeddings=40960, rms_norm_eps=1e-6),
+}
+
+
+def geometry_config(name: str, layers: int | None = None) -> tuple[ModelConfig, object]:
+    if name not in GEOMETRIES:
+        raise DaopError(f"unknown geometry {name!r}; choose one of {', '.join(GEOMETRIES)}")
+    raw = dict(GEOMETRIES[name])
+    if layers is not None:
+        if not 1 <= layers <= raw["num_hidden_layers"]:
+            raise DaopError(f"--layers {layers} must be between 1 and {raw['num_hidden_layers']} for {name}")
+        raw["num_hidden_layers"] = layers
+    spec = spec_by_name(raw["model_type"])
+    return spec.config_from_hf(raw), spec
+
+
+def synthetic_decoder(config: ModelConfig, spec, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Decoder:
+    """A decoder whose dense weights are random (std 0.02; norms 1, biases 0) on `device`."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    decoder = Decoder(config, spec, device, dtype)
+    for name, t in decoder.dense_tensors().items():
+        if "norm" in name and name.endswith("weight"):
+            t.fill_(1.0)
+        elif name.endswith("bias"):
+            t.zero_()
+        else:
+            t.normal_(0.0, 0.02, generator=gen)
+    return decoder
+
+
+def synthetic_host_experts(config: ModelConfig, dtype: torch.dtype, pin: bool, seed: int = 0, prototypes: int = 4) -> HostExperts:
+    """Host store filled from a few random prototype experts (fast even for ~100 GB of experts)."""
+    host = HostExperts(config, dtype, pin)
+    gen = torch.Generator().manual_seed(seed)
+    I, D = config.expert_intermediate_size, config.hidden_size
+    protos = [tuple((torch.randn(*shape, generator=gen) * 0.02).to(dtype) for shape in ((I, D), (I, D), (D, I)))
+              for _ in range(prototypes)]
+    for n, layer_idx in enumerate(host.gate):
+        for e in range(config.num_experts):
+            for dst, src in zip(host.weights(layer_idx, e), protos[(n * config.num_experts + e) % prototypes]):
+                dst.copy_(src)
+    return host
