@@ -150,8 +150,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from daop.bench import report
     from daop.bench.sweep import run
 
+    if args.plot:
+        print(report.plot(Path(args.plot), Path(args.plot).with_suffix(".png")))
+        return 0
+    if args.table:
+        print(report.markdown_table(Path(args.table)), end="")
+        return 0
     if args.smoke:
         args.geometry, args.layers, args.device, args.dtype = "tiny-mixtral", None, "cpu", "fp32"
         args.prompt_tokens, args.gen_tokens, args.prompts = 32, 8, 2
@@ -200,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--hardware-profile", default=None)
     bench.add_argument("--output", default=None, help="append every row to this JSONL file")
     bench.add_argument("--smoke", action="store_true", help="tiny CPU run (under a minute) that checks the benchmark works")
+    bench.add_argument("--plot", metavar="RESULTS", default=None, help="draw RESULTS (JSONL) as a PNG next to it, then exit")
+    bench.add_argument("--table", metavar="RESULTS", default=None, help="print RESULTS (JSONL) as a Markdown table, then exit")
     bench.set_defaults(func=cmd_bench)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'daop[server]')")
     add_model_args(serve)

@@ -1,0 +1,70 @@
+"""Reports from bench JSONL files: a plot of tokens/s against expert ratio, and a Markdown table."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from daop.errors import DaopError
+
+
+def read_rows(path: Path) -> tuple[dict, list[dict]]:
+    """The last card and all points of a bench JSONL file."""
+    card, points = {}, []
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise DaopError(f"{path}: cannot read ({exc.strerror})") from exc
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DaopError(f"{path}:{n}: not JSON ({exc})") from exc
+        if row.get("kind") == "card":
+            card = row
+        elif row.get("kind") == "point":
+            points.append(row)
+    if not points:
+        raise DaopError(f"{path}: no benchmark points")
+    return card, points
+
+
+def plot(path: Path, output: Path) -> Path:
+    """Decode tokens/s against expert ratio, one line per policy (PNG)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise DaopError("plotting needs matplotlib: pip install 'daop[plot]'") from exc
+    card, points = read_rows(path)
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    for policy in dict.fromkeys(p["policy"] for p in points):
+        pts = sorted((p["expert_ratio"], 1000 / p["decode_ms_per_token"]) for p in points if p["policy"] == policy)
+        ax.plot([x for x, _ in pts], [y for _, y in pts], marker="o", label=policy)
+    ax.set_xlabel("share of experts resident on the GPU")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_yscale("log")
+    ax.set_title(f"{card.get('geometry', '?')} ({card.get('layers', '?')} layers), {card.get('gpu', '?')}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(output, dpi=120)
+    return output
+
+
+def markdown_table(path: Path) -> str:
+    card, points = read_rows(path)
+    head = (f"{card.get('geometry')} geometry, {card.get('layers')} layers, {card.get('dtype')}, batch 1, "
+            f"{card.get('prompt_tokens')}-token prompts, {card.get('gen_tokens')} generated tokens, "
+            f"median of {card.get('prompts')} prompts; GPU: {card.get('gpu')}; CPU threads: {card.get('cpu_threads')}; "
+            f"torch {card.get('torch')}; commit {card.get('git_sha')}.\n\n")
+    rows = ["| policy | expert ratio | decode ms/token | tokens/s | TTFT ms | GPU hit rate | CPU experts/token | copies/token | measured/bound |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for p in points:
+        rows.append(f"| {p['policy']} | {p['expert_ratio']:.3g} | {p['decode_ms_per_token']:.1f} | {1000 / p['decode_ms_per_token']:.1f} | "
+                    f"{p['ttft_ms']:.0f} | {p['gpu_hit_rate']:.2f} | {p['cpu_calls_per_token']:.2f} | {p['copy_calls_per_token']:.2f} | "
+                    f"{p['measured_over_bound']} |")
+    return head + "\n".join(rows) + "\n"

@@ -1,0 +1,32 @@
+"""`daop bench --smoke` runs on the CPU and ends with a JSON summary with the expected keys."""
+import json
+import subprocess
+import sys
+
+POINT_KEYS = {"policy", "expert_ratio", "ttft_ms", "decode_ms_per_token", "tokens_per_s_incl_prefill", "gpu_hit_rate",
+              "cpu_calls_per_token", "copy_calls_per_token", "resident_calls_per_token", "h2d_bytes_per_token",
+              "cpu_wait_share", "bound_ms", "measured_over_bound"}
+CARD_KEYS = {"geometry", "layers", "dtype", "gpu", "cpu", "cpu_threads", "torch", "git_sha", "expert_bytes",
+             "hardware_profile", "routing_source"}
+
+
+def test_bench_smoke(tmp_path):
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "daop.cli", "bench", "--smoke", "--output", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert summary["kind"] == "summary"
+    assert CARD_KEYS <= set(summary["card"])
+    policies = {p["policy"] for p in summary["points"]}
+    assert policies == {"gpu", "fiddler", "static", "lru", "ondemand"}
+    for point in summary["points"]:
+        assert POINT_KEYS <= set(point)
+        assert point["decode_ms_per_token"] > 0
+    gpu = next(p for p in summary["points"] if p["policy"] == "gpu")
+    assert gpu["gpu_hit_rate"] == 1.0 and gpu["cpu_calls_per_token"] == 0
+    lines = out.read_text().splitlines()
+    assert json.loads(lines[0])["kind"] == "card" and json.loads(lines[-1])["kind"] == "summary"
+    assert len(lines) == 2 + len(summary["points"])
+    table = subprocess.run([sys.executable, "-m", "daop.cli", "bench", "--table", str(out)], capture_output=True, text=True)
+    assert table.returncode == 0 and "| fiddler |" in table.stdout
