@@ -1,0 +1,38 @@
+"""One-layer-ahead expert prediction (paper section 2.4) and how well it matches the true routing.
+
+Layer l's post-attention normed state h_l, fed to layer l+1's router, predicts layer l+1's experts:
+the residual stream changes little between layers. Shapes: N tokens, D hidden, E experts, K top-k.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from daop.config import ModelConfig
+from daop.model.moe import select_experts
+
+
+def predict_next(router_next: torch.Tensor, normed_h: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Predicted expert ids [N, K] and weights [N, K] of the next layer from h_l [N, D] and its router [E, D].
+
+    The family's own top-k rule (softmax top-k or sparsemixer) applies, so a prediction has the
+    same form as true routing.
+    """
+    return select_experts(config, F.linear(normed_h, router_next))
+
+
+def prediction_accuracy(pred_ids: torch.Tensor, true_ids: torch.Tensor) -> tuple[float, float]:
+    """(top-1 match, set overlap) of predicted vs. true ids [N, K], averaged over tokens.
+
+    Top-1 compares the first column (the best-ranked expert of both routers); set overlap is
+    |predicted set & true set| / K per token, the paper's notion of prediction accuracy.
+    Zero tokens give (nan, nan).
+    """
+    if pred_ids.shape != true_ids.shape or pred_ids.dim() != 2:
+        raise ValueError(f"ids must both be [N, K]; got {list(pred_ids.shape)} and {list(true_ids.shape)}")
+    if pred_ids.shape[0] == 0:
+        return float("nan"), float("nan")
+    pred, true = pred_ids.long(), true_ids.long().to(pred_ids.device)
+    top1 = (pred[:, 0] == true[:, 0]).float().mean().item()
+    shared = (pred[:, :, None] == true[:, None, :]).any(dim=2).sum(dim=1)  # [N]
+    return top1, (shared.float() / pred.shape[1]).mean().item()
