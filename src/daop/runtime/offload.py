@@ -46,24 +46,49 @@ class OffloadedExperts:
         self.policy.reset()
         self.apply_placement(self.policy.placement)
 
+    @staticmethod
+    def rows_of(ids_host: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """For every routed expert: (token rows, top-k column) of its assignments, on the host."""
+        return {e: torch.where(ids_host == e) for e in torch.unique(ids_host).tolist()}
+
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        ids_host = ids.cpu()  # [N, K]; the plan needs the routing on the host
-        experts = torch.unique(ids_host).tolist()
-        rows_host = {e: torch.where(ids_host == e) for e in experts}  # (token rows, top-k slot)
-        plan = self.policy.plan(layer_idx, {e: len(rows_host[e][0]) for e in experts})
+        rows_host = self.rows_of(ids.cpu())  # the plan needs the routing on the host
+        plan = self.policy.plan(layer_idx, {e: len(r[0]) for e, r in rows_host.items()})
+        return self.execute(layer_idx, h, weights, rows_host, plan)
+
+    def execute(self, layer_idx: int, h: torch.Tensor, weights: torch.Tensor, rows_host: dict, plan,
+                ready: dict[int, tuple[int, object]] | None = None, done: dict[int, torch.Tensor] | None = None,
+                before_compute=None) -> torch.Tensor:
+        """Carry out a plan: CPU jobs first, then copies, then GPU work; sum outputs in expert order.
+
+        ready: experts already copied into scratch slots (expert -> (slot, copy event)); done:
+        outputs computed earlier (expert -> y on the host or device); before_compute: a callback run
+        once this layer's copies and CPU jobs are queued (speculation for the next layer).
+        """
         c, dev = self.counters, h.device
         future = None
         if plan.cpu:
-            h_host, ready = self.transfer.to_host(h)
+            h_host, h_ready = self.transfer.to_host(h)
             jobs = [(e, rows_host[e][0], self.store.host_weights(layer_idx, e)) for e in plan.cpu]
-            future = self.cpu.submit(jobs, h_host, ready)
-        rows = {e: tuple(t.to(dev, non_blocking=True) for t in rows_host[e]) for e in experts}
-        ys: dict[int, torch.Tensor] = {}
-        for e, slot in plan.gpu:
-            ys[e] = swiglu(h[rows[e][0]], *self.store.slot_weights(slot))
-            self.transfer.release_slot(slot)
-        for e, slot in plan.copy:
-            self.transfer.wait(self.copy(layer_idx, e, slot))
+            future = self.cpu.submit(jobs, h_host, h_ready)
+        # A slot that this plan reads before (a resident expert, an earlier copy) is refilled only
+        # after that read has been queued; the others are copied right away.
+        busy = {slot for _, slot in plan.gpu} | {slot for slot, _ in (ready or {}).values()}
+        first_use: dict[int, object] = {}
+        for i, (e, slot) in enumerate(plan.copy):
+            if slot not in busy:
+                first_use[i] = (slot, self.copy(layer_idx, e, slot))
+            busy.add(slot)
+        if before_compute is not None:
+            before_compute()
+        rows = {e: tuple(t.to(dev, non_blocking=True) for t in r) for e, r in rows_host.items()}
+        ys: dict[int, torch.Tensor] = {e: self.transfer.to_device(y) for e, y in (done or {}).items()}
+        gpu_items = [(e, slot, None) for e, slot in plan.gpu] + [(e, s, ev) for e, (s, ev) in (ready or {}).items()]
+        copy_items = [(e, slot, first_use[i][1] if i in first_use else None) for i, (e, slot) in enumerate(plan.copy)]
+        for n, (e, slot, event) in enumerate(gpu_items + copy_items):
+            if n >= len(gpu_items) and event is None:
+                event = self.copy(layer_idx, e, slot)
+            self.transfer.wait(event)
             ys[e] = swiglu(h[rows[e][0]], *self.store.slot_weights(slot))
             self.transfer.release_slot(slot)
         if future is not None:
@@ -75,8 +100,8 @@ class OffloadedExperts:
         for e in sorted(ys):
             token_idx, k_slot = rows[e]
             out.index_put_((token_idx,), combine(ys[e], weights[token_idx, k_slot]), accumulate=True)
-        c.add("resident_calls", layer_idx, len(plan.gpu))
-        c.add("cpu_calls", layer_idx, len(plan.cpu))
+        c.add("resident_calls", layer_idx, len(plan.gpu) + len(ready or {}))
+        c.add("cpu_calls", layer_idx, len(plan.cpu) + len(done or {}))
         c.add("copy_calls", layer_idx, len(plan.copy))
         c.add("copied_bytes", layer_idx, len(plan.copy) * self.store.expert_bytes)
         c.add("layer_calls", layer_idx, 1)

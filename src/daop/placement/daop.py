@@ -1,0 +1,95 @@
+"""The DAOP policy (Zhang, Aggarwal, Mitra, DATE 2025) with every knob as a field, and presets.
+
+Placement: per-layer quota from routing statistics, leftovers by global rank (section 2.1).
+Prefill: per-sequence swaps of hot host experts with cold GPU experts, then a CPU/copy split of the
+misses by the cost model (2.2, 2.3). Decode: layer l+1's router applied to layer l's normed state
+predicts l+1's experts (2.4); what is done with the prediction depends on the switches:
+  predicted_routing (A1)  use the prediction as the routing (the paper); off = the true router runs
+  stale_input (A2)        pre-calculate predicted host experts on the CPU from layer l's input
+  substitution (A3)       cap host experts per token, replacing the rest by resident ones (2.5)
+  speculative_copies      copy predicted host experts into scratch slots ahead of need (exact)
+All switches off except speculative copies is `daop-exact`: output equal to the all-GPU path.
+The runner (runtime/daop_runner.py) carries the decisions out; this module decides only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+from daop.placement.policies import LayerPlan, Policy, PolicyContext
+from daop.placement.table import Placement
+from daop.predict.placement import quota_placement
+from daop.predict.split import SplitPlan, makespan_split, sum_of_costs_split
+from daop.predict.swaps import apply_swaps, plan_swaps
+
+
+@dataclass(frozen=True)
+class DaopConfig:
+    first_predicted_layer: int = 1  # layers >= this are predicted from the layer before (decode)
+    swap_fraction: float = 0.5
+    swap_ratio: float = 1.05
+    split: str = "makespan"  # or "sum" (the paper's per-expert rule)
+    predicted_routing: bool = False
+    stale_input: bool = False
+    substitution: bool = False
+    max_cpu_per_token: int = 1
+    speculative_copies: bool = True
+    scratch_per_layer: int = 0  # scratch slots for copies, per layer in flight (0 = top_k)
+
+    @property
+    def exact(self) -> bool:
+        return not (self.predicted_routing or self.stale_input or self.substitution)
+
+
+PRESETS: dict[str, DaopConfig] = {
+    "daop-exact": DaopConfig(),
+    "daop-paper": DaopConfig(first_predicted_layer=4, split="sum", predicted_routing=True, stale_input=True,
+                             substitution=True, speculative_copies=False),
+    "daop": DaopConfig(stale_input=True),
+}
+
+
+class Daop(Policy):
+    """Quota placement, prefill swaps and cost-model splits; prediction handling lives in the runner."""
+
+    name = "daop"
+
+    def __init__(self, ctx: PolicyContext, config: DaopConfig) -> None:
+        self.config = config
+        per_layer = config.scratch_per_layer or ctx.top_k
+        ctx.scratch_slots = min(ctx.gpu_slots, 2 * per_layer) if ctx.gpu_slots > 2 * per_layer else 0
+        self.exact = config.exact
+        super().__init__(ctx)
+
+    def initial_placement(self) -> Placement:
+        ctx = self.ctx
+        return quota_placement(ctx.popularity, ctx.moe_layers, self.resident_capacity(), num_slots=ctx.gpu_slots)
+
+    def scratch(self) -> list[int]:
+        first = self.resident_capacity()
+        return list(range(first, first + self.ctx.scratch_slots))
+
+    def prefill_swaps(self, layer_idx: int, counts: dict[int, int]) -> list[tuple[int, int]]:
+        """Swap hot host experts into cold experts' slots for this sequence; returns the copies."""
+        c = self.config
+        swaps = plan_swaps(counts, self.placement.resident_experts(layer_idx), c.swap_fraction, c.swap_ratio,
+                           num_experts=self.ctx.num_experts)
+        return apply_swaps(self.placement, layer_idx, swaps)
+
+    def split(self, counts: dict[int, int], on_gpu: set[int], max_copies: int) -> SplitPlan:
+        rule = makespan_split if self.config.split == "makespan" else sum_of_costs_split
+        return rule(counts, on_gpu, self.ctx.cost, max_copies=max_copies)
+
+    def plan(self, layer_idx: int, counts: dict[int, int]) -> LayerPlan:
+        """Plan without prediction state (used when the runner has nothing pending for the layer)."""
+        resident = set(self.placement.resident_experts(layer_idx))
+        split = self.split(counts, resident, len(self.scratch()))
+        scratch = self.scratch()
+        return LayerPlan(gpu=tuple((e, self.placement.slot(layer_idx, e)) for e in split.gpu), cpu=split.cpu,
+                         copy=tuple(zip(split.copy, scratch)))
+
+
+def make_daop(preset: str, ctx: PolicyContext, **overrides) -> Daop:
+    config = replace(PRESETS[preset], **overrides) if overrides else PRESETS[preset]
+    policy = Daop(ctx, config)
+    policy.name = preset
+    return policy
