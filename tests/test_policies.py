@@ -9,7 +9,7 @@ from daop.errors import DaopError
 from daop.sampling import SamplingParams
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 77, 200, 9, 11]
-POLICIES = ["ondemand", "lru", "static", "fiddler"]
+POLICIES = ["ondemand", "lru", "static", "fiddler", "daop-exact"]
 # DAOP_TEST_DEVICE=cuda runs the same checks with a real GPU (CPU experts then use other kernels,
 # so logits are compared with a tolerance; greedy tokens must still be identical).
 DEVICE = os.environ.get("DAOP_TEST_DEVICE", "cpu")

@@ -173,6 +173,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_profile(args: argparse.Namespace) -> int:
+    from daop.profile import run_profile
+
+    stats = run_profile(args.model, args.data, args.output, args.max_docs, args.prompt_tokens, args.gen_tokens,
+                        args.device, args.dtype)
+    prov, parts = stats["provenance"], []
+    for key, label in (("prefill_decode_overlap", "prefill->decode overlap"), ("next_layer_top1", "next-layer top-1"),
+                       ("next_layer_set_overlap", "set overlap")):
+        mean = stats[key]["mean"]
+        parts.append(f"{label} " + ("n/a" if mean is None else f"{100 * mean:.1f} %"))
+    print(f"[daop] {prov['docs']} documents, {prov['prompt_tokens']} prompt + {prov['decode_tokens']} decode tokens: "
+          f"{', '.join(parts)} -> {args.output}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daop", description="Run Mixture-of-Experts models on a GPU too small to hold them.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -219,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default: 1 MiB)")
     serve.add_argument("--model-name", default=None, help="model id clients use (default: the checkpoint folder's name)")
     serve.set_defaults(func=cmd_serve)
+    prof = sub.add_parser("profile", help="routing statistics of a calibration set (expert popularity, overlap, prediction); JSON")
+    prof.add_argument("--model", default=None, help="checkpoint folder (default: the shipped daop-moe-mini)")
+    prof.add_argument("--data", required=True, help="calibration text: plain text (blank-line separated), .jsonl with \"text\", or ShareGPT .json")
+    prof.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
+    prof.add_argument("--prompt-tokens", type=int, default=128, help="prompt tokens per document (prefill)")
+    prof.add_argument("--gen-tokens", type=int, default=32, help="greedy decode steps per document")
+    prof.add_argument("--output", default="routing-stats.json")
+    prof.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    prof.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    prof.set_defaults(func=cmd_profile)
     return parser
 
 

@@ -101,6 +101,18 @@ class Engine:
         engine.budget, engine.policy = runtime.budget, runtime.policy_name
         return engine
 
+    def reset_runner(self, phase: str) -> None:
+        """A new sequence: back to the calibrated placement, in the given phase."""
+        reset = getattr(self.decoder.experts, "reset", None)
+        if reset is not None:
+            reset()
+        self.set_phase(phase)
+
+    def set_phase(self, phase: str) -> None:
+        set_phase = getattr(self.decoder.experts, "set_phase", None)
+        if set_phase is not None:
+            set_phase(phase)
+
     def counters(self) -> dict[str, float]:
         """Expert counters since load (empty for the all-resident path)."""
         counters = getattr(self.decoder.experts, "counters", None)
@@ -130,6 +142,7 @@ class Engine:
     def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Full forward without sampling: float32 logits [T, V] (for parity checks)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+        self.reset_runner("prefill")
         cache = self.decoder.new_cache(1, ids.shape[1])
         return self.decoder.forward(ids, 0, cache, all_logits=True)[0]
 
@@ -144,9 +157,7 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
         self.last_stats = stats
-        reset = getattr(self.decoder.experts, "reset", None)
-        if reset is not None:
-            reset()  # every sequence starts from the calibrated placement
+        self.reset_runner("prefill")
         cache = self.decoder.new_cache(1, len(ids) + budget)
         sampler = Sampler(params)
         t0 = time.perf_counter()
@@ -154,6 +165,7 @@ class Engine:
         token = int(sampler(logits)[0])
         stats.prefill_s = time.perf_counter() - t0
         stats.extra["counters_after_prefill"] = self.counters()
+        self.set_phase("decode")
         t1 = time.perf_counter()
         pos = len(ids)
         for step in range(budget):

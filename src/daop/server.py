@@ -31,6 +31,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from daop.engine import GenerationStats
 from daop.errors import DaopError
@@ -219,6 +220,7 @@ class Job:
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
     cancel: threading.Event = field(default_factory=threading.Event)
+    checked_at: float = field(default_factory=time.monotonic)   # when the server last checked the client is there
 
     def emit(self, kind: str, payload: Any = None) -> None:
         try:
@@ -236,6 +238,8 @@ class Worker:
         self.active: Optional[Job] = None
         self._lock = threading.Lock()
         self._waiting = 0
+        self._stopping = False
+        self.counters: dict[str, float] = {}   # engine.counters() as of the last finished job (read by /metrics)
         self._thread = threading.Thread(target=self._loop, name="daop-generation", daemon=True)
 
     @property
@@ -251,6 +255,7 @@ class Worker:
         self.jobs.put(job)
 
     def stop(self, timeout: float = 10.0) -> None:
+        self._stopping = True  # jobs still queued are answered as cancelled
         active = self.active
         if active is not None:
             active.cancel.set()
@@ -258,6 +263,7 @@ class Worker:
         self._thread.join(timeout)
 
     def _loop(self) -> None:
+        self.counters = engine_counters(self.engine)
         while True:
             job = self.jobs.get()
             if job is None:
@@ -269,11 +275,13 @@ class Worker:
                 self._run(job)
             except BaseException:  # never let the worker die: later requests would hang
                 log.exception("generation worker error")
+                job.emit("error", ApiError(500, "internal error in the generation worker"))
             finally:
+                self.counters = engine_counters(self.engine)  # read here: the engine is only touched by this thread
                 self.active = None
 
     def _run(self, job: Job) -> None:
-        if job.cancel.is_set():
+        if job.cancel.is_set() or self._stopping:
             self.metrics.cancelled()
             job.emit("cancelled")
             return
@@ -382,8 +390,9 @@ class Metrics:
             metric("daop_request_duration_seconds", "histogram", "Request duration, to the last byte of the response.",
                    samples)
         for key, value in sorted(engine_counters.items()):
-            name = "daop_engine_" + re.sub(r"[^a-zA-Z0-9_]", "_", str(key))
-            metric(name, "counter" if name.endswith("_total") else "gauge", f"Engine counter {key}.", [("", value)])
+            name = "daop_expert_" + re.sub(r"[^a-zA-Z0-9_]", "_", str(key)).removesuffix("_total") + "_total"
+            metric(name, "counter", f"Expert counter {key} since the model was loaded (engine.counters()).",
+                   [("", value)])
         return "\n".join(out) + "\n"
 
 
@@ -450,12 +459,15 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
             raise _too_large(max_bytes)
     body = bytearray()
     total = 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > max_bytes + DRAIN_BYTES:
-            break
-        if total <= max_bytes:
-            body += chunk
+    try:
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes + DRAIN_BYTES:
+                break
+            if total <= max_bytes:
+                body += chunk
+    except ClientDisconnect:
+        raise ApiError(400, "the client disconnected while sending the request body") from None
     if total > max_bytes:
         raise _too_large(max_bytes)
 
@@ -464,7 +476,7 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
 
     try:
         data = json.loads(bytes(body), parse_constant=no_constants)
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise ApiError(400, f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.")
@@ -536,7 +548,7 @@ def create_app(engine: Any, model_name: str, max_body_bytes: int = DEFAULT_MAX_B
 
     @app.get("/metrics")
     async def get_metrics() -> PlainTextResponse:
-        text = metrics.render(model_name, worker.waiting, worker.active is not None, engine_counters(engine))
+        text = metrics.render(model_name, worker.waiting, worker.active is not None, worker.counters)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def parse(request: Request, model: type[_Common]) -> _Common:
@@ -554,14 +566,18 @@ def create_app(engine: Any, model_name: str, max_body_bytes: int = DEFAULT_MAX_B
         return req
 
     async def next_event(job: Job, request: Request) -> tuple[str, Any]:
-        """The job's next event; while waiting, notices a client that disconnected and cancels the job."""
+        """The job's next event; meanwhile, at least every DISCONNECT_POLL_S, checks that the client is still there."""
         while True:
+            now = time.monotonic()
+            if now - job.checked_at >= DISCONNECT_POLL_S:
+                job.checked_at = now
+                if await request.is_disconnected():
+                    job.cancel.set()
+                    raise ClientGone()
             try:
                 return await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
             except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel.set()
-                    raise ClientGone() from None
+                continue
 
     async def run(request: Request, req: _Common, prompt: Any, messages: Optional[list[dict[str, str]]],
                   kind: str) -> Response:
@@ -700,11 +716,13 @@ def serve(args: Any) -> int:
     if args.max_body_bytes < 1:
         raise DaopError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     engine = load_engine(args)
-    name = args.model_name or Path(engine.model_dir).name
+    name = args.model_name or Path(engine.model_dir).resolve().name or "daop"
     app = create_app(engine, name, args.max_body_bytes)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     log.info("serving %s on http://%s:%d/v1 (device %s, loaded in %.1f s)", name, args.host, args.port,
              engine.device, engine.load_s)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: the server has no authentication; anyone who can reach it can use it", args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=5)
     uvicorn.Server(config).run()

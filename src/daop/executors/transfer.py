@@ -15,7 +15,10 @@ class Transfer:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.slot_released: dict[int, torch.cuda.Event] = {}
-        self.staging = torch.empty(0)
+        # A ring of staging buffers: a CPU job reads its activations while later layers stage theirs.
+        # Each job is collected within the next layer, and a layer stages at most twice, so four suffice.
+        self.staging = [torch.empty(0) for _ in range(4)]
+        self.next_staging = 0
 
     def copy_expert(self, src: tuple[torch.Tensor, ...], dst: tuple[torch.Tensor, ...], slot: int) -> "torch.cuda.Event | None":
         """Copy host expert weights into a GPU slot on the copy stream; returns the completion event."""
@@ -49,10 +52,12 @@ class Transfer:
         """Start copying activations [N, D] into pinned staging; the reader must wait on the event."""
         if not self.cuda:
             return x, None
-        n = x.numel()
-        if self.staging.numel() < n or self.staging.dtype != x.dtype:
-            self.staging = torch.empty(max(n, 2 * self.staging.numel()), dtype=x.dtype, pin_memory=True)
-        host = self.staging[:n].view(x.shape)
+        n, i = x.numel(), self.next_staging
+        self.next_staging = (i + 1) % len(self.staging)
+        buf = self.staging[i]
+        if buf.numel() < n or buf.dtype != x.dtype:
+            buf = self.staging[i] = torch.empty(max(n, 2 * buf.numel()), dtype=x.dtype, pin_memory=True)
+        host = buf[:n].view(x.shape)
         host.copy_(x, non_blocking=True)
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))

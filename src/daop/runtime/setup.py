@@ -18,7 +18,11 @@ from daop.model.layers import KVCache
 from daop.model.moe import ExpertRunner, ResidentExperts
 from daop.placement.budget import Budget, resolve_budget
 from daop.placement.cost import CostModel
+from daop.placement.daop import PRESETS, make_daop
 from daop.placement.policies import POLICIES, PolicyContext, make_policy
+from daop.runtime.daop_runner import DaopRunner
+
+ALL_POLICIES = [*POLICIES, *PRESETS]
 from daop.runtime.offload import OffloadedExperts
 from daop.weights.expert_store import ExpertStore, HostExperts
 
@@ -36,8 +40,8 @@ class RuntimeOptions:
     max_context: int | None = None
 
     def __post_init__(self) -> None:
-        if self.policy is not None and self.policy not in POLICIES:
-            raise DaopError(f"unknown policy {self.policy!r}; choose one of {', '.join(POLICIES)}")
+        if self.policy is not None and self.policy not in ALL_POLICIES:
+            raise DaopError(f"unknown policy {self.policy!r}; choose one of {', '.join(ALL_POLICIES)}")
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
             raise DaopError(f"--cpu-threads must be a positive integer, got {self.cpu_threads!r}")
 
@@ -125,16 +129,20 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
         return PreparedRuntime(budget, policy_name, experts.weights_of, lambda: experts)
     threads = opts.cpu_threads or physical_cores()
     moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
-    profile = hardware_profile(decoder, opts, threads) if policy_name == "fiddler" else None
+    needs_costs = policy_name == "fiddler" or policy_name in PRESETS
+    profile = hardware_profile(decoder, opts, threads) if needs_costs else None
     ctx = PolicyContext(
         num_layers=c.num_layers, num_experts=c.num_experts, top_k=c.top_k, gpu_slots=budget.gpu_slots,
         moe_layers=moe_layers, popularity=load_popularity(opts.routing_stats, c.num_layers, c.num_experts),
         cost=CostModel(profile),
     )
-    policy = make_policy(policy_name, ctx)
+    policy = make_daop(policy_name, ctx) if policy_name in PRESETS else make_policy(policy_name, ctx)
     store = ExpertStore(c, decoder.dtype, dev, budget.gpu_slots, host)
 
     def start() -> ExpertRunner:
+        if policy_name in PRESETS:
+            routers = {layer.layer_idx: layer.router for layer in decoder.layers if layer.router is not None}
+            return DaopRunner(store, policy, CpuExecutor(threads), Transfer(dev), c.num_layers, routers=routers, model_config=c)
         return OffloadedExperts(store, policy, CpuExecutor(threads), Transfer(dev), c.num_layers)
 
     return PreparedRuntime(budget, policy_name, store.host_weights, start)

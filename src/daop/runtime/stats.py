@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-FIELDS = ("resident_calls", "cpu_calls", "copy_calls", "copied_bytes", "cpu_wait_s", "layer_calls", "tokens")
+FIELDS = ("resident_calls", "cpu_calls", "copy_calls", "copied_bytes", "cpu_wait_s", "layer_calls", "tokens",
+          "predicted_hits", "predicted_total", "degraded_tokens", "speculative_copies", "precalc_used", "precalc_wasted")
 
 
 @dataclass
@@ -37,4 +38,6 @@ class Counters:
             "copy_calls_per_token": t["copy_calls"] / per,
             "h2d_bytes_per_token": t["copied_bytes"] / per,
             "cpu_wait_s": t["cpu_wait_s"],
+            "prediction_precision": t["predicted_hits"] / t["predicted_total"] if t["predicted_total"] else float("nan"),
+            "degradation_rate": t["degraded_tokens"] / t["predicted_total"] if t["predicted_total"] else 0.0,
         }
