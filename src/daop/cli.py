@@ -223,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--cpu-threads", type=int, default=None)
     bench.add_argument("--hardware-profile", default=None)
     bench.add_argument("--output", default=None, help="append every row to this JSONL file")
+    bench.add_argument("--trace", default=None, help="replay routing recorded from a trained model (.npz from scripts/record_traces.py)")
     bench.add_argument("--smoke", action="store_true", help="tiny CPU run (under a minute) that checks the benchmark works")
     bench.add_argument("--plot", metavar="RESULTS", default=None, help="draw RESULTS (JSONL) as a PNG next to it, then exit")
     bench.add_argument("--table", metavar="RESULTS", default=None, help="print RESULTS (JSONL) as a Markdown table, then exit")

@@ -15,7 +15,7 @@ from daop.model.specs import spec_by_name
 from daop.weights.expert_store import HostExperts
 
 GEOMETRIES: dict[str, dict] = {
-    "tiny-mixtral": dict(model_type="mixtral", vocab_size=512, hidden_size=64, intermediate_size=128,
+    "tiny-mixtral": dict(model_type="mixtral", vocab_size=8192, hidden_size=64, intermediate_size=128,
                          num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, num_local_experts=8,
                          num_experts_per_tok=2, rope_theta=1e4, max_position_embeddings=1024, rms_norm_eps=1e-5),
     "mixtral-8x7b": dict(model_type="mixtral", vocab_size=32000, hidden_size=4096, intermediate_size=14336,

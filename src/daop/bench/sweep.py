@@ -8,6 +8,7 @@ max(resident GPU expert time, bytes of non-resident experts / host memory bandwi
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import subprocess
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 
 from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts
+from daop.bench.trace import RoutingTrace, TraceRouting, load_traces
 from daop.engine import Engine, GenerationStats, resolve_device
 from daop.executors.cpu import physical_cores
 from daop.hardware import HardwareProfile
@@ -40,6 +42,8 @@ def host_bandwidth_gbps(size_mb: int = 1024) -> float:
 
 
 def git_sha() -> str:
+    if os.environ.get("DAOP_GIT_SHA"):
+        return os.environ["DAOP_GIT_SHA"]
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip() or "unknown"
     except OSError:
@@ -57,7 +61,9 @@ def card(args, config, device, dtype, profile: HardwareProfile, bw: float) -> di
         "torch": torch.__version__, "git_sha": git_sha(), "expert_bytes": profile.expert_bytes,
         "host_bandwidth_gbps": round(bw, 1), "routing_source": "synthetic model's own routers",
         "hardware_profile": {k: v for k, v in profile.__dict__.items() if k != "provenance"},
-        "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "prompts": args.prompts,
+        "prompt_tokens": args.traces[0].prompt_len if args.traces else args.prompt_tokens,
+        "gen_tokens": len(args.traces[0].tokens) - args.traces[0].prompt_len if args.traces else args.gen_tokens,
+        "prompts": len(args.traces) if args.traces else args.prompts,
         "note": f"depth cut to {config.num_layers} layers" if args.layers else "full depth",
     }
 
@@ -67,16 +73,40 @@ def decode_counters(engine: Engine, stats: GenerationStats) -> dict[str, float]:
     return {k: end[k] - start.get(k, 0.0) for k in end}
 
 
+@torch.inference_mode()
+def replay(engine: Engine, trace: RoutingTrace, stats: GenerationStats) -> int:
+    """Teacher-forced prefill + decode of a recorded sequence with its recorded routing; returns steps."""
+    dec = engine.decoder
+    dec.routing_override = TraceRouting(trace, engine.config.num_layers, engine.config.num_experts, engine.config.top_k)
+    runner = dec.experts
+    runner.prediction_source = dec.routing_override if hasattr(runner, "prediction_source") else None
+    tokens, p = trace.tokens, trace.prompt_len
+    engine.reset_runner("prefill")
+    cache = dec.new_cache(1, len(tokens))
+    t0 = time.perf_counter()
+    dec.forward(torch.tensor([tokens[:p]]), 0, cache).argmax(-1).cpu()
+    stats.prefill_s = time.perf_counter() - t0
+    stats.extra["counters_after_prefill"] = engine.counters()
+    engine.set_phase("decode")
+    t1 = time.perf_counter()
+    for pos in range(p, len(tokens) - 1):
+        dec.forward(torch.tensor([[tokens[pos]]]), pos, cache).argmax(-1).cpu()
+    stats.decode_s = time.perf_counter() - t1
+    stats.generated_tokens = len(tokens) - p
+    return stats.generated_tokens
+
+
 def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes: int) -> dict:
     gen = torch.Generator().manual_seed(1234)
     params = SamplingParams(max_new_tokens=args.gen_tokens)
     prompts = [torch.randint(3, engine.config.vocab_size, (args.prompt_tokens,), generator=gen).tolist() for _ in range(args.prompts + 1)]
     list(engine.generate_ids(prompts[0], SamplingParams(max_new_tokens=4)))  # warm-up
     ttft, tpot, totals = [], [], []
-    for ids in prompts[1:]:
+    runs = args.traces if args.traces else prompts[1:]
+    for item in runs:
         stats = GenerationStats()
         t0 = time.perf_counter()
-        n = len(list(engine.generate_ids(ids, params, stats)))
+        n = replay(engine, item, stats) if args.traces else len(list(engine.generate_ids(item, params, stats)))
         wall = time.perf_counter() - t0
         ttft.append(stats.prefill_s * 1000)
         tpot.append(stats.decode_s / max(n - 1, 1) * 1000)
@@ -97,6 +127,8 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "copy_calls_per_token": round(agg.get("copy_calls", 0.0), 3),
         "h2d_bytes_per_token": round(agg.get("copied_bytes", 0.0)),
         "cpu_wait_share": round(agg.get("cpu_wait_s", 0.0) * 1000 / med_tpot, 3) if med_tpot else 0.0,
+        "prediction_precision": round(agg["predicted_hits"] / agg["predicted_total"], 4) if agg.get("predicted_total") else None,
+        "degradation_rate": round(agg["degraded_tokens"] / agg["predicted_total"], 4) if agg.get("predicted_total") else None,
         "bound_ms": round(bound_ms, 3), "measured_over_bound": round(med_tpot / bound_ms, 2) if bound_ms else None,
     }
 
@@ -105,6 +137,11 @@ def run(args) -> dict:
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype, "bf16")
     config, spec = geometry_config(args.geometry, args.layers)
+    args.traces, trace_source = [], "synthetic model's own routers"
+    if args.trace:
+        args.traces, provenance = load_traces(Path(args.trace))
+        args.traces = args.traces[: args.prompts]
+        trace_source = {"trace": str(args.trace), **provenance}
     decoder = synthetic_decoder(config, spec, device, dtype)
     host = synthetic_host_experts(config, dtype, pin=device.type == "cuda")
     threads = args.cpu_threads or physical_cores()
@@ -119,6 +156,7 @@ def run(args) -> dict:
             out.flush()
 
     the_card = card(args, config, device, dtype, profile, bw)
+    the_card["routing_source"] = trace_source
     print(json.dumps(the_card), file=sys.stderr)
     emit(the_card)
     rows = []
@@ -139,6 +177,7 @@ def run(args) -> dict:
             print(f"{policy:10} {r:6.3f} {point['ttft_ms']:9.1f} {point['decode_ms_per_token']:9.2f} "
                   f"{1000 / point['decode_ms_per_token']:7.2f} {point['gpu_hit_rate']:6.2f} {point['cpu_calls_per_token']:6.2f} "
                   f"{point['copy_calls_per_token']:6.2f} {point['measured_over_bound'] or 0:7.2f}", flush=True)
+            decoder.routing_override = None
             cpu = getattr(decoder.experts, "cpu", None)
             if cpu is not None:
                 cpu.close()

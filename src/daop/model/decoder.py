@@ -70,6 +70,7 @@ class Decoder:
         self.lm_head_bias = torch.empty(c.vocab_size, device=device, dtype=dtype) if c.lm_head_bias else None
         self.rotary = Rotary(c.rope, c.head_dim, c.max_positions, device)
         self.experts: ExpertRunner | None = None
+        self.routing_override = None  # benchmarks replay a trained model's routing through this
 
     def dense_tensors(self) -> dict[str, torch.Tensor]:
         """Every non-expert tensor by its checkpoint name."""
@@ -93,6 +94,8 @@ class Decoder:
             positions = (positions - pad.to(self.device)[:, None]).clamp(min=0)
         cos, sin = self.rotary.cos_sin(positions, self.dtype, cache.max_len)
         step = Step(cos, sin, attention_mask(start, T, pad, self.device), start, cache)
+        if self.routing_override is not None:
+            self.routing_override.at(start, T)
         return F.embedding(input_ids.to(self.device), self.embed), step
 
     def attention_block(self, layer: DecoderLayer, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,7 +109,10 @@ class Decoder:
         flat = normed.reshape(-1, shape[-1])
         if layer.router is None:
             return layer.shared(flat).view(shape)  # type: ignore[misc]
-        _, ids, weights = route(self.config, layer.router, flat)
+        if self.routing_override is not None:
+            ids, weights = self.routing_override.route(layer.layer_idx, self.device)
+        else:
+            _, ids, weights = route(self.config, layer.router, flat)
         assert self.experts is not None, "no expert runner attached"
         out = self.experts(layer.layer_idx, flat, ids, weights)
         if layer.shared is not None:

@@ -74,9 +74,10 @@ class ResidentExperts:
         return self.gate[layer_idx][expert_idx], self.up[layer_idx][expert_idx], self.down[layer_idx][expert_idx]
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        ids_host = ids.cpu()  # one device sync per layer; the grouping below is host-side
         out = torch.zeros_like(h)
-        for expert_idx in torch.unique(ids).tolist():
-            token_idx, slot = torch.where(ids == expert_idx)
+        for expert_idx in torch.unique(ids_host).tolist():
+            token_idx, slot = (t.to(h.device, non_blocking=True) for t in torch.where(ids_host == expert_idx))
             y = swiglu(h[token_idx], *self.weights_of(layer_idx, expert_idx))
             out.index_put_((token_idx,), combine(y, weights[token_idx, slot]), accumulate=True)
         return out

@@ -45,7 +45,7 @@ class DaopRunner(OffloadedExperts):
         self.next_moe = {a: b for a, b in zip(layers, layers[1:])}
         self.phase = "prefill"
         self.pending: dict[int, Pending] = {}
-        self.scratch_owner: dict[int, tuple[int, int]] = {}
+        self.prediction_source = None  # a TraceRouting when a benchmark replays recorded predictions
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -54,7 +54,6 @@ class DaopRunner(OffloadedExperts):
     def reset(self) -> None:
         super().reset()
         self.pending.clear()
-        self.scratch_owner.clear()
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.phase != "decode":
@@ -82,7 +81,10 @@ class DaopRunner(OffloadedExperts):
         from daop.model.moe import select_experts
 
         logits = F.linear(h, self.routers[nxt])
-        ids, weights = select_experts(self.model_config, logits)
+        if self.prediction_source is not None:
+            ids, weights = self.prediction_source.predicted(nxt, h.device)
+        else:
+            ids, weights = select_experts(self.model_config, logits)
         if cfg.substitution:
             mask = torch.zeros(self.model_config.num_experts, dtype=torch.bool)
             mask[self.policy.placement.resident_experts(nxt)] = True
@@ -140,6 +142,7 @@ class DaopRunner(OffloadedExperts):
             for e, slot in zip(ranked, free):
                 pend.prefetched[e] = (slot, self.copy(nxt, e, slot))
                 self.counters.add("speculative_copies", nxt, 1)
+                self.counters.add("copied_bytes", nxt, self.store.expert_bytes)
         return pend
 
     def usable_precalc(self, pend: Pending, rows_host: dict) -> dict[int, torch.Tensor]:
