@@ -115,7 +115,8 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     agg = {k: sum(c[k] for _, _, c in totals) / steps for k in totals[0][2]} if totals[0][2] else {}
     resident = agg.get("resident_calls", engine.config.top_k * sum(engine.config.is_moe_layer(i) for i in range(engine.config.num_layers)))
     missing = agg.get("cpu_calls", 0.0) + agg.get("copy_calls", 0.0)
-    bound_ms = max(resident * cost.gpu_ms(1), missing * expert_bytes / (bw * 1e9) * 1000)
+    host_bytes = agg.get("cpu_calls", 0.0) * expert_bytes + agg.get("copied_bytes", 0.0)
+    bound_ms = max(resident * cost.gpu_ms(1), host_bytes / (bw * 1e9) * 1000)
     calls = resident + missing
     med_tpot = statistics.median(tpot)
     return {

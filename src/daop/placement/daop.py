@@ -33,6 +33,7 @@ class DaopConfig:
     substitution: bool = False
     max_cpu_per_token: int = 1
     speculative_copies: bool = True
+    balance_channels: bool = True  # leave some predicted misses to the CPU so copies and CPU share the work
     scratch_per_layer: int = 0  # scratch slots for copies, per layer in flight (0 = top_k)
 
     @property

@@ -46,6 +46,8 @@ class DaopRunner(OffloadedExperts):
         self.phase = "prefill"
         self.pending: dict[int, Pending] = {}
         self.prediction_source = None  # a TraceRouting when a benchmark replays recorded predictions
+        self.first_moe = min(routers) if routers else 0
+        self.load_ms = {"cpu": 0.0, "copy": 0.0}  # work given to each host channel in this decode step
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -94,6 +96,8 @@ class DaopRunner(OffloadedExperts):
 
     def decode_layer(self, layer_idx, h, ids, weights) -> torch.Tensor:
         cfg = self.policy.config
+        if layer_idx == self.first_moe:
+            self.load_ms = {"cpu": 0.0, "copy": 0.0}
         pend = self.pending.pop(layer_idx, None)
         if pend is not None and cfg.predicted_routing:
             ids, weights = pend.ids, pend.weights.to(weights.dtype)
@@ -138,8 +142,14 @@ class DaopRunner(OffloadedExperts):
             pend.precalc = self.cpu.submit(jobs, h_host, h_ready)
         elif cfg.speculative_copies:
             free = [s for s in self.policy.scratch() if s not in taken]
-            ranked = sorted(host_experts, key=lambda e: -len(predicted[e][0]))
-            for e, slot in zip(ranked, free):
+            cost = self.policy.ctx.cost
+            for e in sorted(host_experts, key=lambda e: -len(predicted[e][0])):
+                cpu_ms = cost.cpu_ms(len(predicted[e][0]))
+                if not free or (cfg.balance_channels and self.load_ms["cpu"] + cpu_ms < self.load_ms["copy"] + cost.copy_ms()):
+                    self.load_ms["cpu"] += cpu_ms  # the CPU takes it at the next layer, on the true input
+                    continue
+                self.load_ms["copy"] += cost.copy_ms()
+                slot = free.pop(0)
                 pend.prefetched[e] = (slot, self.copy(nxt, e, slot))
                 self.counters.add("speculative_copies", nxt, 1)
                 self.counters.add("copied_bytes", nxt, self.store.expert_bytes)
