@@ -22,7 +22,7 @@ from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_ho
 from daop.bench.trace import RoutingTrace, TraceRouting, load_traces
 from daop.engine import Engine, GenerationStats, resolve_device
 from daop.executors.cpu import physical_cores
-from daop.hardware import HardwareProfile
+from daop.hardware import HardwareProfile, calibrate
 from daop.placement.cost import CostModel
 from daop.runtime.setup import RuntimeOptions, hardware_profile, prepare_runtime
 from daop.sampling import SamplingParams
@@ -147,7 +147,12 @@ def run(args) -> dict:
     host = synthetic_host_experts(config, dtype, pin=device.type == "cuda")
     threads = args.cpu_threads or physical_cores()
     opts = RuntimeOptions(cpu_threads=threads, hardware_profile=args.hardware_profile)
-    profile = hardware_profile(decoder, opts, threads)
+    if args.hardware_profile:
+        profile = hardware_profile(decoder, opts, threads)
+    else:  # a full calibration, saved next to the results so the run can be repeated with it
+        profile = calibrate(config.hidden_size, config.expert_intermediate_size, dtype, device, threads, quick=args.smoke)
+        if args.output:
+            profile.save(Path(args.output).with_suffix(".profile.json"))
     cost, bw = CostModel(profile), host_bandwidth_gbps()
     out = open(args.output, "a") if args.output else None
 

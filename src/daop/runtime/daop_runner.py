@@ -33,6 +33,7 @@ class Pending:
     prefetched: dict[int, tuple[int, object]] = field(default_factory=dict)  # expert -> (slot, copy event)
     precalc: Future | None = None  # expert -> y computed on layer l's input
     precalc_rows: dict[int, torch.Tensor] = field(default_factory=dict)
+    cpu_assigned: set[int] = field(default_factory=set)  # predicted misses the CPU will take on the true input
 
 
 class DaopRunner(OffloadedExperts):
@@ -112,12 +113,13 @@ class DaopRunner(OffloadedExperts):
         ready = {e: v for e, v in (pend.prefetched if pend else {}).items() if e in counts}
         done = self.usable_precalc(pend, rows_host) if pend else {}
         resident = set(self.policy.placement.resident_experts(layer_idx))
-        todo = {e: n for e, n in counts.items() if e not in ready and e not in done}
+        forced_cpu = tuple(e for e in sorted(pend.cpu_assigned) if e in counts and e not in resident) if pend else ()
+        todo = {e: n for e, n in counts.items() if e not in ready and e not in done and e not in forced_cpu}
         in_use = {slot for slot, _ in ready.values()}
         free = [s for s in self.policy.scratch() if s not in in_use]
         split = self.policy.split(todo, resident, len(free))
         plan = LayerPlan(gpu=tuple((e, self.policy.placement.slot(layer_idx, e)) for e in split.gpu),
-                         cpu=split.cpu, copy=tuple(zip(split.copy, free)))
+                         cpu=forced_cpu + split.cpu, copy=tuple(zip(split.copy, free)))
         taken = in_use | {s for _, s in plan.copy}
 
         def speculate() -> None:
@@ -147,6 +149,7 @@ class DaopRunner(OffloadedExperts):
                 cpu_ms = cost.cpu_ms(len(predicted[e][0]))
                 if not free or (cfg.balance_channels and self.load_ms["cpu"] + cpu_ms < self.load_ms["copy"] + cost.copy_ms()):
                     self.load_ms["cpu"] += cpu_ms  # the CPU takes it at the next layer, on the true input
+                    pend.cpu_assigned.add(e)
                     continue
                 self.load_ms["copy"] += cost.copy_ms()
                 slot = free.pop(0)
