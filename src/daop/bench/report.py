@@ -61,10 +61,10 @@ def markdown_table(path: Path) -> str:
             f"{card.get('prompt_tokens')}-token prompts, {card.get('gen_tokens')} generated tokens, "
             f"median of {card.get('prompts')} prompts; GPU: {card.get('gpu')}; CPU threads: {card.get('cpu_threads')}; "
             f"torch {card.get('torch')}; commit {card.get('git_sha')}.\n\n")
-    rows = ["| policy | expert ratio | decode ms/token | tokens/s | TTFT ms | GPU hit rate | CPU experts/token | copies/token | measured/bound |",
+    rows = ["| policy | expert ratio | decode ms/token | tokens/s | TTFT ms | GPU hit rate | CPU experts/token | H2D MB/token | measured/bound |",
             "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         rows.append(f"| {p['policy']} | {p['expert_ratio']:.3g} | {p['decode_ms_per_token']:.1f} | {1000 / p['decode_ms_per_token']:.1f} | "
-                    f"{p['ttft_ms']:.0f} | {p['gpu_hit_rate']:.2f} | {p['cpu_calls_per_token']:.2f} | {p['copy_calls_per_token']:.2f} | "
+                    f"{p['ttft_ms']:.0f} | {p['gpu_hit_rate']:.2f} | {p['cpu_calls_per_token']:.2f} | {p['h2d_bytes_per_token'] / 1e6:.0f} | "
                     f"{p['measured_over_bound']} |")
     return head + "\n".join(rows) + "\n"
