@@ -29,7 +29,7 @@ from daop.weights.expert_store import ExpertStore, HostExperts
 
 @dataclass(frozen=True)
 class RuntimeOptions:
-    """The user's knobs. policy None = automatic: all on the GPU if it fits, else fiddler."""
+    """The user's knobs. policy None = automatic: all on the GPU if it fits, else daop (exact)."""
 
     policy: str | None = None
     gpu_memory: str | int | None = None
@@ -120,7 +120,7 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
     kv = KVCache.bytes_needed(c, kv_batch, context, decoder.dtype)
     free = torch.cuda.mem_get_info(dev)[0] + dense_bytes(decoder) if dev.type == "cuda" else None
     budget = resolve_budget(c, esize, dense_bytes(decoder), kv, free, opts.gpu_memory, opts.expert_ratio)
-    policy_name = opts.policy or ("gpu" if budget.gpu_slots >= budget.total_experts else "fiddler")
+    policy_name = opts.policy or ("gpu" if budget.gpu_slots >= budget.total_experts else "daop")
     if policy_name == "gpu" and budget.gpu_slots >= budget.total_experts:
         experts = ResidentExperts(c, dev, decoder.dtype)
         if host is not None:
