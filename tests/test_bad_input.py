@@ -132,3 +132,25 @@ def test_real_process_prints_one_line_and_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"daop: error: model folder not found: {tmp_path / 'missing'}"
+
+
+def test_hardware_profile_errors(capsys, ckpt, tmp_path):
+    from daop.hardware import calibrate
+
+    bad = tmp_path / "corrupt.json"
+    bad.write_text("{oops")
+    expect_error(capsys, ckpt, "not a valid hardware profile", "--policy", "fiddler", "--expert-ratio", "0.5",
+                 "--hardware-profile", str(bad))
+    import torch
+
+    other = tmp_path / "other.json"
+    calibrate(32, 48, torch.float32, torch.device("cpu"), 1, quick=True).save(other)
+    msg = expect_error(capsys, ckpt, "hardware profile is for experts 32x48", "--policy", "fiddler", "--expert-ratio", "0.5",
+                       "--hardware-profile", str(other))
+    assert "daop calibrate" in msg
+
+
+def test_routing_stats_of_another_model_is_an_error(capsys, ckpt, tmp_path):
+    stats = tmp_path / "routing.json"
+    stats.write_text(json.dumps({"decode_counts": [[1, 2], [3, 4]]}))
+    expect_error(capsys, ckpt, "decode_counts has shape [2, 2]", "--expert-ratio", "0.5", "--routing-stats", str(stats))

@@ -260,6 +260,15 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ndaop: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as exc:
+        print(f"daop: error: out of host memory ({exc}); use a smaller --max-context or --dtype", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        if "out of memory" not in str(exc):
+            raise
+        first = str(exc).strip().splitlines()[0]
+        print(f"daop: error: GPU out of memory ({first}); lower --gpu-memory / --expert-ratio or --max-context", file=sys.stderr)
+        return 2
     except BrokenPipeError:
         return 0
 
