@@ -104,3 +104,30 @@ def test_cpu_worker_exception_surfaces_and_engine_recovers(tiny_dir, monkeypatch
         greedy(engine, 8)
     monkeypatch.setattr(cpu, "submit", real_submit)
     assert greedy(engine, 8) == expected
+
+
+BATCH = [PROMPT, PROMPT[:5], [300, 301, 302, 7, 8, 9, 10, 11, 12], PROMPT[3:]]
+
+
+@pytest.mark.parametrize("policy", ["daop-exact", "fiddler", "lru"])
+def test_batch_of_four_matches_gpu(tiny_dir, family, policy):
+    _, path = tiny_dir(family)
+    params = SamplingParams(max_new_tokens=12)
+
+    def batch(**kw):
+        engine = Engine.from_pretrained(path, device=DEVICE, dtype="fp32", progress=False, **kw)
+        engine.eos_ids = frozenset()
+        return engine.generate_batch(BATCH, params)
+
+    ref = batch()
+    assert [len(r) for r in ref] == [12] * 4
+    assert batch(policy=policy, expert_ratio=0.25) == ref
+
+
+def test_batch_rows_equal_single_sequences(tiny_dir):
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False)
+    engine.eos_ids = frozenset()
+    params = SamplingParams(max_new_tokens=12)
+    singles = [list(engine.generate_ids(p, params)) for p in BATCH]
+    assert engine.generate_batch(BATCH, params) == singles

@@ -182,6 +182,36 @@ class Engine:
             token = int(sampler(logits)[0])
         stats.decode_s = time.perf_counter() - t1
 
+    @torch.inference_mode()
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams) -> list[list[int]]:
+        """Generate for several prompts at once (left-padded batch); token ids per prompt, EOS excluded.
+
+        Routing, placement decisions, prediction and degradation are per token, so every policy
+        handles the batch; rows that finished keep decoding padding until all are done.
+        """
+        rows = [self.encode(p) for p in prompts]
+        B, longest = len(rows), max(len(r) for r in rows)
+        budget = min(params.max_new_tokens, self.config.context_length - longest)
+        pad = torch.tensor([longest - len(r) for r in rows])
+        ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
+        self.reset_runner("prefill")
+        cache = self.decoder.new_cache(B, longest + budget)
+        sampler = Sampler(params)
+        logits = self.decoder.forward(ids, 0, cache, pad=pad)
+        self.set_phase("decode")
+        out: list[list[int]] = [[] for _ in range(B)]
+        done = [False] * B
+        for step in range(budget):
+            tokens = sampler(logits)
+            for b, t in enumerate(tokens.tolist()):
+                done[b] = done[b] or t in self.eos_ids
+                if not done[b]:
+                    out[b].append(t)
+            if all(done) or step + 1 == budget:
+                break
+            logits = self.decoder.forward(tokens[:, None], longest + step, cache, pad=pad)
+        return out
+
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
                top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] | None = None,
                stats: GenerationStats | None = None) -> Iterator[str]:
