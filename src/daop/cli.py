@@ -189,6 +189,29 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from daop.engine import Engine
+    from daop.evaluate import EvalArgs, compare, score
+
+    eval_args = EvalArgs(Path(args.data), args.max_docs, args.prompt_tokens, args.continuation_tokens, args.gen_tokens,
+                         Path(args.gsm8k) if args.gsm8k else None, args.gsm8k_items)
+    base = dict(device=args.device, dtype=args.dtype, progress=not args.no_progress, gpu_memory=args.gpu_memory,
+                expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads, hardware_profile=args.hardware_profile,
+                routing_stats=args.routing_stats, max_context=args.max_context)
+    # Exact inference at the same budget is the reference (every exact policy equals the all-GPU path);
+    # the two engines run one after the other so only one model is in memory at a time.
+    ref_policy = "gpu" if args.expert_ratio is None and args.gpu_memory is None else "daop-exact"
+    reference = score(Engine.from_pretrained(args.model, policy=ref_policy, **base), eval_args)
+    ours = score(Engine.from_pretrained(args.model, policy=args.policy, **base), eval_args)
+    report = {"policy": args.policy, "reference_policy": ref_policy, "expert_ratio": args.expert_ratio,
+              "data": args.data, **compare(reference, ours, args.gen_tokens)}
+    print(json.dumps(report))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daop", description="Run Mixture-of-Experts models on a GPU too small to hold them.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -211,6 +234,16 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--quick", action="store_true", help="fewer repeats and token counts")
     cal.add_argument("--output", default="hardware-profile.json")
     cal.set_defaults(func=cmd_calibrate)
+    ev = sub.add_parser("eval", help="quality of a policy against exact inference (decode-path perplexity, greedy agreement, GSM8K)")
+    add_model_args(ev)
+    ev.add_argument("--data", required=True, help="text / JSONL / ShareGPT JSON documents")
+    ev.add_argument("--max-docs", type=int, default=16)
+    ev.add_argument("--prompt-tokens", type=int, default=64)
+    ev.add_argument("--continuation-tokens", type=int, default=64)
+    ev.add_argument("--gen-tokens", type=int, default=32)
+    ev.add_argument("--gsm8k", default=None, help="JSONL with question/answer (GSM8K format)")
+    ev.add_argument("--gsm8k-items", type=int, default=20)
+    ev.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="sweep policies x expert ratios on a model geometry; JSON last")
     bench.add_argument("--geometry", default="mixtral-8x7b", help="mixtral-8x7b, phi-3.5-moe, qwen3-30b-a3b, tiny-mixtral")
     bench.add_argument("--layers", type=int, default=None, help="cut depth when host memory is short (stated on the card)")
