@@ -74,13 +74,27 @@ class ResidentExperts:
         return self.gate[layer_idx][expert_idx], self.up[layer_idx][expert_idx], self.down[layer_idx][expert_idx]
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        ids_host = ids.cpu()  # one device sync per layer; the grouping below is host-side
+        rows = device_rows(group_by_expert(ids.cpu()), h.device)  # one sync per layer; grouping on the host
         out = torch.zeros_like(h)
-        for expert_idx in torch.unique(ids_host).tolist():
-            token_idx, slot = (t.to(h.device, non_blocking=True) for t in torch.where(ids_host == expert_idx))
+        for expert_idx, (token_idx, slot) in rows.items():
             y = swiglu(h[token_idx], *self.weights_of(layer_idx, expert_idx))
             out.index_put_((token_idx,), combine(y, weights[token_idx, slot]), accumulate=True)
         return out
+
+
+def group_by_expert(ids_host: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """For every routed expert, ascending: (token rows, top-k column) of its assignments, on the host."""
+    return {e: torch.where(ids_host == e) for e in torch.unique(ids_host).tolist()}
+
+
+def device_rows(rows_host: dict[int, tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """The same index tensors on `device`, moved in one copy rather than two per expert."""
+    if device.type == "cpu" or not rows_host:
+        return rows_host
+    parts = [t for pair in rows_host.values() for t in pair]
+    packed = torch.cat(parts).to(device, non_blocking=True)
+    pieces = iter(packed.split([len(t) for t in parts]))
+    return {e: (next(pieces), next(pieces)) for e in rows_host}
 
 
 def combine(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

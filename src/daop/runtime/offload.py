@@ -13,7 +13,7 @@ import torch
 
 from daop.executors.cpu import CpuExecutor
 from daop.executors.transfer import Transfer
-from daop.model.moe import combine, swiglu
+from daop.model.moe import combine, device_rows, group_by_expert, swiglu
 from daop.placement.policies import Policy
 from daop.runtime.stats import Counters
 from daop.weights.expert_store import ExpertStore
@@ -46,10 +46,7 @@ class OffloadedExperts:
         self.policy.reset()
         self.apply_placement(self.policy.placement)
 
-    @staticmethod
-    def rows_of(ids_host: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """For every routed expert: (token rows, top-k column) of its assignments, on the host."""
-        return {e: torch.where(ids_host == e) for e in torch.unique(ids_host).tolist()}
+    rows_of = staticmethod(group_by_expert)
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rows_host = self.rows_of(ids.cpu())  # the plan needs the routing on the host
@@ -81,7 +78,7 @@ class OffloadedExperts:
             busy.add(slot)
         if before_compute is not None:
             before_compute()
-        rows = {e: tuple(t.to(dev, non_blocking=True) for t in r) for e, r in rows_host.items()}
+        rows = device_rows(rows_host, dev)
         ys: dict[int, torch.Tensor] = {e: self.transfer.to_device(y) for e, y in (done or {}).items()}
         gpu_items = [(e, slot, None) for e, slot in plan.gpu] + [(e, s, ev) for e, (s, ev) in (ready or {}).items()]
         copy_items = [(e, slot, first_use[i][1] if i in first_use else None) for i, (e, slot) in enumerate(plan.copy)]
