@@ -162,10 +162,8 @@ class Attention:
         k = apply_rotary(k.transpose(1, 2), cos, sin)
         v = v.view(B, T, c.num_kv_heads, c.head_dim).transpose(1, 2)
         keys, values = cache.update(layer_idx, start, k, v)
-        if c.num_kv_heads != c.num_heads:
-            rep = c.num_heads // c.num_kv_heads
-            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.head_dim**-0.5)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.head_dim**-0.5,
+                                             enable_gqa=c.num_kv_heads != c.num_heads)
         out = out.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim)
         return F.linear(out, self.o_proj, self.o_bias)
 

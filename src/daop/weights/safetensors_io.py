@@ -33,6 +33,13 @@ DTYPES: dict[str, torch.dtype] = {
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 
 
+def _ints(value: object, field: str) -> list[int]:
+    """A header field that must be a JSON list of non-negative integers (not floats, strings or booleans)."""
+    if not isinstance(value, list) or not all(type(x) is int and x >= 0 for x in value):
+        raise ValueError(f"{field} must be a list of non-negative integers, got {json.dumps(value)[:80]}")
+    return value
+
+
 @dataclass(frozen=True)
 class TensorEntry:
     name: str
@@ -83,8 +90,8 @@ class SafetensorsFile:
     def _entry(self, name: str, info: object, base: int, size: int) -> TensorEntry:
         try:
             dtype = DTYPES[info["dtype"]]  # type: ignore[index]
-            shape = tuple(int(d) for d in info["shape"])  # type: ignore[index]
-            begin, end = (int(x) for x in info["data_offsets"])  # type: ignore[index]
+            shape = tuple(_ints(info["shape"], "shape"))  # type: ignore[index]
+            begin, end = _ints(info["data_offsets"], "data_offsets")  # type: ignore[index]
         except (KeyError, TypeError, ValueError) as exc:
             raise DaopError(f"{self.path}: tensor {name!r} has a malformed or unsupported header entry ({exc})") from exc
         numel = 1
@@ -149,7 +156,9 @@ class Checkpoint:
             try:
                 weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
                 names = sorted(set(weight_map.values()))
-            except (OSError, KeyError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+                if not all(isinstance(n, str) and n for n in names):
+                    raise TypeError("weight_map values must be shard file names")
+            except (OSError, KeyError, TypeError, AttributeError, UnicodeDecodeError, json.JSONDecodeError) as exc:
                 raise DaopError(f"{index}: corrupt index ({exc})") from exc
             for shard in names:
                 if not (self.model_dir / shard).is_file():
