@@ -83,3 +83,19 @@ def test_seeded_sampling_is_reproducible_and_varies(tiny_dir):
     c = list(engine.generate_ids(PROMPT.tolist(), SamplingParams(max_new_tokens=16, temperature=1.0, seed=8)))
     assert a == b
     assert a != c
+
+
+def test_phimoe_longrope_within_original_context(tmp_path):
+    from tiny_models import hf_model, save_checkpoint
+
+    half = 8
+    rope = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [2.0 + 0.3 * i for i in range(half)], "short_mscale": 1.2, "long_mscale": 1.3,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    model = hf_model("phimoe", rope_parameters=rope, original_max_position_embeddings=64)
+    path = save_checkpoint(model, tmp_path / "phimoe-longrope")
+    engine = load(path)
+    assert engine.config.rope.kind == "longrope"
+    with torch.no_grad():
+        ref = model(PROMPT[None]).logits[0].float()
+    assert (engine.logits(PROMPT) - ref).abs().max().item() < 1e-4

@@ -22,7 +22,8 @@ class RopeConfig:
     short_factor: tuple[float, ...] = ()
     long_factor: tuple[float, ...] = ()
     original_max_positions: int = 0
-    attention_factor: float | None = None
+    attention_factor: float | None = None  # for short contexts (Phi: short_mscale)
+    long_attention_factor: float | None = None  # for long contexts (Phi: long_mscale)
 
 
 @dataclass(frozen=True)
@@ -112,6 +113,7 @@ def rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
     if kind != "longrope":
         raise ValueError(f"rope type {kind!r} is not supported (supported: default, longrope)")
     mscale = merged.get("attention_factor", merged.get("short_mscale"))
+    long_mscale = merged.get("attention_factor", merged.get("long_mscale"))
     return RopeConfig(
         theta=theta,
         kind="longrope",
@@ -121,6 +123,7 @@ def rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
             merged.get("original_max_position_embeddings", raw.get("original_max_position_embeddings", 0))
         ),
         attention_factor=None if mscale is None else float(mscale),
+        long_attention_factor=None if long_mscale is None else float(long_mscale),
     )
 
 

@@ -37,7 +37,12 @@ class Norm:
 
 
 class Rotary:
-    """Rotary position tables; 'longrope' picks short or long factors once per sequence length."""
+    """Rotary position tables; 'longrope' picks short or long factors (and scale) from the sequence length.
+
+    The choice is made once per sequence from its full length (prompt plus new tokens), so cached
+    keys and new queries always share one rotation; transformers re-chooses per forward call and
+    agrees with this whenever the sequence stays on one side of original_max_position_embeddings.
+    """
 
     def __init__(self, rope: RopeConfig, head_dim: int, max_positions: int, device: torch.device) -> None:
         self.rope = rope
@@ -54,7 +59,8 @@ class Rotary:
             factors = torch.tensor(self.rope.long_factor if long else self.rope.short_factor, dtype=torch.float32)
             base = factors * base
             factor = self.max_positions / max(self.rope.original_max_positions, 1)
-            scale = self.rope.attention_factor or (
+            given = self.rope.long_attention_factor if long else self.rope.attention_factor
+            scale = given or (
                 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.rope.original_max_positions))
             )
         return (1.0 / base).to(self.device), scale
