@@ -25,7 +25,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--gpu-memory", default=None, help="GPU memory budget, e.g. 20GiB (default: free GPU memory)")
     budget.add_argument("--expert-ratio", type=float, default=None, help="share of routed experts resident on the GPU, 0..1")
-    g.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores)")
+    g.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores, less one with a CUDA device)")
     g.add_argument("--hardware-profile", default=None, help="JSON from `daop calibrate` (default: cached or quick calibration)")
     g.add_argument("--routing-stats", default=None, help="routing statistics JSON (expert popularity for placement)")
     g.add_argument("--max-context", type=int, default=None, help="context to reserve KV cache for in the budget")
@@ -86,7 +86,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from daop.config import load_config
     from daop.engine import default_model_dir, resolve_device
-    from daop.executors.cpu import physical_cores
+    from daop.executors.cpu import default_cpu_threads
     from daop.hardware import calibrate
     from daop.weights.loader import parse_dtype
 
@@ -94,7 +94,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     config = load_config(model_dir)
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype, config.torch_dtype)
-    threads = args.cpu_threads or physical_cores()
+    threads = args.cpu_threads or default_cpu_threads(device)
     profile = calibrate(config.hidden_size, config.expert_intermediate_size, dtype, device, threads, quick=args.quick)
     profile.provenance["model"] = str(model_dir)
     out = Path(args.output)

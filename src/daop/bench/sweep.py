@@ -21,7 +21,7 @@ import torch
 from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts
 from daop.bench.trace import RoutingTrace, TraceRouting, load_traces
 from daop.engine import Engine, GenerationStats, resolve_device
-from daop.executors.cpu import physical_cores
+from daop.executors.cpu import default_cpu_threads
 from daop.hardware import HardwareProfile, calibrate
 from daop.placement.cost import CostModel
 from daop.runtime.setup import RuntimeOptions, hardware_profile, prepare_runtime
@@ -233,7 +233,7 @@ def run(args) -> dict:
         args.traces, provenance = load_traces(Path(args.trace))
         args.traces = args.traces[: args.prompts]
         trace_source = {"trace": str(args.trace), **provenance}
-    threads = args.cpu_threads or physical_cores()
+    threads = args.cpu_threads or default_cpu_threads(device)
     if args.hardware_profile:
         profile = hardware_profile(subject.decoder, RuntimeOptions(cpu_threads=threads, hardware_profile=args.hardware_profile), threads)
     else:  # a full calibration, saved next to the results so the run can be repeated with it

@@ -34,6 +34,16 @@ def physical_cores() -> int:
     return os.cpu_count() or 1
 
 
+def default_cpu_threads(device: torch.device) -> int:
+    """Threads for CPU experts: every physical core, less one that keeps driving the GPU.
+
+    On a CUDA device the main thread launches kernels and waits on events while the workers
+    compute; giving it a core of its own keeps the workers from being descheduled mid-expert.
+    """
+    cores = physical_cores()
+    return max(1, cores - 1) if device.type == "cuda" and cores > 2 else cores
+
+
 class CpuExecutor:
     def __init__(self, threads: int | None = None) -> None:
         self.threads = threads or physical_cores()

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from daop.errors import DaopError
-from daop.executors.cpu import CpuExecutor, physical_cores
+from daop.executors.cpu import CpuExecutor, default_cpu_threads
 from daop.executors.transfer import Transfer
 from daop.hardware import HardwareProfile, calibrate
 from daop.model.decoder import Decoder
@@ -127,7 +127,7 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
             for l in experts.gate:
                 experts.gate[l].copy_(host.gate[l]), experts.up[l].copy_(host.up[l]), experts.down[l].copy_(host.down[l])
         return PreparedRuntime(budget, policy_name, experts.weights_of, lambda: experts)
-    threads = opts.cpu_threads or physical_cores()
+    threads = opts.cpu_threads or default_cpu_threads(dev)
     moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
     needs_costs = policy_name == "fiddler" or policy_name in PRESETS
     profile = hardware_profile(decoder, opts, threads) if needs_costs else None
