@@ -9,7 +9,7 @@ the host (llama.cpp --n-cpu-moe); Fiddler computes misses on the CPU from a popu
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -26,9 +26,6 @@ class LayerPlan:
     cpu: tuple[int, ...] = ()
     copy: tuple[tuple[int, int], ...] = ()  # (expert, slot) copied in this order, each computed after its copy
 
-    def experts(self) -> list[int]:
-        return sorted([*(e for e, _ in self.gpu), *self.cpu, *(e for e, _ in self.copy)])
-
 
 @dataclass
 class PolicyContext:
@@ -42,7 +39,6 @@ class PolicyContext:
     popularity: np.ndarray  # [L, E] activation counts (uniform when unknown)
     cost: CostModel
     scratch_slots: int = 0
-    extra: dict = field(default_factory=dict)
 
 
 def ranked(ctx: PolicyContext, layers: list[int]) -> list[tuple[int, int]]:
