@@ -23,6 +23,7 @@ from daop.bench.trace import RoutingTrace, TraceRouting, load_traces
 from daop.engine import Engine, GenerationStats, resolve_device
 from daop.executors.cpu import default_cpu_threads
 from daop.hardware import HardwareProfile, calibrate
+from daop.model.layers import KVCache
 from daop.placement.cost import CostModel
 from daop.runtime.setup import RuntimeOptions, hardware_profile, prepare_runtime
 from daop.errors import DaopError
@@ -222,6 +223,32 @@ class Subject:
             torch.cuda.empty_cache()
 
 
+def accelerate_points(subject: Subject, args, ratio: float, workloads) -> list[dict]:
+    """transformers + accelerate offloading under the same GPU budget as daop at this ratio."""
+    from daop.bench import accelerate_baseline
+    from daop.placement.budget import resolve_budget
+    from daop.runtime.setup import dense_bytes
+
+    c = subject.config
+    kv = KVCache.bytes_needed(c, 1, c.context_length, subject.dtype)
+    esize = torch.empty((), dtype=subject.dtype).element_size()
+    budget = resolve_budget(c, esize, dense_bytes(subject.decoder), kv, None, expert_ratio=ratio)
+    gpu_bytes = budget.dense_bytes + budget.gpu_slots * budget.expert_bytes + budget.kv_bytes + budget.workspace_bytes
+    model = accelerate_baseline.build(args.geometry, args.layers, subject.dtype, gpu_bytes, subject.device)
+    points = []
+    for prompt_tokens, gen_tokens, _ in workloads:
+        gen = torch.Generator().manual_seed(1234)
+        prompts = [torch.randint(3, c.vocab_size, (prompt_tokens,), generator=gen).tolist() for _ in range(args.prompts + 1)]
+        points.append({"kind": "point", "geometry": subject.name, "layers": c.num_layers, "policy": "accelerate",
+                       "expert_ratio": ratio, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "batch": 1,
+                       "gpu_budget_bytes": gpu_bytes, "routing": "the HF model's own random routers",
+                       **accelerate_baseline.measure(model, prompts, gen_tokens, subject.device)})
+    del model
+    if subject.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return points
+
+
 def run(args) -> dict:
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype, "bf16")
@@ -263,6 +290,13 @@ def run(args) -> dict:
         for policy in args.policies:
             r = 1.0 if policy == "gpu" else ratio
             if policy == "gpu" and any(x["policy"] == "gpu" for x in rows):
+                continue
+            if policy == "accelerate":
+                for point in accelerate_points(subject, args, r, workloads):
+                    rows.append(point)
+                    emit(point)
+                    print(f"{policy:10} {r:6.3f} {point['prompt_tokens']:6d} {point['gen_tokens']:5d} {1:5d} {point['ttft_ms']:9.1f} "
+                          f"{point['decode_ms_per_token']:9.2f} {point['decode_tokens_per_s']:8.2f}", flush=True)
                 continue
             engine = subject.engine(policy, r, opts)
             for prompt_tokens, gen_tokens, batch in workloads:
