@@ -58,7 +58,10 @@ class Sampler:
         p = self.params
         if p.greedy:
             return logits.argmax(dim=-1).cpu()
-        scores = logits.float() / p.temperature
+        logits = logits.float()
+        # Shift before dividing so a tiny temperature cannot overflow to inf; the top token stays at 0.
+        scores = (logits - logits.max(dim=-1, keepdim=True).values) * min(1.0 / p.temperature, 1e30)
+        scores = scores.nan_to_num(nan=float("-inf"))
         if p.top_k:
             kth = torch.topk(scores, min(p.top_k, scores.shape[-1]), dim=-1).values[..., -1:]
             scores = scores.masked_fill(scores < kth, float("-inf"))
@@ -66,6 +69,7 @@ class Sampler:
             ordered, order = torch.sort(scores, dim=-1, descending=True)
             cum = torch.softmax(ordered, dim=-1).cumsum(dim=-1)
             drop = cum - torch.softmax(ordered, dim=-1) >= p.top_p  # keep the token that crosses top_p
+            drop[..., 0] = False  # the most likely token always survives, whatever top_p rounds to
             ordered = ordered.masked_fill(drop, float("-inf"))
             scores = torch.full_like(scores, float("-inf")).scatter(-1, order, ordered)
         probs = torch.softmax(scores, dim=-1).cpu()

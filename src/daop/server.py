@@ -480,7 +480,16 @@ async def read_json(request: Request, max_bytes: int) -> dict[str, Any]:
         raise ApiError(400, f"We could not parse the JSON body of your request: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(400, "The request body must be a JSON object.")
+    if _SURROGATE_ESCAPE.search(body):  # JSON may spell a lone UTF-16 surrogate, which no tokenizer accepts
+        try:
+            json.dumps(data, ensure_ascii=False).encode("utf-8")
+        except (UnicodeEncodeError, RecursionError):
+            raise ApiError(400, "The request body contains an unpaired surrogate escape (\\ud800-\\udfff); "
+                                "strings must be valid Unicode.") from None
     return data
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 def _too_large(max_bytes: int) -> ApiError:

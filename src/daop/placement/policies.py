@@ -147,8 +147,9 @@ class Lru(Policy):
         for e, _ in gpu:
             order.move_to_end(e)
         copies = []
+        served = {e for e, _ in gpu}
         for e in sorted(counts):
-            if self.placement.resident(layer_idx, e):
+            if e in served:  # resident at the start of this step (even if evicted for an earlier miss)
                 continue
             # Least recently used first, sparing experts this step still needs when possible; an
             # evicted expert of this step was computed before the copy that overwrites it.

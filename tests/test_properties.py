@@ -1,0 +1,215 @@
+"""Invariants under random inputs: placement policies over random layer calls, degradation, headers.
+
+test_predict.py already covers quota placement, the CPU/copy split and degrade() for softmax
+routers that renormalise top-k weights with enough resident experts; here: every policy driven
+like the runner drives it, degrade() for routers that do not renormalise (and probabilities as
+scores) and for layers short of resident experts, and the safetensors header parser on junk.
+"""
+from __future__ import annotations
+
+import json
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from daop.errors import DaopError
+from daop.hardware import HardwareProfile
+from daop.placement.cost import CostModel
+from daop.placement.daop import make_daop
+from daop.placement.policies import LayerPlan, PolicyContext, make_policy
+from daop.placement.table import HOST
+from daop.predict.degrade import degrade
+from daop.weights.safetensors_io import SafetensorsFile
+
+EXACT = ["gpu", "ondemand", "lru", "static", "fiddler", "daop-exact"]
+
+
+def profile(copy_ms: float, cpu_ms: float) -> HardwareProfile:
+    """Costs that make copies win (copy_ms < cpu_ms) or lose, for every policy that asks."""
+    return HardwareProfile(64, 96, "float32", 1, copy_ms, copy_ms, 1, (1, 64), (cpu_ms, 8 * cpu_ms), (1, 64), (0.05, 0.4))
+
+
+@st.composite
+def contexts(draw):
+    num_layers = draw(st.integers(1, 5))
+    num_experts = draw(st.integers(1, 10))
+    top_k = draw(st.integers(1, num_experts))
+    moe = sorted(draw(st.sets(st.integers(0, num_layers - 1), min_size=1)))
+    gpu_slots = draw(st.integers(0, len(moe) * num_experts + 4))
+    popularity = np.array(draw(st.lists(st.lists(st.integers(0, 50), min_size=num_experts, max_size=num_experts),
+                                        min_size=num_layers, max_size=num_layers)), dtype=np.float64)
+    costs = draw(st.one_of(st.none(), st.tuples(st.floats(0.1, 5), st.floats(0.1, 5))))
+    cost = CostModel(None if costs is None else profile(*costs))
+    return PolicyContext(num_layers, num_experts, top_k, gpu_slots, moe, popularity, cost)
+
+
+def layer_calls(ctx: PolicyContext):
+    """(layer, {expert: tokens}) as the runner passes them: only routed experts, at least one token each."""
+    counts = st.dictionaries(st.integers(0, ctx.num_experts - 1), st.integers(1, 64), min_size=1,
+                             max_size=min(ctx.num_experts, 3 * ctx.top_k))
+    return st.lists(st.tuples(st.sampled_from(ctx.moe_layers), counts), min_size=1, max_size=12)
+
+
+def build(name: str, ctx: PolicyContext):
+    return make_daop(name, ctx) if name.startswith("daop") else make_policy(name, ctx)
+
+
+def precondition(name: str, ctx: PolicyContext) -> str | None:
+    """The error a policy must raise for this budget, or None when it must accept it."""
+    if name == "gpu" and ctx.gpu_slots < len(ctx.moe_layers) * ctx.num_experts:
+        return "policy 'gpu' needs all"
+    if name == "ondemand" and ctx.gpu_slots < 1:
+        return "at least one GPU expert slot"
+    if name == "lru" and ctx.gpu_slots < len(ctx.moe_layers):
+        return "at least one GPU slot per MoE layer"
+    return None
+
+
+def daop_prefill_plan(policy, layer_idx: int, counts: dict[int, int]) -> LayerPlan:
+    """What DaopRunner.prefill_layer builds: per-sequence swaps, then the cost-model split of the rest."""
+    swaps = policy.prefill_swaps(layer_idx, counts)
+    swapped = {e for e, _ in swaps}
+    resident = set(policy.placement.resident_experts(layer_idx)) - swapped
+    rest = {e: n for e, n in counts.items() if e not in swapped}
+    split = policy.split(rest, resident, len(policy.scratch()))
+    return LayerPlan(gpu=tuple((e, policy.placement.slot(layer_idx, e)) for e in split.gpu), cpu=split.cpu,
+                     copy=tuple((e, s) for e, s in swaps if e in counts) + tuple(zip(split.copy, policy.scratch())))
+
+
+def check_placement(policy) -> None:
+    ctx, table = policy.ctx, policy.placement
+    table.check()  # table and owner agree, no slot holds two experts
+    used = table.table[table.table != HOST]
+    assert len(used) <= policy.resident_capacity() <= ctx.gpu_slots  # within the budget, scratch slots left free
+    assert ((0 <= used) & (used < ctx.gpu_slots)).all()
+    dense = [l for l in range(ctx.num_layers) if l not in ctx.moe_layers]
+    assert not (table.table[dense] != HOST).any()  # nothing placed for layers without experts
+
+
+@pytest.mark.parametrize("name", EXACT)
+@settings(max_examples=60, deadline=None)
+@given(data=st.data())
+def test_policy_plans_serve_every_routed_expert_once_within_budget(name, data):
+    ctx = data.draw(contexts())
+    expected_error = precondition(name, ctx)
+    if expected_error:
+        with pytest.raises(DaopError, match=expected_error):
+            build(name, ctx)
+        return
+    policy = build(name, ctx)
+    assert policy.exact
+    check_placement(policy)
+    initial = policy.placement.table.copy()
+    prefill = name.startswith("daop") and data.draw(st.booleans(), label="prefill path")
+    for layer_idx, counts in data.draw(layer_calls(ctx), label="calls"):
+        before = policy.placement.copy()
+        plan = daop_prefill_plan(policy, layer_idx, counts) if prefill else policy.plan(layer_idx, counts)
+        served = [e for e, _ in plan.gpu] + list(plan.cpu) + [e for e, _ in plan.copy]
+        if name == "lru":  # see test_lru_never_copies_an_expert_it_already_serves below
+            served = sorted(set(served))
+        assert sorted(served) == sorted(counts), plan  # every routed expert exactly once, nothing else
+        for e, slot in plan.gpu:  # resident experts are read from the slot that held them
+            assert before.slot(layer_idx, e) == slot, (e, slot)
+        for _, slot in plan.copy:
+            assert 0 <= slot < ctx.gpu_slots
+        if name == "gpu":
+            assert not plan.cpu and not plan.copy
+        if name == "static" or ctx.cost.profile is None and name == "fiddler":
+            assert not plan.copy  # nothing to copy into, or copies never pay off without a profile
+        if name == "daop-exact" and ctx.cost.profile is None:
+            # only prefill swaps copy then (hot host experts into cold experts' slots, never scratch)
+            assert all(slot < policy.resident_capacity() for _, slot in plan.copy) and (prefill or not plan.copy)
+        if name in ("ondemand", "lru"):
+            assert not plan.cpu
+        check_placement(policy)
+    policy.reset()
+    assert (policy.placement.table == initial).all()  # every sequence starts from the calibrated placement
+
+
+def test_lru_never_copies_an_expert_it_already_serves():
+    """One LRU slot, experts 0 and 1 routed, 1 resident: 1 is read from its slot, then 0 is copied over it.
+
+    Outputs stay right (the second result for 1 overwrites the first), but the step copies twice as
+    much as it needs whenever a layer's cache is smaller than the experts a step routes to.
+    """
+    ctx = PolicyContext(1, 4, 1, 1, [0], np.array([[0.0, 1.0, 0.0, 0.0]]), CostModel(None))
+    policy = make_policy("lru", ctx)
+    plan = policy.plan(0, {0: 1, 1: 1})
+    assert plan.gpu == ((1, 0),)
+    assert plan.copy == ((0, 0),)
+
+
+# ------------------------------------------------------------------------------------------ degrade()
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 6), st.integers(2, 12), st.data())
+def test_degrade_keeps_weight_totals_and_unique_experts_for_any_router(num_tokens, num_experts, data):
+    """Routers that do not renormalise (Qwen2-MoE, OLMoE), probabilities as scores, few resident experts."""
+    k = data.draw(st.integers(1, min(num_experts, 8)))
+    cap = data.draw(st.integers(0, k))
+    resident = torch.tensor(data.draw(st.lists(st.booleans(), min_size=num_experts, max_size=num_experts)))
+    renormalise, as_probs = data.draw(st.booleans()), data.draw(st.booleans())
+    torch.manual_seed(data.draw(st.integers(0, 2**16)))
+    logits = torch.randn(num_tokens, num_experts) * 3
+    probs = torch.softmax(logits, dim=-1)
+    weights, ids = probs.topk(k, dim=-1)
+    if renormalise:
+        weights = weights / weights.sum(-1, keepdim=True)
+    new_ids, new_w, degraded = degrade(ids, weights, probs if as_probs else logits, resident, cap, scores_are_probs=as_probs)
+    assert new_ids.dtype == torch.long and new_w.dtype == torch.float32 and new_ids.shape == ids.shape
+    assert all(len(set(row)) == k for row in new_ids.tolist())
+    torch.testing.assert_close(new_w.sum(-1), weights.sum(-1))  # 1 when renormalised, the top-k mass otherwise
+    assert (new_w >= 0).all()
+    host_after = (~resident[new_ids]).sum(-1)
+    free = resident.sum() - resident[ids].sum(-1)  # resident experts a token could switch to
+    host_before = (~resident[ids]).sum(-1)
+    need = (host_before - cap).clamp_min(0)
+    for t in range(num_tokens):
+        if need[t] <= free[t]:
+            assert host_after[t] <= cap  # the cap holds whenever there are enough resident experts
+        else:
+            assert host_after[t] == host_before[t] - free[t]  # otherwise every free resident expert is used
+        assert bool(degraded[t]) == bool(host_after[t] < host_before[t])
+        kept_host = set(new_ids[t].tolist()) - set(torch.nonzero(resident).flatten().tolist())
+        assert kept_host <= set(ids[t].tolist())  # host experts are only ever removed, never added
+
+
+# ------------------------------------------------------------------------------ safetensors headers
+
+json_leaf = st.one_of(st.none(), st.booleans(), st.integers(-2**70, 2**70), st.floats(allow_nan=True),
+                      st.text(max_size=8))
+json_value = st.recursive(json_leaf, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                                   max_size=4), max_leaves=12)
+entry = st.fixed_dictionaries({"dtype": st.sampled_from(["F32", "F16", "BF16", "I32", "U8", "F8", "X"]) | json_value,
+                               "shape": st.lists(st.integers(-3, 40), max_size=3) | json_value,
+                               "data_offsets": st.lists(st.integers(-8, 300), min_size=0, max_size=3) | json_value})
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.dictionaries(st.text(min_size=1, max_size=10), entry | json_value, max_size=4) | json_value,
+       st.integers(0, 256), st.booleans())
+def test_any_header_loads_or_raises_daop_error(header, payload_bytes, lie_about_length):
+    """Junk headers (any JSON, wrong types, huge or negative numbers) never escape as another exception."""
+    raw = json.dumps(header).encode()
+    length = len(raw) + (payload_bytes if lie_about_length else 0)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.safetensors"
+        path.write_bytes(struct.pack("<Q", length) + raw + bytes(payload_bytes))
+        try:
+            f = SafetensorsFile(path)
+        except DaopError as exc:
+            assert str(path) in str(exc)
+            return
+        try:
+            for name, e in f.entries.items():
+                assert 0 <= e.start <= e.end <= path.stat().st_size
+                dest = torch.empty(e.shape, dtype=e.dtype)
+                f.read_into(name, dest)
+        finally:
+            f.close()
