@@ -24,7 +24,7 @@ import torch
 
 from daop.cli import main
 from daop.engine import Engine
-from daop.errors import DaopError
+from daop.errors import DaopError, OutOfMemory
 from daop.sampling import Sampler, SamplingParams
 from daop.weights.loader import CHECK_FINITE_ENV
 
@@ -175,6 +175,73 @@ def test_finite_check_is_off_unless_asked_for(ckpt, monkeypatch):
     poke(ckpt / "model.safetensors", EXPERT, 17, float("nan"))
     monkeypatch.delenv(CHECK_FINITE_ENV, raising=False)
     Engine.from_pretrained(ckpt, device=DEVICE, progress=False)  # documented: the check costs a pass over the weights
+
+
+# ---------------------------------------------------------------------------------------------- out of memory
+
+def fail_long_prefills(engine, limit: int, error=torch.OutOfMemoryError):
+    """Make the attention of layer 1 run out of memory for any step of more than `limit` tokens, as CUDA's
+    allocator does for a prompt too long for the free memory (layer 0 has already written its KV cache)."""
+    inner = engine.decoder.attention_block
+
+    def attention_block(layer, x, step):
+        if layer.layer_idx == 1 and x.shape[1] > limit:
+            raise error("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return inner(layer, x, step)
+
+    engine.decoder.attention_block = attention_block
+
+
+@pytest.mark.parametrize("policy", ["gpu", "daop-exact", "fiddler"])
+def test_out_of_memory_in_prefill_is_one_error_and_the_next_request_succeeds(tiny_dir, policy):
+    _, path = tiny_dir("mixtral")
+    options = {} if policy == "gpu" else {"policy": policy, "expert_ratio": 0.5}
+    engine = Engine.from_pretrained(path, device=DEVICE, progress=False, **options)
+    short = list(range(3, 20))
+    want = engine.generate(short, max_new_tokens=12)
+    fail_long_prefills(engine, 100)
+    with pytest.raises(OutOfMemory, match=r"out of .* memory during prefill of 200 prompt tokens .*--expert-ratio"):
+        engine.generate(list(range(3, 203)), max_new_tokens=4)
+    assert engine.generate(short, max_new_tokens=12) == want  # same tokens as before the failure
+    with pytest.raises(OutOfMemory, match="batch of 2 prompts of up to 200 tokens"):
+        engine.generate_batch([short, list(range(3, 203))], SamplingParams(max_new_tokens=4))
+    assert engine.generate(short, max_new_tokens=12) == want
+
+
+def test_out_of_memory_in_generate_is_one_line_from_the_cli(tiny_dir, capsys, monkeypatch):
+    _, path = tiny_dir("mixtral")
+    real = Engine.from_pretrained
+
+    def from_pretrained(*args, **kwargs):
+        engine = real(*args, **kwargs)
+        fail_long_prefills(engine, 0)
+        return engine
+
+    monkeypatch.setattr(Engine, "from_pretrained", from_pretrained)
+    assert main(["generate", "--model", str(path), "--device", "cpu", "--max-new-tokens", "3", "hello"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # after the loading progress bar
+    assert last.startswith("daop: error: out of CPU memory during prefill of") and err.count("daop: error") == 1
+    assert "Traceback" not in err
+
+
+@pytest.mark.skipif(DEVICE != "cuda", reason="a real CUDA out-of-memory needs a GPU (DAOP_TEST_DEVICE=cuda)")
+def test_real_cuda_out_of_memory_in_prefill(tiny_dir):
+    """The CUDA allocator itself refuses: the process may use only a little more than the model needs."""
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device="cuda", progress=False, policy="daop-exact", expert_ratio=0.5)
+    short = list(range(3, 20))
+    want = engine.generate(short, max_new_tokens=8)
+    torch.cuda.empty_cache()
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + (64 << 20)) / total)
+    try:
+        long = (list(range(3, 300)) * 40)[: engine.config.context_length - 8]  # attention scores far over 64 MiB
+        with pytest.raises(OutOfMemory, match="CUDA memory during prefill"):
+            engine.generate(long, max_new_tokens=4)
+        assert engine.generate(short, max_new_tokens=8) == want
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0)
 
 
 # ---------------------------------------------------------------------------------------------- Ctrl-C

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 import torch
 
 from daop.config import ModelConfig, load_config
-from daop.errors import DaopError
+from daop.errors import DaopError, OutOfMemory
 from daop.model.decoder import Decoder
 from daop.model.specs import FamilySpec, spec_for
 from daop.config import read_json
@@ -101,6 +101,23 @@ class Engine:
         engine.budget, engine.policy = runtime.budget, runtime.policy_name
         return engine
 
+    def _guarded(self, what: str, fn, *args, **kwargs):
+        """Call fn; a device out-of-memory error becomes OutOfMemory naming `what`, with the engine left usable.
+
+        The failed request's tensors are only referenced from the frames of the error being handled,
+        so they are freed when it is; the next request starts from the calibrated placement.
+        """
+        try:
+            return fn(*args, **kwargs)
+        except (torch.OutOfMemoryError, MemoryError) as exc:
+            first = (str(exc).strip().splitlines() or ["out of memory"])[0][:200]
+            where = "host" if isinstance(exc, MemoryError) else self.decoder.device.type.upper()
+        self.reset_runner("prefill")
+        if self.decoder.device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise OutOfMemory(f"out of {where} memory during {what} ({first}); a shorter prompt, fewer new tokens, "
+                          f"a smaller --max-context or a lower --gpu-memory / --expert-ratio leaves more room")
+
     def reset_runner(self, phase: str) -> None:
         """A new sequence: back to the calibrated placement, in the given phase."""
         reset = getattr(self.decoder.experts, "reset", None)
@@ -163,10 +180,11 @@ class Engine:
         stats.prompt_tokens = len(ids)
         self.last_stats = stats
         self.reset_runner("prefill")
-        cache = self.decoder.new_cache(1, len(ids) + budget)
+        what = f"prefill of {len(ids)} prompt tokens"
+        cache = self._guarded(what, self.decoder.new_cache, 1, len(ids) + budget)
         sampler = Sampler(params)
         t0 = time.perf_counter()
-        logits = self.decoder.forward(torch.tensor([ids]), 0, cache)
+        logits = self._guarded(what, self.decoder.forward, torch.tensor([ids]), 0, cache)
         token = int(sampler(logits)[0])
         stats.prefill_s = time.perf_counter() - t0
         stats.extra["counters_after_prefill"] = self.counters()
@@ -182,7 +200,7 @@ class Engine:
             yield token
             if step + 1 == budget:
                 break
-            logits = self.decoder.forward(torch.tensor([[token]]), pos, cache)
+            logits = self._guarded(f"decode at position {pos}", self.decoder.forward, torch.tensor([[token]]), pos, cache)
             pos += 1
             token = int(sampler(logits)[0])
         stats.decode_s = time.perf_counter() - t1
@@ -201,12 +219,13 @@ class Engine:
         pad = torch.tensor([longest - len(r) for r in rows])
         ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
         self.reset_runner("prefill")
-        cache = self.decoder.new_cache(B, longest + budget)
+        what = f"prefill of a batch of {B} prompts of up to {longest} tokens"
+        cache = self._guarded(what, self.decoder.new_cache, B, longest + budget)
         sampler = Sampler(params)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = int(sum(len(r) for r in rows))
         t0 = time.perf_counter()
-        logits = self.decoder.forward(ids, 0, cache, pad=pad)
+        logits = self._guarded(what, self.decoder.forward, ids, 0, cache, pad=pad)
         stats.prefill_s = time.perf_counter() - t0
         stats.extra["counters_after_prefill"] = self.counters()
         self.set_phase("decode")
@@ -222,7 +241,8 @@ class Engine:
                     out[b].append(t)
             if all(done) or step + 1 == budget:
                 break
-            logits = self.decoder.forward(tokens[:, None], longest + step, cache, pad=pad)
+            logits = self._guarded(f"batch decode at position {longest + step}", self.decoder.forward, tokens[:, None],
+                                   longest + step, cache, pad=pad)
         stats.decode_s = time.perf_counter() - t1
         return out
 
