@@ -75,6 +75,9 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=Path(".data/tokenizer"))
     ap.add_argument("--tokens-out", type=Path, default=Path(".data/tok"))
     ap.add_argument("--vocab-size", type=int, default=8192)
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="folder with an existing tokenizer.json and tokenizer_config.json (for example the shipped "
+                         "src/daop/assets/daop-moe-mini): pre-tokenize with it instead of training a new one")
     ap.add_argument("--model-max-length", type=int, default=1024)
     args = ap.parse_args(argv)
 
@@ -85,33 +88,41 @@ def main(argv=None) -> int:
             print(f"{p} not found; build the corpus first: python3 scripts/corpus.py --out {args.corpus}", file=sys.stderr)
             return 1
 
-    t0 = time.time()
-    tok, trainer = build(args.vocab_size)
-    tok.train_from_iterator(documents(train_txt), trainer=trainer)
-    assert [tok.token_to_id(s) for s in SPECIALS] == [0, 1, 2], "special tokens must be ids 0, 1, 2"
-    tok.post_processor = processors.TemplateProcessing(
-        single="<s> $A",
-        pair="<s> $A <s> $B",
-        special_tokens=[("<s>", 1)],
-    )
-    print(f"trained BPE vocab={tok.get_vocab_size()} in {time.time() - t0:.1f}s")
+    if args.tokenizer is not None:
+        tok = Tokenizer.from_file(str(args.tokenizer / "tokenizer.json"))
+        assert [tok.token_to_id(s) for s in SPECIALS] == [0, 1, 2], "special tokens must be ids 0, 1, 2"
+        args.out.mkdir(parents=True, exist_ok=True)
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            (args.out / name).write_bytes((args.tokenizer / name).read_bytes())
+        print(f"using the tokenizer of {args.tokenizer} (vocab={tok.get_vocab_size()})")
+    else:
+        t0 = time.time()
+        tok, trainer = build(args.vocab_size)
+        tok.train_from_iterator(documents(train_txt), trainer=trainer)
+        assert [tok.token_to_id(s) for s in SPECIALS] == [0, 1, 2], "special tokens must be ids 0, 1, 2"
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A",
+            pair="<s> $A <s> $B",
+            special_tokens=[("<s>", 1)],
+        )
+        print(f"trained BPE vocab={tok.get_vocab_size()} in {time.time() - t0:.1f}s")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    tok.save(str(args.out / "tokenizer.json"))
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": "<s>",
-        "eos_token": "</s>",
-        "unk_token": "<unk>",
-        "pad_token": None,
-        "add_bos_token": True,
-        "add_eos_token": False,
-        "model_max_length": args.model_max_length,
-        "padding_side": "left",
-        "clean_up_tokenization_spaces": False,
-        "chat_template": CHAT_TEMPLATE,
-    }
-    (args.out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+        args.out.mkdir(parents=True, exist_ok=True)
+        tok.save(str(args.out / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": "<s>",
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": None,
+            "add_bos_token": True,
+            "add_eos_token": False,
+            "model_max_length": args.model_max_length,
+            "padding_side": "left",
+            "clean_up_tokenization_spaces": False,
+            "chat_template": CHAT_TEMPLATE,
+        }
+        (args.out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
 
     # Pre-tokenize: <s> doc </s> for every document; the post-processor adds <s>.
     args.tokens_out.mkdir(parents=True, exist_ok=True)
