@@ -1,0 +1,176 @@
+"""Routing traces: what is recorded from a checkpoint is what a geometry replays; committed traces fit their geometry."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from daop.bench.geometry import GEOMETRIES, geometry_config, synthetic_decoder, synthetic_host_experts
+from daop.bench.sweep import replay
+from daop.bench.trace import TraceRouting, load_traces, record, save_traces
+from daop.engine import Engine, GenerationStats
+from daop.errors import DaopError
+from daop.runtime.setup import RuntimeOptions, prepare_runtime
+
+TRACES = Path(__file__).resolve().parents[1] / "benchmarks" / "traces"
+# every committed trace and the full-size geometry it is the routing source for
+GEOMETRY_OF = {
+    "daop-moe-mini-heldout.npz": "mixtral-8x7b",
+    "proxy-32x16-top2-heldout.npz": "phi-3.5-moe",
+    "proxy-48x128-top8-heldout.npz": "qwen3-30b-a3b",
+}
+
+
+class Recording:
+    """Expert runner wrapper that keeps the experts and weights of every call, per layer."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.ids: dict[int, list[torch.Tensor]] = {}
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    def __getattr__(self, name):  # phase switches, resets and counters reach the wrapped runner
+        return getattr(self.inner, name)
+
+    @property
+    def prediction_source(self):  # replay hands the trace's predictions to the runner
+        return self.inner.prediction_source
+
+    @prediction_source.setter
+    def prediction_source(self, source):
+        self.inner.prediction_source = source
+
+    def __call__(self, layer_idx, h, ids, weights):
+        self.ids.setdefault(layer_idx, []).append(ids.cpu())
+        self.weights.setdefault(layer_idx, []).append(weights.float().cpu())
+        return self.inner(layer_idx, h, ids, weights)
+
+
+def geometry_engine(name: str, layers: int | None = None) -> Engine:
+    """A synthetic-weight engine of a geometry on the CPU, all experts resident."""
+    config, spec = geometry_config(name, layers)
+    decoder = synthetic_decoder(config, spec, torch.device("cpu"), torch.float32)
+    host = synthetic_host_experts(config, torch.float32, pin=False)
+    decoder.experts = prepare_runtime(decoder, RuntimeOptions(policy="gpu", expert_ratio=1.0), host=host).start()
+    return Engine(None, config, spec, decoder, None, 0.0)
+
+
+@pytest.fixture(scope="module")
+def recorded(tiny_dir, tmp_path_factory):
+    """A trace recorded from the tiny Mixtral checkpoint (3 layers, top-2 of 8), saved and loaded back."""
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False)
+    engine.eos_ids = frozenset()
+    prompt = [1] + torch.randint(3, 384, (15,), generator=torch.Generator().manual_seed(0)).tolist()
+    trace = record(engine, prompt, 6)
+    out = tmp_path_factory.mktemp("trace") / "tiny.npz"
+    save_traces([trace], out, {"model": "tiny-mixtral"})
+    loaded, provenance = load_traces(out)
+    return trace, loaded[0], provenance
+
+
+def test_recorded_trace_shapes_and_roundtrip(recorded):
+    trace, loaded, provenance = recorded
+    assert provenance == {"model": "tiny-mixtral"}
+    assert trace.ids.shape == (3, 16 + 6 - 1, 2) and trace.prompt_len == 16 and len(trace.tokens) == 16 + 6
+    assert trace.ids.min() >= 0 and trace.ids.max() < 8
+    assert (trace.pred_ids[0] == -1).all() and (trace.pred_ids[1:] >= 0).all()  # layer 0 has no predictor
+    np.testing.assert_array_equal(loaded.ids, trace.ids)
+    np.testing.assert_array_equal(loaded.pred_ids, trace.pred_ids)
+    assert loaded.tokens == trace.tokens
+    np.testing.assert_allclose(loaded.weights, trace.weights, atol=1e-3)  # stored as float16
+
+
+def test_replay_on_a_geometry_routes_exactly_as_recorded(recorded):
+    _, trace, _ = recorded
+    engine = geometry_engine("tiny-mixtral", layers=3)
+    runner = Recording(engine.decoder.experts)
+    engine.decoder.experts = runner
+    steps = replay(engine, trace, GenerationStats())
+    assert steps == len(trace.tokens) - trace.prompt_len
+    for layer in range(3):
+        ids = torch.cat(runner.ids[layer]).numpy()
+        weights = torch.cat(runner.weights[layer]).numpy()
+        np.testing.assert_array_equal(ids, trace.ids[layer])  # prefill positions, then one per decode step
+        np.testing.assert_array_equal(weights, trace.weights[layer])
+
+
+def test_trace_that_does_not_fit_the_geometry_is_refused(recorded):
+    _, trace, _ = recorded
+    with pytest.raises(DaopError, match="3 layers"):  # tiny-mixtral has 4 layers, the trace 3
+        replay(geometry_engine("tiny-mixtral"), trace, GenerationStats())
+    config, _ = geometry_config("qwen3-30b-a3b", layers=2)  # top-8 of 128: top-2 routing does not fit
+    with pytest.raises(DaopError, match="top-8"):
+        TraceRouting(trace, config.num_layers, config.num_experts, config.top_k)
+    config, _ = geometry_config("tiny-mixtral", layers=3)
+    with pytest.raises(DaopError):  # fewer experts than the trace uses
+        TraceRouting(trace, config.num_layers, int(trace.ids.max()), config.top_k)
+
+
+def test_not_a_trace_file_is_a_daop_error(tmp_path):
+    bad = tmp_path / "bad.npz"
+    bad.write_bytes(b"not a zip")
+    with pytest.raises(DaopError, match="not a routing trace"):
+        load_traces(bad)
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in TRACES.glob("*.npz")))
+def test_committed_trace_fits_its_geometry(name):
+    assert name in GEOMETRY_OF, f"{name}: add the geometry it is a routing source for to GEOMETRY_OF"
+    path = TRACES / name
+    assert path.stat().st_size < 8_000_000  # compact: the whole repository travels to benchmark machines
+    traces, provenance = load_traces(path)
+    assert traces and provenance.get("model")
+    geometry = GEOMETRY_OF[name]
+    assert geometry in GEOMETRIES
+    config, _ = geometry_config(geometry)
+    for trace in traces:
+        L, T, K = trace.ids.shape
+        assert L >= config.num_layers and K == config.top_k
+        assert 0 <= trace.ids.min() and trace.ids.max() < config.num_experts
+        assert T == len(trace.tokens) - 1 and 0 < trace.prompt_len < T
+        assert trace.pred_ids.shape == trace.ids.shape and trace.weights.shape == trace.ids.shape
+        TraceRouting(trace, config.num_layers, config.num_experts, config.top_k)  # does not raise
+    used = np.unique(np.concatenate([t.ids.reshape(-1) for t in traces]))
+    assert len(used) == config.num_experts  # a trained router that uses every expert somewhere
+
+
+def narrow_engine(geometry: str, policy: str, ratio: float) -> Engine:
+    """The geometry's layer count, expert count and top-k at a tiny width, on the CPU, under `policy`."""
+    raw = dict(GEOMETRIES[geometry])
+    raw.update(vocab_size=8192, hidden_size=32, intermediate_size=32, moe_intermediate_size=16, num_attention_heads=2,
+               num_key_value_heads=1, head_dim=16)
+    spec = geometry_config(geometry)[1]
+    config = spec.config_from_hf(raw)
+    decoder = synthetic_decoder(config, spec, torch.device("cpu"), torch.float32)
+    host = synthetic_host_experts(config, torch.float32, pin=False)
+    decoder.experts = prepare_runtime(decoder, RuntimeOptions(policy=policy, expert_ratio=ratio), host=host).start()
+    return Engine(None, config, spec, decoder, None, 0.0)
+
+
+@pytest.mark.parametrize("name", sorted(n for n in GEOMETRY_OF if n != "daop-moe-mini-heldout.npz"))
+def test_committed_proxy_trace_drives_daop_prediction(name):
+    """Replaying a full-size geometry's routing source: the runner routes exactly as recorded and its
+    next-layer prediction scores what the trace's recorded predictions say it should."""
+    path = TRACES / name
+    if not path.exists():
+        pytest.fail(f"{path} is listed in GEOMETRY_OF but not committed")
+    traces, _ = load_traces(path)
+    trace = traces[0]
+    engine = narrow_engine(GEOMETRY_OF[name], "daop-exact", 0.5)
+    runner = engine.decoder.experts
+    recording = Recording(runner)
+    engine.decoder.experts = recording
+    runner.counters.reset()
+    replay(engine, trace, GenerationStats())
+    L = engine.config.num_layers
+    for layer in (0, L // 2, L - 1):
+        np.testing.assert_array_equal(torch.cat(recording.ids[layer]).numpy(), trace.ids[layer])
+    # the runner scores its prediction for every decode step and predicted layer (>= 1 for daop-exact)
+    P = trace.prompt_len
+    true, pred = trace.ids[1:, P:].astype(np.int64), trace.pred_ids[1:, P:].astype(np.int64)
+    expected = (pred[..., :, None] == true[..., None, :]).any(-1).sum()
+    totals = runner.counters.totals()
+    assert totals["predicted_total"] == true.size
+    assert totals["predicted_hits"] == expected
+    assert 0.5 < expected / true.size < 1.0  # trained routing: predictable, not trivially so
