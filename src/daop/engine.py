@@ -24,6 +24,7 @@ from daop.runtime.setup import RuntimeOptions, prepare_runtime
 from daop.weights.loader import load_weights, open_checkpoint, parse_dtype
 
 DEFAULT_MODEL = "daop-moe-mini"
+DEVICE_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # the allocator's error
 
 
 def default_model_dir() -> Path:
@@ -109,7 +110,7 @@ class Engine:
         """
         try:
             return fn(*args, **kwargs)
-        except (torch.OutOfMemoryError, MemoryError) as exc:
+        except (DEVICE_OOM, MemoryError) as exc:
             first = (str(exc).strip().splitlines() or ["out of memory"])[0][:200]
             where = "host" if isinstance(exc, MemoryError) else self.decoder.device.type.upper()
         self.reset_runner("prefill")
