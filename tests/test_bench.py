@@ -19,10 +19,16 @@ def test_bench_smoke(tmp_path):
     assert summary["kind"] == "summary"
     assert CARD_KEYS <= set(summary["card"])
     policies = {p["policy"] for p in summary["points"]}
-    assert policies == {"gpu", "fiddler", "static", "lru", "ondemand"}
+    assert policies == {"gpu", "fiddler", "static", "lru", "ondemand", "daop-paper", "daop-exact"}
+    assert {p["expert_ratio"] for p in summary["points"] if p["policy"] != "gpu"} == {0.25, 0.375, 0.5, 0.625}
     for point in summary["points"]:
         assert POINT_KEYS <= set(point)
         assert point["decode_ms_per_token"] > 0
+    for point in summary["points"]:
+        if point["policy"] == "daop-exact":  # predicts from layer 1 on
+            assert 0 < point["prediction_precision"] <= 1 and point["degradation_rate"] == 0
+        if point["policy"] == "daop-paper":  # predicts from layer 4 on, and tiny-mixtral has 4 layers
+            assert point["prediction_precision"] is None
     gpu = next(p for p in summary["points"] if p["policy"] == "gpu")
     assert gpu["gpu_hit_rate"] == 1.0 and gpu["cpu_calls_per_token"] == 0
     lines = out.read_text().splitlines()

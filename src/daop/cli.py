@@ -252,9 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench = sub.add_parser("bench", help="sweep policies x expert ratios on a model geometry; JSON last")
     bench.add_argument("--geometry", default="mixtral-8x7b", help="mixtral-8x7b, phi-3.5-moe, qwen3-30b-a3b, tiny-mixtral")
     bench.add_argument("--layers", type=int, default=None, help="cut depth when host memory is short (stated on the card)")
-    bench.add_argument("--policies", default="gpu,fiddler,static,lru,ondemand",
+    bench.add_argument("--policies", default="gpu,fiddler,static,lru,ondemand,daop-paper,daop-exact",
                        help="comma-separated; 'accelerate' adds transformers + accelerate offloading (pip install 'daop[bench]')")
-    bench.add_argument("--ratios", default="0.25,0.5")
+    bench.add_argument("--ratios", default="0.25,0.375,0.5,0.625", help="comma-separated shares of routed experts on the GPU")
     bench.add_argument("--model", default=None, help="benchmark a real checkpoint instead of a synthetic geometry")
     bench.add_argument("--prompts-file", default=None, help="prompt texts for --model: a text/JSONL/ShareGPT file, or 'sharegpt'")
     bench.add_argument("--prompt-tokens", default="256", help="comma-separated prompt lengths")
