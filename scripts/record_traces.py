@@ -34,6 +34,7 @@ import torch
 
 from daop.bench.trace import load_traces, record, save_traces
 from daop.engine import Engine
+from daop.sampling import SamplingParams
 
 
 def trace_stats(traces) -> dict:
@@ -131,6 +132,9 @@ def main() -> None:
     ap.add_argument("--prompt-tokens", type=int, default=256)
     ap.add_argument("--gen-tokens", type=int, default=64)
     ap.add_argument("--output")
+    ap.add_argument("--temperature", type=float, default=0.0, help="sample the continuations (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--seed", type=int, default=0, help="with --temperature: prompt i samples with seed + i")
     ap.add_argument("--verify", action="store_true", help="check logits against transformers before recording")
     ap.add_argument("--max-logit-diff", type=float, default=1e-4)
     ap.add_argument("--heldout-tokens", type=Path, help="with --verify: token file (.npy) to score perplexity on")
@@ -161,9 +165,12 @@ def main() -> None:
     stride = len(ids) // args.prompts
     prompts = [[engine.tokenizer.bos_token_id] + ids[i * stride: i * stride + args.prompt_tokens - 1] for i in range(args.prompts)]
     checks = verify(engine, prompts[0], args.heldout_tokens, args.ppl_seq_len, args.max_logit_diff) if args.verify else {}
-    traces = [record(engine, prompt, args.gen_tokens) for prompt in prompts]
+    sampling = [SamplingParams(max_new_tokens=args.gen_tokens, temperature=args.temperature, top_p=args.top_p,
+                               seed=args.seed + i) for i in range(len(prompts))]
+    traces = [record(engine, prompt, args.gen_tokens, params) for prompt, params in zip(prompts, sampling)]
     provenance = {"model": str(engine.model_dir.name), "data": Path(args.data).name, "prompts": args.prompts,
                   "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "torch": torch.__version__,
+                  "decoding": "greedy" if args.temperature == 0 else {"temperature": args.temperature, "top_p": args.top_p, "seed": args.seed},
                   "recorded_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **checks}
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     save_traces(traces, Path(args.output), provenance)

@@ -11,11 +11,13 @@ from daop.bench.trace import TraceRouting, load_traces, record, save_traces
 from daop.engine import Engine, GenerationStats
 from daop.errors import DaopError
 from daop.runtime.setup import RuntimeOptions, prepare_runtime
+from daop.sampling import SamplingParams
 
 TRACES = Path(__file__).resolve().parents[1] / "benchmarks" / "traces"
 # every committed trace and the full-size geometry it is the routing source for
 GEOMETRY_OF = {
     "daop-moe-mini-heldout.npz": "mixtral-8x7b",
+    "daop-moe-mini-heldout-sampled256.npz": "mixtral-8x7b",
     "proxy-32x16-top2-heldout.npz": "phi-3.5-moe",
     "proxy-48x128-top8-heldout.npz": "qwen3-30b-a3b",
 }
@@ -148,7 +150,7 @@ def narrow_engine(geometry: str, policy: str, ratio: float) -> Engine:
     return Engine(None, config, spec, decoder, None, 0.0)
 
 
-@pytest.mark.parametrize("name", sorted(n for n in GEOMETRY_OF if n != "daop-moe-mini-heldout.npz"))
+@pytest.mark.parametrize("name", sorted(n for n in GEOMETRY_OF if n.startswith("proxy-")))
 def test_committed_proxy_trace_drives_daop_prediction(name):
     """Replaying a full-size geometry's routing source: the runner routes exactly as recorded and its
     next-layer prediction scores what the trace's recorded predictions say it should."""
@@ -174,3 +176,16 @@ def test_committed_proxy_trace_drives_daop_prediction(name):
     assert totals["predicted_total"] == true.size
     assert totals["predicted_hits"] == expected
     assert 0.5 < expected / true.size < 1.0  # trained routing: predictable, not trivially so
+
+
+def test_sampled_recording_is_reproducible_and_differs_from_greedy(tiny_dir):
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False)
+    engine.eos_ids = frozenset()
+    prompt = [1] + list(range(10, 25))
+    sampled = SamplingParams(temperature=1.0, seed=3)
+    first, again = record(engine, prompt, 12, sampled), record(engine, prompt, 12, sampled)
+    greedy = record(engine, prompt, 12)
+    assert first.tokens == again.tokens and len(first.tokens) == len(prompt) + 12
+    np.testing.assert_array_equal(first.ids, again.ids)
+    assert first.tokens != greedy.tokens

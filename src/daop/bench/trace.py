@@ -10,7 +10,7 @@ Shapes: L layers, T positions, K top-k.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,13 +52,14 @@ class TraceRecorder:
         return self.inner(layer_idx, h, ids, weights)
 
 
-def record(engine, prompt_ids: list[int], gen_tokens: int) -> RoutingTrace:
-    """Greedy-generate from prompt_ids with the engine's model and record its routing."""
+def record(engine, prompt_ids: list[int], gen_tokens: int, params: SamplingParams | None = None) -> RoutingTrace:
+    """Generate from prompt_ids with the engine's model (greedy unless `params` samples) and record its routing."""
     inner = engine.decoder.experts
     rec = TraceRecorder(inner, engine.decoder)
     engine.decoder.experts = rec
     try:
-        out = list(engine.generate_ids(prompt_ids, SamplingParams(max_new_tokens=gen_tokens)))
+        params = replace(params, max_new_tokens=gen_tokens) if params is not None else SamplingParams(max_new_tokens=gen_tokens)
+        out = list(engine.generate_ids(prompt_ids, params))
     finally:
         engine.decoder.experts = inner
     tokens = list(prompt_ids) + out
