@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -377,3 +378,36 @@ def test_missing_fastapi_prints_install_hint():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert out.stderr.strip().count("\n") == 0 and "pip install 'daop[server]'" in out.stderr
+
+
+def test_out_of_memory_in_a_request_is_400_and_the_next_request_is_served(tiny_dir):
+    """A real engine whose layer 1 runs out of memory on long prompts, behind a real server."""
+    import uvicorn
+
+    from daop.engine import Engine
+    from daop.server import create_app
+
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device="cpu", progress=False, policy="daop-exact", expert_ratio=0.5)
+    want = engine.generate(list(range(3, 20)), max_new_tokens=6)
+    inner = engine.decoder.attention_block
+
+    def attention_block(layer, x, step):
+        if layer.layer_idx == 1 and x.shape[1] > 100:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return inner(layer, x, step)
+
+    engine.decoder.attention_block = attention_block
+    port = free_port()
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny"), host="127.0.0.1", port=port, log_level="critical"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    try:
+        wait_healthy(port, None, None, timeout=20)
+        err = _error(request(port, "POST", "/v1/completions", {"prompt": list(range(3, 203)), "max_tokens": 4}), 400)
+        assert "out of CPU memory during prefill of 200 prompt tokens" in err["message"]
+        status, body = request(port, "POST", "/v1/completions", {"prompt": list(range(3, 20)), "max_tokens": 6, "temperature": 0})
+        assert status == 200 and body["choices"][0]["text"] == want
+    finally:
+        srv.should_exit = True
+        thread.join(15)
