@@ -227,21 +227,23 @@ def test_out_of_memory_in_generate_is_one_line_from_the_cli(tiny_dir, capsys, mo
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="a real CUDA out-of-memory needs a GPU (DAOP_TEST_DEVICE=cuda)")
 def test_real_cuda_out_of_memory_in_prefill(tiny_dir):
-    """The CUDA allocator itself refuses: the process may use only a little more than the model needs."""
+    """The CUDA allocator itself refuses: a ballast tensor leaves 64 MiB free, and a prefill of 1024
+    rows of 240 tokens needs far more (KV cache alone: 1024 x 244 positions x 4 layers x 1 KiB)."""
     _, path = tiny_dir("mixtral")
     engine = Engine.from_pretrained(path, device="cuda", progress=False, policy="daop-exact", expert_ratio=0.5)
     short = list(range(3, 20))
     want = engine.generate(short, max_new_tokens=8)
     torch.cuda.empty_cache()
-    total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + (64 << 20)) / total)
+    free, _ = torch.cuda.mem_get_info()
+    ballast = torch.empty(free - (64 << 20), dtype=torch.uint8, device="cuda")
     try:
-        long = (list(range(3, 300)) * 40)[: engine.config.context_length - 8]  # attention scores far over 64 MiB
-        with pytest.raises(OutOfMemory, match="CUDA memory during prefill"):
-            engine.generate(long, max_new_tokens=4)
+        rows = [list(range(3, 243))] * 1024
+        with pytest.raises(OutOfMemory, match="CUDA memory during prefill of a batch of 1024 prompts"):
+            engine.generate_batch(rows, SamplingParams(max_new_tokens=2))
         assert engine.generate(short, max_new_tokens=8) == want
     finally:
-        torch.cuda.set_per_process_memory_fraction(1.0)
+        del ballast
+        torch.cuda.empty_cache()
 
 
 # ---------------------------------------------------------------------------------------------- Ctrl-C
