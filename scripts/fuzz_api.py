@@ -18,17 +18,18 @@ from __future__ import annotations
 import argparse
 import base64
 import copy
-import http.client
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import tempfile
 import time
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling serverctl module, also when loaded by path
+from serverctl import free_port, http_get, start_server, stop_server  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 ERROR_KEYS = {"message", "type", "param", "code"}
@@ -136,56 +137,6 @@ def problems(status: int, content_type: str, body: bytes, streamed: bool, comple
         except ValueError:
             return [f"200 body is not JSON: {body[:200]!r}"]
     return []
-
-
-# ------------------------------------------------------------------------------------------ a server
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def http_get(host: str, port: int, path: str, timeout: float = 5) -> tuple[int, bytes]:
-    conn = http.client.HTTPConnection(host, port, timeout=timeout)
-    try:
-        conn.request("GET", path)
-        resp = conn.getresponse()
-        return resp.status, resp.read()
-    finally:
-        conn.close()
-
-
-def start_server(model: str, device: str | None, port: int, timeout: float,
-                 log_path: str | None = None) -> tuple[subprocess.Popen, str]:
-    """`daop serve` on 127.0.0.1:port, once healthy; (process, log file)."""
-    if log_path is None:
-        log_path = tempfile.NamedTemporaryFile(prefix="daop-fuzz-serve-", suffix=".log", delete=False).name
-    cmd = [sys.executable, "-m", "daop.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-           "--no-progress"] + (["--device", device] if device else [])
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; log: {log_path}")
-        try:
-            if http_get("127.0.0.1", port, "/health", 2)[0] == 200:
-                return proc, log_path
-        except OSError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    raise SystemExit(f"server not healthy after {timeout} s; log: {log_path}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 # ------------------------------------------------------------------------------------------ fuzzing
@@ -314,7 +265,7 @@ def main() -> int:
     proc, log = None, None
     if args.serve:
         port = free_port()
-        proc, log = start_server(args.serve, args.device, port, timeout=300)
+        proc, log = start_server(args.serve, args.device, port, timeout=300, label="fuzz")
         base_url = f"http://127.0.0.1:{port}"
         print(f"server up on {base_url} (log: {log})", file=sys.stderr)
     else:

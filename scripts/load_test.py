@@ -12,15 +12,15 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
-import os
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling serverctl module, also when loaded by path
+from serverctl import free_port, start_server, stop_server  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 PROMPTS = [
@@ -87,37 +87,6 @@ def one_request(host: str, port: int, path: str, body: dict, stream: bool, timeo
         conn.close()
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, device: str | None, port: int, timeout: float) -> subprocess.Popen:
-    log = tempfile.NamedTemporaryFile(prefix="daop-serve-", suffix=".log", delete=False)
-    cmd = [sys.executable, "-m", "daop.cli", "serve", "--model", model, "--port", str(port), "--no-progress"]
-    if device:
-        cmd += ["--device", device]
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; log: {log.name}")
-        try:
-            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-            conn.request("GET", "/health")
-            if conn.getresponse().status == 200:
-                conn.close()
-                print(f"server up on port {port} (log: {log.name})", file=sys.stderr)
-                return proc
-            conn.close()
-        except OSError:
-            pass
-        time.sleep(0.2)
-    proc.terminate()
-    raise SystemExit(f"server not healthy after {timeout} s; log: {log.name}")
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (loopback only)")
@@ -138,7 +107,7 @@ def main() -> int:
     if args.serve:
         port = free_port()
         host = "127.0.0.1"
-        proc = start_server(args.serve, args.device, port, timeout=300)
+        proc, _ = start_server(args.serve, args.device, port, timeout=300, label="load")
     else:
         url = urlsplit(args.base_url)
         host, port = url.hostname or "", url.port or 80
@@ -175,11 +144,7 @@ def main() -> int:
         wall = time.perf_counter() - t0
     finally:
         if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop_server(proc)
 
     ok = [r for r in results if "error" not in r]
     errors = [r["error"] for r in results if "error" in r]

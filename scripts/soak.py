@@ -24,12 +24,15 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
+from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable
 from urllib.parse import urlsplit
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling serverctl module, also when loaded by path
+from serverctl import free_port, start_server, stop_server  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 PROMPTS = ["In the beginning was the word", "Shall I compare thee to a summer's day?", "def forward(self, x):",
@@ -126,43 +129,6 @@ def workload(max_tokens: int, context: int) -> list[tuple[str, Callable[[int], t
         ("metrics", lambda i: ("GET", "/metrics", None), 200),
         ("too-large", lambda i: ("POST", "/v1/completions", b'{"prompt": "' + b"a" * (2 << 20) + b'"}'), 413),
     ]
-
-
-# ---------------------------------------------------------------------------------------------- server
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(model: str, device: str | None, port: int, timeout: float) -> tuple[subprocess.Popen, str]:
-    log = tempfile.NamedTemporaryFile(prefix="daop-soak-serve-", suffix=".log", delete=False).name
-    cmd = [sys.executable, "-m", "daop.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-           "--no-progress"] + (["--device", device] if device else [])
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; log: {log}")
-        try:
-            if send("127.0.0.1", port, "GET", "/health", None, 2)[0] == 200:
-                return proc, log
-        except OSError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    raise SystemExit(f"server not healthy after {timeout} s; log: {log}")
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
-    try:
-        proc.wait(15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(5)
 
 
 def context_length(host: str, port: int) -> int:
@@ -280,7 +246,7 @@ def main() -> int:
     proc = None
     if args.serve:
         port, host = free_port(), "127.0.0.1"
-        proc, log = start_server(args.serve, args.device, port, timeout=300)
+        proc, log = start_server(args.serve, args.device, port, timeout=300, label="soak")
         pid = proc.pid
         print(f"server up on port {port}, pid {pid} (log: {log})", file=sys.stderr)
     else:
