@@ -74,11 +74,25 @@ class ResidentExperts:
         return self.gate[layer_idx][expert_idx], self.up[layer_idx][expert_idx], self.down[layer_idx][expert_idx]
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if h.shape[0] == 1:
+            return self.one_token(layer_idx, h, ids, weights)
         rows = device_rows(group_by_expert(ids.cpu()), h.device)  # one sync per layer; grouping on the host
         out = torch.zeros_like(h)
         for expert_idx, (token_idx, slot) in rows.items():
             y = swiglu(h[token_idx], *self.weights_of(layer_idx, expert_idx))
             out.index_put_((token_idx,), combine(y, weights[token_idx, slot]), accumulate=True)
+        return out
+
+
+    def one_token(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """Decode of one sequence: the same sums in the same (ascending expert) order, without index tensors."""
+        order = sorted((e, slot) for slot, e in enumerate(ids[0].tolist()))  # one sync per layer
+        w = weights[0].float()
+        out = None
+        for expert_idx, slot in order:
+            y = swiglu(h, *self.weights_of(layer_idx, expert_idx))
+            part = (y.float() * w[slot]).to(y.dtype)  # as combine()
+            out = part if out is None else out + part
         return out
 
 
