@@ -6,7 +6,7 @@ Shapes: N tokens, D hidden, E experts, K top-k, I expert intermediate size.
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -87,13 +87,7 @@ class ResidentExperts:
     def one_token(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """Decode of one sequence: the same sums in the same (ascending expert) order, without index tensors."""
         order = sorted((e, slot) for slot, e in enumerate(ids[0].tolist()))  # one sync per layer
-        w = weights[0].float()
-        out = None
-        for expert_idx, slot in order:
-            y = swiglu(h, *self.weights_of(layer_idx, expert_idx))
-            part = (y.float() * w[slot]).to(y.dtype)  # as combine()
-            out = part if out is None else out + part
-        return out
+        return combine_one_token(((swiglu(h, *self.weights_of(layer_idx, e)), slot) for e, slot in order), weights)
 
 
 def group_by_expert(ids_host: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -114,6 +108,17 @@ def device_rows(rows_host: dict[int, tuple[torch.Tensor, torch.Tensor]], device:
 def combine(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """Scale expert outputs [n, D] by routing weights [n] the way the reference does (float32 product)."""
     return (y.float() * w.float()[:, None]).to(y.dtype)
+
+
+def combine_one_token(parts: Iterable[tuple[torch.Tensor, int]], weights: torch.Tensor) -> torch.Tensor:
+    """Sum the outputs [1, D] of one token's experts, each scaled by weights[0, slot] as combine() does, in the
+    order given: bitwise what index_put_ accumulation of combine() gives for a single row."""
+    w = weights[0].float()
+    out = None
+    for y, slot in parts:
+        part = (y.float() * w[slot]).to(y.dtype)
+        out = part if out is None else out + part
+    return out
 
 
 class SharedExpert:
