@@ -239,33 +239,19 @@ class SparseMoE(nn.Module):
         return F.linear(a.reshape(-1, E * Fd), self.w2.permute(1, 0, 2).reshape(H, E * Fd))
 
     def experts_sparse(self, x2d, top_w, top_i):
-        """Tokens gathered per expert into a padded [E, C, H] batch (C: the largest expert's token
-        count, so no token is dropped); the same sums as experts_dense at about k/E of its FLOPs."""
-        N, H = x2d.shape
-        E, k, Fd = self.cfg.num_local_experts, top_i.shape[1], self.cfg.intermediate_size
+        """The (token, expert) pairs sorted by expert, one product per expert: the same sums as
+        experts_dense at about k/E of its FLOPs."""
+        Fd, k = self.cfg.intermediate_size, top_i.shape[1]
         flat = top_i.reshape(-1)
         order = torch.argsort(flat, stable=True)
-        expert = flat.index_select(0, order)
-        counts = torch.bincount(flat, minlength=E)
-        slot = torch.arange(flat.numel(), device=flat.device) - (torch.cumsum(counts, 0) - counts).index_select(0, expert)
+        counts = torch.bincount(flat, minlength=self.cfg.num_local_experts).tolist()
         tok = order // k
-        if not x2d.is_cuda:  # on the CPU one matrix product per expert beats padding to the busiest expert
-            return self.experts_grouped(x2d, top_w, order, counts, tok)
-        buf = x2d.new_zeros(E, int(counts.max()), H).index_put((expert, slot), x2d.index_select(0, tok))
-        g, u = torch.bmm(buf, self.w13.transpose(1, 2).to(buf.dtype)).split(Fd, dim=-1)
-        ys = torch.bmm(F.silu(g) * u, self.w2.transpose(1, 2).to(buf.dtype))[expert, slot]
-        ys = ys * top_w.reshape(-1).index_select(0, order).unsqueeze(-1).to(ys.dtype)
-        return ys.new_zeros(N, H).index_add(0, tok, ys)
-
-    def experts_grouped(self, x2d, top_w, order, counts, tok):
-        """experts_sparse without padding: the (token, expert) pairs sorted by expert, one product per expert."""
-        Fd = self.cfg.intermediate_size
         xs = x2d.index_select(0, tok)
         ws = top_w.reshape(-1).index_select(0, order).unsqueeze(-1)
         outs = []
         # unbind once: indexing w13[e] per expert would make every backward step fill a whole-size gradient
         w13, w2 = self.w13.to(xs.dtype).unbind(0), self.w2.to(xs.dtype).unbind(0)
-        for e, (xe, we) in enumerate(zip(xs.split(counts.tolist()), ws.split(counts.tolist()))):
+        for e, (xe, we) in enumerate(zip(xs.split(counts), ws.split(counts))):
             if xe.shape[0]:
                 g, u = F.linear(xe, w13[e]).split(Fd, dim=-1)
                 outs.append(F.linear(F.silu(g) * u, w2[e]) * we.to(xe.dtype))

@@ -27,6 +27,7 @@ from daop.engine import Engine
 from daop.errors import DaopError, OutOfMemory
 from daop.sampling import Sampler, SamplingParams
 from daop.weights.loader import CHECK_FINITE_ENV
+from tiny_models import fail_long_prefills
 
 DEVICE = os.environ.get("DAOP_TEST_DEVICE", "cpu")
 EXPERT = "model.layers.1.block_sparse_moe.experts.3.w2.weight"
@@ -178,19 +179,6 @@ def test_finite_check_is_off_unless_asked_for(ckpt, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------- out of memory
-
-def fail_long_prefills(engine, limit: int, error=torch.OutOfMemoryError):
-    """Make the attention of layer 1 run out of memory for any step of more than `limit` tokens, as CUDA's
-    allocator does for a prompt too long for the free memory (layer 0 has already written its KV cache)."""
-    inner = engine.decoder.attention_block
-
-    def attention_block(layer, x, step):
-        if layer.layer_idx == 1 and x.shape[1] > limit:
-            raise error("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return inner(layer, x, step)
-
-    engine.decoder.attention_block = attention_block
-
 
 @pytest.mark.parametrize("policy", ["gpu", "daop-exact", "fiddler"])
 def test_out_of_memory_in_prefill_is_one_error_and_the_next_request_succeeds(tiny_dir, policy):

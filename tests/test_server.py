@@ -4,6 +4,7 @@ The tiny model's text is junk; the tests compare outputs for equality, never the
 """
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -16,7 +17,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
@@ -324,23 +324,30 @@ class FakeEngine:
         return {"cpu_calls": 7, "label": "not a number"}
 
 
-@pytest.fixture()
-def fake_server():
+@contextlib.contextmanager
+def in_process_server(engine, name: str):
+    """The server app around `engine`, served by uvicorn on a thread of this process; yields its port."""
     import uvicorn
 
     from daop.server import create_app
 
-    engine = FakeEngine()
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "fake"), host="127.0.0.1", port=port, log_level="critical"))
+    srv = uvicorn.Server(uvicorn.Config(create_app(engine, name), host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     try:
         wait_healthy(port, None, None, timeout=20)
-        yield port, engine
+        yield port
     finally:
         srv.should_exit = True
         thread.join(15)
+
+
+@pytest.fixture()
+def fake_server():
+    engine = FakeEngine()
+    with in_process_server(engine, "fake") as port:
+        yield port, engine
 
 
 def test_unexpected_error_is_500_and_server_keeps_serving(fake_server):
@@ -382,32 +389,15 @@ def test_missing_fastapi_prints_install_hint():
 
 def test_out_of_memory_in_a_request_is_400_and_the_next_request_is_served(tiny_dir):
     """A real engine whose layer 1 runs out of memory on long prompts, behind a real server."""
-    import uvicorn
-
     from daop.engine import Engine
-    from daop.server import create_app
+    from tiny_models import fail_long_prefills
 
     _, path = tiny_dir("mixtral")
     engine = Engine.from_pretrained(path, device="cpu", progress=False, policy="daop-exact", expert_ratio=0.5)
     want = engine.generate(list(range(3, 20)), max_new_tokens=6)
-    inner = engine.decoder.attention_block
-
-    def attention_block(layer, x, step):
-        if layer.layer_idx == 1 and x.shape[1] > 100:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return inner(layer, x, step)
-
-    engine.decoder.attention_block = attention_block
-    port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, "tiny"), host="127.0.0.1", port=port, log_level="critical"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    try:
-        wait_healthy(port, None, None, timeout=20)
+    fail_long_prefills(engine, 100)
+    with in_process_server(engine, "tiny") as port:
         err = _error(request(port, "POST", "/v1/completions", {"prompt": list(range(3, 203)), "max_tokens": 4}), 400)
         assert "out of CPU memory during prefill of 200 prompt tokens" in err["message"]
         status, body = request(port, "POST", "/v1/completions", {"prompt": list(range(3, 20)), "max_tokens": 6, "temperature": 0})
         assert status == 200 and body["choices"][0]["text"] == want
-    finally:
-        srv.should_exit = True
-        thread.join(15)

@@ -86,3 +86,16 @@ def save_checkpoint(model, path: Path, dtype: torch.dtype = torch.float32, shard
     model.to(dtype).save_pretrained(path, max_shard_size=f"{shard_mb}MB" if shard_mb else "50GB")
     write_tokenizer(path)
     return path
+
+
+def fail_long_prefills(engine, limit: int, error=torch.OutOfMemoryError):
+    """Make the attention of layer 1 run out of memory for any step of more than `limit` tokens, as CUDA's
+    allocator does for a prompt too long for the free memory (layer 0 has already written its KV cache)."""
+    inner = engine.decoder.attention_block
+
+    def attention_block(layer, x, step):
+        if layer.layer_idx == 1 and x.shape[1] > limit:
+            raise error("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return inner(layer, x, step)
+
+    engine.decoder.attention_block = attention_block

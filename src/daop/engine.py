@@ -9,7 +9,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -102,8 +102,9 @@ class Engine:
         engine.budget, engine.policy = runtime.budget, runtime.policy_name
         return engine
 
-    def _guarded(self, what: str, fn, *args, **kwargs):
-        """Call fn; a device out-of-memory error becomes OutOfMemory naming `what`, with the engine left usable.
+    def _guarded(self, what: str | Callable[[], str], fn, *args, **kwargs):
+        """Call fn; a device out-of-memory error becomes OutOfMemory naming `what` (a callable is only
+        asked on failure, so decode steps format nothing), with the engine left usable.
 
         The failed request's tensors are only referenced from the frames of the error being handled,
         so they are freed when it is; the next request starts from the calibrated placement.
@@ -116,6 +117,7 @@ class Engine:
         self.reset_runner("prefill")
         if self.decoder.device.type == "cuda":
             torch.cuda.empty_cache()
+        what = what() if callable(what) else what
         raise OutOfMemory(f"out of {where} memory during {what} ({first}); a shorter prompt, fewer new tokens, "
                           f"a smaller --max-context or a lower --gpu-memory / --expert-ratio leaves more room")
 
@@ -201,7 +203,7 @@ class Engine:
             yield token
             if step + 1 == budget:
                 break
-            logits = self._guarded(f"decode at position {pos}", self.decoder.forward, torch.tensor([[token]]), pos, cache)
+            logits = self._guarded(lambda: f"decode at position {pos}", self.decoder.forward, torch.tensor([[token]]), pos, cache)
             pos += 1
             token = int(sampler(logits)[0])
         stats.decode_s = time.perf_counter() - t1
@@ -242,7 +244,7 @@ class Engine:
                     out[b].append(t)
             if all(done) or step + 1 == budget:
                 break
-            logits = self._guarded(f"batch decode at position {longest + step}", self.decoder.forward, tokens[:, None],
+            logits = self._guarded(lambda: f"batch decode at position {longest + step}", self.decoder.forward, tokens[:, None],
                                    longest + step, cache, pad=pad)
         stats.decode_s = time.perf_counter() - t1
         return out

@@ -6,7 +6,7 @@ Shapes: N tokens, D hidden, E experts, K top-k, I expert intermediate size.
 """
 from __future__ import annotations
 
-from typing import Iterable, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -74,20 +74,10 @@ class ResidentExperts:
         return self.gate[layer_idx][expert_idx], self.up[layer_idx][expert_idx], self.down[layer_idx][expert_idx]
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if h.shape[0] == 1:
-            return self.one_token(layer_idx, h, ids, weights)
-        rows = device_rows(group_by_expert(ids.cpu()), h.device)  # one sync per layer; grouping on the host
-        out = torch.zeros_like(h)
-        for expert_idx, (token_idx, slot) in rows.items():
-            y = swiglu(h[token_idx], *self.weights_of(layer_idx, expert_idx))
-            out.index_put_((token_idx,), combine(y, weights[token_idx, slot]), accumulate=True)
-        return out
-
-
-    def one_token(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Decode of one sequence: the same sums in the same (ascending expert) order, without index tensors."""
-        order = sorted((e, slot) for slot, e in enumerate(ids[0].tolist()))  # one sync per layer
-        return combine_one_token(((swiglu(h, *self.weights_of(layer_idx, e)), slot) for e, slot in order), weights)
+        rows_host = group_by_expert(ids.cpu())  # one sync per layer; grouping on the host
+        rows = token_rows(h, rows_host)
+        ys = {e: swiglu(expert_input(h, rows, e), *self.weights_of(layer_idx, e)) for e in rows_host}
+        return weighted_sum(h, ys, weights, rows_host, rows)
 
 
 def group_by_expert(ids_host: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -110,14 +100,32 @@ def combine(y: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return (y.float() * w.float()[:, None]).to(y.dtype)
 
 
-def combine_one_token(parts: Iterable[tuple[torch.Tensor, int]], weights: torch.Tensor) -> torch.Tensor:
-    """Sum the outputs [1, D] of one token's experts, each scaled by weights[0, slot] as combine() does, in the
-    order given: bitwise what index_put_ accumulation of combine() gives for a single row."""
-    w = weights[0].float()
-    out = None
-    for y, slot in parts:
-        part = (y.float() * w[slot]).to(y.dtype)
-        out = part if out is None else out + part
+def token_rows(h: torch.Tensor, rows_host: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> dict | None:
+    """Each expert's (token rows, top-k column) on h's device; None for a single token, which every
+    expert reads whole (no index tensors, no index copy)."""
+    return None if h.shape[0] == 1 else device_rows(rows_host, h.device)
+
+
+def expert_input(h: torch.Tensor, rows: dict | None, expert_idx: int) -> torch.Tensor:
+    return h if rows is None else h[rows[expert_idx][0]]
+
+
+def weighted_sum(h: torch.Tensor, ys: dict[int, torch.Tensor], weights: torch.Tensor,
+                 rows_host: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: dict | None) -> torch.Tensor:
+    """Every expert's output scaled by its routing weight (combine()) and added in ascending expert order.
+
+    For a single token (rows None) plain additions give bitwise what index_put_ accumulation gives."""
+    if rows is None:
+        w = weights[0].float()
+        out = None
+        for e in sorted(ys):
+            part = (ys[e].float() * w[int(rows_host[e][1][0])]).to(ys[e].dtype)
+            out = part if out is None else out + part
+        return out
+    out = torch.zeros_like(h)
+    for e in sorted(ys):
+        token_idx, k_slot = rows[e]
+        out.index_put_((token_idx,), combine(ys[e], weights[token_idx, k_slot]), accumulate=True)
     return out
 
 

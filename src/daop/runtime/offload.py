@@ -13,7 +13,7 @@ import torch
 
 from daop.executors.cpu import CpuExecutor
 from daop.executors.transfer import Transfer
-from daop.model.moe import combine, combine_one_token, device_rows, group_by_expert, swiglu
+from daop.model.moe import expert_input, group_by_expert, swiglu, token_rows, weighted_sum
 from daop.placement.policies import Policy
 from daop.runtime.stats import Counters
 from daop.weights.expert_store import ExpertStore
@@ -62,7 +62,7 @@ class OffloadedExperts:
         outputs computed earlier (expert -> y on the host or device); before_compute: a callback run
         once this layer's copies and CPU jobs are queued (speculation for the next layer).
         """
-        c, dev = self.counters, h.device
+        c = self.counters
         future = None
         if plan.cpu:
             h_host, h_ready = self.transfer.to_host(h)
@@ -78,8 +78,7 @@ class OffloadedExperts:
             busy.add(slot)
         if before_compute is not None:
             before_compute()
-        single = h.shape[0] == 1  # one token: every expert reads the whole of h, no index tensors needed
-        rows = None if single else device_rows(rows_host, dev)
+        rows = token_rows(h, rows_host)
         ys: dict[int, torch.Tensor] = {e: self.transfer.to_device(y) for e, y in (done or {}).items()}
         gpu_items = [(e, slot, None) for e, slot in plan.gpu] + [(e, s, ev) for e, (s, ev) in (ready or {}).items()]
         copy_items = [(e, slot, first_use[i][1] if i in first_use else None) for i, (e, slot) in enumerate(plan.copy)]
@@ -87,20 +86,14 @@ class OffloadedExperts:
             if n >= len(gpu_items) and event is None:
                 event = self.copy(layer_idx, e, slot)
             self.transfer.wait(event)
-            ys[e] = swiglu(h if single else h[rows[e][0]], *self.store.slot_weights(slot))
+            ys[e] = swiglu(expert_input(h, rows, e), *self.store.slot_weights(slot))
             self.transfer.release_slot(slot)
         if future is not None:
             t0 = time.perf_counter()
             for e, y in future.result().items():
                 ys[e] = self.transfer.to_device(y)
             c.add("cpu_wait_s", layer_idx, time.perf_counter() - t0)
-        if single:
-            out = combine_one_token(((ys[e], int(rows_host[e][1][0])) for e in sorted(ys)), weights)
-        else:
-            out = torch.zeros_like(h)
-            for e in sorted(ys):
-                token_idx, k_slot = rows[e]
-                out.index_put_((token_idx,), combine(ys[e], weights[token_idx, k_slot]), accumulate=True)
+        out = weighted_sum(h, ys, weights, rows_host, rows)
         c.add("resident_calls", layer_idx, len(plan.gpu) + len(ready or {}))
         c.add("cpu_calls", layer_idx, len(plan.cpu) + len(done or {}))
         c.add("copy_calls", layer_idx, len(plan.copy))
