@@ -24,10 +24,11 @@ from daop.placement.cost import CostModel
 from daop.placement.daop import make_daop
 from daop.placement.policies import LayerPlan, PolicyContext, make_policy
 from daop.placement.table import HOST
+from daop.runtime.scheduler import plan_decode_layer, plan_prefill_layer
 from daop.predict.degrade import degrade
 from daop.weights.safetensors_io import SafetensorsFile
 
-EXACT = ["gpu", "ondemand", "lru", "static", "fiddler", "daop-exact"]
+EXACT = ["gpu", "ondemand", "lru", "static", "fiddler", "daop-exact", "daop-strict"]
 
 
 def profile(copy_ms: float, cpu_ms: float) -> HardwareProfile:
@@ -68,18 +69,23 @@ def precondition(name: str, ctx: PolicyContext) -> str | None:
         return "at least one GPU expert slot"
     if name == "lru" and ctx.gpu_slots < len(ctx.moe_layers):
         return "at least one GPU slot per MoE layer"
+    if name == "daop-strict" and ctx.gpu_slots <= 2 * ctx.top_k:
+        return "without CPU experts needs more than"
     return None
 
 
-def daop_prefill_plan(policy, layer_idx: int, counts: dict[int, int]) -> LayerPlan:
-    """What DaopRunner.prefill_layer builds: per-sequence swaps, then the cost-model split of the rest."""
-    swaps = policy.prefill_swaps(layer_idx, counts)
-    swapped = {e for e, _ in swaps}
-    resident = set(policy.placement.resident_experts(layer_idx)) - swapped
-    rest = {e: n for e, n in counts.items() if e not in swapped}
-    split = policy.split(rest, resident, len(policy.scratch()))
-    return LayerPlan(gpu=tuple((e, policy.placement.slot(layer_idx, e)) for e in split.gpu), cpu=split.cpu,
-                     copy=tuple((e, s) for e, s in swaps if e in counts) + tuple(zip(split.copy, policy.scratch())))
+def daop_plan(policy, layer_idx: int, counts: dict[int, int], prefill: bool) -> LayerPlan:
+    """The plan DaopRunner executes for this call (nothing prepared by an earlier layer)."""
+    cpu_experts = policy.config.cpu_experts
+    if prefill:
+        swaps = policy.prefill_swaps(layer_idx, counts)
+        return plan_prefill_layer(counts, swaps, resident_slots(policy, layer_idx), policy.scratch(), policy.split, cpu_experts)
+    return plan_decode_layer(counts, {}, resident_slots(policy, layer_idx), policy.scratch(), None, policy.split,
+                             cpu_experts).layer
+
+
+def resident_slots(policy, layer_idx: int) -> dict[int, int]:
+    return {e: policy.placement.slot(layer_idx, e) for e in policy.placement.resident_experts(layer_idx)}
 
 
 def check_placement(policy) -> None:
@@ -109,7 +115,7 @@ def test_policy_plans_serve_every_routed_expert_once_within_budget(name, data):
     prefill = name.startswith("daop") and data.draw(st.booleans(), label="prefill path")
     for layer_idx, counts in data.draw(layer_calls(ctx), label="calls"):
         before = policy.placement.copy()
-        plan = daop_prefill_plan(policy, layer_idx, counts) if prefill else policy.plan(layer_idx, counts)
+        plan = daop_plan(policy, layer_idx, counts, prefill) if name.startswith("daop") else policy.plan(layer_idx, counts)
         served = [e for e, _ in plan.gpu] + list(plan.cpu) + [e for e, _ in plan.copy]
         if name == "lru":  # see test_lru_never_copies_an_expert_it_already_serves below
             served = sorted(set(served))
@@ -125,7 +131,7 @@ def test_policy_plans_serve_every_routed_expert_once_within_budget(name, data):
         if name == "daop-exact" and ctx.cost.profile is None:
             # only prefill swaps copy then (hot host experts into cold experts' slots, never scratch)
             assert all(slot < policy.resident_capacity() for _, slot in plan.copy) and (prefill or not plan.copy)
-        if name in ("ondemand", "lru"):
+        if name in ("ondemand", "lru", "daop-strict"):
             assert not plan.cpu
         check_placement(policy)
     policy.reset()

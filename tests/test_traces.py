@@ -1,4 +1,5 @@
 """Routing traces: what is recorded from a checkpoint is what a geometry replays; committed traces fit their geometry."""
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,7 @@ from daop.bench.sweep import replay
 from daop.bench.trace import TraceRouting, load_traces, record, save_traces
 from daop.engine import Engine, GenerationStats
 from daop.errors import DaopError
+from daop.model.routing import ModelRouting
 from daop.runtime.setup import RuntimeOptions, prepare_runtime
 from daop.sampling import SamplingParams
 
@@ -24,28 +26,34 @@ GEOMETRY_OF = {
 
 
 class Recording:
-    """Expert runner wrapper that keeps the experts and weights of every call, per layer."""
+    """Expert runner wrapper that keeps the experts and weights the runner is asked for, per layer."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.ids: dict[int, list[torch.Tensor]] = {}
         self.weights: dict[int, list[torch.Tensor]] = {}
 
-    def __getattr__(self, name):  # phase switches, resets and counters reach the wrapped runner
-        return getattr(self.inner, name)
+    def reset(self):
+        self.inner.reset()
 
-    @property
-    def prediction_source(self):  # replay hands the trace's predictions to the runner
-        return self.inner.prediction_source
+    def set_phase(self, phase):
+        self.inner.set_phase(phase)
 
-    @prediction_source.setter
-    def prediction_source(self, source):
-        self.inner.prediction_source = source
+    def totals(self):
+        return self.inner.totals()
+
+    def close(self):
+        self.inner.close()
 
     def __call__(self, layer_idx, h, ids, weights):
         self.ids.setdefault(layer_idx, []).append(ids.cpu())
         self.weights.setdefault(layer_idx, []).append(weights.float().cpu())
         return self.inner(layer_idx, h, ids, weights)
+
+
+def check_fits(trace, config) -> None:
+    """TraceRouting's check that a trace is a routing source for the geometry."""
+    TraceRouting(trace, ModelRouting(config, {}), torch.device("cpu"))
 
 
 def geometry_engine(name: str, layers: int | None = None) -> Engine:
@@ -103,10 +111,11 @@ def test_trace_that_does_not_fit_the_geometry_is_refused(recorded):
         replay(geometry_engine("tiny-mixtral"), trace, GenerationStats())
     config, _ = geometry_config("qwen3-30b-a3b", layers=2)  # top-8 of 128: top-2 routing does not fit
     with pytest.raises(DaopError, match="top-8"):
-        TraceRouting(trace, config.num_layers, config.num_experts, config.top_k)
+        check_fits(trace, config)
     config, _ = geometry_config("tiny-mixtral", layers=3)
-    with pytest.raises(DaopError):  # fewer experts than the trace uses
-        TraceRouting(trace, config.num_layers, int(trace.ids.max()), config.top_k)
+    fewer = replace(config, num_experts=int(trace.ids.max()))
+    with pytest.raises(DaopError, match="experts"):  # fewer experts than the trace uses
+        check_fits(trace, fewer)
 
 
 def test_not_a_trace_file_is_a_daop_error(tmp_path):
@@ -132,7 +141,7 @@ def test_committed_trace_fits_its_geometry(name):
         assert 0 <= trace.ids.min() and trace.ids.max() < config.num_experts
         assert T == len(trace.tokens) - 1 and 0 < trace.prompt_len < T
         assert trace.pred_ids.shape == trace.ids.shape and trace.weights.shape == trace.ids.shape
-        TraceRouting(trace, config.num_layers, config.num_experts, config.top_k)  # does not raise
+        check_fits(trace, config)  # does not raise
     used = np.unique(np.concatenate([t.ids.reshape(-1) for t in traces]))
     assert len(used) == config.num_experts  # a trained router that uses every expert somewhere
 

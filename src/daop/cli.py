@@ -56,12 +56,14 @@ def load_engine(args: argparse.Namespace):
 
 
 def print_stats(engine, detailed: bool = False) -> None:
+    from daop.runtime.stats import per_token
+
     s = engine.last_stats
     if detailed:
         print(f"[daop] policy {engine.policy}: {engine.budget.describe()}", file=sys.stderr)
-        counters = getattr(engine.decoder.experts, "counters", None)
-        if counters is not None:
-            rates = counters.summary(s.prompt_tokens + s.generated_tokens)
+        totals = engine.counters()
+        if totals:
+            rates = per_token(totals, s.prompt_tokens + s.generated_tokens)
             print("[daop] per token: " + ", ".join(f"{k} {v:.3g}" for k, v in rates.items()), file=sys.stderr)
     print(
         f"[daop] prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} tokens ({s.finish_reason}); "

@@ -9,22 +9,23 @@ import time
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from daop.config import ModelConfig, load_config
-from daop.errors import DaopError, OutOfMemory
+from daop.config import read_json
+from daop.errors import DaopError
+from daop.generate import DecodeSession
 from daop.model.decoder import Decoder
 from daop.model.specs import FamilySpec, spec_for
-from daop.config import read_json
+from daop.runtime.setup import RuntimeOptions, prepare_runtime
 from daop.sampling import Sampler, SamplingParams
 from daop.tokenizer import StreamDecoder, Tokenizer
-from daop.runtime.setup import RuntimeOptions, prepare_runtime
-from daop.weights.loader import load_weights, open_checkpoint, parse_dtype
+from daop.weights.loader import load_weights, parse_dtype
+from daop.weights.safetensors_io import Checkpoint
 
 DEFAULT_MODEL = "daop-moe-mini"
-DEVICE_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # the allocator's error
 
 
 def default_model_dir() -> Path:
@@ -93,7 +94,7 @@ class Engine:
         tokenizer = Tokenizer.from_dir(model_dir)
         dev = resolve_device(device)
         torch_dtype = parse_dtype(dtype, config.torch_dtype)
-        ckpt = open_checkpoint(model_dir)
+        ckpt = Checkpoint(model_dir)
         decoder = Decoder(config, spec, dev, torch_dtype)
         runtime = prepare_runtime(decoder, runtime_opts)
         load_weights(ckpt, decoder, runtime.expert_dest, progress)
@@ -102,46 +103,13 @@ class Engine:
         engine.budget, engine.policy = runtime.budget, runtime.policy_name
         return engine
 
-    def _guarded(self, what: str | Callable[[], str], fn, *args, **kwargs):
-        """Call fn; a device out-of-memory error becomes OutOfMemory naming `what` (a callable is only
-        asked on failure, so decode steps format nothing), with the engine left usable.
-
-        The failed request's tensors are only referenced from the frames of the error being handled,
-        so they are freed when it is; the next request starts from the calibrated placement.
-        """
-        try:
-            return fn(*args, **kwargs)
-        except (DEVICE_OOM, MemoryError) as exc:
-            first = (str(exc).strip().splitlines() or ["out of memory"])[0][:200]
-            where = "host" if isinstance(exc, MemoryError) else self.decoder.device.type.upper()
-        self.reset_runner("prefill")
-        if self.decoder.device.type == "cuda":
-            torch.cuda.empty_cache()
-        what = what() if callable(what) else what
-        raise OutOfMemory(f"out of {where} memory during {what} ({first}); a shorter prompt, fewer new tokens, "
-                          f"a smaller --max-context or a lower --gpu-memory / --expert-ratio leaves more room")
-
-    def reset_runner(self, phase: str) -> None:
-        """A new sequence: back to the calibrated placement, in the given phase."""
-        reset = getattr(self.decoder.experts, "reset", None)
-        if reset is not None:
-            reset()
-        self.set_phase(phase)
-
-    def set_phase(self, phase: str) -> None:
-        set_phase = getattr(self.decoder.experts, "set_phase", None)
-        if set_phase is not None:
-            set_phase(phase)
-
     def counters(self) -> dict[str, float]:
         """Expert counters since load (empty for the all-resident path)."""
-        runner = self.decoder.experts
-        counters = getattr(runner, "counters", None)
-        if counters is None:
-            return {}
-        totals = counters.totals()
-        totals["cpu_busy_s"] = runner.cpu.busy_s
-        return totals
+        return self.decoder.experts.totals()
+
+    def close(self) -> None:
+        """Stop the expert runner's worker threads (the engine cannot generate afterwards)."""
+        self.decoder.experts.close()
 
     @property
     def device(self) -> torch.device:
@@ -166,10 +134,8 @@ class Engine:
     @torch.inference_mode()
     def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Full forward without sampling: float32 logits [T, V] (for parity checks)."""
-        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
-        self.reset_runner("prefill")
-        cache = self.decoder.new_cache(1, ids.shape[1])
-        return self.decoder.forward(ids, 0, cache, all_logits=True)[0]
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).tolist()
+        return DecodeSession(self.decoder, [ids], 0).prefill(all_logits=True)[0]
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None) -> Iterator[int]:
@@ -182,18 +148,12 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
         self.last_stats = stats
-        self.reset_runner("prefill")
-        what = f"prefill of {len(ids)} prompt tokens"
-        cache = self._guarded(what, self.decoder.new_cache, 1, len(ids) + budget)
+        session = DecodeSession(self.decoder, [ids], budget)
         sampler = Sampler(params)
-        t0 = time.perf_counter()
-        logits = self._guarded(what, self.decoder.forward, torch.tensor([ids]), 0, cache)
-        token = int(sampler(logits)[0])
-        stats.prefill_s = time.perf_counter() - t0
-        stats.extra["counters_after_prefill"] = self.counters()
-        self.set_phase("decode")
+        token = int(sampler(session.prefill())[0])
+        stats.prefill_s = session.prefill_s
+        stats.extra["counters_after_prefill"] = session.counters_after_prefill
         t1 = time.perf_counter()
-        pos = len(ids)
         for step in range(budget):
             if token in self.eos_ids:
                 stats.finish_reason = "stop"
@@ -203,9 +163,7 @@ class Engine:
             yield token
             if step + 1 == budget:
                 break
-            logits = self._guarded(lambda: f"decode at position {pos}", self.decoder.forward, torch.tensor([[token]]), pos, cache)
-            pos += 1
-            token = int(sampler(logits)[0])
+            token = int(sampler(session.step([token]))[0])
         stats.decode_s = time.perf_counter() - t1
 
     @torch.inference_mode()
@@ -219,19 +177,13 @@ class Engine:
         rows = [self.encode(p) for p in prompts]
         B, longest = len(rows), max(len(r) for r in rows)
         budget = min(params.max_new_tokens, self.config.context_length - longest)
-        pad = torch.tensor([longest - len(r) for r in rows])
-        ids = torch.tensor([[0] * (longest - len(r)) + r for r in rows])
-        self.reset_runner("prefill")
-        what = f"prefill of a batch of {B} prompts of up to {longest} tokens"
-        cache = self._guarded(what, self.decoder.new_cache, B, longest + budget)
-        sampler = Sampler(params)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = int(sum(len(r) for r in rows))
-        t0 = time.perf_counter()
-        logits = self._guarded(what, self.decoder.forward, ids, 0, cache, pad=pad)
-        stats.prefill_s = time.perf_counter() - t0
-        stats.extra["counters_after_prefill"] = self.counters()
-        self.set_phase("decode")
+        session = DecodeSession(self.decoder, rows, budget)
+        sampler = Sampler(params)
+        logits = session.prefill()
+        stats.prefill_s = session.prefill_s
+        stats.extra["counters_after_prefill"] = session.counters_after_prefill
         t1 = time.perf_counter()
         out: list[list[int]] = [[] for _ in range(B)]
         done = [False] * B
@@ -244,8 +196,7 @@ class Engine:
                     out[b].append(t)
             if all(done) or step + 1 == budget:
                 break
-            logits = self._guarded(lambda: f"batch decode at position {longest + step}", self.decoder.forward, tokens[:, None],
-                                   longest + step, cache, pad=pad)
+            logits = session.step(tokens)
         stats.decode_s = time.perf_counter() - t1
         return out
 

@@ -18,6 +18,7 @@ import torch
 
 from daop.engine import Engine
 from daop.errors import DaopError
+from daop.generate import DecodeSession
 from daop.profile import read_documents
 from daop.sampling import SamplingParams
 
@@ -25,16 +26,13 @@ from daop.sampling import SamplingParams
 @torch.inference_mode()
 def decode_path_nll(engine: Engine, ids: list[int], prompt_tokens: int) -> tuple[float, int]:
     """Sum of -log p(next token) over the continuation, each step run as a decode step."""
-    dec = engine.decoder
-    engine.reset_runner("prefill")
-    cache = dec.new_cache(1, len(ids))
-    logits = dec.forward(torch.tensor([ids[:prompt_tokens]]), 0, cache)
-    engine.set_phase("decode")
+    session = DecodeSession(engine.decoder, [ids[:prompt_tokens]], len(ids) - prompt_tokens)
+    logits = session.prefill()
     nll = 0.0
     for pos in range(prompt_tokens, len(ids)):
         nll -= torch.log_softmax(logits[0].float(), dim=-1)[ids[pos]].item()
         if pos + 1 < len(ids):
-            logits = dec.forward(torch.tensor([[ids[pos]]]), pos, cache)
+            logits = session.step([ids[pos]])
     return nll, len(ids) - prompt_tokens
 
 

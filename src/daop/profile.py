@@ -29,9 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from daop.config import ModelConfig
 from daop.errors import DaopError
-from daop.model.decoder import Decoder
-from daop.model.moe import ExpertRunner, route
+from daop.generate import DecodeSession
+from daop.model.routing import Routing
 from daop.predict.next_layer import prediction_accuracy
 
 SCHEMA = "daop.routing_stats/1"
@@ -104,16 +105,17 @@ def read_documents(path: str | Path) -> list[str]:
 
 
 class RoutingRecorder:
-    """ExpertRunner wrapper that counts routing and scores the next-layer predictor; computes nothing itself.
+    """Routing wrapper that counts routing and scores the next-layer predictor; routes nothing itself.
 
-    In the decode phase, layer l's call also applies layer l+1's router to the same normed input h
-    (layer l's post-attention state): exactly the paper's predictor, scored when layer l+1 runs.
+    A forward starting at position 0 is a new document's prompt; later forwards are its decode
+    steps. In decode, layer l's call also asks for layer l+1's prediction from the same normed
+    input h (layer l's post-attention state): exactly the paper's predictor, scored when layer l+1
+    runs.
     """
 
-    def __init__(self, inner: ExpertRunner, decoder: Decoder) -> None:
-        c = decoder.config
-        self.inner, self.decoder = inner, decoder
-        L, E = c.num_layers, c.num_experts
+    def __init__(self, inner: Routing, config: ModelConfig, moe_layers: set[int]) -> None:
+        self.inner, self.config, self.moe_layers = inner, config, moe_layers
+        L, E = config.num_layers, config.num_experts
         self.phase = "prefill"
         self.prefill_counts = np.zeros((L, E), dtype=np.int64)
         self.decode_counts = np.zeros((L, E), dtype=np.int64)
@@ -124,17 +126,15 @@ class RoutingRecorder:
         self.predicted_tokens = np.zeros(L, dtype=np.int64)
         self.pending: dict[int, torch.Tensor] = {}
 
-    def __getattr__(self, name: str) -> Any:
-        if name == "inner":
-            raise AttributeError(name)
-        return getattr(self.inner, name)  # counters, reset, ... of the wrapped runner
+    def begin(self, start: int, num_new: int) -> None:
+        self.inner.begin(start, num_new)
+        self.phase = "prefill" if start == 0 else "decode"
+        if start == 0:
+            self.in_prompt[:] = False
+            self.pending.clear()
 
-    def start_document(self) -> None:
-        self.phase = "prefill"
-        self.in_prompt[:] = False
-        self.pending.clear()
-
-    def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, weights = self.inner.route(layer_idx, h)
         ids_np = ids.cpu().numpy()  # [N, K]
         counts = np.bincount(ids_np.reshape(-1), minlength=self.decode_counts.shape[1])
         if self.phase == "prefill":
@@ -144,8 +144,12 @@ class RoutingRecorder:
             self.decode_counts[layer_idx] += counts
             self.overlap_hits[layer_idx] += int(self.in_prompt[layer_idx][ids_np].sum())
             self.score_prediction(layer_idx, ids)
-            self.predict(layer_idx, h)
-        return self.inner(layer_idx, h, ids, weights)
+            if layer_idx + 1 in self.moe_layers:
+                self.pending[layer_idx + 1] = self.inner.predict(layer_idx + 1, h)[1]
+        return ids, weights
+
+    def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.inner.predict(layer_idx, h)
 
     def score_prediction(self, layer_idx: int, ids: torch.Tensor) -> None:
         predicted = self.pending.pop(layer_idx, None)
@@ -156,12 +160,6 @@ class RoutingRecorder:
         self.top1_hits[layer_idx] += round(top1 * n)
         self.set_hits[layer_idx] += round(overlap * n * k)
         self.predicted_tokens[layer_idx] += n
-
-    def predict(self, layer_idx: int, h: torch.Tensor) -> None:
-        layers = self.decoder.layers
-        if layer_idx + 1 < len(layers) and layers[layer_idx + 1].router is not None:
-            _, ids, _ = route(self.decoder.config, layers[layer_idx + 1].router, h)
-            self.pending[layer_idx + 1] = ids
 
 
 def _per_layer(values: Sequence[float | None]) -> dict[str, Any]:
@@ -183,7 +181,7 @@ def _entropy(counts: np.ndarray) -> float | None:
 
 def summarise(rec: RoutingRecorder, provenance: dict[str, Any]) -> dict[str, Any]:
     """The routing-statistics JSON object from a recorder's totals."""
-    c = rec.decoder.config
+    c = rec.config
     moe = [c.is_moe_layer(l) for l in range(c.num_layers)]
     decode_selections = rec.decode_counts.sum(axis=1)
     return {
@@ -202,21 +200,15 @@ def summarise(rec: RoutingRecorder, provenance: dict[str, Any]) -> dict[str, Any
     }
 
 
-def _run_document(engine: Any, rec: RoutingRecorder, prompt: list[int], gen_tokens: int) -> int:
+def _run_document(engine: Any, prompt: list[int], gen_tokens: int) -> int:
     """Prefill then greedy decode one document; returns the number of decode steps run (stops at EOS)."""
-    decoder = engine.decoder
-    reset = getattr(rec.inner, "reset", None)
-    if reset is not None:
-        reset()
-    rec.start_document()
-    cache = decoder.new_cache(1, len(prompt) + gen_tokens)
-    logits = decoder.forward(torch.tensor([prompt]), 0, cache)
-    rec.phase = "decode"
+    session = DecodeSession(engine.decoder, [prompt], gen_tokens)
+    logits = session.prefill()
     for step in range(gen_tokens):
         token = int(logits[0].argmax())
         if token in engine.eos_ids:
             return step
-        logits = decoder.forward(torch.tensor([[token]]), len(prompt) + step, cache)
+        logits = session.step([token])
     return gen_tokens
 
 
@@ -235,18 +227,16 @@ def profile_routing(engine: Any, docs: Sequence[str], prompt_tokens: int = 128, 
         raise DaopError(f"--prompt-tokens + --gen-tokens = {prompt_tokens + gen_tokens} exceeds the context window of {limit}")
     if engine.tokenizer is None:
         raise DaopError(f"{engine.model_dir}: no tokenizer; profiling needs one to read text")
-    rec = RoutingRecorder(engine.decoder.experts, engine.decoder)
-    engine.decoder.experts = rec
+    dec = engine.decoder
+    rec = RoutingRecorder(dec.routing, engine.config, set(dec.model_routing.routers))
     totals = {"docs": 0, "prompt_tokens": 0, "decode_tokens": 0}
     t0 = time.perf_counter()
-    try:
+    with dec.routed_by(rec):
         for text in docs:
             prompt = engine.encode(engine.tokenizer.encode(text)[:prompt_tokens])
-            totals["decode_tokens"] += _run_document(engine, rec, prompt, gen_tokens)
+            totals["decode_tokens"] += _run_document(engine, prompt, gen_tokens)
             totals["prompt_tokens"] += len(prompt)
             totals["docs"] += 1
-    finally:
-        engine.decoder.experts = rec.inner
     info = {
         **(provenance or {}), "model": str(engine.model_dir), **totals,
         "prompt_tokens_per_doc": prompt_tokens, "gen_tokens_per_doc": gen_tokens,

@@ -27,6 +27,7 @@ from daop.model.layers import KVCache
 from daop.placement.cost import CostModel
 from daop.runtime.setup import RuntimeOptions, hardware_profile, prepare_runtime
 from daop.errors import DaopError
+from daop.generate import DecodeSession
 from daop.sampling import SamplingParams
 from daop.weights.loader import parse_dtype
 
@@ -80,21 +81,16 @@ def decode_counters(engine: Engine, stats: GenerationStats) -> dict[str, float]:
 def replay(engine: Engine, trace: RoutingTrace, stats: GenerationStats) -> int:
     """Teacher-forced prefill + decode of a recorded sequence with its recorded routing; returns steps."""
     dec = engine.decoder
-    dec.routing_override = TraceRouting(trace, engine.config.num_layers, engine.config.num_experts, engine.config.top_k)
-    runner = dec.experts
-    runner.prediction_source = dec.routing_override if hasattr(runner, "prediction_source") else None
     tokens, p = trace.tokens, trace.prompt_len
-    engine.reset_runner("prefill")
-    cache = dec.new_cache(1, len(tokens))
-    t0 = time.perf_counter()
-    dec.forward(torch.tensor([tokens[:p]]), 0, cache).argmax(-1).cpu()
-    stats.prefill_s = time.perf_counter() - t0
-    stats.extra["counters_after_prefill"] = engine.counters()
-    engine.set_phase("decode")
-    t1 = time.perf_counter()
-    for pos in range(p, len(tokens) - 1):
-        dec.forward(torch.tensor([[tokens[pos]]]), pos, cache).argmax(-1).cpu()
-    stats.decode_s = time.perf_counter() - t1
+    with dec.routed_by(TraceRouting(trace, dec.model_routing, dec.device)):
+        session = DecodeSession(dec, [tokens[:p]], len(tokens) - p)
+        session.prefill().argmax(-1).cpu()
+        stats.prefill_s = session.prefill_s
+        stats.extra["counters_after_prefill"] = session.counters_after_prefill
+        t1 = time.perf_counter()
+        for pos in range(p, len(tokens) - 1):
+            session.step([tokens[pos]]).argmax(-1).cpu()
+        stats.decode_s = time.perf_counter() - t1
     stats.generated_tokens = len(tokens) - p
     return stats.generated_tokens
 
@@ -213,10 +209,7 @@ class Subject:
         return Engine(None, self.config, self.spec, self.decoder, None, 0.0)
 
     def release(self, engine: Engine) -> None:
-        engine.decoder.routing_override = None
-        cpu = getattr(engine.decoder.experts, "cpu", None)
-        if cpu is not None:
-            cpu.close()
+        engine.close()
         if self.args.model is None:
             self.decoder.experts = None
         if self.device.type == "cuda":

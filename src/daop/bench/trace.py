@@ -15,10 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from daop.errors import DaopError
-from daop.model.moe import select_experts
+from daop.model.routing import ModelRouting, Routing
 from daop.sampling import SamplingParams
 
 
@@ -33,35 +32,37 @@ class RoutingTrace:
 
 
 class TraceRecorder:
-    """Wraps an expert runner; records routing and next-layer predictions of every call."""
+    """Routing wrapper that keeps every layer's experts and weights and the next layer's prediction."""
 
-    def __init__(self, inner, decoder) -> None:
-        self.inner, self.decoder = inner, decoder
-        L = decoder.config.num_layers
-        self.ids: list[list[torch.Tensor]] = [[] for _ in range(L)]
-        self.weights: list[list[torch.Tensor]] = [[] for _ in range(L)]
-        self.pred: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {l: [] for l in range(L)}
+    def __init__(self, inner: Routing, num_layers: int, moe_layers: set[int]) -> None:
+        self.inner, self.moe_layers = inner, moe_layers
+        self.ids: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.weights: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.pred: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {l: [] for l in range(num_layers)}
 
-    def __call__(self, layer_idx, h, ids, weights):
+    def begin(self, start: int, num_new: int) -> None:
+        self.inner.begin(start, num_new)
+
+    def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, weights = self.inner.route(layer_idx, h)
         self.ids[layer_idx].append(ids.cpu())
         self.weights[layer_idx].append(weights.float().cpu())
-        nxt = layer_idx + 1
-        if nxt < len(self.decoder.layers) and self.decoder.layers[nxt].router is not None:
-            p_ids, p_w = select_experts(self.decoder.config, F.linear(h, self.decoder.layers[nxt].router))
-            self.pred[nxt].append((p_ids.cpu(), p_w.float().cpu()))
-        return self.inner(layer_idx, h, ids, weights)
+        if layer_idx + 1 in self.moe_layers:
+            _, p_ids, p_w = self.inner.predict(layer_idx + 1, h)
+            self.pred[layer_idx + 1].append((p_ids.cpu(), p_w.float().cpu()))
+        return ids, weights
+
+    def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.inner.predict(layer_idx, h)
 
 
 def record(engine, prompt_ids: list[int], gen_tokens: int, params: SamplingParams | None = None) -> RoutingTrace:
     """Generate from prompt_ids with the engine's model (greedy unless `params` samples) and record its routing."""
-    inner = engine.decoder.experts
-    rec = TraceRecorder(inner, engine.decoder)
-    engine.decoder.experts = rec
-    try:
-        params = replace(params, max_new_tokens=gen_tokens) if params is not None else SamplingParams(max_new_tokens=gen_tokens)
+    dec = engine.decoder
+    rec = TraceRecorder(dec.routing, engine.config.num_layers, set(dec.model_routing.routers))
+    params = replace(params, max_new_tokens=gen_tokens) if params is not None else SamplingParams(max_new_tokens=gen_tokens)
+    with dec.routed_by(rec):
         out = list(engine.generate_ids(prompt_ids, params))
-    finally:
-        engine.decoder.experts = inner
     tokens = list(prompt_ids) + out
     T = len(tokens) - 1  # the last generated token is never fed back
     L, K = engine.config.num_layers, engine.config.top_k
@@ -104,22 +105,32 @@ def load_traces(path: Path) -> tuple[list[RoutingTrace], dict]:
 
 
 class TraceRouting:
-    """Routing override for a decoder: experts and weights come from a trace at the current positions."""
+    """Routing from a trace at the current positions; predictions too, scored by the model's routers.
 
-    def __init__(self, trace: RoutingTrace, num_layers: int, num_experts: int, top_k: int) -> None:
-        if trace.ids.shape[0] < num_layers or trace.ids.shape[2] != top_k or trace.ids.max() >= num_experts:
+    The trace's arrays are uploaded to the device once, so replay adds no host copies per layer.
+    """
+
+    def __init__(self, trace: RoutingTrace, model: ModelRouting, device: torch.device) -> None:
+        c = model.config
+        if trace.ids.shape[0] < c.num_layers or trace.ids.shape[2] != c.top_k or trace.ids.max() >= c.num_experts:
             raise DaopError(f"routing trace has {trace.ids.shape[0]} layers, top-{trace.ids.shape[2]} of "
-                            f"{int(trace.ids.max()) + 1}+ experts; the geometry needs {num_layers} layers, top-{top_k} of {num_experts}")
-        self.trace = trace
+                            f"{int(trace.ids.max()) + 1}+ experts; the geometry needs {c.num_layers} layers, "
+                            f"top-{c.top_k} of {c.num_experts}")
+        self.model = model
+
+        def upload(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return torch.from_numpy(np.ascontiguousarray(a[: c.num_layers])).to(device=device, dtype=dtype)
+
+        self.ids, self.weights = upload(trace.ids, torch.long), upload(trace.weights, torch.float32)
+        self.pred_ids, self.pred_weights = upload(trace.pred_ids, torch.long), upload(trace.pred_weights, torch.float32)
         self.window = slice(0, 0)
 
-    def at(self, start: int, num_new: int) -> None:
+    def begin(self, start: int, num_new: int) -> None:
         self.window = slice(start, start + num_new)
 
-    def route(self, layer_idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.from_numpy(self.trace.ids[layer_idx, self.window].astype(np.int64)).to(device)
-        return ids, torch.from_numpy(self.trace.weights[layer_idx, self.window]).to(device)
+    def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ids[layer_idx, self.window], self.weights[layer_idx, self.window]
 
-    def predicted(self, layer_idx: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        ids = torch.from_numpy(self.trace.pred_ids[layer_idx, self.window].astype(np.int64)).to(device)
-        return ids, torch.from_numpy(self.trace.pred_weights[layer_idx, self.window]).to(device)
+    def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = self.model.predict(layer_idx, h)[0]
+        return logits, self.pred_ids[layer_idx, self.window], self.pred_weights[layer_idx, self.window]

@@ -6,6 +6,9 @@ On a CPU-only machine the "GPU" is the CPU and every transfer is a plain synchro
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from concurrent.futures import Future
+
 import torch
 
 
@@ -15,10 +18,10 @@ class Transfer:
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.slot_released: dict[int, torch.cuda.Event] = {}
-        # A ring of staging buffers: a CPU job reads its activations while later layers stage theirs.
-        # Each job is collected within the next layer, and a layer stages at most twice, so four suffice.
-        self.staging = [torch.empty(0) for _ in range(4)]
-        self.next_staging = 0
+        # Pinned staging buffers, each with the CPU job that reads it: a buffer is handed out again
+        # only once that job has finished (the pool grows if every buffer is still being read).
+        self.staging: list[torch.Tensor] = []
+        self.readers: list[Future | None] = []
 
     def copy_expert(self, src: tuple[torch.Tensor, ...], dst: tuple[torch.Tensor, ...], slot: int) -> "torch.cuda.Event | None":
         """Copy host expert weights into a GPU slot on the copy stream; returns the completion event."""
@@ -48,20 +51,33 @@ class Transfer:
             event.record(torch.cuda.current_stream(self.device))
             self.slot_released[slot] = event
 
-    def to_host(self, x: torch.Tensor) -> tuple[torch.Tensor, "torch.cuda.Event | None"]:
-        """Start copying activations [N, D] into pinned staging; the reader must wait on the event."""
+    def host_job(self, x: torch.Tensor, start: Callable[[torch.Tensor, "torch.cuda.Event | None"], Future]) -> Future:
+        """Run a CPU job on activations x [N, D]: x is copied into a pinned staging buffer no
+        unfinished job reads, `start(host, ready)` launches the job (which must wait on `ready`
+        before reading), and the buffer belongs to that job until it is done."""
         if not self.cuda:
-            return x, None
-        n, i = x.numel(), self.next_staging
-        self.next_staging = (i + 1) % len(self.staging)
-        buf = self.staging[i]
+            return start(x, None)
+        i = self.free_staging()
+        n, buf = x.numel(), self.staging[i]
         if buf.numel() < n or buf.dtype != x.dtype:
             buf = self.staging[i] = torch.empty(max(n, 2 * buf.numel()), dtype=x.dtype, pin_memory=True)
         host = buf[:n].view(x.shape)
         host.copy_(x, non_blocking=True)
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        return host, event
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(self.device))
+        job = start(host, ready)
+        self.readers[i] = job
+        return job
+
+    def free_staging(self) -> int:
+        """Index of a staging buffer no unfinished job reads (a new one if every buffer is in use)."""
+        for i, reader in enumerate(self.readers):
+            if reader is None or reader.done():
+                self.readers[i] = None
+                return i
+        self.staging.append(torch.empty(0))
+        self.readers.append(None)
+        return len(self.staging) - 1
 
     def to_device(self, y: torch.Tensor) -> torch.Tensor:
         return y.to(self.device, non_blocking=False) if self.cuda else y

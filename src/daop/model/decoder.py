@@ -7,6 +7,8 @@ Shapes: B batch, T new tokens, D hidden, V vocab.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -14,7 +16,8 @@ import torch.nn.functional as F
 
 from daop.config import ModelConfig
 from daop.model.layers import Attention, KVCache, Norm, Rotary, attention_mask
-from daop.model.moe import ExpertRunner, SharedExpert, route
+from daop.model.moe import ExpertRunner, SharedExpert
+from daop.model.routing import ModelRouting, Routing
 from daop.model.specs import FamilySpec
 
 
@@ -70,7 +73,18 @@ class Decoder:
         self.lm_head_bias = torch.empty(c.vocab_size, device=device, dtype=dtype) if c.lm_head_bias else None
         self.rotary = Rotary(c.rope, c.head_dim, c.max_positions, device)
         self.experts: ExpertRunner | None = None
-        self.routing_override = None  # benchmarks replay a trained model's routing through this
+        routers = {layer.layer_idx: layer.router for layer in self.layers if layer.router is not None}
+        self.model_routing = ModelRouting(c, routers)
+        self.routing: Routing = self.model_routing  # replaced to replay or observe routing
+
+    @contextmanager
+    def routed_by(self, routing: Routing) -> Iterator[Routing]:
+        """Route with `routing` (a replayed trace, an observer wrapping the model's routing) inside the block."""
+        previous, self.routing = self.routing, routing
+        try:
+            yield routing
+        finally:
+            self.routing = previous
 
     def dense_tensors(self) -> dict[str, torch.Tensor]:
         """Every non-expert tensor by its checkpoint name."""
@@ -94,8 +108,7 @@ class Decoder:
             positions = (positions - pad.to(self.device)[:, None]).clamp(min=0)
         cos, sin = self.rotary.cos_sin(positions, self.dtype, cache.max_len)
         step = Step(cos, sin, attention_mask(start, T, pad, self.device), start, cache)
-        if self.routing_override is not None:
-            self.routing_override.at(start, T)
+        self.routing.begin(start, T)
         return F.embedding(input_ids.to(self.device), self.embed), step
 
     def attention_block(self, layer: DecoderLayer, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,10 +122,7 @@ class Decoder:
         flat = normed.reshape(-1, shape[-1])
         if layer.router is None:
             return layer.shared(flat).view(shape)  # type: ignore[misc]
-        if self.routing_override is not None:
-            ids, weights = self.routing_override.route(layer.layer_idx, self.device)
-        else:
-            _, ids, weights = route(self.config, layer.router, flat)
+        ids, weights = self.routing.route(layer.layer_idx, flat)
         assert self.experts is not None, "no expert runner attached"
         out = self.experts(layer.layer_idx, flat, ids, weights)
         if layer.shared is not None:

@@ -12,8 +12,6 @@ import torch.nn.functional as F
 
 from daop.config import ModelConfig, RopeConfig
 
-_RMS_NORM = getattr(F, "rms_norm", None)  # torch >= 2.4
-
 
 class Norm:
     """RMSNorm (weight only) or LayerNorm (weight and bias), by config.norm_kind."""
@@ -27,11 +25,7 @@ class Norm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
-        if _RMS_NORM is not None:  # one operation instead of five; same float32 formula
-            return self.weight * _RMS_NORM(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(x.dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.weight": self.weight}
@@ -163,7 +157,7 @@ class Attention:
         B, T, _ = x.shape
         H, G, d = c.num_heads, c.num_kv_heads, c.head_dim
         qkv = F.linear(x, self.qkv_proj, self.qkv_bias)
-        if c.qk_norm is None and c.clip_qkv is None:  # q and k are adjacent: rotate both in one pass
+        if c.qk_norm == "none" and c.clip_qkv is None:  # q and k are adjacent: rotate both in one pass
             qk = qkv[..., : (H + G) * d].view(B, T, H + G, d)
             v = qkv[..., (H + G) * d:]
         else:

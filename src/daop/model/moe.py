@@ -28,12 +28,6 @@ def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Ten
     return torch.cat(weights, dim=-1), torch.cat(ids, dim=-1)
 
 
-def route(config: ModelConfig, router: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Router logits [N, E], expert ids [N, K] and weights [N, K] for hidden states h [N, D]."""
-    logits = F.linear(h, router)
-    return (logits, *select_experts(config, logits))
-
-
 def select_experts(config: ModelConfig, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert ids and their weights from router logits, as the family defines them."""
     if config.router_kind == "sparsemixer":
@@ -54,10 +48,24 @@ def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Te
 
 
 class ExpertRunner(Protocol):
-    """Computes the weighted sum of routed experts' outputs for one layer."""
+    """Computes the weighted sum of routed experts' outputs for one layer.
+
+    A runner may keep per-sequence state (placement changes, next-layer preparations): `reset`
+    starts a new sequence, `set_phase` switches between "prefill" and "decode", and `totals`
+    returns its counters since load (empty when it keeps none), `close` stops its worker threads. Only DecodeSession calls the
+    first two, so every generation, evaluation, benchmark and profile runs the same sequence.
+    """
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         ...
+
+    def reset(self) -> None: ...
+
+    def set_phase(self, phase: str) -> None: ...
+
+    def totals(self) -> dict[str, float]: ...
+
+    def close(self) -> None: ...
 
 
 class ResidentExperts:
@@ -69,6 +77,18 @@ class ResidentExperts:
         self.gate = {i: torch.empty(E, I, D, device=device, dtype=dtype) for i in layers}
         self.up = {i: torch.empty(E, I, D, device=device, dtype=dtype) for i in layers}
         self.down = {i: torch.empty(E, D, I, device=device, dtype=dtype) for i in layers}
+
+    def reset(self) -> None:
+        pass
+
+    def set_phase(self, phase: str) -> None:
+        pass
+
+    def totals(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
 
     def weights_of(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.gate[layer_idx][expert_idx], self.up[layer_idx][expert_idx], self.down[layer_idx][expert_idx]

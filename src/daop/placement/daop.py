@@ -8,14 +8,18 @@ predicts l+1's experts (2.4); what is done with the prediction depends on the sw
   stale_input (A2)        pre-calculate predicted host experts on the CPU from layer l's input
   substitution (A3)       cap host experts per token, replacing the rest by resident ones (2.5)
   speculative_copies      copy predicted host experts into scratch slots ahead of need (exact)
-All switches off except speculative copies is `daop-exact`: output equal to the all-GPU path.
+  cpu_experts             off: no expert ever runs on the CPU, every miss is copied (strict)
+All switches off except speculative copies is `daop-exact`: the all-GPU path's routing, with
+outputs equal to it up to CPU-vs-GPU rounding of CPU-computed experts (bitwise on a CPU-only
+machine). `daop-strict` adds cpu_experts off: bitwise the all-GPU path's outputs on a GPU too.
 The runner (runtime/daop_runner.py) carries the decisions out; this module decides only.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from daop.placement.policies import LayerPlan, Policy, PolicyContext
+from daop.errors import DaopError
+from daop.placement.policies import Policy, PolicyContext
 from daop.placement.table import Placement
 from daop.predict.placement import quota_placement
 from daop.predict.split import SplitPlan, makespan_split, sum_of_costs_split
@@ -35,6 +39,7 @@ class DaopConfig:
     speculative_copies: bool = True
     balance_channels: bool = True  # leave some predicted misses to the CPU so copies and CPU share the work
     scratch_per_layer: int = 0  # scratch slots for copies, per layer in flight (0 = top_k)
+    cpu_experts: bool = True  # off: every miss is copied to the GPU (bitwise equal to the all-GPU path)
 
     @property
     def exact(self) -> bool:
@@ -49,6 +54,7 @@ PRESETS: dict[str, DaopConfig] = {
     # (daop-stale) was slower than daop-exact and changed the tokens, so `daop` is daop-exact.
     "daop": DaopConfig(),
     "daop-stale": DaopConfig(stale_input=True),
+    "daop-strict": DaopConfig(cpu_experts=False),
 }
 
 
@@ -61,6 +67,9 @@ class Daop(Policy):
         self.config = config
         per_layer = config.scratch_per_layer or ctx.top_k
         ctx.scratch_slots = min(ctx.gpu_slots, 2 * per_layer) if ctx.gpu_slots > 2 * per_layer else 0
+        if not config.cpu_experts and ctx.scratch_slots == 0:
+            raise DaopError(f"a DAOP preset without CPU experts needs more than {2 * per_layer} GPU expert slots to copy "
+                            f"misses into; the budget holds {ctx.gpu_slots}")
         self.exact = config.exact
         super().__init__(ctx)
 
@@ -82,14 +91,6 @@ class Daop(Policy):
     def split(self, counts: dict[int, int], on_gpu: set[int], max_copies: int) -> SplitPlan:
         rule = makespan_split if self.config.split == "makespan" else sum_of_costs_split
         return rule(counts, on_gpu, self.ctx.cost, max_copies=max_copies)
-
-    def plan(self, layer_idx: int, counts: dict[int, int]) -> LayerPlan:
-        """Plan without prediction state (used when the runner has nothing pending for the layer)."""
-        resident = set(self.placement.resident_experts(layer_idx))
-        split = self.split(counts, resident, len(self.scratch()))
-        scratch = self.scratch()
-        return LayerPlan(gpu=tuple((e, self.placement.slot(layer_idx, e)) for e in split.gpu), cpu=split.cpu,
-                         copy=tuple(zip(split.copy, scratch)))
 
 
 def make_daop(preset: str, ctx: PolicyContext, **overrides) -> Daop:

@@ -37,9 +37,6 @@ class Placement:
     def resident_experts(self, layer_idx: int) -> list[int]:
         return [int(e) for e in np.flatnonzero(self.table[layer_idx] != HOST)]
 
-    def free_slots(self) -> list[int]:
-        return [int(s) for s in np.flatnonzero(self.owner[:, 0] == HOST)]
-
     def copy(self) -> "Placement":
         other = Placement(*self.table.shape, self.num_slots)
         other.table[:] = self.table

@@ -1,24 +1,12 @@
-"""One-layer-ahead expert prediction (paper section 2.4) and how well it matches the true routing.
+"""How well a one-layer-ahead expert prediction (paper section 2.4) matches the true routing.
 
-Layer l's post-attention normed state h_l, fed to layer l+1's router, predicts layer l+1's experts:
-the residual stream changes little between layers. Shapes: N tokens, D hidden, E experts, K top-k.
+Layer l's post-attention normed state h_l, fed to layer l+1's router, predicts layer l+1's experts
+(daop.model.routing.Routing.predict): the residual stream changes little between layers.
+Shapes: N tokens, K top-k.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-
-from daop.config import ModelConfig
-from daop.model.moe import select_experts
-
-
-def predict_next(router_next: torch.Tensor, normed_h: torch.Tensor, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor]:
-    """Predicted expert ids [N, K] and weights [N, K] of the next layer from h_l [N, D] and its router [E, D].
-
-    The family's own top-k rule (softmax top-k or sparsemixer) applies, so a prediction has the
-    same form as true routing.
-    """
-    return select_experts(config, F.linear(normed_h, router_next))
 
 
 def prediction_accuracy(pred_ids: torch.Tensor, true_ids: torch.Tensor) -> tuple[float, float]:

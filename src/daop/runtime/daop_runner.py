@@ -6,49 +6,58 @@ GPU work starts, the predicted host experts of l+1 are either copied into scratc
 layer l+1 the routing is the true router's (exact) or the prediction (A1), optionally with host
 experts capped per token (A3); work that turns out not to be needed is discarded.
 Prefill is exact: per-sequence swaps, then a cost-model split of the misses (2.2, 2.3).
-Shapes: N tokens, K top-k, E experts, D hidden.
+Every decision is made by the pure planners of runtime/scheduler.py; this class only carries
+them out. Shapes: N tokens, K top-k, E experts, D hidden.
 """
 from __future__ import annotations
 
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 
-from daop.config import ModelConfig
+from daop.model.moe import group_by_expert
+from daop.model.routing import Routing
 from daop.placement.daop import Daop
-from daop.placement.policies import LayerPlan
 from daop.predict.degrade import degrade
 from daop.runtime.offload import OffloadedExperts
+from daop.runtime.scheduler import (ChannelLoad, Prepared, plan_decode_layer, plan_prefill_layer,
+                                    plan_speculation)
 
 
 @dataclass
 class Pending:
-    """What layer l prepared for layer l+1."""
+    """What layer l started for layer l+1: the plan's data and the handles that carry it out."""
 
-    ids: torch.Tensor  # predicted routing [N, K] on the device
+    ids: torch.Tensor  # routing [N, K] predicted for l+1 (after substitution) on the device
     weights: torch.Tensor
-    ids_host: torch.Tensor
-    prefetched: dict[int, tuple[int, object]] = field(default_factory=dict)  # expert -> (slot, copy event)
+    raw_host: torch.Tensor  # the router's prediction before substitution [N, K], for scoring
+    prepared: Prepared
+    copy_events: dict[int, Any] = field(default_factory=dict)  # expert -> copy completion event
     precalc: Future | None = None  # expert -> y computed on layer l's input
-    precalc_rows: dict[int, torch.Tensor] = field(default_factory=dict)
-    cpu_assigned: set[int] = field(default_factory=set)  # predicted misses the CPU will take on the true input
+
+
+@dataclass
+class Prediction:
+    layer_idx: int
+    logits: torch.Tensor
+    raw_ids: torch.Tensor  # the router's choice
+    ids: torch.Tensor  # after substitution (= raw_ids without it)
+    weights: torch.Tensor
 
 
 class DaopRunner(OffloadedExperts):
-    def __init__(self, *args, routers: dict[int, torch.Tensor], model_config: ModelConfig, **kwargs) -> None:
+    def __init__(self, *args: Any, routing: Callable[[], Routing], **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.policy: Daop
-        self.routers = routers
-        self.model_config = model_config
-        layers = sorted(routers)
-        self.next_moe = {a: b for a, b in zip(layers, layers[1:])}
+        self.routing = routing  # the decoder's current routing: predictions come from the same source
+        layers = list(self.policy.ctx.moe_layers)
+        self.next_moe = dict(zip(layers, layers[1:]))
+        self.first_moe = layers[0] if layers else 0
         self.phase = "prefill"
         self.pending: dict[int, Pending] = {}
-        self.prediction_source = None  # a TraceRouting when a benchmark replays recorded predictions
-        self.first_moe = min(routers) if routers else 0
-        self.load_ms = {"cpu": 0.0, "copy": 0.0}  # work given to each host channel in this decode step
+        self.load = ChannelLoad()  # work given to each host channel in this decode step
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
@@ -58,118 +67,95 @@ class DaopRunner(OffloadedExperts):
         super().reset()
         self.pending.clear()
 
+    def resident_slots(self, layer_idx: int) -> dict[int, int]:
+        placement = self.policy.placement
+        return {e: placement.slot(layer_idx, e) for e in placement.resident_experts(layer_idx)}
+
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.phase != "decode":
             return self.prefill_layer(layer_idx, h, ids, weights)
         return self.decode_layer(layer_idx, h, ids, weights)
 
-    def prefill_layer(self, layer_idx, h, ids, weights) -> torch.Tensor:
-        rows_host = self.rows_of(ids.cpu())
+    def prefill_layer(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        rows_host = group_by_expert(ids.cpu())
         counts = {e: len(r[0]) for e, r in rows_host.items()}
         swap_copies = self.policy.prefill_swaps(layer_idx, counts)
-        swapped = {e for e, _ in swap_copies}
-        resident = set(self.policy.placement.resident_experts(layer_idx)) - swapped
-        rest = {e: n for e, n in counts.items() if e not in swapped}
-        split = self.policy.split(rest, resident, len(self.policy.scratch()))
-        plan = LayerPlan(gpu=tuple((e, self.policy.placement.slot(layer_idx, e)) for e in split.gpu), cpu=split.cpu,
-                         copy=tuple((e, s) for e, s in swap_copies if e in counts) + tuple(zip(split.copy, self.policy.scratch())))
+        plan = plan_prefill_layer(counts, swap_copies, self.resident_slots(layer_idx), self.policy.scratch(),
+                                  self.policy.split, self.policy.config.cpu_experts)
         return self.execute(layer_idx, h, weights, rows_host, plan)
 
-    def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[int, torch.Tensor, torch.Tensor] | None:
-        """Predicted (next layer, ids, weights) from this layer's input, or None outside prediction."""
+    def predict(self, layer_idx: int, h: torch.Tensor) -> Prediction | None:
+        """Layer l+1's routing predicted from layer l's input, or None outside prediction."""
         nxt = self.next_moe.get(layer_idx)
         cfg = self.policy.config
         if nxt is None or nxt < cfg.first_predicted_layer:
             return None
-        from daop.model.moe import select_experts
-
-        logits = F.linear(h, self.routers[nxt])
-        if self.prediction_source is not None:
-            ids, weights = self.prediction_source.predicted(nxt, h.device)
-        else:
-            ids, weights = select_experts(self.model_config, logits)
+        logits, ids, weights = self.routing().predict(nxt, h)
+        pred = Prediction(nxt, logits, ids, ids, weights)
         if cfg.substitution:
-            mask = torch.zeros(self.model_config.num_experts, dtype=torch.bool)
+            mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
             mask[self.policy.placement.resident_experts(nxt)] = True
-            ids, weights, degraded = degrade(ids, weights, logits, mask.to(h.device), cfg.max_cpu_per_token)
+            pred.ids, pred.weights, degraded = degrade(ids, weights, logits, mask.to(h.device), cfg.max_cpu_per_token)
             self.counters.add("degraded_tokens", nxt, float(degraded.sum()))
-        return nxt, ids, weights
+        return pred
 
-    def decode_layer(self, layer_idx, h, ids, weights) -> torch.Tensor:
+    def decode_layer(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cfg = self.policy.config
         if layer_idx == self.first_moe:
-            self.load_ms = {"cpu": 0.0, "copy": 0.0}
+            self.load = ChannelLoad()
         pend = self.pending.pop(layer_idx, None)
+        true_ids = ids
         if pend is not None and cfg.predicted_routing:
             ids, weights = pend.ids, pend.weights.to(weights.dtype)
         pred = self.predict(layer_idx, h)
-        both = torch.cat([ids, pred[1]], dim=1) if pred else ids
-        host = both.cpu()  # one sync for this layer's routing and the next layer's prediction
-        ids_host, pred_host = host[:, : ids.shape[1]], (host[:, ids.shape[1]:] if pred else None)
+        # one device->host copy for this layer's routing, the true routing and the next prediction
+        parts = [ids] + ([true_ids] if ids is not true_ids else []) + ([pred.raw_ids, pred.ids] if pred else [])
+        host = torch.cat([p.long() for p in parts], dim=1).cpu().split(ids.shape[1], dim=1)
+        ids_host, true_host = host[0], host[1] if ids is not true_ids else host[0]
         if pend is not None:
-            self.score_prediction(layer_idx, pend.ids_host, ids_host)
-        rows_host = self.rows_of(ids_host)
+            self.score_prediction(layer_idx, pend.raw_host, true_host)
+        rows_host = group_by_expert(ids_host)
         counts = {e: len(r[0]) for e, r in rows_host.items()}
-        ready = {e: v for e, v in (pend.prefetched if pend else {}).items() if e in counts}
-        done = self.usable_precalc(pend, rows_host) if pend else {}
-        resident = set(self.policy.placement.resident_experts(layer_idx))
-        forced_cpu = tuple(e for e in sorted(pend.cpu_assigned) if e in counts and e not in resident) if pend else ()
-        todo = {e: n for e, n in counts.items() if e not in ready and e not in done and e not in forced_cpu}
-        in_use = {slot for slot, _ in ready.values()}
-        free = [s for s in self.policy.scratch() if s not in in_use]
-        split = self.policy.split(todo, resident, len(free))
-        plan = LayerPlan(gpu=tuple((e, self.policy.placement.slot(layer_idx, e)) for e in split.gpu),
-                         cpu=forced_cpu + split.cpu, copy=tuple(zip(split.copy, free)))
-        taken = in_use | {s for _, s in plan.copy}
+        prepared = pend.prepared if pend else None
+        rows = {e: tuple(rows_host[e][0].tolist()) for e in (prepared.precalc_rows if prepared else ()) if e in rows_host}
+        plan = plan_decode_layer(counts, rows, self.resident_slots(layer_idx), self.policy.scratch(), prepared,
+                                 self.policy.split, cfg.cpu_experts)
+        ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
+        precalc = (pend.precalc, plan.precalc_used) if pend and pend.precalc else None
+        self.counters.add("precalc_used", layer_idx, len(plan.precalc_used))
+        self.counters.add("precalc_wasted", layer_idx, plan.precalc_wasted)
+        taken = {s for _, s in plan.ready} | {s for _, s in plan.layer.copy}
 
         def speculate() -> None:
             if pred is not None:
-                self.pending[pred[0]] = self.prepare(pred[0], h, pred[1], pred[2], pred_host, taken)
+                self.pending[pred.layer_idx] = self.prepare(pred, h, host[-2], host[-1], taken)
 
-        return self.execute(layer_idx, h, weights, rows_host, plan, ready=ready, done=done, before_compute=speculate)
+        return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate)
 
-    def prepare(self, nxt: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, ids_host: torch.Tensor,
+    def prepare(self, pred: Prediction, h: torch.Tensor, raw_host: torch.Tensor, ids_host: torch.Tensor,
                 taken: set[int]) -> Pending:
-        """Start the next layer's predicted host experts early: CPU on this input, or copies."""
-        cfg = self.policy.config
-        pend = Pending(ids, weights, ids_host)
-        predicted = self.rows_of(ids_host)
-        host_experts = [e for e in predicted if not self.policy.placement.resident(nxt, e)]
-        if not host_experts:
-            return pend
-        if cfg.stale_input:
-            pend.precalc_rows = {e: predicted[e][0] for e in host_experts}
-            h_host, h_ready = self.transfer.to_host(h)
-            jobs = [(e, predicted[e][0], self.store.host_weights(nxt, e)) for e in host_experts]
-            pend.precalc = self.cpu.submit(jobs, h_host, h_ready)
-        elif cfg.speculative_copies:
-            free = [s for s in self.policy.scratch() if s not in taken]
-            cost = self.policy.ctx.cost
-            for e in sorted(host_experts, key=lambda e: -len(predicted[e][0])):
-                cpu_ms = cost.cpu_ms(len(predicted[e][0]))
-                if not free or (cfg.balance_channels and self.load_ms["cpu"] + cpu_ms < self.load_ms["copy"] + cost.copy_ms()):
-                    self.load_ms["cpu"] += cpu_ms  # the CPU takes it at the next layer, on the true input
-                    pend.cpu_assigned.add(e)
-                    continue
-                self.load_ms["copy"] += cost.copy_ms()
-                slot = free.pop(0)
-                pend.prefetched[e] = (slot, self.copy(nxt, e, slot))
-                self.counters.add("speculative_copies", nxt, 1)
-                self.counters.add("copied_bytes", nxt, self.store.expert_bytes)
+        """Start the next layer's predicted host experts early, as plan_speculation says."""
+        cfg, nxt = self.policy.config, pred.layer_idx
+        predicted = group_by_expert(ids_host)
+        free = [s for s in self.policy.scratch() if s not in taken]
+        spec = plan_speculation({e: len(r[0]) for e, r in predicted.items()}, set(self.policy.placement.resident_experts(nxt)),
+                                free, self.load, self.policy.ctx.cost, stale_input=cfg.stale_input,
+                                speculative_copies=cfg.speculative_copies, balance_channels=cfg.balance_channels,
+                                cpu_experts=cfg.cpu_experts)
+        self.load = spec.load
+        prepared = Prepared(prefetched=dict(spec.copies), cpu_assigned=frozenset(spec.cpu_assigned),
+                            precalc_rows={e: tuple(predicted[e][0].tolist()) for e in spec.precalc})
+        pend = Pending(pred.ids, pred.weights, raw_host, prepared)
+        if spec.precalc:
+            pend.precalc = self.cpu_job(nxt, h, predicted, spec.precalc)
+        for e, slot in spec.copies:
+            pend.copy_events[e] = self.copy(nxt, e, slot)
+            self.counters.add("speculative_copies", nxt, 1)
+            self.counters.add("copied_bytes", nxt, self.store.expert_bytes)
         return pend
 
-    def usable_precalc(self, pend: Pending, rows_host: dict) -> dict[int, torch.Tensor]:
-        """Pre-calculated outputs whose expert and token rows the routing really asks for."""
-        if pend.precalc is None:
-            return {}
-        results = pend.precalc.result()
-        usable = {e: y for e, y in results.items()
-                  if e in rows_host and torch.equal(rows_host[e][0], pend.precalc_rows[e])}
-        self.counters.add("precalc_used", 0, len(usable))
-        self.counters.add("precalc_wasted", 0, len(results) - len(usable))
-        return usable
-
     def score_prediction(self, layer_idx: int, predicted: torch.Tensor, true: torch.Tensor) -> None:
+        """Predicted experts that the true router also chose, over the true choices."""
         shared = (predicted[:, :, None] == true[:, None, :]).any(dim=2).sum().item()
         self.counters.add("predicted_hits", layer_idx, shared)
         self.counters.add("predicted_total", layer_idx, true.numel())

@@ -8,13 +8,16 @@ does, so exact policies give the same tokens. Shapes: N tokens, D hidden, K top-
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
 
 import torch
 
 from daop.executors.cpu import CpuExecutor
 from daop.executors.transfer import Transfer
 from daop.model.moe import expert_input, group_by_expert, swiglu, token_rows, weighted_sum
-from daop.placement.policies import Policy
+from daop.placement.policies import LayerPlan, Policy
 from daop.runtime.stats import Counters
 from daop.weights.expert_store import ExpertStore
 
@@ -46,58 +49,81 @@ class OffloadedExperts:
         self.policy.reset()
         self.apply_placement(self.policy.placement)
 
-    rows_of = staticmethod(group_by_expert)
+    def set_phase(self, phase: str) -> None:
+        """Baseline policies plan prefill and decode alike."""
+
+    def totals(self) -> dict[str, float]:
+        return {**self.counters.totals(), "cpu_busy_s": self.cpu.busy_s}
+
+    def close(self) -> None:
+        self.cpu.close()
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        rows_host = self.rows_of(ids.cpu())  # the plan needs the routing on the host
+        rows_host = group_by_expert(ids.cpu())  # the plan needs the routing on the host
         plan = self.policy.plan(layer_idx, {e: len(r[0]) for e, r in rows_host.items()})
         return self.execute(layer_idx, h, weights, rows_host, plan)
 
-    def execute(self, layer_idx: int, h: torch.Tensor, weights: torch.Tensor, rows_host: dict, plan,
-                ready: dict[int, tuple[int, object]] | None = None, done: dict[int, torch.Tensor] | None = None,
-                before_compute=None) -> torch.Tensor:
+    def cpu_job(self, layer_idx: int, h: torch.Tensor, rows_host: dict, experts: Sequence[int]) -> Future:
+        """Start computing `experts` of layer_idx for their rows of h on the CPU."""
+        jobs = [(e, rows_host[e][0], self.store.host_weights(layer_idx, e)) for e in experts]
+        return self.transfer.host_job(h, lambda h_host, ready: self.cpu.submit(jobs, h_host, ready))
+
+    def execute(self, layer_idx: int, h: torch.Tensor, weights: torch.Tensor, rows_host: dict, plan: LayerPlan,
+                ready: dict[int, tuple[int, Any]] | None = None, precalc: tuple[Future, tuple[int, ...]] | None = None,
+                before_compute: Callable[[], None] | None = None) -> torch.Tensor:
         """Carry out a plan: CPU jobs first, then copies, then GPU work; sum outputs in expert order.
 
-        ready: experts already copied into scratch slots (expert -> (slot, copy event)); done:
-        outputs computed earlier (expert -> y on the host or device); before_compute: a callback run
-        once this layer's copies and CPU jobs are queued (speculation for the next layer).
+        ready: experts already copied into scratch slots (expert -> (slot, copy event)); precalc: a
+        CPU job started earlier and the experts of its results to use (collected last, with this
+        layer's own CPU results); before_compute: a callback run once this layer's copies and CPU
+        jobs are queued (speculation for the next layer).
         """
-        c = self.counters
-        future = None
-        if plan.cpu:
-            h_host, h_ready = self.transfer.to_host(h)
-            jobs = [(e, rows_host[e][0], self.store.host_weights(layer_idx, e)) for e in plan.cpu]
-            future = self.cpu.submit(jobs, h_host, h_ready)
+        ready = ready or {}
+        used = precalc[1] if precalc else ()
+        check_served(layer_idx, rows_host, plan, ready, used)
+        future = self.cpu_job(layer_idx, h, rows_host, plan.cpu) if plan.cpu else None
         # A slot that this plan reads before (a resident expert, an earlier copy) is refilled only
         # after that read has been queued; the others are copied right away.
-        busy = {slot for _, slot in plan.gpu} | {slot for slot, _ in (ready or {}).values()}
-        first_use: dict[int, object] = {}
+        busy = {slot for _, slot in plan.gpu} | {slot for slot, _ in ready.values()}
+        first_use: dict[int, Any] = {}
         for i, (e, slot) in enumerate(plan.copy):
             if slot not in busy:
-                first_use[i] = (slot, self.copy(layer_idx, e, slot))
+                first_use[i] = self.copy(layer_idx, e, slot)
             busy.add(slot)
         if before_compute is not None:
             before_compute()
         rows = token_rows(h, rows_host)
-        ys: dict[int, torch.Tensor] = {e: self.transfer.to_device(y) for e, y in (done or {}).items()}
-        gpu_items = [(e, slot, None) for e, slot in plan.gpu] + [(e, s, ev) for e, (s, ev) in (ready or {}).items()]
-        copy_items = [(e, slot, first_use[i][1] if i in first_use else None) for i, (e, slot) in enumerate(plan.copy)]
+        ys: dict[int, torch.Tensor] = {}
+        gpu_items = [(e, slot, None) for e, slot in plan.gpu] + [(e, s, ev) for e, (s, ev) in ready.items()]
+        copy_items = [(e, slot, first_use.get(i)) for i, (e, slot) in enumerate(plan.copy)]
         for n, (e, slot, event) in enumerate(gpu_items + copy_items):
             if n >= len(gpu_items) and event is None:
                 event = self.copy(layer_idx, e, slot)
             self.transfer.wait(event)
             ys[e] = swiglu(expert_input(h, rows, e), *self.store.slot_weights(slot))
             self.transfer.release_slot(slot)
-        if future is not None:
-            t0 = time.perf_counter()
-            for e, y in future.result().items():
-                ys[e] = self.transfer.to_device(y)
-            c.add("cpu_wait_s", layer_idx, time.perf_counter() - t0)
-        out = weighted_sum(h, ys, weights, rows_host, rows)
-        c.add("resident_calls", layer_idx, len(plan.gpu) + len(ready or {}))
-        c.add("cpu_calls", layer_idx, len(plan.cpu) + len(done or {}))
+        t0 = time.perf_counter()
+        for job, experts in ((future, plan.cpu), *((precalc,) if precalc else ())):
+            if job is not None:
+                results = job.result()
+                for e in experts:
+                    ys[e] = self.transfer.to_device(results[e])
+        self.count(layer_idx, h.shape[0], plan, len(ready), len(used), time.perf_counter() - t0)
+        return weighted_sum(h, ys, weights, rows_host, rows)
+
+    def count(self, layer_idx: int, num_tokens: int, plan: LayerPlan, ready: int, precalc: int, cpu_wait_s: float) -> None:
+        c = self.counters
+        c.add("cpu_wait_s", layer_idx, cpu_wait_s)
+        c.add("resident_calls", layer_idx, len(plan.gpu) + ready)
+        c.add("cpu_calls", layer_idx, len(plan.cpu) + precalc)
         c.add("copy_calls", layer_idx, len(plan.copy))
         c.add("copied_bytes", layer_idx, len(plan.copy) * self.store.expert_bytes)
         c.add("layer_calls", layer_idx, 1)
-        c.add("tokens", layer_idx, h.shape[0])
-        return out
+        c.add("tokens", layer_idx, num_tokens)
+
+
+def check_served(layer_idx: int, rows_host: dict, plan: LayerPlan, ready: dict, precalc: tuple[int, ...]) -> None:
+    """Every routed expert of the layer is served exactly once, and nothing else is."""
+    served = sorted([e for e, _ in plan.gpu] + list(plan.cpu) + [e for e, _ in plan.copy] + list(ready) + list(precalc))
+    if served != sorted(rows_host):
+        raise RuntimeError(f"layer {layer_idx}: the plan serves experts {served}, the routing needs {sorted(rows_host)}")

@@ -22,9 +22,10 @@ from daop.placement.daop import PRESETS, make_daop
 from daop.placement.policies import POLICIES, PolicyContext, make_policy
 from daop.runtime.daop_runner import DaopRunner
 
-ALL_POLICIES = [*POLICIES, *PRESETS]
 from daop.runtime.offload import OffloadedExperts
 from daop.weights.expert_store import ExpertStore, HostExperts
+
+ALL_POLICIES = [*POLICIES, *PRESETS]
 
 
 @dataclass(frozen=True)
@@ -141,8 +142,7 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
 
     def start() -> ExpertRunner:
         if policy_name in PRESETS:
-            routers = {layer.layer_idx: layer.router for layer in decoder.layers if layer.router is not None}
-            return DaopRunner(store, policy, CpuExecutor(threads), Transfer(dev), c.num_layers, routers=routers, model_config=c)
+            return DaopRunner(store, policy, CpuExecutor(threads), Transfer(dev), c.num_layers, routing=lambda: decoder.routing)
         return OffloadedExperts(store, policy, CpuExecutor(threads), Transfer(dev), c.num_layers)
 
     return PreparedRuntime(budget, policy_name, store.host_weights, start)

@@ -26,18 +26,18 @@ class Counters:
     def totals(self) -> dict[str, float]:
         return {name: float(v.sum()) for name, v in self.data.items()}
 
-    def summary(self, generated_tokens: int) -> dict[str, float]:
-        """Per-token rates over the whole model (what --stats prints and bench records)."""
-        t = self.totals()
-        calls = t["resident_calls"] + t["cpu_calls"] + t["copy_calls"]
-        per = max(generated_tokens, 1)
-        return {
-            "gpu_hit_rate": t["resident_calls"] / calls if calls else 1.0,
-            "resident_calls_per_token": t["resident_calls"] / per,
-            "cpu_calls_per_token": t["cpu_calls"] / per,
-            "copy_calls_per_token": t["copy_calls"] / per,
-            "h2d_bytes_per_token": t["copied_bytes"] / per,
-            "cpu_wait_s": t["cpu_wait_s"],
-            "prediction_precision": t["predicted_hits"] / t["predicted_total"] if t["predicted_total"] else float("nan"),
-            "degradation_rate": t["degraded_tokens"] / t["predicted_total"] if t["predicted_total"] else 0.0,
-        }
+
+def per_token(t: dict[str, float], generated_tokens: int) -> dict[str, float]:
+    """Per-token rates over the whole model from a runner's totals (what --stats prints)."""
+    calls = t["resident_calls"] + t["cpu_calls"] + t["copy_calls"]
+    per = max(generated_tokens, 1)
+    return {
+        "gpu_hit_rate": t["resident_calls"] / calls if calls else 1.0,
+        "resident_calls_per_token": t["resident_calls"] / per,
+        "cpu_calls_per_token": t["cpu_calls"] / per,
+        "copy_calls_per_token": t["copy_calls"] / per,
+        "h2d_bytes_per_token": t["copied_bytes"] / per,
+        "cpu_wait_s": t["cpu_wait_s"],
+        "prediction_precision": t["predicted_hits"] / t["predicted_total"] if t["predicted_total"] else float("nan"),
+        "degradation_rate": t["degraded_tokens"] / t["predicted_total"] if t["predicted_total"] else 0.0,
+    }

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Callable, Iterable
 
 import torch
@@ -123,10 +122,6 @@ def not_finite(ckpt: Checkpoint, name: str, dest: torch.Tensor) -> DaopError:
         if torch.isfinite(source).all():
             cause = f"its {entry.dtype} values overflow {dest.dtype}; choose another --dtype"
     return DaopError(f"{ckpt.file_of(name)}: tensor {name!r} has {nan} NaN and {inf} Inf values ({cause})")
-
-
-def open_checkpoint(model_dir: Path) -> Checkpoint:
-    return Checkpoint(model_dir)
 
 
 def load_weights(

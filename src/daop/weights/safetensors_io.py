@@ -181,10 +181,6 @@ class Checkpoint:
     def read_into(self, name: str, dest: torch.Tensor) -> None:
         self.where[name].read_into(name, dest)
 
-    @property
-    def total_bytes(self) -> int:
-        return sum(e.nbytes for f in self.files for e in f.entries.values())
-
     def close(self) -> None:
         for f in self.files:
             f.close()

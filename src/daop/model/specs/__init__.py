@@ -42,10 +42,6 @@ def _registry() -> dict[str, FamilySpec]:
     return {s.model_type: s for s in specs}
 
 
-def supported_families() -> list[FamilySpec]:
-    return list(_registry().values())
-
-
 def spec_for(raw: dict[str, Any], path: Path | str = "config.json") -> FamilySpec:
     """The spec for a config.json's model_type, or a DaopError listing the supported ones."""
     registry = _registry()

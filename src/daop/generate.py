@@ -1,0 +1,96 @@
+"""One sequence through the model: reset -> prefill -> decode steps, for every caller.
+
+Generation (single and batched), benchmark replay, evaluation and routing profiles all drive
+the model through DecodeSession, so none of them can forget to start the runner's sequence from
+the calibrated placement or to switch it to the decode phase. Device out-of-memory errors
+become OutOfMemory naming the step, with the runner left ready for the next sequence.
+Shapes: B batch, T prompt tokens, V vocab.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from daop.errors import OutOfMemory
+from daop.model.decoder import Decoder
+
+DEVICE_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # the allocator's error
+
+
+def start_sequence(decoder: Decoder) -> None:
+    """The runner's next sequence starts from the calibrated placement, in the prefill phase."""
+    decoder.experts.reset()
+    decoder.experts.set_phase("prefill")
+
+
+def guarded(decoder: Decoder, what: str | Callable[[], str], fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """Call fn; a device out-of-memory error becomes OutOfMemory naming `what` (a callable is only
+    asked on failure, so decode steps format nothing), with the runner reset for the next sequence.
+
+    The failed request's tensors are only referenced from the frames of the error being handled,
+    so they are freed when it is.
+    """
+    try:
+        return fn(*args, **kwargs)
+    except (DEVICE_OOM, MemoryError) as exc:
+        first = (str(exc).strip().splitlines() or ["out of memory"])[0][:200]
+        where = "host" if isinstance(exc, MemoryError) else decoder.device.type.upper()
+    start_sequence(decoder)
+    if decoder.device.type == "cuda":
+        torch.cuda.empty_cache()
+    what = what() if callable(what) else what
+    raise OutOfMemory(f"out of {where} memory during {what} ({first}); a shorter prompt, fewer new tokens, "
+                      f"a smaller --max-context or a lower --gpu-memory / --expert-ratio leaves more room")
+
+
+class DecodeSession:
+    """Prompts (one, or several left-padded into a batch), then one decode step per call of `step`.
+
+    Creating a session resets the expert runner; `prefill` runs the prompts and switches the runner
+    to decode; `step` feeds one token per row. Counters as of the end of prefill are kept, so the
+    decode phase's own counts can be told apart.
+    """
+
+    def __init__(self, decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+        self.decoder = decoder
+        lengths = [len(p) for p in prompts]
+        self.batch, self.prompt_len = len(prompts), max(lengths)
+        self.pad = torch.tensor([self.prompt_len - n for n in lengths]) if self.batch > 1 else None
+        self.ids = torch.tensor([[0] * (self.prompt_len - len(p)) + list(p) for p in prompts])
+        self.position = 0
+        self.prefill_s = 0.0
+        self.counters_after_prefill: dict[str, float] = {}
+        start_sequence(decoder)
+        self.what = (f"prefill of {self.prompt_len} prompt tokens" if self.batch == 1 else
+                     f"prefill of a batch of {self.batch} prompts of up to {self.prompt_len} tokens")
+        self.cache = guarded(decoder, self.what, decoder.new_cache, self.batch, self.prompt_len + max_new_tokens)
+
+    def prefill(self, all_logits: bool = False) -> torch.Tensor:
+        """Logits [B, V] of the last prompt position (all positions [B, T, V] with all_logits)."""
+        t0 = time.perf_counter()
+        logits = guarded(self.decoder, self.what, self.decoder.forward, self.ids, 0, self.cache, pad=self.pad,
+                         all_logits=all_logits)
+        if self.decoder.device.type == "cuda":
+            torch.cuda.synchronize(self.decoder.device)
+        self.prefill_s = time.perf_counter() - t0
+        self.position = self.prompt_len
+        self.counters_after_prefill = self.decoder.experts.totals()
+        self.decoder.experts.set_phase("decode")
+        return logits
+
+    def step(self, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Feed one token per row at the next position; logits [B, V]."""
+        ids = torch.as_tensor(tokens).reshape(self.batch, 1)
+        what = (lambda: f"decode at position {self.position}") if self.batch == 1 else \
+            (lambda: f"batch decode at position {self.position}")
+        logits = guarded(self.decoder, what, self.decoder.forward, ids, self.position, self.cache, pad=self.pad)
+        self.position += 1
+        return logits
+
+    def decode_counters(self) -> dict[str, float]:
+        """The runner's counters since the end of prefill."""
+        end = self.decoder.experts.totals()
+        return {k: end[k] - self.counters_after_prefill.get(k, 0.0) for k in end}

@@ -1,0 +1,49 @@
+"""Where a layer's expert choice comes from: the model's own routers, or an injected source.
+
+The decoder asks its `Routing` for every MoE layer's experts; offloading runners that look ahead
+ask the same object for the next layer's prediction (layer l+1's router on layer l's normed
+input, paper section 2.4). Benchmarks replay a trained model's routing and observers (routing
+statistics, trace recording) wrap the model's routing; none of them is a field the model checks
+in its hot path. Shapes: N tokens, D hidden, E experts, K top-k.
+"""
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from daop.config import ModelConfig
+from daop.model.moe import select_experts
+
+
+class Routing(Protocol):
+    """Expert choice per layer; `begin` is told the cache position and length of every forward."""
+
+    def begin(self, start: int, num_new: int) -> None: ...
+
+    def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert ids [N, K] and weights [N, K] of layer_idx for its normed input h [N, D]."""
+        ...
+
+    def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router logits [N, E], ids [N, K] and weights [N, K] predicted for layer_idx from the
+        previous layer's normed input h [N, D]."""
+        ...
+
+
+class ModelRouting:
+    """The checkpoint's routers, applied as the family defines them."""
+
+    def __init__(self, config: ModelConfig, routers: dict[int, torch.Tensor]) -> None:
+        self.config, self.routers = config, routers
+
+    def begin(self, start: int, num_new: int) -> None:
+        pass
+
+    def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return select_experts(self.config, F.linear(h, self.routers[layer_idx]))
+
+    def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = F.linear(h, self.routers[layer_idx])
+        return (logits, *select_experts(self.config, logits))

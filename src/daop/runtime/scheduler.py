@@ -1,0 +1,141 @@
+"""Pure plans for one layer call of the DAOP runner: decide here, execute in the runner.
+
+Every decision the runner used to make inline is a function of routing counts, the layer's
+resident experts and their slots, the free scratch slots, what the previous layer prepared, the
+cost model and the DaopConfig switches; the results are frozen dataclasses. Nothing here touches
+tensors, streams, threads or copies, so every branch is table-tested on hand-built cases.
+Vocabulary: a "miss" is a routed expert that is not resident on the GPU; "scratch" slots hold
+copies made for one layer call; "prepared" is what layer l did ahead of time for layer l+1.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from daop.placement.policies import LayerPlan
+from daop.predict.split import ExpertCosts, SplitPlan
+
+SplitRule = Callable[[Mapping[int, int], Collection[int], int], SplitPlan]
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What layer l did for layer l+1: copies into scratch slots, CPU work promised or done early."""
+
+    prefetched: Mapping[int, int] = field(default_factory=dict)  # expert -> scratch slot being filled
+    precalc_rows: Mapping[int, tuple[int, ...]] = field(default_factory=dict)  # pre-calculated expert -> its token rows
+    cpu_assigned: frozenset[int] = frozenset()  # predicted misses the CPU takes at l+1, on the true input
+
+
+@dataclass(frozen=True)
+class DecodeLayerPlan:
+    """One decode layer call: the layer plan, plus which prepared work it uses."""
+
+    layer: LayerPlan
+    ready: tuple[tuple[int, int], ...] = ()  # (expert, scratch slot) copied ahead of need and used now
+    precalc_used: tuple[int, ...] = ()  # experts whose pre-calculated output is used
+    precalc_wasted: int = 0  # pre-calculated experts the routing did not ask for (or for other tokens)
+
+
+@dataclass(frozen=True)
+class ChannelLoad:
+    """Work given to each host channel so far in this decode step (ms, from the cost model)."""
+
+    cpu_ms: float = 0.0
+    copy_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class SpeculationPlan:
+    """What layer l starts for layer l+1's predicted misses."""
+
+    copies: tuple[tuple[int, int], ...] = ()  # (expert, scratch slot) copied now
+    cpu_assigned: tuple[int, ...] = ()  # left to the CPU at layer l+1, on the true input
+    precalc: tuple[int, ...] = ()  # computed on the CPU now from layer l's input (approximate)
+    load: ChannelLoad = ChannelLoad()
+
+
+def plan_layer(counts: Mapping[int, int], resident_slots: Mapping[int, int], free_scratch: Sequence[int],
+               split: SplitRule, cpu_experts: bool = True) -> LayerPlan:
+    """Resident experts in place; misses split between the CPU and copies into free scratch slots.
+
+    Without CPU experts (the strict preset) every miss is copied, the free scratch slots used in
+    turn: a copy into a slot this call already read waits until that read has been queued.
+    """
+    if cpu_experts:
+        plan = split(counts, set(resident_slots), len(free_scratch))
+        if len(plan.copy) > len(free_scratch):
+            raise RuntimeError(f"split rule copies {len(plan.copy)} experts into {len(free_scratch)} free slots")
+        return LayerPlan(gpu=tuple((e, resident_slots[e]) for e in plan.gpu), cpu=plan.cpu,
+                         copy=tuple(zip(plan.copy, free_scratch[: len(plan.copy)], strict=True)))
+    gpu = tuple((e, resident_slots[e]) for e in sorted(counts) if e in resident_slots)
+    misses = [e for e in sorted(counts) if e not in resident_slots]
+    if misses and not free_scratch:
+        raise RuntimeError(f"no free scratch slot to copy experts {misses} into")
+    return LayerPlan(gpu=gpu, copy=tuple((e, free_scratch[i % len(free_scratch)]) for i, e in enumerate(misses)))
+
+
+def plan_prefill_layer(counts: Mapping[int, int], swap_copies: Sequence[tuple[int, int]],
+                       resident_slots: Mapping[int, int], scratch: Sequence[int], split: SplitRule,
+                       cpu_experts: bool = True) -> LayerPlan:
+    """Prefill: experts swapped in for this sequence are copied into their new slots first, then
+    the rest is planned as any layer call (resident_slots is the placement after the swaps)."""
+    swapped = {e for e, _ in swap_copies}
+    rest = {e: n for e, n in counts.items() if e not in swapped}
+    others = {e: s for e, s in resident_slots.items() if e not in swapped}
+    plan = plan_layer(rest, others, scratch, split, cpu_experts)
+    swaps = tuple((e, s) for e, s in swap_copies if e in counts)
+    return LayerPlan(gpu=plan.gpu, cpu=plan.cpu, copy=swaps + plan.copy)
+
+
+def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, ...]], resident_slots: Mapping[int, int],
+                      scratch: Sequence[int], prepared: Prepared | None, split: SplitRule,
+                      cpu_experts: bool = True) -> DecodeLayerPlan:
+    """Decode: use what the previous layer prepared where the routing asks for it, plan the rest.
+
+    A prefetched expert is read from its scratch slot; a pre-calculated output is used only when
+    the routing sends exactly the rows it was computed for; a miss promised to the CPU goes to the
+    CPU; every other expert is planned by plan_layer over the scratch slots not holding prefetches.
+    """
+    prepared = prepared or Prepared()
+    ready = {e: s for e, s in prepared.prefetched.items() if e in counts}
+    used = tuple(e for e in sorted(prepared.precalc_rows) if rows.get(e) == prepared.precalc_rows[e])
+    forced = tuple(e for e in sorted(prepared.cpu_assigned)
+                   if e in counts and e not in resident_slots and e not in ready and e not in used)
+    taken = set(ready) | set(used) | set(forced)
+    todo = {e: n for e, n in counts.items() if e not in taken}
+    free = [s for s in scratch if s not in ready.values()]
+    plan = plan_layer(todo, resident_slots, free, split, cpu_experts)
+    layer = LayerPlan(gpu=plan.gpu, cpu=forced + plan.cpu, copy=plan.copy)
+    return DecodeLayerPlan(layer, tuple(sorted(ready.items())), used, len(prepared.precalc_rows) - len(used))
+
+
+def plan_speculation(predicted_counts: Mapping[int, int], resident: Collection[int], free_scratch: Sequence[int],
+                     load: ChannelLoad, cost: ExpertCosts, *, stale_input: bool, speculative_copies: bool,
+                     balance_channels: bool, cpu_experts: bool = True) -> SpeculationPlan:
+    """Start layer l+1's predicted misses during layer l (paper 2.4).
+
+    stale_input: the CPU pre-calculates every predicted miss now, on layer l's input. Otherwise,
+    with speculative copies, the misses are taken busiest first; each is copied into a free
+    scratch slot unless the CPU is the less loaded channel this step (balance_channels) or no slot
+    is free, in which case the CPU takes it at layer l+1 on the true input. Without CPU experts
+    (strict) misses only ever go to free slots; the rest is copied when layer l+1 runs.
+    """
+    host = [e for e in sorted(predicted_counts) if e not in resident]
+    if not host:
+        return SpeculationPlan(load=load)
+    if stale_input:
+        return SpeculationPlan(precalc=tuple(host), load=load)
+    if not speculative_copies:
+        return SpeculationPlan(load=load)
+    free, copies, cpu = list(free_scratch), [], []
+    cpu_ms, copy_ms = load.cpu_ms, load.copy_ms
+    for e in sorted(host, key=lambda e: (-predicted_counts[e], e)):
+        e_cpu = cost.cpu_ms(predicted_counts[e])
+        if cpu_experts and (not free or (balance_channels and cpu_ms + e_cpu < copy_ms + cost.copy_ms())):
+            cpu_ms += e_cpu
+            cpu.append(e)
+        elif free:
+            copy_ms += cost.copy_ms()
+            copies.append((e, free.pop(0)))
+    return SpeculationPlan(tuple(copies), tuple(cpu), (), ChannelLoad(cpu_ms, copy_ms))
