@@ -1,9 +1,17 @@
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+# Hermetic: no test reads or writes the user's caches (hardware profiles, ...). Set before any test
+# runs, so subprocesses (CLI, server) inherit it too.
+_HOME = tempfile.mkdtemp(prefix="daop-test-home-")
+os.environ["HOME"] = _HOME
+os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, ".cache")
 
 from tiny_models import FAMILIES, hf_model, save_checkpoint  # noqa: E402
 

@@ -69,8 +69,8 @@ def precondition(name: str, ctx: PolicyContext) -> str | None:
         return "at least one GPU expert slot"
     if name == "lru" and ctx.gpu_slots < len(ctx.moe_layers):
         return "at least one GPU slot per MoE layer"
-    if name == "daop-strict" and ctx.gpu_slots <= 2 * ctx.top_k:
-        return "without CPU experts needs more than"
+    if name == "daop-strict" and ctx.gpu_slots < 1:
+        return "without CPU experts needs at least one"
     return None
 
 

@@ -67,9 +67,11 @@ class Daop(Policy):
         self.config = config
         per_layer = config.scratch_per_layer or ctx.top_k
         ctx.scratch_slots = min(ctx.gpu_slots, 2 * per_layer) if ctx.gpu_slots > 2 * per_layer else 0
-        if not config.cpu_experts and ctx.scratch_slots == 0:
-            raise DaopError(f"a DAOP preset without CPU experts needs more than {2 * per_layer} GPU expert slots to copy "
-                            f"misses into; the budget holds {ctx.gpu_slots}")
+        if not config.cpu_experts:  # every miss is copied: with a small budget, every slot is scratch
+            if ctx.gpu_slots < 1:
+                raise DaopError("a DAOP preset without CPU experts needs at least one GPU expert slot to copy misses into; "
+                                "the budget holds none")
+            ctx.scratch_slots = ctx.scratch_slots or ctx.gpu_slots
         self.exact = config.exact
         super().__init__(ctx)
 

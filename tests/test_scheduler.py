@@ -1,0 +1,117 @@
+"""The DAOP runner's pure planners on hand-built cases: every branch of decide-then-execute."""
+from dataclasses import dataclass
+
+import pytest
+
+from daop.placement.policies import LayerPlan
+from daop.predict.split import SplitPlan, makespan_split
+from daop.runtime.scheduler import (ChannelLoad, Prepared, SpeculationPlan, plan_decode_layer, plan_layer,
+                                    plan_prefill_layer, plan_speculation)
+
+
+@dataclass(frozen=True)
+class Costs:
+    cpu: float  # per expert, whatever the token count
+    copy: float
+    gpu: float = 0.1
+
+    def cpu_ms(self, n: int) -> float:
+        return self.cpu * n
+
+    def gpu_ms(self, n: int) -> float:
+        return self.gpu
+
+    def copy_ms(self) -> float:
+        return self.copy
+
+
+COPY_WINS, CPU_WINS = Costs(cpu=10.0, copy=1.0), Costs(cpu=1.0, copy=10.0)
+
+
+def split_with(cost):
+    return lambda counts, resident, max_copies: makespan_split(counts, resident, cost, max_copies=max_copies)
+
+
+def test_plan_layer_copies_when_copies_win_and_computes_on_cpu_when_cpu_wins():
+    counts, resident = {0: 1, 1: 1, 2: 1}, {0: 5}
+    assert plan_layer(counts, resident, [8, 9], split_with(COPY_WINS)) == LayerPlan(gpu=((0, 5),), copy=((1, 8), (2, 9)))
+    assert plan_layer(counts, resident, [8, 9], split_with(CPU_WINS)) == LayerPlan(gpu=((0, 5),), cpu=(1, 2))
+    # one free slot: the other miss goes to the CPU even where copies win
+    assert plan_layer(counts, resident, [8], split_with(COPY_WINS)) == LayerPlan(gpu=((0, 5),), cpu=(2,), copy=((1, 8),))
+
+
+def test_strict_plans_copy_every_miss_through_the_free_slots_in_turn():
+    plan = plan_layer({0: 1, 1: 2, 2: 1, 3: 1}, {0: 5}, [8], split_with(CPU_WINS), cpu_experts=False)
+    assert plan == LayerPlan(gpu=((0, 5),), copy=((1, 8), (2, 8), (3, 8)))
+    assert plan_layer({0: 1}, {0: 5}, [], split_with(CPU_WINS), cpu_experts=False) == LayerPlan(gpu=((0, 5),))
+    with pytest.raises(RuntimeError, match="no free scratch slot"):
+        plan_layer({1: 1}, {0: 5}, [], split_with(CPU_WINS), cpu_experts=False)
+
+
+def test_a_split_rule_that_copies_more_than_the_free_slots_is_refused():
+    def greedy(counts, resident, max_copies):
+        misses = tuple(e for e in sorted(counts) if e not in resident)
+        return SplitPlan((), (), misses, 0.0, 0.0, 0.0)
+
+    with pytest.raises(RuntimeError, match="copies 2 experts into 1 free slots"):
+        plan_layer({1: 1, 2: 1}, {}, [8], greedy)
+
+
+def test_prefill_copies_swapped_experts_into_their_new_slots_first():
+    # expert 3 (hot on the host) was swapped into expert 0's slot 5; 0 is a miss now
+    plan = plan_prefill_layer({0: 4, 1: 1, 3: 9}, [(3, 5)], {3: 5, 1: 6}, [8], split_with(COPY_WINS))
+    assert plan == LayerPlan(gpu=((1, 6),), copy=((3, 5), (0, 8)))
+    # a swap of an expert this call does not route still happened (placement), but is not copied here
+    plan = plan_prefill_layer({1: 1}, [(3, 5)], {3: 5, 1: 6}, [8], split_with(CPU_WINS))
+    assert plan == LayerPlan(gpu=((1, 6),))
+
+
+def test_decode_uses_prefetches_promised_cpu_work_and_matching_precalculations():
+    prepared = Prepared(prefetched={2: 8, 6: 9}, precalc_rows={4: (0,)}, cpu_assigned=frozenset({3}))
+    counts = {0: 1, 2: 1, 3: 1, 4: 1, 5: 1}
+    plan = plan_decode_layer(counts, {4: (0,)}, {0: 1}, [8, 9, 10], prepared, split_with(COPY_WINS))
+    assert plan.ready == ((2, 8),)  # 6 was prefetched but not routed
+    assert plan.precalc_used == (4,) and plan.precalc_wasted == 0
+    assert plan.layer.cpu == (3,)  # promised to the CPU by the previous layer
+    assert plan.layer.gpu == ((0, 1),)
+    assert plan.layer.copy == ((5, 9),)  # slot 8 holds the prefetch in use; 9 is free again
+
+
+def test_decode_discards_precalculations_for_other_rows_or_experts():
+    prepared = Prepared(precalc_rows={4: (0,), 7: (0,)})
+    plan = plan_decode_layer({4: 2}, {4: (0, 1)}, {}, [], prepared, split_with(CPU_WINS))
+    assert plan.precalc_used == () and plan.precalc_wasted == 2
+    assert plan.layer.cpu == (4,)  # computed again, on the true rows
+    assert plan_decode_layer({4: 1}, {4: (0,)}, {}, [], None, split_with(CPU_WINS)).layer.cpu == (4,)
+
+
+def test_speculation_balances_the_two_channels_busiest_first():
+    cost = Costs(cpu=5.0, copy=6.0)
+    spec = plan_speculation({1: 2, 2: 1, 0: 1}, {0}, [8, 9], ChannelLoad(), cost, stale_input=False,
+                            speculative_copies=True, balance_channels=True)
+    # expert 1 (2 tokens, 10 ms on the CPU) first: CPU 10 < copy 6? no -> copied; expert 2: CPU 5 < 12 -> CPU
+    assert spec.copies == ((1, 8),) and spec.cpu_assigned == (2,) and spec.precalc == ()
+    assert spec.load == ChannelLoad(cpu_ms=5.0, copy_ms=6.0)
+
+
+def test_speculation_without_balance_copies_while_slots_last_then_cpu():
+    spec = plan_speculation({1: 1, 2: 1, 3: 1}, set(), [8], ChannelLoad(), Costs(cpu=1.0, copy=6.0), stale_input=False,
+                            speculative_copies=True, balance_channels=False)
+    assert spec.copies == ((1, 8),) and spec.cpu_assigned == (2, 3)
+
+
+def test_speculation_strict_never_assigns_the_cpu():
+    spec = plan_speculation({1: 1, 2: 1, 3: 1}, set(), [8, 9], ChannelLoad(), Costs(cpu=1.0, copy=6.0), stale_input=False,
+                            speculative_copies=True, balance_channels=True, cpu_experts=False)
+    assert spec.copies == ((1, 8), (2, 9)) and spec.cpu_assigned == ()
+
+
+def test_speculation_stale_input_precalculates_and_paper_without_copies_does_nothing():
+    args = dict(predicted_counts={1: 1, 2: 1, 0: 1}, resident={0}, free_scratch=[8], load=ChannelLoad(1.0, 2.0),
+                cost=Costs(cpu=1.0, copy=1.0), balance_channels=True)
+    stale = plan_speculation(**args, stale_input=True, speculative_copies=False)
+    assert stale.precalc == (1, 2) and stale.copies == () and stale.load == ChannelLoad(1.0, 2.0)
+    assert plan_speculation(**args, stale_input=False, speculative_copies=False) == SpeculationPlan(load=ChannelLoad(1.0, 2.0))
+    everything_resident = dict(args, resident={0, 1, 2})
+    assert plan_speculation(**everything_resident, stale_input=True, speculative_copies=False).precalc == ()
+
