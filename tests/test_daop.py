@@ -1,16 +1,28 @@
 """DAOP on the shipped trained model (real routing): exact mode equals the all-GPU path, the
-approximate presets predict, degrade and pre-calculate, and results never depend on prompt order."""
+approximate presets predict, degrade and pre-calculate, and results never depend on prompt order.
+
+DAOP_TEST_DEVICE=cuda / DAOP_TEST_DTYPE=bf16 run the same on a GPU, where daop-exact's CPU experts
+round differently from the GPU's: there only daop-strict must give the reference's tokens.
+"""
+import os
+
 import pytest
 
 from daop.engine import Engine
 from daop.sampling import SamplingParams
 
 PROMPTS = ["And God said unto Moses,", "def parse(self, text):\n    ", "ROMEO. But soft, what light"]
+DEVICE = os.environ.get("DAOP_TEST_DEVICE", "cpu")
+DTYPE = os.environ.get("DAOP_TEST_DTYPE", "fp32")
+
+
+def load(**options):
+    return Engine.from_pretrained(None, device=DEVICE, dtype=DTYPE, progress=False, **options)
 
 
 @pytest.fixture(scope="module")
 def reference():
-    engine = Engine.from_pretrained(None, device="cpu", dtype="fp32", progress=False)
+    engine = load()
     return {p: run(engine, p) for p in PROMPTS}
 
 
@@ -19,11 +31,13 @@ def run(engine, prompt, n=32):
     return list(engine.generate_ids(engine.tokenizer.encode(prompt), SamplingParams(max_new_tokens=n)))
 
 
+@pytest.mark.parametrize("policy", ["daop-exact", "daop-strict"])
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
-def test_daop_exact_equals_gpu_on_trained_model(reference, ratio):
-    engine = Engine.from_pretrained(None, device="cpu", dtype="fp32", progress=False, policy="daop-exact", expert_ratio=ratio)
-    for prompt in PROMPTS:
-        assert run(engine, prompt) == reference[prompt]
+def test_exact_presets_equal_gpu_on_trained_model(reference, policy, ratio):
+    engine = load(policy=policy, expert_ratio=ratio)
+    outputs = {prompt: run(engine, prompt) for prompt in PROMPTS}
+    if DEVICE == "cpu" or policy == "daop-strict":
+        assert outputs == reference
     totals = engine.counters()
     assert totals["predicted_total"] > 0
     assert totals["predicted_hits"] / totals["predicted_total"] > 0.8  # a trained model is predictable
@@ -31,16 +45,18 @@ def test_daop_exact_equals_gpu_on_trained_model(reference, ratio):
 
 
 def test_paper_preset_predicts_and_degrades(reference):
-    engine = Engine.from_pretrained(None, device="cpu", dtype="fp32", progress=False, policy="daop-paper", expert_ratio=0.25)
+    engine = load(policy="daop-paper", expert_ratio=0.25)
     outputs = [run(engine, p) for p in PROMPTS]
     totals = engine.counters()
     assert totals["degraded_tokens"] > 0
     assert totals["precalc_used"] > 0
     assert all(len(o) == 32 for o in outputs)
+    # the prediction is scored against the true router's choice: good, not perfect
+    assert 0.5 < totals["predicted_hits"] / totals["predicted_total"] < 1.0
 
 
 def test_stale_input_preset_uses_precalculated_experts():
-    engine = Engine.from_pretrained(None, device="cpu", dtype="fp32", progress=False, policy="daop-stale", expert_ratio=0.5)
+    engine = load(policy="daop-stale", expert_ratio=0.5)
     run(engine, PROMPTS[0])
     totals = engine.counters()
     assert totals["precalc_used"] > 0
@@ -49,7 +65,7 @@ def test_stale_input_preset_uses_precalculated_experts():
 
 @pytest.mark.parametrize("policy", ["daop-paper", "lru"])
 def test_results_do_not_depend_on_prompt_order(policy):
-    engine = Engine.from_pretrained(None, device="cpu", dtype="fp32", progress=False, policy=policy, expert_ratio=0.25)
+    engine = load(policy=policy, expert_ratio=0.25)
     forward = {p: run(engine, p, 16) for p in PROMPTS}
     backward = {p: run(engine, p, 16) for p in reversed(PROMPTS)}
     assert forward == backward

@@ -201,20 +201,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from daop.engine import Engine
-    from daop.evaluate import EvalArgs, compare, score
+    from daop.evaluate import EvalArgs, compare, load_reference, score
 
     eval_args = EvalArgs(Path(args.data), args.max_docs, args.prompt_tokens, args.continuation_tokens, args.gen_tokens,
-                         Path(args.gsm8k) if args.gsm8k else None, args.gsm8k_items)
+                         Path(args.gsm8k) if args.gsm8k else None, args.gsm8k_items, args.gsm8k_max_tokens)
     base = dict(device=args.device, dtype=args.dtype, progress=not args.no_progress, gpu_memory=args.gpu_memory,
                 expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads, hardware_profile=args.hardware_profile,
                 routing_stats=args.routing_stats, max_context=args.max_context)
-    # Exact inference at the same budget is the reference (every exact policy equals the all-GPU path);
-    # the two engines run one after the other so only one model is in memory at a time.
-    ref_policy = "gpu" if args.expert_ratio is None and args.gpu_memory is None else "daop-exact"
-    reference = score(Engine.from_pretrained(args.model, policy=ref_policy, **base), eval_args)
-    ours = score(Engine.from_pretrained(args.model, policy=args.policy, **base), eval_args)
-    report = {"policy": args.policy, "reference_policy": ref_policy, "expert_ratio": args.expert_ratio,
-              "data": args.data, **compare(reference, ours, args.gen_tokens)}
+    # The all-GPU path is the reference; the two engines run one after the other so only one model
+    # is in memory at a time.
+    ref_engine, ref_info = load_reference(args.model, base)
+    reference = score(ref_engine, eval_args)
+    ref_engine.close()
+    del ref_engine
+    engine = Engine.from_pretrained(args.model, policy=args.policy, **base)
+    ours = score(engine, eval_args)
+    report = {"policy": engine.policy, "expert_ratio": args.expert_ratio, "device": engine.device.type,
+              "dtype": str(engine.decoder.dtype).replace("torch.", ""), **ref_info, "data": args.data,
+              **compare(reference, ours, args.gen_tokens)}
     print(json.dumps(report))
     return 0
 
@@ -250,6 +254,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--gen-tokens", type=int, default=32)
     ev.add_argument("--gsm8k", default=None, help="JSONL with question/answer (GSM8K format)")
     ev.add_argument("--gsm8k-items", type=int, default=20)
+    ev.add_argument("--gsm8k-max-tokens", type=int, default=256, help="longest generated answer")
     ev.set_defaults(func=cmd_eval)
     bench = sub.add_parser("bench", help="sweep policies x expert ratios on a model geometry; JSON last")
     bench.add_argument("--geometry", default="mixtral-8x7b", help="mixtral-8x7b, phi-3.5-moe, qwen3-30b-a3b, tiny-mixtral")

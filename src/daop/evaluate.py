@@ -1,9 +1,12 @@
-"""`daop eval`: quality of a policy against exact inference on the same prompts.
+"""`daop eval`: quality of a policy against the oracle, the all-GPU path, on the same prompts.
 
-Approximations act only in the decode phase (prefill is exact), so scoring must go through the
-decode path: teacher-forced perplexity feeds the reference continuation one token at a time as
-decode steps; greedy agreement compares generated tokens with exact inference; a GSM8K-style
-set (JSONL with question/answer) scores exact-match accuracy of the generated final answers.
+The reference is always policy `gpu` (every expert resident): on the requested device and dtype
+when the whole model fits there, otherwise on the CPU in float32; each report names the
+reference's policy, device and dtype. Approximations act only in the decode phase (prefill is
+exact), so scoring goes through the decode path: teacher-forced perplexity feeds the document's
+continuation one token at a time as decode steps; greedy agreement compares generated tokens with
+the reference's; a GSM8K-style set (JSONL with question/answer) scores exact-match accuracy of
+the generated final answers.
 """
 from __future__ import annotations
 
@@ -18,22 +21,33 @@ import torch
 
 from daop.engine import Engine
 from daop.errors import DaopError
-from daop.generate import DecodeSession
+from daop.generate import DEVICE_OOM, DecodeSession
 from daop.profile import read_documents
 from daop.sampling import SamplingParams
 
 
 @torch.inference_mode()
-def decode_path_nll(engine: Engine, ids: list[int], prompt_tokens: int) -> tuple[float, int]:
-    """Sum of -log p(next token) over the continuation, each step run as a decode step."""
+def teacher_forced(engine: Engine, ids: list[int], prompt_tokens: int) -> tuple[float, list[int]]:
+    """Feed the continuation ids[prompt_tokens:] one token at a time as decode steps; returns the
+    sum of -log p(next token) and the greedy choice at every continuation position.
+
+    Free-running greedy decoding gives the same tokens as ids up to the first position where the
+    greedy choice differs from ids, so that position is the first divergence from ids."""
     session = DecodeSession(engine.decoder, [ids[:prompt_tokens]], len(ids) - prompt_tokens)
     logits = session.prefill()
-    nll = 0.0
+    nll, choices = 0.0, []
     for pos in range(prompt_tokens, len(ids)):
-        nll -= torch.log_softmax(logits[0].float(), dim=-1)[ids[pos]].item()
+        logp = torch.log_softmax(logits[0].float(), dim=-1)
+        nll -= logp[ids[pos]].item()
+        choices.append(int(logp.argmax()))
         if pos + 1 < len(ids):
             logits = session.step([ids[pos]])
-    return nll, len(ids) - prompt_tokens
+    return nll, choices
+
+
+def decode_path_nll(engine: Engine, ids: list[int], prompt_tokens: int) -> tuple[float, int]:
+    """Sum of -log p(next token) over the continuation, each step run as a decode step."""
+    return teacher_forced(engine, ids, prompt_tokens)[0], len(ids) - prompt_tokens
 
 
 def agreement(ref: list[int], ours: list[int]) -> tuple[float, int]:
@@ -79,6 +93,23 @@ class EvalArgs:
     gen_tokens: int = 32
     gsm8k: Path | None = None
     gsm8k_items: int = 20
+    gsm8k_max_tokens: int = 256
+
+
+def load_reference(model: str | None, options: dict) -> tuple[Engine, dict]:
+    """The oracle: policy gpu on the requested device and dtype, or float32 on the CPU when the
+    model does not fit the device. Returns the engine and a description for the report."""
+    options = dict(options, policy="gpu", gpu_memory=None, expert_ratio=None)
+    try:
+        engine = Engine.from_pretrained(model, **options)
+    except (DaopError, DEVICE_OOM) as exc:
+        if isinstance(exc, DaopError) and "policy 'gpu' needs all" not in str(exc):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        engine = Engine.from_pretrained(model, **dict(options, device="cpu", dtype="fp32"))
+    return engine, {"reference_policy": "gpu", "reference_device": engine.device.type,
+                    "reference_dtype": str(engine.decoder.dtype).replace("torch.", "")}
 
 
 def documents(engine: Engine, args: EvalArgs) -> list[list[int]]:
@@ -108,7 +139,8 @@ def score(engine: Engine, args: EvalArgs) -> dict:
     result = {"nll": nll, "tokens": int(n), "continuations": continuations, "documents": len(docs)}
     if args.gsm8k:
         items = read_gsm8k(args.gsm8k, args.gsm8k_items)
-        answers = [final_number(engine.generate(f"Question: {q}\nAnswer:", max_new_tokens=256, stop=["\n\nQuestion:"]))
+        answers = [final_number(engine.generate(f"Question: {q}\nAnswer:", max_new_tokens=args.gsm8k_max_tokens,
+                                                stop=["\n\nQuestion:"]))
                    for q, _ in items]
         result["gsm8k"] = sum(a == gold for a, (_, gold) in zip(answers, items)) / len(items)
         result["gsm8k_items"] = len(items)
