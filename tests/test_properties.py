@@ -219,3 +219,63 @@ def test_any_header_loads_or_raises_daop_error(header, payload_bytes, lie_about_
                 f.read_into(name, dest)
         finally:
             f.close()
+
+
+# ------------------------------------------------------------------- the real runners, random routing
+
+RUNNER_POLICIES = ["ondemand", "lru", "static", "fiddler", "daop-exact", "daop-strict"]
+
+
+@pytest.fixture(scope="module")
+def runners(tmp_path_factory):
+    """A tiny synthetic geometry on the CPU: the all-resident runner and a factory of offloaded ones."""
+    from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts
+    from daop.runtime.setup import RuntimeOptions, prepare_runtime
+
+    config, spec = geometry_config("tiny-mixtral")
+    decoder = synthetic_decoder(config, spec, torch.device("cpu"), torch.float32)
+    host = synthetic_host_experts(config, torch.float32, pin=False, prototypes=8)
+    resident = prepare_runtime(decoder, RuntimeOptions(policy="gpu", expert_ratio=1.0), host=host).start()
+    folder = tmp_path_factory.mktemp("profiles")
+    built: dict = {}
+
+    def offloaded(policy: str, ratio: float, copies_win: bool):
+        key = (policy, ratio, copies_win)
+        if key not in built:
+            path = folder / f"{copies_win}.json"
+            copy_ms, cpu_ms = (1.0, 10.0) if copies_win else (10.0, 1.0)
+            HardwareProfile(hidden_size=config.hidden_size, intermediate_size=config.expert_intermediate_size,
+                            dtype="float32", expert_bytes=1, copy_pinned_ms=copy_ms, copy_pageable_ms=copy_ms, cpu_threads=1,
+                            cpu_token_counts=(1, 64), cpu_expert_ms=(cpu_ms, 8 * cpu_ms), gpu_token_counts=(1, 64),
+                            gpu_expert_ms=(0.05, 0.4)).save(path)
+            options = RuntimeOptions(policy=policy, expert_ratio=ratio, hardware_profile=str(path), cpu_threads=1)
+            built[key] = prepare_runtime(decoder, options, host=host).start()
+        return built[key]
+
+    yield config, resident, offloaded
+    for runner in built.values():
+        runner.close()
+
+
+@pytest.mark.parametrize("policy", RUNNER_POLICIES)
+@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_offloaded_runners_equal_the_resident_runner_for_any_routing(runners, policy, data):
+    """The production runners (plans, copies, CPU jobs, DAOP's prefetches and promises) on random
+    routing and inputs, prefill then decode steps: bitwise the all-resident runner's outputs."""
+    config, resident, offloaded = runners
+    ratio = data.draw(st.sampled_from([0.25, 0.5, 0.75]), label="ratio")
+    runner = offloaded(policy, ratio, data.draw(st.booleans(), label="copies win"))
+    torch.manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    runner.reset()
+    runner.set_phase("prefill")
+    moe_layers = [l for l in range(config.num_layers) if config.is_moe_layer(l)]
+    for step in range(data.draw(st.integers(1, 4), label="steps")):
+        if step == 1:
+            runner.set_phase("decode")
+        num_tokens = data.draw(st.integers(1, 6 if step == 0 else 2), label="tokens")
+        for layer_idx in moe_layers:
+            h = torch.randn(num_tokens, config.hidden_size)
+            ids = torch.stack([torch.randperm(config.num_experts)[: config.top_k] for _ in range(num_tokens)])
+            weights = torch.softmax(torch.randn(num_tokens, config.top_k), dim=-1)
+            assert torch.equal(runner(layer_idx, h, ids, weights), resident(layer_idx, h, ids, weights))

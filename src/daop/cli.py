@@ -20,8 +20,10 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: the checkpoint's dtype")
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     g = p.add_argument_group("offloading")
-    g.add_argument("--policy", default=None, help="gpu, daop, daop-exact, daop-paper, daop-stale, fiddler, static, lru, ondemand "
-                   "(default: gpu if all experts fit, else daop)")
+    g.add_argument("--policy", default=None, help="gpu, daop, daop-exact, daop-strict, daop-paper, daop-stale, fiddler, static, "
+                   "lru, ondemand (default: gpu if all experts fit, else daop). Exact policies route as gpu does; their "
+                   "outputs differ from gpu only by CPU-vs-GPU rounding of experts run on the CPU (daop-strict, lru and "
+                   "ondemand run none: bitwise equal to gpu); daop-paper and daop-stale approximate")
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--gpu-memory", default=None, help="GPU memory budget, e.g. 20GiB (default: free GPU memory)")
     budget.add_argument("--expert-ratio", type=float, default=None, help="share of routed experts resident on the GPU, 0..1")
