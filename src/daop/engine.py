@@ -18,7 +18,8 @@ from daop.errors import DaopError, OutOfMemory
 from daop.model.decoder import Decoder
 from daop.model.specs import FamilySpec, spec_for
 from daop.config import read_json
-from daop.sampling import Sampler, SamplingParams
+from daop.sampling import Sampler, SamplingParams, generation_defaults, sampling_params
+from daop.threads import apply_threads, check_threads, choose_threads
 from daop.tokenizer import StreamDecoder, Tokenizer
 from daop.runtime.setup import RuntimeOptions, prepare_runtime
 from daop.weights.loader import load_weights, open_checkpoint, parse_dtype
@@ -67,6 +68,8 @@ class Engine:
         self.model_dir, self.config, self.spec, self.decoder, self.tokenizer = model_dir, config, spec, decoder, tokenizer
         self.load_s = load_s
         self.last_stats = GenerationStats()
+        self.threads: int | None = None                  # torch intra-op threads of the dense path (None: torch's)
+        self.generation_defaults: dict[str, Any] = {}    # sampling defaults of generation_config.json
         eos = set(tokenizer.eos_token_ids if tokenizer else ()) | set(config.eos_token_ids)
         self.eos_ids = frozenset(eos)
 
@@ -77,9 +80,14 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         progress: bool = True,
+        threads: int | None = None,
         **options: Any,
     ) -> "Engine":
-        """Load a Hugging Face-layout checkpoint folder (the shipped default model when path is None)."""
+        """Load a Hugging Face-layout checkpoint folder (the shipped default model when path is None).
+
+        threads: torch's intra-op threads for the dense path; None picks them (see daop.threads).
+        """
+        check_threads(threads, "threads")
         try:
             runtime_opts = RuntimeOptions(**options)
         except TypeError as exc:
@@ -93,6 +101,9 @@ class Engine:
         tokenizer = Tokenizer.from_dir(model_dir)
         dev = resolve_device(device)
         torch_dtype = parse_dtype(dtype, config.torch_dtype)
+        defaults = generation_defaults(model_dir)
+        chosen_threads = choose_threads(threads, dev)
+        apply_threads(chosen_threads)
         ckpt = open_checkpoint(model_dir)
         decoder = Decoder(config, spec, dev, torch_dtype)
         runtime = prepare_runtime(decoder, runtime_opts)
@@ -100,6 +111,7 @@ class Engine:
         decoder.experts = runtime.start()
         engine = cls(model_dir, config, spec, decoder, tokenizer, time.perf_counter() - t0)
         engine.budget, engine.policy = runtime.budget, runtime.policy_name
+        engine.threads, engine.generation_defaults = chosen_threads, defaults
         return engine
 
     def _guarded(self, what: str | Callable[[], str], fn, *args, **kwargs):
@@ -123,6 +135,7 @@ class Engine:
 
     def reset_runner(self, phase: str) -> None:
         """A new sequence: back to the calibrated placement, in the given phase."""
+        apply_threads(self.threads)  # the calling thread's count (the server generates on a thread of its own)
         reset = getattr(self.decoder.experts, "reset", None)
         if reset is not None:
             reset()
@@ -185,7 +198,7 @@ class Engine:
         self.reset_runner("prefill")
         what = f"prefill of {len(ids)} prompt tokens"
         cache = self._guarded(what, self.decoder.new_cache, 1, len(ids) + budget)
-        sampler = Sampler(params)
+        sampler = Sampler(params, ids)
         t0 = time.perf_counter()
         logits = self._guarded(what, self.decoder.forward, torch.tensor([ids]), 0, cache)
         token = int(sampler(logits)[0])
@@ -224,7 +237,7 @@ class Engine:
         self.reset_runner("prefill")
         what = f"prefill of a batch of {B} prompts of up to {longest} tokens"
         cache = self._guarded(what, self.decoder.new_cache, B, longest + budget)
-        sampler = Sampler(params)
+        sampler = Sampler(params, rows)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = int(sum(len(r) for r in rows))
         t0 = time.perf_counter()
@@ -249,15 +262,21 @@ class Engine:
         stats.decode_s = time.perf_counter() - t1
         return out
 
-    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] | None = None,
-               stats: GenerationStats | None = None) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float | None = None,
+               top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+               stop: Sequence[str] | None = None, stats: GenerationStats | None = None, min_p: float | None = None,
+               repetition_penalty: float | None = None, presence_penalty: float | None = None,
+               frequency_penalty: float | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated; never a broken UTF-8 character or part of a stop string.
 
-        Pass `stats` to receive this call's numbers (token counts, finish_reason) when several
-        generations share the engine; otherwise read `engine.last_stats`.
+        Sampling values left None come from the checkpoint's generation_config.json, else the
+        defaults of SamplingParams (greedy). Pass `stats` to receive this call's numbers (token counts,
+        finish_reason) when several generations share the engine; otherwise read `engine.last_stats`.
         """
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
+        params = sampling_params(self.generation_defaults, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()), min_p=min_p,
+                                 repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                 frequency_penalty=frequency_penalty)
         prompt_ids = self.encode(prompt)
         detok = StreamDecoder(self.tokenizer)
         text, emitted = "", 0
