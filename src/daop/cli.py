@@ -118,7 +118,10 @@ def print_stats(engine, detailed: bool = False, max_new_tokens: int | None = Non
     if reason == "length" and max_new_tokens is not None and s.generated_tokens < max_new_tokens:
         reason = f"length: the context window of {engine.config.context_length} tokens is full"
     if detailed:
-        print(f"[daop] policy {engine.policy}: {engine.budget.describe()}", file=sys.stderr)
+        import torch
+
+        print(f"[daop] policy {engine.policy}: {engine.budget.describe()}; dense-path threads {torch.get_num_threads()}",
+              file=sys.stderr)
         counters = getattr(engine.decoder.experts, "counters", None)
         if counters is not None:
             rates = counters.summary(s.prompt_tokens + s.generated_tokens)
@@ -247,10 +250,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # the two engines run one after the other so only one model is in memory at a time.
     ref_policy = "gpu" if args.expert_ratio is None and args.gpu_memory is None else "daop-exact"
     sequences = 2 * args.max_docs + (args.gsm8k_items if args.gsm8k else 0)  # perplexity + greedy per document
+    engine = Engine.from_pretrained(args.model, policy=ref_policy, **base)
     with eval_progress(f"reference ({ref_policy})", sequences, args.no_progress) as tick:
-        reference = score(counting(Engine.from_pretrained(args.model, policy=ref_policy, **base), tick), eval_args)
+        reference = score(counting(engine, tick), eval_args)
+    engine = None  # one model in memory at a time
+    engine = Engine.from_pretrained(args.model, policy=args.policy, **base)
     with eval_progress(f"{args.policy or 'auto'}", sequences, args.no_progress) as tick:
-        ours = score(counting(Engine.from_pretrained(args.model, policy=args.policy, **base), tick), eval_args)
+        ours = score(counting(engine, tick), eval_args)
     report = {"policy": args.policy, "reference_policy": ref_policy, "expert_ratio": args.expert_ratio,
               "data": args.data, **compare(reference, ours, args.gen_tokens)}
     print(json.dumps(report))
@@ -262,7 +268,7 @@ def eval_progress(label: str, total: int, disable: bool):
     """A progress bar on stderr over the sequences an eval scores; yields the function that advances it."""
     from tqdm import tqdm
 
-    with tqdm(total=total, desc=f"eval {label}", unit="seq", file=sys.stderr, disable=disable, leave=False) as bar:
+    with tqdm(total=total, desc=f"eval {label}", unit="seq", file=sys.stderr, disable=disable) as bar:
         yield bar.update
 
 
@@ -379,8 +385,8 @@ def add_bench_parser(sub) -> None:
                        help="replay routing recorded from a trained model, .npz from scripts/record_traces.py "
                             "(default: the synthetic model's own routers)")
     bench.add_argument("--smoke", action="store_true", help="tiny CPU run (under a minute) that checks the benchmark works")
-    bench.add_argument("--plot", metavar="RESULTS", default=None, help="draw RESULTS (JSONL) as a PNG next to it, then exit")
-    bench.add_argument("--table", metavar="RESULTS", default=None, help="print RESULTS (JSONL) as a Markdown table, then exit")
+    bench.add_argument("--plot", metavar="RESULTS", default=None, help="draw RESULTS (JSONL) as a PNG next to it, then exit (default: none)")
+    bench.add_argument("--table", metavar="RESULTS", default=None, help="print RESULTS (JSONL) as a Markdown table, then exit (default: none)")
     bench.set_defaults(func=cmd_bench)
 
 
