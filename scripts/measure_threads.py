@@ -5,8 +5,10 @@ of growing width (random bf16 weights, all experts resident), each at 1, 2, 4, .
 physical cores. `--busy N` starts N spinning processes first, as on a machine shared with other jobs.
 A card first, a JSON row per point, a summary last (the fastest thread count per width):
 
-    python scripts/measure_threads.py --output benchmarks/results/threads-cpu.jsonl
-    python scripts/measure_threads.py --busy 1 --widths 128,1024 --output benchmarks/results/threads-cpu-busy.jsonl
+    python scripts/measure_threads.py --output benchmarks/results/threads-2core-cpu-idle.jsonl
+    python scripts/measure_threads.py --busy 1 --output benchmarks/results/threads-2core-cpu-busy1.jsonl
+
+Rows of kind "automatic" measure the count daop picks by itself at that moment (daop.threads).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ from daop.executors.cpu import physical_cores
 from daop.model.specs import spec_by_name
 from daop.runtime.setup import RuntimeOptions, prepare_runtime
 from daop.sampling import SamplingParams
+from daop.threads import choose_threads
 
 
 def synthetic_engine(width: int, layers: int) -> Engine:
@@ -85,7 +88,7 @@ def thread_counts(cores: int) -> list[int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--widths", default="128,512,1024,2048,4096", help="hidden sizes; 128 is the shipped model itself")
+    ap.add_argument("--widths", default="128,512,1024,2048", help="hidden sizes; 128 is the shipped model itself")
     ap.add_argument("--layers", type=int, default=2, help="layers of the synthetic models")
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen-tokens", type=int, default=32)
@@ -124,6 +127,10 @@ def main() -> int:
                        **measure(engine, threads, args.prompt_tokens, args.gen_tokens, args.repeats)}
                 points.append(row)
                 emit(row)
+            auto = choose_threads(None, torch.device("cpu"))  # what `daop` would pick now (None: OMP_NUM_THREADS set)
+            if auto is not None:
+                emit({"kind": "automatic", "model": model, "hidden_size": width, "layers": engine.config.num_layers,
+                      **measure(engine, auto, args.prompt_tokens, args.gen_tokens, args.repeats)})
             best[width] = min(points, key=lambda r: r["decode_ms_per_token"])["threads"]
             del engine
     finally:

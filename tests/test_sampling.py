@@ -9,7 +9,7 @@ import torch
 
 from daop.errors import DaopError
 from daop.sampling import Sampler, SamplingParams, generation_defaults, sampling_params
-from daop.threads import choose_threads, idle_cores, usable_cores
+from daop.threads import choose_threads, idle_cores, idle_share, usable_cores
 
 LOGITS = torch.tensor([[4.0, 3.0, -1.0, -2.0, 0.5]])
 
@@ -106,6 +106,15 @@ def test_idle_cores_rule():
     assert idle_cores(2, 6.0) == 1
     assert idle_cores(16, 3.4) == 13
     assert idle_cores(8, None) == 8
+    assert idle_cores(2, 0.1, 0.45) == 1     # a job that just started: the load average has not seen it yet
+    assert idle_cores(2, 0.1, 0.97) == 2
+    assert idle_cores(16, 1.0, 0.5) == 8
+    assert idle_cores(4, None, 0.0) == 1
+
+
+def test_idle_share_reads_the_cpu_times():
+    share = idle_share(0.05)
+    assert share is None or 0.0 <= share <= 1.0
 
 
 def test_choose_threads(monkeypatch):

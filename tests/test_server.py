@@ -393,7 +393,7 @@ def test_missing_fastapi_prints_install_hint():
             "sys.exit(main(['serve', '--model', 'nowhere']))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "pip install 'daop[server]'" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "pip install '.[server]'" in out.stderr
 
 
 def test_out_of_memory_in_a_request_is_400_and_the_next_request_is_served(tiny_dir):

@@ -180,7 +180,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise DaopError("the server needs FastAPI and uvicorn: pip install 'daop[server]'") from None
+        raise DaopError("the server needs FastAPI and uvicorn: pip install '.[server]' in the daop folder") from None
     from daop.server import serve
 
     return serve(args)

@@ -2,7 +2,9 @@
 
 Not the CPU-expert pool (`--cpu-threads`), which has threads of its own.
 
-On a CPU device the automatic choice is the cores that other processes leave idle: on a 2-core
+On a CPU device the automatic choice is the cores that other processes leave idle, by the lower of
+two readings: the 1-minute load average, and the idle share of the CPUs over 0.1 s at load time
+(/proc/stat; the load average lags a job that has just started). On a 2-core
 machine, 2 threads decode 16-72 % faster than 1 when the machine is idle, and 1 thread decodes 2.5-3x
 faster when one other process keeps a core busy (OpenMP's barriers wait for the thread that is not
 scheduled); `scripts/measure_threads.py`, results in `benchmarks/results/threads-2core-cpu*.jsonl`.
@@ -12,6 +14,7 @@ stays: the dense path runs on the GPU.
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
@@ -29,11 +32,15 @@ def usable_cores() -> int:
     return max(1, min(physical_cores(), allowed))
 
 
-def idle_cores(cores: int, load: float | None) -> int:
-    """Cores left by the other runnable processes (the 1-minute load average), at least 1."""
-    if load is None:
-        return cores
-    return max(1, min(cores, cores - int(load + 0.5)))
+def idle_cores(cores: int, load: float | None, idle_share: float | None = None) -> int:
+    """Cores that other processes leave idle, at least 1: by the load average (runnable processes) and by the
+    share of CPU time that was idle, whichever is lower; a reading that is None is not used."""
+    idle = cores
+    if load is not None:
+        idle = min(idle, cores - int(load + 0.5))
+    if idle_share is not None:
+        idle = min(idle, int(idle_share * cores + 0.5))
+    return max(1, idle)
 
 
 def system_load() -> float | None:
@@ -41,6 +48,24 @@ def system_load() -> float | None:
         return os.getloadavg()[0]
     except (AttributeError, OSError):
         return None
+
+
+def _cpu_times() -> tuple[int, int]:
+    """(idle, total) jiffies of all CPUs from /proc/stat."""
+    with open("/proc/stat") as f:
+        values = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    return values[3] + values[4], sum(values)
+
+
+def idle_share(interval_s: float = 0.1) -> float | None:
+    """Share of CPU time that was idle over interval_s (None where /proc/stat cannot be read)."""
+    try:
+        idle0, total0 = _cpu_times()
+        time.sleep(interval_s)
+        idle1, total1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (idle1 - idle0) / (total1 - total0) if total1 > total0 else None
 
 
 def check_threads(threads: object, flag: str = "--threads") -> None:
@@ -55,7 +80,7 @@ def choose_threads(threads: int | None, device: torch.device) -> int | None:
         return threads
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return None
-    return idle_cores(usable_cores(), system_load())
+    return idle_cores(usable_cores(), system_load(), idle_share())
 
 
 def apply_threads(threads: int | None) -> None:
