@@ -5,7 +5,7 @@ Not the CPU-expert pool (`--cpu-threads`), which has threads of its own.
 On a CPU device the automatic choice is the cores that other processes leave idle, by the lower of
 two readings: the 1-minute load average, and the idle share of the CPUs over 0.1 s at load time
 (/proc/stat; the load average lags a job that has just started). On a 2-core
-machine, 2 threads decode 16-72 % faster than 1 when the machine is idle, and 1 thread decodes 2.5-3x
+machine, 2 threads decode 16-71 % faster than 1 when the machine is idle, and 1 thread decodes 1.9-2.8x
 faster when one other process keeps a core busy (OpenMP's barriers wait for the thread that is not
 scheduled); `scripts/measure_threads.py`, results in `benchmarks/results/threads-2core-cpu*.jsonl`.
 OMP_NUM_THREADS, when set, is the user's choice and is kept. On a CUDA device torch's own default
