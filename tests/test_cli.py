@@ -100,6 +100,13 @@ def test_values_are_checked_before_the_model_loads(tmp_path, flags, needle):
     assert out.stderr.count("\n") == 1 and out.stderr.startswith("daop: error:") and needle in out.stderr, out.stderr
 
 
+def test_hub_id_gets_a_download_hint():
+    out = daop("generate", "--model", "someone/Some-MoE-v1", "hello")
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("daop: error: model folder not found: someone/Some-MoE-v1; daop reads local folders "
+                                  "only: huggingface-cli download someone/Some-MoE-v1 --local-dir DIR, then --model DIR")
+
+
 def test_context_full_is_named(ckpt):
     out = gen(ckpt, "--temperature", "0", "--max-new-tokens", "1000000", "hello")
     assert out.returncode == 0

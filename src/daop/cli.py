@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import re
 import sys
 from typing import Callable
 
@@ -91,6 +92,10 @@ def validate_args(args: argparse.Namespace) -> None:
     from daop.sampling import sampling_params
     from daop.threads import check_threads
 
+    model = getattr(args, "model", None)
+    if model and re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.exists(os.path.expanduser(model)):
+        raise DaopError(f"model folder not found: {model}; daop reads local folders only: "
+                        f"huggingface-cli download {model} --local-dir DIR, then --model DIR")
     if hasattr(args, "max_new_tokens"):
         sampling_params(None, **sampling_kwargs(args))
     ratio = getattr(args, "expert_ratio", None)
