@@ -144,3 +144,12 @@ def test_engine_threads(tiny_dir):
             Engine.from_pretrained(ckpt, device="cpu", progress=False, threads=0)
     finally:
         torch.set_num_threads(before)
+
+
+def test_lone_surrogates_in_the_python_api_are_a_clear_error(tiny_dir):
+    from daop.engine import Engine
+
+    _, ckpt = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(ckpt, device="cpu", progress=False)
+    with pytest.raises(DaopError, match="unpaired surrogates"):
+        engine.generate("caf\udce9 hello", max_new_tokens=2)
