@@ -140,6 +140,8 @@ def test_engine_threads(tiny_dir):
         torch.set_num_threads(2)
         engine.generate([5, 6], max_new_tokens=2)
         assert engine.threads == 1 and torch.get_num_threads() == 1
+        offloaded = Engine.from_pretrained(ckpt, device="cpu", progress=False, threads=1, policy="static", expert_ratio=0.5)
+        assert offloaded.decoder.experts.cpu.threads == 1  # the CPU-expert pool follows on a CPU device
         with pytest.raises(DaopError, match="threads must be a positive integer"):
             Engine.from_pretrained(ckpt, device="cpu", progress=False, threads=0)
     finally:

@@ -44,7 +44,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         help="share of routed experts resident on the GPU, 0..1 (default: from --gpu-memory)")
     g.add_argument("--cpu-threads", type=int, default=None, metavar="N",
                    help="threads of the pool that computes offloaded experts on the CPU; not the dense path "
-                        "(see --threads) (default: physical cores, less one with a CUDA device)")
+                        "(see --threads) (default: the --threads count on a CPU device; with CUDA, physical "
+                        "cores less one)")
     g.add_argument("--hardware-profile", default=None, help="JSON from `daop calibrate` (default: cached or quick calibration)")
     g.add_argument("--routing-stats", default=None,
                    help="routing statistics JSON from `daop profile` (expert popularity for placement) (default: uniform)")
