@@ -48,13 +48,15 @@ def wait_healthy(port: int, proc: subprocess.Popen | None, log: Path | None, tim
     raise RuntimeError(f"server did not become healthy in {timeout} s:\n{log.read_text() if log else ''}")
 
 
-def request(port: int, method: str, path: str, body: bytes | dict | None = None, timeout: float = 60):
+def request(port: int, method: str, path: str, body: bytes | dict | None = None, timeout: float = 60,
+            headers: dict | None = None):
     """(status, decoded JSON or text) for one plain HTTP request."""
     if isinstance(body, dict):
         body = json.dumps(body).encode()
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=timeout)
     try:
-        conn.request(method, path, body=body, headers={"Content-Type": "application/json"} if body is not None else {})
+        sent = {"Content-Type": "application/json"} if body is not None else {}
+        conn.request(method, path, body=body, headers={**sent, **(headers or {})})
         resp = conn.getresponse()
         data = resp.read()
     finally:
@@ -65,22 +67,21 @@ def request(port: int, method: str, path: str, body: bytes | dict | None = None,
 
 
 class Server:
-    def __init__(self, port: int, proc: subprocess.Popen, log: Path) -> None:
+    def __init__(self, port: int, proc: subprocess.Popen, log: Path, api_key: str = "x") -> None:
         self.port, self.proc, self.log = port, proc, log
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key=api_key, max_retries=0, timeout=60)
 
 
-@pytest.fixture(scope="session")
-def server(tiny_dir, tmp_path_factory):
-    _, ckpt = tiny_dir("mixtral")
+@contextlib.contextmanager
+def daop_server(ckpt, log: Path, *extra: str, env: dict | None = None):
+    """A real `daop serve` process on 127.0.0.1; yields a Server once /health answers, stops it after."""
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env = dict(os.environ if env is None else env, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "daop.cli", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu",
+           "--no-progress", "--model-name", MODEL_NAME, "--max-body-bytes", str(MAX_BODY)]
+    cmd += (["--model", str(ckpt)] if ckpt is not None else []) + list(extra)
     with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "daop.cli", "serve", "--model", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
-             "--device", "cpu", "--no-progress", "--model-name", MODEL_NAME, "--max-body-bytes", str(MAX_BODY)],
-            stdout=out, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
     try:
         wait_healthy(port, proc, log)
         yield Server(port, proc, log)
@@ -91,6 +92,13 @@ def server(tiny_dir, tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(5)
+
+
+@pytest.fixture(scope="session")
+def server(tiny_dir, tmp_path_factory):
+    _, ckpt = tiny_dir("mixtral")
+    with daop_server(ckpt, tmp_path_factory.mktemp("server") / "server.log") as srv:
+        yield srv
 
 
 def metrics(port: int) -> dict[str, float]:
@@ -325,14 +333,15 @@ class FakeEngine:
 
 
 @contextlib.contextmanager
-def in_process_server(engine, name: str):
+def in_process_server(engine, name: str, api_key: str | None = None):
     """The server app around `engine`, served by uvicorn on a thread of this process; yields its port."""
     import uvicorn
 
     from daop.server import create_app
 
     port = free_port()
-    srv = uvicorn.Server(uvicorn.Config(create_app(engine, name), host="127.0.0.1", port=port, log_level="critical"))
+    app = create_app(engine, name, api_key=api_key)
+    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     try:
@@ -384,7 +393,7 @@ def test_missing_fastapi_prints_install_hint():
             "sys.exit(main(['serve', '--model', 'nowhere']))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert out.stderr.strip().count("\n") == 0 and "pip install 'daop[server]'" in out.stderr
+    assert out.stderr.strip().count("\n") == 0 and "pip install '.[server]'" in out.stderr
 
 
 def test_out_of_memory_in_a_request_is_400_and_the_next_request_is_served(tiny_dir):
@@ -401,3 +410,149 @@ def test_out_of_memory_in_a_request_is_400_and_the_next_request_is_served(tiny_d
         assert "out of CPU memory during prefill of 200 prompt tokens" in err["message"]
         status, body = request(port, "POST", "/v1/completions", {"prompt": list(range(3, 20)), "max_tokens": 6, "temperature": 0})
         assert status == 200 and body["choices"][0]["text"] == want
+
+
+# ------------------------------------------------------------------------------------ conformance (issue 15)
+
+def test_unknown_roles_and_unsupported_fields_are_400_naming_them(server):
+    port, chat = server.port, "/v1/chat/completions"
+    msgs = [{"role": "user", "content": "hi"}]
+    cases = [
+        ({"messages": [{"role": "wizard", "content": "hi"}]}, "messages[0].role"),
+        ({"messages": [{"role": "tool", "content": "42"}]}, "messages[0].role"),
+        ({"messages": msgs, "response_format": {"type": "json_object"}}, "response_format"),
+        ({"messages": msgs, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+        ({"messages": msgs, "logit_bias": {"5": 10}}, "logit_bias"),
+        ({"messages": msgs, "tool_choice": "auto"}, "tool_choice"),
+        ({"messages": msgs, "guided_json": {"type": "object"}}, "guided_json"),
+        ({"messages": [{"role": "user", "content": "hi", "tool_calls": [{"id": "x"}]}]}, "messages[0].tool_calls"),
+    ]
+    for body, param in cases:
+        err = _error(request(port, "POST", chat, {**body, "max_tokens": 2}), 400, None, param)
+        assert param.split(".")[-1].split("[")[0] in err["message"], err
+    err = _error(request(port, "POST", "/v1/completions", {"prompt": "hi", "response_format": {"type": "json_object"}}),
+                 400, None, "response_format")
+    # values that mean "off", bookkeeping fields and an assistant message sent back as received are accepted
+    ok = {"messages": msgs + [{"role": "assistant", "content": "hello", "refusal": None, "tool_calls": []},
+                              {"role": "user", "content": "again"}],
+          "max_tokens": 2, "response_format": {"type": "text"}, "user": "someone", "logprobs": False, "tools": None}
+    status, body = request(port, "POST", chat, ok)
+    assert status == 200, body
+    with pytest.raises(openai.BadRequestError, match="response_format"):
+        server.client.chat.completions.create(model=MODEL_NAME, messages=msgs, response_format={"type": "json_object"})
+
+
+def test_prompt_plus_max_tokens_beyond_the_context_is_400(server):
+    prompt = list(range(3, 3 + CONTEXT - 20))  # 236 prompt tokens of a 256-token context
+    for stream in (False, True):
+        err = _error(request(server.port, "POST", "/v1/completions",
+                             {"prompt": prompt, "max_tokens": 40, "stream": stream}), 400)
+        assert f"maximum context length is {CONTEXT} tokens" in err["message"]
+        assert f"{len(prompt) + 40} tokens ({len(prompt)} in the prompt, 40 in the completion)" in err["message"]
+    fits = greedy_completion(server, prompt, max_tokens=20)
+    assert fits.usage.prompt_tokens == len(prompt)
+    unset = request(server.port, "POST", "/v1/completions", {"prompt": prompt, "temperature": 0})
+    assert unset[0] == 200 and unset[1]["usage"]["completion_tokens"] <= 20  # no max_tokens: up to the context
+    with pytest.raises(openai.BadRequestError, match="maximum context length"):
+        server.client.chat.completions.create(model=MODEL_NAME, messages=[{"role": "user", "content": "hi"}],
+                                              max_tokens=CONTEXT)
+
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_dir):
+    from daop.engine import Engine
+
+    _, ckpt = tiny_dir("mixtral")
+    return Engine.from_pretrained(ckpt, device="cpu", progress=False)
+
+
+@pytest.mark.parametrize("kw", [dict(repetition_penalty=3.0), dict(frequency_penalty=2.0, presence_penalty=1.5),
+                                dict(temperature=1.0, min_p=0.2, seed=5)], ids=["repetition", "frequency", "min_p"])
+def test_sampling_extensions_reach_the_sampler(server, tiny_engine, kw):
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    kw = {"temperature": 0, **kw}
+    want = tiny_engine.generate(prompt, max_new_tokens=24, **kw)
+    plain = tiny_engine.generate(prompt, max_new_tokens=24, **{**kw, **{k: v for k, v in (("repetition_penalty", 1.0),
+                                 ("frequency_penalty", 0.0), ("presence_penalty", 0.0), ("min_p", 0.0)) if k in kw}})
+    assert want != plain, "pick another prompt: the option changes nothing here"
+    native = {k: kw.pop(k) for k in ("frequency_penalty", "presence_penalty") if k in kw}
+    sent = dict(model=MODEL_NAME, prompt=prompt, max_tokens=24, temperature=kw.pop("temperature"), **native)
+    if "seed" in kw:
+        sent["seed"] = kw.pop("seed")
+    out = server.client.completions.create(**sent, extra_body=kw)
+    assert out.choices[0].text == want
+
+
+def test_api_key_is_required_everywhere_but_health(tiny_dir, tmp_path):
+    _, ckpt = tiny_dir("mixtral")
+    env = dict(os.environ, DAOP_API_KEY="s3cret-key")
+    with daop_server(ckpt, tmp_path / "serve.log", env=env) as srv:
+        port = srv.port
+        assert request(port, "GET", "/health")[0] == 200
+        for method, path, body in (("GET", "/v1/models", None), ("GET", "/metrics", None),
+                                   ("POST", "/v1/completions", {"prompt": "hi", "max_tokens": 2}),
+                                   ("POST", "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                                   ("GET", "/v1/nothing-here", None)):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret-key"},
+                            {"Authorization": "Basic s3cret-key"}):
+                _error(request(port, method, path, body, headers=headers), 401, "invalid_api_key")
+        good = {"Authorization": "Bearer s3cret-key"}
+        assert request(port, "GET", "/v1/models", headers=good)[0] == 200
+        assert request(port, "GET", "/metrics", headers=good)[0] == 200
+        with pytest.raises(openai.AuthenticationError):
+            srv.client.completions.create(model=MODEL_NAME, prompt="hi", max_tokens=2)  # api_key "x"
+        keyed = Server(port, srv.proc, srv.log, api_key="s3cret-key")
+        assert greedy_completion(keyed, "hi", max_tokens=2).usage.prompt_tokens > 0
+        assert [m.id for m in keyed.client.models.list()] == [MODEL_NAME]
+
+
+def test_api_key_comparison_is_constant_time(monkeypatch):
+    import hmac
+
+    from daop.server.auth import ApiKeyMiddleware
+
+    calls = []
+    real = hmac.compare_digest
+    monkeypatch.setattr(hmac, "compare_digest", lambda a, b: calls.append((a, b)) or real(a, b))
+    mw = ApiKeyMiddleware(None, "k3y")
+    assert mw.authorized({"headers": [(b"authorization", b"Bearer k3y")]})
+    assert not mw.authorized({"headers": [(b"authorization", b"Bearer k3")]})
+    assert calls == [(b"k3y", b"k3y"), (b"k3", b"k3y")]
+
+
+def test_empty_api_key_is_refused_before_loading(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "daop", "serve", "--model", str(tmp_path / "missing"), "--api-key", " "],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == "daop: error: --api-key must not be empty"
+
+
+def test_shutdown_during_a_stream_ends_it_with_an_error_and_done(tmp_path):
+    """SIGTERM while the shipped model streams: an error event, then [DONE]; the server exits quickly, no traceback."""
+    import signal
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    with daop_server(None, tmp_path / "serve.log", env=env) as srv:
+        conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=60)
+        conn.request("POST", "/v1/completions", headers={"Content-Type": "application/json"},
+                     body=json.dumps({"prompt": "In the beginning", "max_tokens": 900, "temperature": 0, "stream": True}))
+        resp = conn.getresponse()
+        assert resp.status == 200
+        events = []
+        while len(events) < 3:
+            line = resp.readline()
+            assert line, "stream ended early"
+            if line.startswith(b"data: "):
+                events.append(line[6:].strip())
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        rest = resp.read().decode()
+        conn.close()
+        events += [line[6:] for line in rest.splitlines() if line.startswith("data: ")]
+        srv.proc.wait(15)
+        elapsed = time.monotonic() - t0
+    assert events[-1] in ("[DONE]", b"[DONE]")
+    error = json.loads(events[-2])
+    assert error["error"]["message"] == "the server is shutting down" and error["error"]["type"] == "server_error"
+    assert elapsed < 4, f"shutdown took {elapsed:.1f} s"
+    log = srv.log.read_text()
+    assert "Traceback" not in log, log

@@ -6,18 +6,34 @@ with status 130 without a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
 import sys
 from typing import Callable
 
+from daop import __version__
+from daop.console import clean_text, read_prompt, warn_replaced
 from daop.errors import DaopError
+from daop.threads import apply_threads
 
 Command = Callable[[argparse.Namespace], int]
 
 
+DTYPES = ["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
+DTYPE_HELP = "weights' dtype: auto (the checkpoint's), bfloat16|bf16, float16|fp16, float32|fp32 (default: auto)"
+THREADS_HELP = ("torch threads for the dense path (attention, resident experts), like llama.cpp's -t "
+                "(default: on a CPU device the cores other processes leave idle, or OMP_NUM_THREADS if set; "
+                "on CUDA torch's default)")
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="checkpoint folder (Hugging Face layout); default: the shipped daop-moe-mini")
-    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
-    p.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"], help="default: the checkpoint's dtype")
+    p.add_argument("--model", "-m", default=None,
+                   help="local checkpoint folder in Hugging Face layout, e.g. from `huggingface-cli download REPO "
+                        "--local-dir DIR` (default: the shipped daop-moe-mini)")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    p.add_argument("--dtype", default=None, choices=DTYPES, metavar="DTYPE", help=DTYPE_HELP)
+    p.add_argument("--threads", "-t", type=int, default=None, metavar="N", help=THREADS_HELP)
     p.add_argument("--no-progress", action="store_true", help="no progress bar while loading")
     g = p.add_argument_group("offloading")
     g.add_argument("--policy", default=None, help="gpu, daop, daop-exact, daop-strict, daop-paper, daop-stale, fiddler, static, "
@@ -26,62 +42,115 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    "ondemand run none: bitwise equal to gpu); daop-paper and daop-stale approximate")
     budget = g.add_mutually_exclusive_group()
     budget.add_argument("--gpu-memory", default=None, help="GPU memory budget, e.g. 20GiB (default: free GPU memory)")
-    budget.add_argument("--expert-ratio", type=float, default=None, help="share of routed experts resident on the GPU, 0..1")
-    g.add_argument("--cpu-threads", type=int, default=None, help="threads for CPU experts (default: physical cores, less one with a CUDA device)")
+    budget.add_argument("--expert-ratio", type=float, default=None,
+                        help="share of routed experts resident on the GPU, 0..1 (default: from --gpu-memory)")
+    g.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                   help="threads of the pool that computes offloaded experts on the CPU; not the dense path "
+                        "(see --threads) (default: the --threads count on a CPU device; with CUDA, physical "
+                        "cores less one)")
     g.add_argument("--hardware-profile", default=None, help="JSON from `daop calibrate` (default: cached or quick calibration)")
-    g.add_argument("--routing-stats", default=None, help="routing statistics JSON (expert popularity for placement)")
-    g.add_argument("--max-context", type=int, default=None, help="context to reserve KV cache for in the budget")
+    g.add_argument("--routing-stats", default=None,
+                   help="routing statistics JSON from `daop profile` (expert popularity for placement) (default: uniform)")
+    g.add_argument("--max-context", type=int, default=None,
+                   help="context to reserve KV cache for in the GPU budget (default: the model's context window)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    g = p.add_argument_group("sampling (defaults: the checkpoint's generation_config.json where it sets them)")
+    g.add_argument("--max-new-tokens", "-n", type=int, default=256, metavar="N",
+                   help="most tokens to generate; the context window can stop it sooner (default: 256)")
+    g.add_argument("--temperature", type=float, default=None, help="0 = greedy (default: 0)")
+    g.add_argument("--top-p", type=float, default=None, help="nucleus sampling, in (0, 1] (default: 1 = off)")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the k most likely tokens (default: 0 = off)")
+    g.add_argument("--min-p", type=float, default=None,
+                   help="drop tokens less likely than min-p times the top token, in [0, 1] (default: 0 = off)")
+    g.add_argument("--repetition-penalty", type=float, default=None,
+                   help="> 1 discourages tokens of the prompt and the output so far (default: 1 = off)")
+    g.add_argument("--presence-penalty", type=float, default=None,
+                   help="subtracted from tokens already generated, in [-2, 2] (default: 0)")
+    g.add_argument("--frequency-penalty", type=float, default=None,
+                   help="subtracted per earlier occurrence in the output, in [-2, 2] (default: 0)")
+    g.add_argument("--seed", "-s", type=int, default=None, help="random seed for sampling (default: random)")
+    g.add_argument("--stop", action="append", default=[], help="stop string, repeatable (default: none)")
+
+
+SAMPLING_FLAGS = ("max_new_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty", "presence_penalty",
+                  "frequency_penalty", "seed")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                top_k=args.top_k, seed=args.seed, stop=args.stop)
+    """Engine.stream arguments; values left None come from generation_config.json, then the built-in defaults."""
+    stop = []
+    for s in args.stop:
+        text, replaced = clean_text(s)
+        if replaced:
+            warn_replaced("--stop")
+        stop.append(text)
+    return dict({k: getattr(args, k) for k in SAMPLING_FLAGS}, stop=stop)
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Check every value that does not need the model before it loads, so a typo costs no load time."""
+    from daop.placement.budget import parse_bytes
+    from daop.sampling import sampling_params
+    from daop.threads import check_threads
+
+    model = getattr(args, "model", None)
+    if model and re.fullmatch(r"[\w.-]+/[\w.-]+", model) and not os.path.exists(os.path.expanduser(model)):
+        raise DaopError(f"model folder not found: {model}; daop reads local folders only: "
+                        f"huggingface-cli download {model} --local-dir DIR, then --model DIR")
+    if hasattr(args, "max_new_tokens"):
+        sampling_params(None, **sampling_kwargs(args))
+    ratio = getattr(args, "expert_ratio", None)
+    if ratio is not None and not 0 <= ratio <= 1:
+        raise DaopError(f"--expert-ratio {ratio} must be between 0 and 1")
+    if getattr(args, "gpu_memory", None) is not None:
+        parse_bytes(args.gpu_memory)
+    for name in ("threads", "cpu_threads", "max_context"):
+        check_threads(getattr(args, name, None), "--" + name.replace("_", "-"))
 
 
 def load_engine(args: argparse.Namespace):
     from daop.engine import Engine
 
     return Engine.from_pretrained(
-        args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress, policy=args.policy,
-        gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads,
+        args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress, threads=args.threads,
+        policy=args.policy, gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads,
         hardware_profile=args.hardware_profile, routing_stats=args.routing_stats, max_context=args.max_context,
     )
 
 
-def print_stats(engine, detailed: bool = False) -> None:
+def print_stats(engine, detailed: bool = False, max_new_tokens: int | None = None) -> None:
     from daop.runtime.stats import per_token
 
     s = engine.last_stats
+    reason = s.finish_reason
+    if reason == "length" and max_new_tokens is not None and s.generated_tokens < max_new_tokens:
+        reason = f"length: the context window of {engine.config.context_length} tokens is full"
     if detailed:
-        print(f"[daop] policy {engine.policy}: {engine.budget.describe()}", file=sys.stderr)
+        import torch
+
+        print(f"[daop] policy {engine.policy}: {engine.budget.describe()}; dense-path threads {torch.get_num_threads()}",
+              file=sys.stderr)
         totals = engine.counters()
         if totals:
             rates = per_token(totals, s.prompt_tokens + s.generated_tokens)
             print("[daop] per token: " + ", ".join(f"{k} {v:.3g}" for k, v in rates.items()), file=sys.stderr)
     print(
-        f"[daop] prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} tokens ({s.finish_reason}); "
+        f"[daop] prompt {s.prompt_tokens} tokens, generated {s.generated_tokens} tokens ({reason}); "
         f"prefill {s.prefill_s * 1000:.0f} ms, decode {s.decode_tokens_per_s:.1f} tokens/s; load {engine.load_s:.2f} s",
         file=sys.stderr,
     )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    prompt = args.prompt if args.prompt is not None else sys.stdin.read()
+    prompt = read_prompt(args.prompt)
     engine = load_engine(args)
     for piece in engine.stream(prompt, **sampling_kwargs(args)):
         sys.stdout.write(piece)
         sys.stdout.flush()
     sys.stdout.write("\n")
-    print_stats(engine, args.stats)
+    print_stats(engine, args.stats, args.max_new_tokens)
     return 0
 
 
@@ -110,37 +179,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from daop.console import chat
+
     engine = load_engine(args)
-    messages: list[dict[str, str]] = []
-    if args.system:
-        messages.append({"role": "system", "content": args.system})
-    print(f"daop chat with {engine.model_dir.name} on {engine.device}. /exit or Ctrl-D leaves, /reset forgets.", file=sys.stderr)
-    while True:
-        try:
-            line = input("> ")
-        except EOFError:
-            print(file=sys.stderr)
-            return 0
-        if line.strip() in ("/exit", "/quit"):
-            return 0
-        if line.strip() == "/reset":
-            messages = messages[:1] if args.system else []
-            continue
-        if not line.strip():
-            continue
-        messages.append({"role": "user", "content": line})
-        try:
-            pieces = []
-            for piece in engine.stream(engine.chat_prompt(messages), **sampling_kwargs(args)):
-                pieces.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-        except DaopError as exc:
-            messages.pop()
-            print(f"daop: error: {exc}", file=sys.stderr)
-            continue
-        sys.stdout.write("\n")
-        messages.append({"role": "assistant", "content": "".join(pieces).strip()})
+    return chat(engine, args.system, sampling_kwargs(args))
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -148,7 +190,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         import fastapi  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise DaopError("the server needs FastAPI and uvicorn: pip install 'daop[server]'") from None
+        raise DaopError("the server needs FastAPI and uvicorn: pip install '.[server]' in the daop folder") from None
     from daop.server import serve
 
     return serve(args)
@@ -179,6 +221,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     args.ratios = numbers("ratios", float)
     args.prompt_tokens, args.gen_tokens, args.batch = (numbers(n, int) for n in ("prompt_tokens", "gen_tokens", "batch"))
+    apply_threads(args.threads)
     run(args)
     return 0
 
@@ -186,6 +229,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     from daop.profile import run_profile
 
+    if args.threads is not None:  # the engine keeps a count set this way (see daop.threads.choose_threads)
+        os.environ["OMP_NUM_THREADS"] = str(args.threads)
+        apply_threads(args.threads)
     stats = run_profile(args.model, args.data, args.output, args.max_docs, args.prompt_tokens, args.gen_tokens,
                         args.device, args.dtype)
     prov, parts = stats["provenance"], []
@@ -207,17 +253,20 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     eval_args = EvalArgs(Path(args.data), args.max_docs, args.prompt_tokens, args.continuation_tokens, args.gen_tokens,
                          Path(args.gsm8k) if args.gsm8k else None, args.gsm8k_items, args.gsm8k_max_tokens)
-    base = dict(device=args.device, dtype=args.dtype, progress=not args.no_progress, gpu_memory=args.gpu_memory,
-                expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads, hardware_profile=args.hardware_profile,
-                routing_stats=args.routing_stats, max_context=args.max_context)
+    base = dict(device=args.device, dtype=args.dtype, progress=not args.no_progress, threads=args.threads,
+                gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads,
+                hardware_profile=args.hardware_profile, routing_stats=args.routing_stats, max_context=args.max_context)
     # The all-GPU path is the reference; the two engines run one after the other so only one model
     # is in memory at a time.
-    ref_engine, ref_info = load_reference(args.model, base)
-    reference = score(ref_engine, eval_args)
-    ref_engine.close()
-    del ref_engine
+    sequences = 2 * args.max_docs + (args.gsm8k_items if args.gsm8k else 0)  # perplexity + greedy per document
+    engine, ref_info = load_reference(args.model, base)
+    with eval_progress("reference (gpu)", sequences, args.no_progress) as tick:
+        reference = score(counting(engine, tick), eval_args)
+    engine.close()
+    engine = None  # one model in memory at a time
     engine = Engine.from_pretrained(args.model, policy=args.policy, **base)
-    ours = score(engine, eval_args)
+    with eval_progress(f"{engine.policy}", sequences, args.no_progress) as tick:
+        ours = score(counting(engine, tick), eval_args)
     report = {"policy": engine.policy, "expert_ratio": args.expert_ratio, "device": engine.device.type,
               "dtype": str(engine.decoder.dtype).replace("torch.", ""), **ref_info, "data": args.data,
               **compare(reference, ours, args.gen_tokens)}
@@ -225,85 +274,138 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def eval_progress(label: str, total: int, disable: bool):
+    """A progress bar on stderr over the sequences an eval scores; yields the function that advances it."""
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=f"eval {label}", unit="seq", file=sys.stderr, disable=disable) as bar:
+        yield bar.update
+
+
+def counting(engine, tick):
+    """The engine, with every new sequence it starts (Engine.session) advancing the progress bar."""
+    start = engine.session
+
+    def start_and_tick(*args, **kwargs):
+        tick(1)
+        return start(*args, **kwargs)
+
+    engine.session = start_and_tick
+    return engine
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="daop", description="Run Mixture-of-Experts models on a GPU too small to hold them.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("--version", action="version", version=f"daop {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     gen = sub.add_parser("generate", help="complete a prompt, streaming to stdout")
     add_model_args(gen)
     add_sampling_args(gen)
-    gen.add_argument("prompt", nargs="?", default=None, help="prompt text (default: read stdin)")
+    gen.add_argument("prompt", nargs="?", default=None, help="prompt text; '-' or none reads standard input")
     gen.add_argument("--stats", action="store_true", help="print budget, placement and expert counters to stderr")
     gen.set_defaults(func=cmd_generate)
-    chat = sub.add_parser("chat", help="interactive chat using the checkpoint's chat template")
+    chat = sub.add_parser("chat", help="interactive chat using the checkpoint's chat template (/help inside lists commands)")
     add_model_args(chat)
     add_sampling_args(chat)
-    chat.add_argument("--system", default=None, help="system message")
+    chat.add_argument("--system", default=None, help="system message (default: none)")
     chat.set_defaults(func=cmd_chat)
-    cal = sub.add_parser("calibrate", help="measure copy, CPU and GPU expert costs; write a hardware profile JSON")
-    cal.add_argument("--model", default=None)
-    cal.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    cal.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
-    cal.add_argument("--cpu-threads", type=int, default=None)
-    cal.add_argument("--quick", action="store_true", help="fewer repeats and token counts")
-    cal.add_argument("--output", default="hardware-profile.json")
-    cal.set_defaults(func=cmd_calibrate)
-    ev = sub.add_parser("eval", help="quality of a policy against exact inference (decode-path perplexity, greedy agreement, GSM8K)")
-    add_model_args(ev)
-    ev.add_argument("--data", required=True, help="text / JSONL / ShareGPT JSON documents")
-    ev.add_argument("--max-docs", type=int, default=16)
-    ev.add_argument("--prompt-tokens", type=int, default=64)
-    ev.add_argument("--continuation-tokens", type=int, default=64)
-    ev.add_argument("--gen-tokens", type=int, default=32)
-    ev.add_argument("--gsm8k", default=None, help="JSONL with question/answer (GSM8K format)")
-    ev.add_argument("--gsm8k-items", type=int, default=20)
-    ev.add_argument("--gsm8k-max-tokens", type=int, default=256, help="longest generated answer")
-    ev.set_defaults(func=cmd_eval)
-    bench = sub.add_parser("bench", help="sweep policies x expert ratios on a model geometry; JSON last")
-    bench.add_argument("--geometry", default="mixtral-8x7b", help="mixtral-8x7b, phi-3.5-moe, qwen3-30b-a3b, tiny-mixtral")
-    bench.add_argument("--layers", type=int, default=None, help="cut depth when host memory is short (stated on the card)")
-    bench.add_argument("--policies", default="gpu,fiddler,static,lru,ondemand,daop-paper,daop-exact",
-                       help="comma-separated; 'accelerate' adds transformers + accelerate offloading (pip install 'daop[bench]')")
-    bench.add_argument("--ratios", default="0.25,0.375,0.5,0.625", help="comma-separated shares of routed experts on the GPU")
-    bench.add_argument("--model", default=None, help="benchmark a real checkpoint instead of a synthetic geometry")
-    bench.add_argument("--prompts-file", default=None, help="prompt texts for --model: a text/JSONL/ShareGPT file, or 'sharegpt'")
-    bench.add_argument("--prompt-tokens", default="256", help="comma-separated prompt lengths")
-    bench.add_argument("--gen-tokens", default="256", help="comma-separated generation lengths")
-    bench.add_argument("--batch", default="1", help="comma-separated batch sizes")
-    bench.add_argument("--prompts", type=int, default=10)
-    bench.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    bench.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"])
-    bench.add_argument("--cpu-threads", type=int, default=None)
-    bench.add_argument("--hardware-profile", default=None)
-    bench.add_argument("--output", default=None, help="append every row to this JSONL file")
-    bench.add_argument("--trace", default=None, help="replay routing recorded from a trained model (.npz from scripts/record_traces.py)")
-    bench.add_argument("--smoke", action="store_true", help="tiny CPU run (under a minute) that checks the benchmark works")
-    bench.add_argument("--plot", metavar="RESULTS", default=None, help="draw RESULTS (JSONL) as a PNG next to it, then exit")
-    bench.add_argument("--table", metavar="RESULTS", default=None, help="print RESULTS (JSONL) as a Markdown table, then exit")
-    bench.set_defaults(func=cmd_bench)
-    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs: pip install 'daop[server]')")
+    add_calibrate_parser(sub)
+    add_eval_parser(sub)
+    add_bench_parser(sub)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the server extra: pip install '.[server]')")
     add_model_args(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
-    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default: 8000)")
+    serve.add_argument("--api-key", default=os.environ.get("DAOP_API_KEY") or None,
+                       help="require 'Authorization: Bearer KEY' on every endpoint but /health "
+                            "(default: $DAOP_API_KEY, else no key)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default: 1 MiB)")
     serve.add_argument("--model-name", default=None, help="model id clients use (default: the checkpoint folder's name)")
     serve.set_defaults(func=cmd_serve)
     prof = sub.add_parser("profile", help="routing statistics of a calibration set (expert popularity, overlap, prediction); JSON")
-    prof.add_argument("--model", default=None, help="checkpoint folder (default: the shipped daop-moe-mini)")
+    prof.add_argument("--model", "-m", default=None, help="checkpoint folder (default: the shipped daop-moe-mini)")
     prof.add_argument("--data", required=True, help="calibration text: plain text (blank-line separated), .jsonl with \"text\", or ShareGPT .json")
-    prof.add_argument("--max-docs", type=int, default=None, help="use only the first N documents")
-    prof.add_argument("--prompt-tokens", type=int, default=128, help="prompt tokens per document (prefill)")
-    prof.add_argument("--gen-tokens", type=int, default=32, help="greedy decode steps per document")
-    prof.add_argument("--output", default="routing-stats.json")
-    prof.add_argument("--device", default=None, choices=["cpu", "cuda"])
-    prof.add_argument("--dtype", default=None, choices=["bf16", "fp16", "fp32"])
+    prof.add_argument("--max-docs", type=int, default=None, help="use only the first N documents (default: all)")
+    prof.add_argument("--prompt-tokens", type=int, default=128, help="prompt tokens per document, prefill (default: 128)")
+    prof.add_argument("--gen-tokens", type=int, default=32, help="greedy decode steps per document (default: 32)")
+    prof.add_argument("--output", default="routing-stats.json", help="statistics JSON to write (default: routing-stats.json)")
+    prof.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    prof.add_argument("--dtype", default=None, choices=DTYPES, metavar="DTYPE", help=DTYPE_HELP)
+    prof.add_argument("--threads", "-t", type=int, default=None, metavar="N", help=THREADS_HELP)
     prof.set_defaults(func=cmd_profile)
     return parser
+
+
+def add_calibrate_parser(sub) -> None:
+    cal = sub.add_parser("calibrate", help="measure copy, CPU and GPU expert costs; write a hardware profile JSON")
+    cal.add_argument("--model", "-m", default=None, help="checkpoint folder whose expert shape is measured (default: the shipped daop-moe-mini)")
+    cal.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    cal.add_argument("--dtype", default=None, choices=DTYPES, metavar="DTYPE", help=DTYPE_HELP)
+    cal.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                     help="threads of the CPU-expert pool to measure (default: physical cores, less one with a CUDA device)")
+    cal.add_argument("--quick", action="store_true", help="fewer repeats and token counts")
+    cal.add_argument("--output", default="hardware-profile.json", help="profile JSON to write (default: hardware-profile.json)")
+    cal.set_defaults(func=cmd_calibrate)
+
+
+def add_eval_parser(sub) -> None:
+    ev = sub.add_parser("eval", help="quality of a policy against exact inference (decode-path perplexity, greedy agreement, GSM8K)")
+    add_model_args(ev)
+    ev.add_argument("--data", required=True, help="text / JSONL / ShareGPT JSON documents")
+    ev.add_argument("--max-docs", type=int, default=16, help="documents scored (default: 16)")
+    ev.add_argument("--prompt-tokens", type=int, default=64, help="prompt tokens per document (default: 64)")
+    ev.add_argument("--continuation-tokens", type=int, default=64,
+                    help="teacher-forced decode steps per document for perplexity (default: 64)")
+    ev.add_argument("--gen-tokens", type=int, default=32, help="greedy tokens compared per document (default: 32)")
+    ev.add_argument("--gsm8k", default=None, help="JSONL with question/answer (GSM8K format) (default: none)")
+    ev.add_argument("--gsm8k-items", type=int, default=20, help="GSM8K questions asked (default: 20)")
+    ev.add_argument("--gsm8k-max-tokens", type=int, default=256, help="longest generated answer (default: 256)")
+    ev.set_defaults(func=cmd_eval)
+
+
+def add_bench_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="sweep policies x expert ratios on a model geometry; JSON last")
+    bench.add_argument("--geometry", default="mixtral-8x7b",
+                       help="mixtral-8x7b, phi-3.5-moe, qwen3-30b-a3b, tiny-mixtral (default: mixtral-8x7b; "
+                            "its experts need ~90 GB of host memory at 32 layers, see --layers)")
+    bench.add_argument("--layers", type=int, default=None,
+                       help="cut depth when host memory is short, stated on the card (default: all layers)")
+    bench.add_argument("--policies", default="gpu,fiddler,static,lru,ondemand,daop-paper,daop-exact",
+                       help="comma-separated; 'accelerate' adds transformers + accelerate offloading (pip install '.[bench]') "
+                            "(default: %(default)s)")
+    bench.add_argument("--ratios", default="0.25,0.375,0.5,0.625",
+                       help="comma-separated shares of routed experts on the GPU (default: %(default)s)")
+    bench.add_argument("--model", default=None, help="benchmark a real checkpoint instead of a synthetic geometry (default: none)")
+    bench.add_argument("--prompts-file", default=None,
+                       help="prompt texts for --model: a text/JSONL/ShareGPT file, or 'sharegpt' (default: random token ids)")
+    bench.add_argument("--prompt-tokens", default="256", help="comma-separated prompt lengths (default: 256)")
+    bench.add_argument("--gen-tokens", default="256", help="comma-separated generation lengths (default: 256)")
+    bench.add_argument("--batch", default="1", help="comma-separated batch sizes (default: 1)")
+    bench.add_argument("--prompts", type=int, default=10, help="prompts per point; medians are reported (default: 10)")
+    bench.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    bench.add_argument("--dtype", default="bf16", choices=DTYPES, metavar="DTYPE",
+                       help="bfloat16|bf16, float16|fp16, float32|fp32 (default: bf16)")
+    bench.add_argument("--threads", "-t", type=int, default=None, metavar="N",
+                       help="torch threads for the dense path (default: torch's default)")
+    bench.add_argument("--cpu-threads", type=int, default=None, metavar="N",
+                       help="threads of the CPU-expert pool (default: physical cores, less one with a CUDA device)")
+    bench.add_argument("--hardware-profile", default=None, help="JSON from `daop calibrate` (default: cached or quick calibration)")
+    bench.add_argument("--output", default=None, help="append every row to this JSONL file (default: stdout only)")
+    bench.add_argument("--trace", default=None,
+                       help="replay routing recorded from a trained model, .npz from scripts/record_traces.py "
+                            "(default: the synthetic model's own routers)")
+    bench.add_argument("--smoke", action="store_true", help="tiny CPU run (under a minute) that checks the benchmark works")
+    bench.add_argument("--plot", metavar="RESULTS", default=None, help="draw RESULTS (JSONL) as a PNG next to it, then exit (default: none)")
+    bench.add_argument("--table", metavar="RESULTS", default=None, help="print RESULTS (JSONL) as a Markdown table, then exit (default: none)")
+    bench.set_defaults(func=cmd_bench)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        validate_args(args)
         return args.func(args)
     except DaopError as exc:
         print(f"daop: error: {exc}", file=sys.stderr)

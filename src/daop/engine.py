@@ -6,21 +6,21 @@ offloading policies provide other runners with the same contract.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from daop.config import ModelConfig, load_config
-from daop.config import read_json
+from daop.config import ModelConfig, load_config, read_json
 from daop.errors import DaopError
 from daop.generate import DecodeSession
 from daop.model.decoder import Decoder
 from daop.model.specs import FamilySpec, spec_for
 from daop.runtime.setup import RuntimeOptions, prepare_runtime
-from daop.sampling import Sampler, SamplingParams
+from daop.sampling import Sampler, SamplingParams, generation_defaults, sampling_params
+from daop.threads import apply_threads, check_threads, choose_threads
 from daop.tokenizer import StreamDecoder, Tokenizer
 from daop.weights.loader import load_weights, parse_dtype
 from daop.weights.safetensors_io import Checkpoint
@@ -68,6 +68,8 @@ class Engine:
         self.model_dir, self.config, self.spec, self.decoder, self.tokenizer = model_dir, config, spec, decoder, tokenizer
         self.load_s = load_s
         self.last_stats = GenerationStats()
+        self.threads: int | None = None                  # torch intra-op threads of the dense path (None: torch's)
+        self.generation_defaults: dict[str, Any] = {}    # sampling defaults of generation_config.json
         eos = set(tokenizer.eos_token_ids if tokenizer else ()) | set(config.eos_token_ids)
         self.eos_ids = frozenset(eos)
 
@@ -78,9 +80,14 @@ class Engine:
         device: str | torch.device | None = None,
         dtype: str | torch.dtype | None = None,
         progress: bool = True,
+        threads: int | None = None,
         **options: Any,
     ) -> "Engine":
-        """Load a Hugging Face-layout checkpoint folder (the shipped default model when path is None)."""
+        """Load a Hugging Face-layout checkpoint folder (the shipped default model when path is None).
+
+        threads: torch's intra-op threads for the dense path; None picks them (see daop.threads).
+        """
+        check_threads(threads, "threads")
         try:
             runtime_opts = RuntimeOptions(**options)
         except TypeError as exc:
@@ -94,6 +101,11 @@ class Engine:
         tokenizer = Tokenizer.from_dir(model_dir)
         dev = resolve_device(device)
         torch_dtype = parse_dtype(dtype, config.torch_dtype)
+        defaults = generation_defaults(model_dir)
+        chosen_threads = choose_threads(threads, dev)
+        apply_threads(chosen_threads)
+        if dev.type == "cpu" and runtime_opts.cpu_threads is None:  # one count for all CPU work: same sums as "gpu"
+            runtime_opts = replace(runtime_opts, cpu_threads=torch.get_num_threads())
         ckpt = Checkpoint(model_dir)
         decoder = Decoder(config, spec, dev, torch_dtype)
         runtime = prepare_runtime(decoder, runtime_opts)
@@ -101,7 +113,14 @@ class Engine:
         decoder.experts = runtime.start()
         engine = cls(model_dir, config, spec, decoder, tokenizer, time.perf_counter() - t0)
         engine.budget, engine.policy = runtime.budget, runtime.policy_name
+        engine.threads, engine.generation_defaults = chosen_threads, defaults
         return engine
+
+    def session(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodeSession:
+        """A new sequence (or left-padded batch) through the model, on this thread's intra-op thread count
+        (the server generates on a thread of its own)."""
+        apply_threads(self.threads)
+        return DecodeSession(self.decoder, prompts, max_new_tokens)
 
     def counters(self) -> dict[str, float]:
         """Expert counters since load (empty for the all-resident path)."""
@@ -135,7 +154,7 @@ class Engine:
     def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Full forward without sampling: float32 logits [T, V] (for parity checks)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).tolist()
-        return DecodeSession(self.decoder, [ids], 0).prefill(all_logits=True)[0]
+        return self.session([ids], 0).prefill(all_logits=True)[0]
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None) -> Iterator[int]:
@@ -148,8 +167,8 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
         self.last_stats = stats
-        session = DecodeSession(self.decoder, [ids], budget)
-        sampler = Sampler(params)
+        session = self.session([ids], budget)
+        sampler = Sampler(params, ids)
         token = int(sampler(session.prefill())[0])
         stats.prefill_s = session.prefill_s
         stats.extra["counters_after_prefill"] = session.counters_after_prefill
@@ -179,8 +198,8 @@ class Engine:
         budget = min(params.max_new_tokens, self.config.context_length - longest)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = int(sum(len(r) for r in rows))
-        session = DecodeSession(self.decoder, rows, budget)
-        sampler = Sampler(params)
+        session = self.session(rows, budget)
+        sampler = Sampler(params, rows)
         logits = session.prefill()
         stats.prefill_s = session.prefill_s
         stats.extra["counters_after_prefill"] = session.counters_after_prefill
@@ -200,15 +219,21 @@ class Engine:
         stats.decode_s = time.perf_counter() - t1
         return out
 
-    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float = 0.0,
-               top_p: float = 1.0, top_k: int = 0, seed: int | None = None, stop: Sequence[str] | None = None,
-               stats: GenerationStats | None = None) -> Iterator[str]:
+    def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float | None = None,
+               top_p: float | None = None, top_k: int | None = None, seed: int | None = None,
+               stop: Sequence[str] | None = None, stats: GenerationStats | None = None, min_p: float | None = None,
+               repetition_penalty: float | None = None, presence_penalty: float | None = None,
+               frequency_penalty: float | None = None) -> Iterator[str]:
         """Yield text pieces as they are generated; never a broken UTF-8 character or part of a stop string.
 
-        Pass `stats` to receive this call's numbers (token counts, finish_reason) when several
-        generations share the engine; otherwise read `engine.last_stats`.
+        Sampling values left None come from the checkpoint's generation_config.json, else the
+        defaults of SamplingParams (greedy). Pass `stats` to receive this call's numbers (token counts,
+        finish_reason) when several generations share the engine; otherwise read `engine.last_stats`.
         """
-        params = SamplingParams(max_new_tokens, temperature, top_p, top_k, seed, tuple(stop or ()))
+        params = sampling_params(self.generation_defaults, max_new_tokens=max_new_tokens, temperature=temperature,
+                                 top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()), min_p=min_p,
+                                 repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                                 frequency_penalty=frequency_penalty)
         prompt_ids = self.encode(prompt)
         detok = StreamDecoder(self.tokenizer)
         text, emitted = "", 0

@@ -31,7 +31,6 @@ import torch
 
 from daop.config import ModelConfig
 from daop.errors import DaopError
-from daop.generate import DecodeSession
 from daop.model.routing import Routing
 from daop.predict.next_layer import prediction_accuracy
 
@@ -202,7 +201,7 @@ def summarise(rec: RoutingRecorder, provenance: dict[str, Any]) -> dict[str, Any
 
 def _run_document(engine: Any, prompt: list[int], gen_tokens: int) -> int:
     """Prefill then greedy decode one document; returns the number of decode steps run (stops at EOS)."""
-    session = DecodeSession(engine.decoder, [prompt], gen_tokens)
+    session = engine.session([prompt], gen_tokens)
     logits = session.prefill()
     for step in range(gen_tokens):
         token = int(logits[0].argmax())

@@ -219,7 +219,13 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids for text, identical to transformers' ``tokenizer(text)["input_ids"]``."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        try:
+            return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        except TypeError:
+            if isinstance(text, str) and any("\ud800" <= c <= "\udfff" for c in text):
+                raise DaopError("the text contains unpaired surrogates (undecodable bytes read with "
+                                "surrogateescape?); decode it with errors='replace' first") from None
+            raise
 
     def _raw_decode(self, ids: list[int], skip_special_tokens: bool) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

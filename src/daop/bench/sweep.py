@@ -27,7 +27,6 @@ from daop.model.layers import KVCache
 from daop.placement.cost import CostModel
 from daop.runtime.setup import RuntimeOptions, hardware_profile, prepare_runtime
 from daop.errors import DaopError
-from daop.generate import DecodeSession
 from daop.sampling import SamplingParams
 from daop.weights.loader import parse_dtype
 
@@ -83,7 +82,7 @@ def replay(engine: Engine, trace: RoutingTrace, stats: GenerationStats) -> int:
     dec = engine.decoder
     tokens, p = trace.tokens, trace.prompt_len
     with dec.routed_by(TraceRouting(trace, dec.model_routing, dec.device)):
-        session = DecodeSession(dec, [tokens[:p]], len(tokens) - p)
+        session = engine.session([tokens[:p]], len(tokens) - p)
         session.prefill().argmax(-1).cpu()
         stats.prefill_s = session.prefill_s
         stats.extra["counters_after_prefill"] = session.counters_after_prefill

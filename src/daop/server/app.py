@@ -18,8 +18,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from daop.errors import DaopError
 from daop.server.metrics import Metrics, MetricsMiddleware
-from daop.server.schemas import (_UNSUPPORTED, DEFAULT_MAX_BODY_BYTES, ApiError, ChatCompletionRequest, ClientGone,
-                                 CompletionRequest, _Common, _validation_error, read_json)
+from daop.server.auth import ApiKeyMiddleware
+from daop.server.schemas import (DEFAULT_MAX_BODY_BYTES, ApiError, ChatCompletionRequest, ClientGone, CompletionRequest,
+                                 _Common, _validation_error, check_fields, read_json)
 from daop.server.worker import Job, Worker
 
 log = logging.getLogger("daop.server")
@@ -29,8 +30,12 @@ DISCONNECT_POLL_S = 0.25       # how often a waiting non-streamed request checks
 
 # -------------------------------------------------------------------------------------------------- app
 
-def create_app(engine: Any, model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
-    """The FastAPI app serving engine under model_name. The worker thread starts with the app's lifespan."""
+def create_app(engine: Any, model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               api_key: Optional[str] = None) -> FastAPI:
+    """The FastAPI app serving engine under model_name. The worker thread starts with the app's lifespan.
+
+    With api_key, every endpoint but /health needs `Authorization: Bearer <api_key>`.
+    """
     metrics = Metrics()
     worker = Worker(engine, metrics)
     created = int(time.time())
@@ -45,6 +50,8 @@ def create_app(engine: Any, model_name: str, max_body_bytes: int = DEFAULT_MAX_B
 
     app = FastAPI(title="daop", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.worker, app.state.metrics, app.state.engine = worker, metrics, engine
+    if api_key:
+        app.add_middleware(ApiKeyMiddleware, api_key=api_key, open_paths=("/health",))
     app.add_middleware(MetricsMiddleware, metrics=metrics)
     _add_exception_handlers(app)
 
@@ -113,9 +120,7 @@ def _check_model(name: Optional[str], model_name: str) -> None:
 
 async def _parse(request: Request, model: type[_Common], model_name: str, max_body_bytes: int) -> _Common:
     data = await read_json(request, max_body_bytes)
-    for key, allowed in _UNSUPPORTED.items():
-        if key in data and data[key] not in allowed:
-            raise ApiError(400, f"'{key}' is not supported by this server", param=key)
+    check_fields(data, model)
     try:
         req = model.model_validate(data)
     except ValidationError as exc:
@@ -143,8 +148,9 @@ async def _next_event(job: Job, request: Request) -> tuple[str, Any]:
 
 async def _run(request: Request, req: _Common, prompt: Any, messages: Optional[list[dict[str, str]]],
                kind: str, worker: Worker, model_name: str) -> Response:
-    sampling = req.sampling()
-    job = Job(prompt, messages, sampling, asyncio.get_running_loop(), asyncio.Queue())
+    sampling = req.sampling(getattr(worker.engine, "generation_defaults", None))
+    job = Job(prompt, messages, sampling, asyncio.get_running_loop(), asyncio.Queue(),
+              max_tokens_given=req.requested_max_tokens() is not None)
     worker.submit(job)
     rid = ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
     created_at = int(time.time())
@@ -170,6 +176,8 @@ async def _run(request: Request, req: _Common, prompt: Any, messages: Optional[l
                 return JSONResponse(_full_response(kind, rid, created_at, model_name, "".join(pieces), payload))
             elif event == "error":
                 raise payload
+            elif worker.stopping:
+                raise ApiError(503, "the server is shutting down")
             else:
                 raise ClientGone()
     except ClientGone:
@@ -265,15 +273,31 @@ def serve(args: Any) -> int:
         raise DaopError(f"--port must be in 0..65535, got {args.port}")
     if args.max_body_bytes < 1:
         raise DaopError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
+    if args.api_key is not None and not args.api_key.strip():
+        raise DaopError("--api-key must not be empty")
     engine = load_engine(args)
     name = args.model_name or Path(engine.model_dir).resolve().name or "daop"
-    app = create_app(engine, name, args.max_body_bytes)
+    app = create_app(engine, name, args.max_body_bytes, args.api_key)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     log.info("serving %s on http://%s:%d/v1 (device %s, loaded in %.1f s)", name, args.host, args.port,
              engine.device, engine.load_s)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: the server has no authentication; anyone who can reach it can use it", args.host)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
                             timeout_graceful_shutdown=5)
-    uvicorn.Server(config).run()
+    _server(config, app.state.worker).run()
     return 0
+
+
+def _server(config: Any, worker: Worker) -> Any:
+    """uvicorn's server, telling the worker first when asked to stop: the generation in progress and the
+    queued ones end at once (a stream with an error event and `[DONE]`), so the graceful shutdown has
+    no open stream to wait for or cut."""
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            worker.begin_stop()
+            super().handle_exit(sig, frame)
+
+    return StoppingServer(config)

@@ -15,6 +15,8 @@ from daop.errors import DaopError
 from daop.sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
+OPENAI_DEFAULTS: dict[str, Any] = {"temperature": 1.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0,
+                                   "presence_penalty": 0.0, "frequency_penalty": 0.0}
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 DRAIN_BYTES = 8 << 20          # how much of an oversized body is read and dropped so the 413 reaches the client
 
@@ -68,12 +70,42 @@ class StreamOptions(_Strict):
     include_usage: Optional[bool] = None
 
 
-# Fields other servers honour and this one does not: asking for them is an error, not a silent no-op.
+# Fields other servers honour and this one does not: asking for them is an error, not a silent no-op;
+# only the values that mean "off" pass.
 _UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "logprobs": (None, False, 0), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "suffix": (None, ""), "logit_bias": (None, {}), "presence_penalty": (None, 0), "frequency_penalty": (None, 0),
-    "tools": (None, []), "functions": (None, []),
+    "suffix": (None, ""), "logit_bias": (None, {}), "tools": (None, []), "functions": (None, []),
+    "tool_choice": (None, "none"), "function_call": (None, "none"), "parallel_tool_calls": (None, True, False),
+    "response_format": (None, {"type": "text"}), "modalities": (None, ["text"]), "audio": (None,),
+    "prediction": (None,), "web_search_options": (None,), "reasoning_effort": (None,),
 }
+# Fields that change nothing in the answer (bookkeeping on OpenAI's side), accepted and ignored.
+_IGNORED = frozenset({"user", "metadata", "store", "service_tier"})
+# Message fields accepted when empty (an assistant message sent back as the client received it).
+_EMPTY_MESSAGE_FIELDS = frozenset({"refusal", "tool_calls", "function_call", "audio", "annotations"})
+CHAT_ROLES = ("system", "developer", "user", "assistant")
+
+
+def check_fields(data: dict[str, Any], model: type[BaseModel]) -> None:
+    """A 400 naming the first field this server does not support (unknown fields are not dropped silently)."""
+    for key, allowed in _UNSUPPORTED.items():
+        if key in data and data[key] not in allowed:
+            raise ApiError(400, f"'{key}' is not supported by this server", param=key)
+    known = set(model.model_fields) | set(_UNSUPPORTED) | _IGNORED
+    for key in data:
+        if key not in known and data[key] is not None:
+            raise ApiError(400, f"Unrecognized request argument supplied: '{key}' is not supported by this server",
+                           param=key)
+    messages = data.get("messages")
+    if isinstance(messages, list):
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                continue
+            for key, value in m.items():
+                empty = value is None or (key in _EMPTY_MESSAGE_FIELDS and value in ([], {}, ""))
+                if key not in ChatMessage.model_fields and not empty:
+                    raise ApiError(400, f"'messages[{i}].{key}' is not supported by this server",
+                                   param=f"messages[{i}].{key}")
 
 
 class _Common(_Strict):
@@ -81,7 +113,11 @@ class _Common(_Strict):
     max_tokens: Optional[int] = Field(None, ge=1)
     temperature: Optional[float] = Field(None, ge=0, le=2)
     top_p: Optional[float] = Field(None, gt=0, le=1)
-    top_k: Optional[int] = Field(None, ge=0)
+    top_k: Optional[int] = Field(None, ge=-1)
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0)
+    presence_penalty: Optional[float] = Field(None, ge=-2, le=2)
+    frequency_penalty: Optional[float] = Field(None, ge=-2, le=2)
     seed: Optional[int] = Field(None, ge=0, lt=2**63)
     stop: Any = None
     n: Optional[int] = None
@@ -101,15 +137,22 @@ class _Common(_Strict):
             raise ValueError("at most 16 stop strings")
         return v
 
-    def max_new_tokens(self) -> int:
-        return self.max_tokens if self.max_tokens is not None else DEFAULT_MAX_TOKENS
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_tokens
 
-    def sampling(self) -> dict[str, Any]:
-        """Keyword arguments of Engine.stream (validated by SamplingParams; absent temperature means 1.0)."""
-        kw = dict(max_new_tokens=self.max_new_tokens(),
-                  temperature=1.0 if self.temperature is None else float(self.temperature),
-                  top_p=1.0 if self.top_p is None else float(self.top_p), top_k=self.top_k or 0,
-                  seed=self.seed, stop=tuple(self.stop or ()))
+    def max_new_tokens(self) -> int:
+        requested = self.requested_max_tokens()
+        return requested if requested is not None else DEFAULT_MAX_TOKENS
+
+    def sampling(self, defaults: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Keyword arguments of Engine.stream, validated by SamplingParams. A field the request leaves out takes
+        the checkpoint's generation_config.json value (`defaults`), else OpenAI's default (temperature 1.0)."""
+        given = {k: getattr(self, k) for k in ("temperature", "top_p", "min_p", "repetition_penalty",
+                                               "presence_penalty", "frequency_penalty")}
+        given["top_k"] = None if self.top_k is None else max(self.top_k, 0)  # -1 is vLLM's "off"
+        kw = {**OPENAI_DEFAULTS, **(defaults or {})}
+        kw.update({k: v for k, v in given.items() if v is not None})
+        kw.update(max_new_tokens=self.max_new_tokens(), seed=self.seed, stop=tuple(self.stop or ()))
         try:
             SamplingParams(**kw)
         except DaopError as exc:
@@ -139,6 +182,13 @@ class ChatMessage(_Strict):
     content: Any = None
     name: Optional[str] = None
 
+    @field_validator("role", mode="after")
+    @classmethod
+    def _check_role(cls, v: str) -> str:
+        if v not in CHAT_ROLES:
+            raise ValueError(f"unsupported role {v!r}; this server accepts {', '.join(CHAT_ROLES)}")
+        return v
+
     @field_validator("content", mode="before")
     @classmethod
     def _check_content(cls, v: Any) -> Any:
@@ -154,10 +204,8 @@ class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: Optional[int] = Field(None, ge=1)
 
-    def max_new_tokens(self) -> int:
-        if self.max_completion_tokens is not None:
-            return self.max_completion_tokens
-        return super().max_new_tokens()
+    def requested_max_tokens(self) -> Optional[int]:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     def chat_messages(self) -> list[dict[str, str]]:
         return [{"role": "system" if m.role == "developer" else m.role, "content": m.content} for m in self.messages]

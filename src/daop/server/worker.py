@@ -44,6 +44,7 @@ class Job:
     sampling: dict[str, Any]
     loop: asyncio.AbstractEventLoop
     events: asyncio.Queue
+    max_tokens_given: bool = False       # the client set max_tokens: a prompt + max_tokens beyond the context is a 400
     cancel: threading.Event = field(default_factory=threading.Event)
     checked_at: float = field(default_factory=time.monotonic)   # when the server last checked the client is there
 
@@ -79,11 +80,19 @@ class Worker:
             self._waiting += 1
         self.jobs.put(job)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stopping = True  # jobs still queued are answered as cancelled
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
+
+    def begin_stop(self) -> None:
+        """Stop the generation in progress between tokens; jobs still queued are answered as cancelled."""
+        self._stopping = True
         active = self.active
         if active is not None:
             active.cancel.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.begin_stop()
         self.jobs.put(None)
         self._thread.join(timeout)
 
@@ -116,6 +125,7 @@ class Worker:
         try:
             ids = self.engine.chat_prompt(job.messages) if job.messages is not None else job.prompt
             ids = self.engine.encode(ids)
+            self._check_context(job, len(ids))
             gen = self.engine.stream(ids, stats=stats, **job.sampling)
             job.emit("start", len(ids))
             for piece in gen:
@@ -139,6 +149,15 @@ class Worker:
                     pass
         self.metrics.generation(stats)  # before the last event, so a client that got its answer sees the counts
         job.emit(*final)
+
+
+    def _check_context(self, job: Job, prompt_tokens: int) -> None:
+        limit = getattr(getattr(self.engine, "config", None), "context_length", None)
+        wanted = job.sampling["max_new_tokens"]
+        if job.max_tokens_given and limit is not None and prompt_tokens + wanted > limit:
+            raise DaopError(f"This model's maximum context length is {limit} tokens. However, you requested "
+                            f"{prompt_tokens + wanted} tokens ({prompt_tokens} in the prompt, {wanted} in the completion). "
+                            f"Please reduce the length of the prompt or the completion (max_tokens).")
 
 
 def _stats_dict(stats: GenerationStats) -> dict[str, Any]:

@@ -26,12 +26,13 @@ DTYPE_NAMES = {
 
 
 def parse_dtype(name: str | torch.dtype | None, default: str) -> torch.dtype:
-    """A torch dtype from a user string (bf16, fp16, fp32) or the checkpoint's own dtype."""
+    """A torch dtype from a user string (auto, bfloat16/bf16, float16/fp16/half, float32/fp32) or `default`
+    (the checkpoint's own dtype) for None and auto."""
     if isinstance(name, torch.dtype):
         return name
-    key = (name or default).lower()
+    key = (name if name is not None and str(name).lower() != "auto" else default).lower()
     if key not in DTYPE_NAMES:
-        raise DaopError(f"unsupported dtype {name!r}; choose one of bf16, fp16, fp32")
+        raise DaopError(f"unsupported dtype {name!r}; choose one of auto, bfloat16 (bf16), float16 (fp16), float32 (fp32)")
     return DTYPE_NAMES[key]
 
 
