@@ -141,6 +141,7 @@ class Engine:
             return {}
         totals = counters.totals()
         totals["cpu_busy_s"] = runner.cpu.busy_s
+        totals["cpu_expert_tokens"] = float(runner.cpu.expert_tokens)
         return totals
 
     @property

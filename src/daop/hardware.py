@@ -87,7 +87,7 @@ def calibrate(hidden_size: int, intermediate_size: int, dtype: torch.dtype, devi
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     repeat = 3 if quick else 10
-    host = [torch.randn(I, D, dtype=dtype) * 0.02, torch.randn(I, D, dtype=dtype) * 0.02, torch.randn(D, I, dtype=dtype) * 0.02]
+    host = [torch.randn(2 * I, D, dtype=dtype) * 0.02, torch.randn(D, I, dtype=dtype) * 0.02]
     pinned = [t.pin_memory() for t in host] if cuda else host
     dev = [torch.empty_like(t, device=device) for t in host]
 

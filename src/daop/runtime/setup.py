@@ -124,9 +124,9 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
     if policy_name == "gpu" and budget.gpu_slots >= budget.total_experts:
         experts = ResidentExperts(c, dev, decoder.dtype)
         if host is not None:
-            for l in experts.gate:
-                experts.gate[l].copy_(host.gate[l]), experts.up[l].copy_(host.up[l]), experts.down[l].copy_(host.down[l])
-        return PreparedRuntime(budget, policy_name, experts.weights_of, lambda: experts)
+            for l in experts.gate_up:
+                experts.gate_up[l].copy_(host.gate_up[l]), experts.down[l].copy_(host.down[l])
+        return PreparedRuntime(budget, policy_name, experts.load_views, lambda: experts)
     threads = opts.cpu_threads or default_cpu_threads(dev)
     moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
     needs_costs = policy_name == "fiddler" or policy_name in PRESETS
@@ -145,4 +145,4 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
             return DaopRunner(store, policy, CpuExecutor(threads), Transfer(dev), c.num_layers, routers=routers, model_config=c)
         return OffloadedExperts(store, policy, CpuExecutor(threads), Transfer(dev), c.num_layers)
 
-    return PreparedRuntime(budget, policy_name, store.host_weights, start)
+    return PreparedRuntime(budget, policy_name, store.load_views, start)
