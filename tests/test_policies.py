@@ -4,8 +4,10 @@ import os
 import pytest
 import torch
 
+from daop.config import load_config
 from daop.engine import Engine
 from daop.errors import DaopError
+from daop.hardware import HardwareProfile
 from daop.sampling import SamplingParams
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 77, 200, 9, 11]
@@ -41,12 +43,24 @@ def reference(tiny_dir):
     return get
 
 
+def cheap_cpu_profile(path, tmp_path):
+    """A fixed profile in which the CPU beats copying: fiddler must then use the CPU, whatever this
+    machine measures (on a CPU device a "copy" is a memcpy and often wins)."""
+    c = load_config(path)
+    profile = HardwareProfile(c.hidden_size, c.expert_intermediate_size, "float32", 12 * c.hidden_size * c.expert_intermediate_size,
+                              copy_pinned_ms=10.0, copy_pageable_ms=50.0, cpu_threads=torch.get_num_threads(),
+                              cpu_token_counts=(1, 64), cpu_expert_ms=(0.1, 1.0), gpu_token_counts=(1, 64), gpu_expert_ms=(0.01, 0.02))
+    profile.save(tmp_path / "cheap-cpu.json")
+    return str(tmp_path / "cheap-cpu.json")
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
-def test_policy_matches_gpu(tiny_dir, reference, family, policy, ratio):
+def test_policy_matches_gpu(tiny_dir, reference, family, policy, ratio, tmp_path):
     _, path = tiny_dir(family)
     ref_tokens, ref_logits = reference(family)
-    engine = Engine.from_pretrained(path, device=DEVICE, dtype="fp32", progress=False, policy=policy, expert_ratio=ratio)
+    extra = {"hardware_profile": cheap_cpu_profile(path, tmp_path)} if policy == "fiddler" else {}
+    engine = Engine.from_pretrained(path, device=DEVICE, dtype="fp32", progress=False, policy=policy, expert_ratio=ratio, **extra)
     assert engine.policy == policy
     assert greedy(engine) == ref_tokens
     assert_same_logits(engine.logits(PROMPT), ref_logits)
