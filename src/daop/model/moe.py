@@ -51,9 +51,11 @@ def select_experts(config: ModelConfig, logits: torch.Tensor) -> tuple[torch.Ten
 def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
     """One SwiGLU expert, down(silu(gate x) * up x), with gate and up stacked as gate_up [2I, D].
 
-    One product over [2I, D] reads the weights in one pass (one parallel region on the CPU); per
-    element it sums the same products in the same order as two separate ones. Every expert
-    (resident, copied, CPU) goes through this function, so exact runners stay bitwise equal.
+    One product over [2I, D] reads the weights in one pass (one parallel region on the CPU). It is
+    not bitwise equal to two separate products at every shape (the GEMM may block 2I differently,
+    and silu of a strided half vectorises its row tails differently), so every expert (resident,
+    copied, CPU) goes through this one function: exact runners stay bitwise equal to each other,
+    and agree with the reference implementation within tolerance.
     """
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, down)
