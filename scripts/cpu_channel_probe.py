@@ -33,6 +33,7 @@ from pathlib import Path
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--small", action="store_true", help="tiny expert (D 256, I 896): checks that the probe runs")
+    p.add_argument("--shape", default=None, help="expert D x I, e.g. 2048x768 (default: 4096x14336, Mixtral)")
     p.add_argument("--threads", default=None, help="comma-separated thread counts (default: cores, cores-1, cores-2, cores/2)")
     p.add_argument("--tokens", default="1,4")
     p.add_argument("--repeat", type=int, default=10, help="timed calls per cell (median reported)")
@@ -211,6 +212,8 @@ def executor_rows(experts, threads: int, n: int, repeat: int, driver: Driver) ->
 
 def main() -> int:
     D, I = (256, 896) if ARGS.small else (4096, 14336)
+    if ARGS.shape:
+        D, I = (int(v) for v in ARGS.shape.lower().split("x"))
     cores = physical_cores()
     threads = [int(t) for t in ARGS.threads.split(",")] if ARGS.threads else \
         sorted({c for c in (cores, cores - 1, cores - 2, cores // 2) if c >= 1}, reverse=True)

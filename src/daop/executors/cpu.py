@@ -103,7 +103,7 @@ _SCRIPTED: list = []
 def job_kernel() -> Callable:
     """run_jobs_eager compiled by TorchScript (the job list in one native call, GIL released
     throughout), or the eager function where scripting is unavailable. Compiled once, on first use.
-    Callers run it with graph optimisation off (`optimized_execution(False)`), so it executes
+    The executor runs it with graph optimisation off (`optimized_execution(False)`), so it executes
     exactly the eager operators: no fusion, bitwise the same results."""
     if not _SCRIPTED:
         try:
@@ -145,11 +145,8 @@ class CpuExecutor:
         self.expert_tokens = 0
         self.pool = None
         if mode == "worker":
-            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daop-cpu", initializer=self._init_worker)
-
-    def _init_worker(self) -> None:
-        torch.set_num_threads(self.threads)
-        torch._C._set_graph_executor_optimize(False)  # this thread only: plain TorchScript interpretation
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daop-cpu", initializer=torch.set_num_threads,
+                                           initargs=(self.threads,))
 
     def submit(self, jobs: list[Job], h_host: torch.Tensor, ready: "torch.cuda.Event | None",
                compute: Callable | None = None) -> Future:
@@ -158,21 +155,24 @@ class CpuExecutor:
         ready: the event of the activations' device->host copy, waited on before reading h_host.
         compute: a per-expert function instead of `swiglu` (run in Python, for tests and probes).
         """
+        # Lists built here, on the driving thread: the worker runs as little Python as possible.
         experts = [e for e, _, _ in jobs]
         rows = [r for _, r, _ in jobs]
         weights = [w for _, _, w in jobs]
+        gate_up, down = [w[0] for w in weights], [w[1] for w in weights]
+        tokens = sum(len(r) for r in rows)
 
         def run() -> dict[int, torch.Tensor]:
             if ready is not None:
                 ready.synchronize()
             t0 = time.perf_counter()
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.jit.optimized_execution(False):  # thread-local: no fusion passes
                 if compute is not None:
                     ys = [compute(h_host.index_select(0, r), *w) for r, w in zip(rows, weights)]
                 else:
-                    ys = self.kernel(h_host, rows, [w[0] for w in weights], [w[1] for w in weights])
+                    ys = self.kernel(h_host, rows, gate_up, down)
             self.busy_s += time.perf_counter() - t0
-            self.expert_tokens += sum(len(r) for r in rows)
+            self.expert_tokens += tokens
             return dict(zip(experts, ys))
 
         if self.pool is None:
@@ -196,8 +196,7 @@ class CpuExecutor:
         if previous != self.threads:
             torch.set_num_threads(self.threads)
         try:
-            with torch.jit.optimized_execution(False):
-                return run()
+            return run()
         finally:
             if previous != self.threads:
                 torch.set_num_threads(previous)
