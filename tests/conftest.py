@@ -16,6 +16,14 @@ os.environ["XDG_CACHE_HOME"] = os.path.join(_HOME, ".cache")
 from tiny_models import FAMILIES, hf_model, save_checkpoint  # noqa: E402
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """Hardware profiles are cached under a temporary XDG_CACHE_HOME, never in the user's ~/.cache."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """Factory: (family, variant) -> (transformers model, checkpoint folder), built once per session."""

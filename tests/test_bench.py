@@ -5,9 +5,9 @@ import sys
 
 POINT_KEYS = {"policy", "expert_ratio", "ttft_ms", "decode_ms_per_token", "tokens_per_s_incl_prefill", "gpu_hit_rate",
               "cpu_calls_per_token", "copy_calls_per_token", "resident_calls_per_token", "h2d_bytes_per_token",
-              "cpu_wait_share", "bound_ms", "measured_over_bound"}
-CARD_KEYS = {"geometry", "layers", "dtype", "gpu", "cpu", "cpu_threads", "torch", "git_sha", "expert_bytes",
-             "hardware_profile", "routing_source"}
+              "cpu_wait_share", "bound_ms", "measured_over_bound", "cpu_ms_per_expert_token"}
+CARD_KEYS = {"geometry", "layers", "dtype", "gpu", "cpu", "cpu_capability", "cpu_threads", "cpu_mode", "cpu_threads_reason",
+             "torch", "git_sha", "expert_bytes", "hardware_profile", "routing_source"}
 
 
 def test_bench_smoke(tmp_path):
@@ -30,7 +30,12 @@ def test_bench_smoke(tmp_path):
         if point["policy"] == "daop-paper":  # predicts from layer 4 on, and tiny-mixtral has 4 layers
             assert point["prediction_precision"] is None
     gpu = next(p for p in summary["points"] if p["policy"] == "gpu")
-    assert gpu["gpu_hit_rate"] == 1.0 and gpu["cpu_calls_per_token"] == 0
+    assert gpu["gpu_hit_rate"] == 1.0 and gpu["cpu_calls_per_token"] == 0 and gpu["cpu_ms_per_expert_token"] is None
+    for point in summary["points"]:
+        if point["policy"] == "static":  # computes its host layers on the CPU at every ratio
+            assert point["cpu_calls_per_token"] > 0 and point["cpu_ms_per_expert_token"] > 0
+    card = summary["card"]
+    assert card["cpu_threads_reason"].startswith(f"{card['cpu_mode']} x{card['cpu_threads']} ")
     lines = out.read_text().splitlines()
     assert json.loads(lines[0])["kind"] == "card" and json.loads(lines[-1])["kind"] == "summary"
     assert len(lines) == 2 + len(summary["points"])

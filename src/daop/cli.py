@@ -46,8 +46,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                         help="share of routed experts resident on the GPU, 0..1 (default: from --gpu-memory)")
     g.add_argument("--cpu-threads", type=int, default=None, metavar="N",
                    help="threads of the pool that computes offloaded experts on the CPU; not the dense path "
-                        "(see --threads) (default: the --threads count on a CPU device; with CUDA, physical "
-                        "cores less one)")
+                        "(see --threads) (default: the --threads count on a CPU device; with CUDA, the calibrated choice)")
+    g.add_argument("--cpu-mode", default=None, choices=["worker", "inline"],
+                   help="run CPU experts on a worker thread or inline on the driving thread (default: the calibrated choice)")
     g.add_argument("--hardware-profile", default=None, help="JSON from `daop calibrate` (default: cached or quick calibration)")
     g.add_argument("--routing-stats", default=None,
                    help="routing statistics JSON from `daop profile` (expert popularity for placement) (default: uniform)")
@@ -116,7 +117,8 @@ def load_engine(args: argparse.Namespace):
     return Engine.from_pretrained(
         args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress, threads=args.threads,
         policy=args.policy, gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads,
-        hardware_profile=args.hardware_profile, routing_stats=args.routing_stats, max_context=args.max_context,
+        cpu_mode=args.cpu_mode, hardware_profile=args.hardware_profile, routing_stats=args.routing_stats,
+        max_context=args.max_context,
     )
 
 
@@ -159,22 +161,34 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 
     from daop.config import load_config
     from daop.engine import default_model_dir, resolve_device
-    from daop.executors.cpu import default_cpu_threads
     from daop.hardware import calibrate
+    from daop.runtime.profile_cache import ProfileRequest, locate
     from daop.weights.loader import parse_dtype
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     config = load_config(model_dir)
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype, config.torch_dtype)
-    threads = args.cpu_threads or default_cpu_threads(device)
-    profile = calibrate(config.hidden_size, config.expert_intermediate_size, dtype, device, threads, quick=args.quick)
+    if args.show:
+        request = ProfileRequest(config, dtype, device, args.hardware_profile, args.cpu_threads, args.cpu_mode)
+        source = locate(request)
+        print(f"{source.kind}: {source.path}")
+        print(f"why: {source.reason}")
+        if source.profile is not None:
+            p = source.profile
+            print(f"cpu: {p.cpu_mode} with {p.cpu_threads} threads, {p.cpu_expert_ms[0]:.3f} ms per expert at "
+                  f"{p.cpu_token_counts[0]} token; chosen because: {p.cpu_threads_reason}")
+        return 0
+    profile = calibrate(config.hidden_size, config.expert_intermediate_size, dtype, device, args.cpu_threads,
+                        quick=args.quick, mode=args.cpu_mode)
     profile.provenance["model"] = str(model_dir)
     out = Path(args.output)
     profile.save(out)
     print(f"[daop] expert {profile.expert_bytes / 2**20:.1f} MiB: copy pinned {profile.copy_pinned_ms:.2f} ms, "
-          f"pageable {profile.copy_pageable_ms:.2f} ms, CPU 1 token {profile.cpu_expert_ms[0]:.2f} ms at {threads} threads, "
-          f"GPU 1 token {profile.gpu_expert_ms[0]:.3f} ms -> {out}", file=sys.stderr)
+          f"pageable {profile.copy_pageable_ms:.2f} ms, CPU 1 token {profile.cpu_expert_ms[0]:.2f} ms "
+          f"({profile.cpu_mode}, {profile.cpu_threads} threads), GPU 1 token {profile.gpu_expert_ms[0]:.3f} ms -> {out}",
+          file=sys.stderr)
+    print(f"[daop] CPU threads: {profile.cpu_threads_reason}", file=sys.stderr)
     return 0
 
 
@@ -254,7 +268,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     eval_args = EvalArgs(Path(args.data), args.max_docs, args.prompt_tokens, args.continuation_tokens, args.gen_tokens,
                          Path(args.gsm8k) if args.gsm8k else None, args.gsm8k_items, args.gsm8k_max_tokens)
     base = dict(device=args.device, dtype=args.dtype, progress=not args.no_progress, threads=args.threads,
-                gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads,
+                gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads, cpu_mode=args.cpu_mode,
                 hardware_profile=args.hardware_profile, routing_stats=args.routing_stats, max_context=args.max_context)
     # The all-GPU path is the reference; the two engines run one after the other so only one model
     # is in memory at a time.
@@ -343,7 +357,12 @@ def add_calibrate_parser(sub) -> None:
     cal.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     cal.add_argument("--dtype", default=None, choices=DTYPES, metavar="DTYPE", help=DTYPE_HELP)
     cal.add_argument("--cpu-threads", type=int, default=None, metavar="N",
-                     help="threads of the CPU-expert pool to measure (default: physical cores, less one with a CUDA device)")
+                     help="measure only this thread count of the CPU-expert pool (default: measure candidates and choose)")
+    cal.add_argument("--cpu-mode", default=None, choices=["worker", "inline"],
+                     help="measure only this mode (default: measure both and choose)")
+    cal.add_argument("--show", action="store_true",
+                     help="print which profile a run would use (file, cached, or fresh) and why; measure nothing")
+    cal.add_argument("--hardware-profile", default=None, help="with --show: the profile file a run would be given (default: none)")
     cal.add_argument("--quick", action="store_true", help="fewer repeats and token counts")
     cal.add_argument("--output", default="hardware-profile.json", help="profile JSON to write (default: hardware-profile.json)")
     cal.set_defaults(func=cmd_calibrate)
@@ -390,6 +409,8 @@ def add_bench_parser(sub) -> None:
                        help="torch threads for the dense path (default: torch's default)")
     bench.add_argument("--cpu-threads", type=int, default=None, metavar="N",
                        help="threads of the CPU-expert pool (default: physical cores, less one with a CUDA device)")
+    bench.add_argument("--cpu-mode", default=None, choices=["worker", "inline"],
+                       help="CPU experts on a worker thread or inline (default: the calibrated choice)")
     bench.add_argument("--hardware-profile", default=None, help="JSON from `daop calibrate` (default: cached or quick calibration)")
     bench.add_argument("--output", default=None, help="append every row to this JSONL file (default: stdout only)")
     bench.add_argument("--trace", default=None,

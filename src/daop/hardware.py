@@ -1,12 +1,16 @@
 """HardwareProfile: measured expert costs on this machine (copy, CPU, GPU), saved as JSON.
 
-Units are in field names; provenance (device names, torch version, time) travels with the numbers.
-A profile is tied to one expert shape and dtype: loading it for another model is an error.
+Units are in field names; provenance (host, CPU model and capability, device, versions, time)
+travels with the numbers. A profile is tied to one expert shape and dtype: loading it for another
+model is an error. The CPU expert is measured the way the executor runs it (through `submit`,
+while the calling thread drives), and the executor's mode and thread count are chosen from those
+measurements (`daop.executors.cpu_tuning`); the reason for the choice is recorded.
 """
 from __future__ import annotations
 
 import json
 import platform
+import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -15,7 +19,13 @@ import torch
 
 from daop.errors import DaopError
 
-SCHEMA = "daop.hardware_profile/1"
+SCHEMA = "daop.hardware_profile/2"
+OLD_SCHEMAS = ("daop.hardware_profile/1",)  # load with defaults for the fields added since
+OLD_REASON = "not recorded (profile written by an older daop)"
+NOISE_REL, NOISE_ABS_MS = 0.15, 0.05  # a CPU time may fall by this much with more tokens and still be noise
+OUTLIER_FACTOR, OUTLIER_ABS_MS = 2.0, 0.2  # a repeat above factor x median + abs is an outlier
+TUPLE_FIELDS = ("cpu_token_counts", "cpu_expert_ms", "gpu_token_counts", "gpu_expert_ms", "cpu_expert_ms_min",
+                "cpu_expert_ms_max", "cpu_candidate_token_counts")
 
 
 @dataclass(frozen=True)
@@ -28,14 +38,33 @@ class HardwareProfile:
     copy_pageable_ms: float
     cpu_threads: int
     cpu_token_counts: tuple[int, ...]
-    cpu_expert_ms: tuple[float, ...]  # at cpu_threads, per token count
+    cpu_expert_ms: tuple[float, ...]  # median executor busy time per expert call, per token count
     gpu_token_counts: tuple[int, ...]
     gpu_expert_ms: tuple[float, ...]
-    cpu_threads_sweep: dict[str, float] = field(default_factory=dict)  # threads -> ms at 1 token
+    cpu_threads_sweep: dict[str, float] = field(default_factory=dict)  # threads -> ms at 1 token (chosen mode)
     provenance: dict[str, str] = field(default_factory=dict)
+    cpu_mode: str = "worker"  # where CPU experts run: a worker thread, or inline on the driving thread
+    cpu_threads_reason: str = OLD_REASON
+    cpu_expert_ms_min: tuple[float, ...] = ()  # fastest and slowest repeat per token count
+    cpu_expert_ms_max: tuple[float, ...] = ()
+    repeats: int = 0
+    cpu_candidate_token_counts: tuple[int, ...] = ()
+    cpu_candidates_ms: dict[str, list[float]] = field(default_factory=dict)  # "mode xN" -> wall ms per count
 
     def matches(self, hidden_size: int, intermediate_size: int, dtype: str) -> bool:
         return (self.hidden_size, self.intermediate_size, self.dtype) == (hidden_size, intermediate_size, dtype)
+
+    def implausible(self) -> str | None:
+        """Why these CPU numbers should not be trusted (the host was busy while measuring), or None."""
+        ms, counts = self.cpu_expert_ms, self.cpu_token_counts
+        for i in range(len(ms)):
+            for j in range(i + 1, len(ms)):
+                if ms[j] < ms[i] * (1 - NOISE_REL) - NOISE_ABS_MS:
+                    return f"CPU expert time falls from {ms[i]:.3f} ms at {counts[i]} tokens to {ms[j]:.3f} ms at {counts[j]}"
+        for n, med, worst in zip(counts, ms, self.cpu_expert_ms_max):
+            if worst > OUTLIER_FACTOR * med + OUTLIER_ABS_MS:
+                return f"a repeat at {n} tokens took {worst:.3f} ms against a median of {med:.3f} ms"
+        return None
 
     def save(self, path: Path) -> None:
         data = {"schema": SCHEMA, **asdict(self)}
@@ -50,12 +79,14 @@ class HardwareProfile:
         """Load and validate; with a shape given, reject a profile measured for another expert shape."""
         try:
             data = json.loads(Path(path).read_text())
-            if data.pop("schema", None) != SCHEMA:
+            schema = data.pop("schema", None)
+            if schema != SCHEMA and schema not in OLD_SCHEMAS:
                 raise ValueError(f"schema is not {SCHEMA}")
-            for key in ("cpu_token_counts", "cpu_expert_ms", "gpu_token_counts", "gpu_expert_ms"):
-                data[key] = tuple(data[key])
+            for key in TUPLE_FIELDS:
+                if key in data:
+                    data[key] = tuple(data[key])
             profile = cls(**data)
-        except (OSError, json.JSONDecodeError, TypeError, ValueError, KeyError) as exc:
+        except (OSError, json.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError) as exc:
             raise DaopError(f"{path}: not a valid hardware profile ({exc})") from exc
         if hidden_size is not None and not profile.matches(hidden_size, intermediate_size or 0, dtype or ""):
             raise DaopError(
@@ -63,6 +94,35 @@ class HardwareProfile:
                 f"but this model has {hidden_size}x{intermediate_size} {dtype}; run `daop calibrate` for it"
             )
         return profile
+
+
+def cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (platform.processor() is empty on Linux)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def host_identity(device: torch.device) -> dict[str, str]:
+    """What a measured profile depends on besides the expert shape: host, CPU, device, versions."""
+    from daop.executors.cpu import physical_cores
+
+    cuda = device.type == "cuda"
+    return {
+        "host": platform.node(),
+        "cpu": cpu_model(),
+        "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "cpu_cores": str(physical_cores()),
+        "torch_threads": str(torch.get_num_threads()),
+        "gpu": torch.cuda.get_device_name(device) if cuda else "none (device is the CPU)",
+        "torch": torch.__version__,
+        "cuda": str(torch.version.cuda) if cuda else "none",
+    }
 
 
 def _median_ms(fn, repeat: int, sync) -> float:
@@ -79,15 +139,21 @@ def _median_ms(fn, repeat: int, sync) -> float:
 
 
 def calibrate(hidden_size: int, intermediate_size: int, dtype: torch.dtype, device: torch.device,
-              threads: int, quick: bool = False) -> HardwareProfile:
-    """Measure copy, CPU and GPU expert times for one expert shape on this machine."""
+              threads: int | None = None, quick: bool = False, mode: str | None = None) -> HardwareProfile:
+    """Measure copy, CPU and GPU expert times for one expert shape on this machine.
+
+    threads / mode None: chosen by measurement among the candidates; given: only that one is used.
+    """
+    from daop.executors.cpu import physical_cores
+    from daop.executors.cpu_tuning import distinct_experts, driving_load, run_trial, tune
     from daop.model.moe import swiglu
 
     D, I = hidden_size, intermediate_size
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     repeat = 3 if quick else 10
-    host = [torch.randn(I, D, dtype=dtype) * 0.02, torch.randn(I, D, dtype=dtype) * 0.02, torch.randn(D, I, dtype=dtype) * 0.02]
+    experts = distinct_experts(D, I, dtype)
+    host = list(experts[0])
     pinned = [t.pin_memory() for t in host] if cuda else host
     dev = [torch.empty_like(t, device=device) for t in host]
 
@@ -96,31 +162,24 @@ def calibrate(hidden_size: int, intermediate_size: int, dtype: torch.dtype, devi
 
     copy_pinned = _median_ms(copy(pinned), repeat, sync)
     copy_pageable = _median_ms(copy(host), repeat, sync)
+    load = driving_load(device)
+    choice_counts = (1, 4) if quick else (1, 2, 4, 8)
+    trials, best, reason = tune(experts, load, device, physical_cores(), threads, mode, choice_counts, repeat)
     counts = (1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    previous = torch.get_num_threads()
-    sweep = {}
-    try:
-        for n_threads in sorted({1, max(1, threads // 2), threads}):
-            torch.set_num_threads(n_threads)
-            x = torch.randn(1, D, dtype=dtype)
-            sweep[str(n_threads)] = _median_ms(lambda: swiglu(x, *host), repeat, lambda: None)
-        torch.set_num_threads(threads)
-        cpu_ms = tuple(_median_ms(lambda n=n: swiglu(torch.randn(n, D, dtype=dtype), *host), repeat, lambda: None) for n in counts)
-    finally:
-        torch.set_num_threads(previous)
+    busy = run_trial(best.mode, best.threads, experts, counts, repeat, load).busy_ms
     gpu_counts = counts + ((1024,) if not quick else ())
     gpu_ms = tuple(_median_ms(lambda n=n: swiglu(torch.randn(n, D, dtype=dtype, device=device), *dev), repeat, sync) for n in gpu_counts)
     esize = torch.empty((), dtype=dtype).element_size()
     return HardwareProfile(
         hidden_size=D, intermediate_size=I, dtype=str(dtype).replace("torch.", ""), expert_bytes=3 * D * I * esize,
-        copy_pinned_ms=copy_pinned, copy_pageable_ms=copy_pageable, cpu_threads=threads,
-        cpu_token_counts=counts, cpu_expert_ms=cpu_ms, gpu_token_counts=gpu_counts, gpu_expert_ms=gpu_ms,
-        cpu_threads_sweep=sweep,
-        provenance={
-            "gpu": torch.cuda.get_device_name(device) if cuda else "none (device is the CPU)",
-            "cpu": platform.processor() or platform.machine(),
-            "torch": torch.__version__,
-            "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "quick": str(quick),
-        },
+        copy_pinned_ms=copy_pinned, copy_pageable_ms=copy_pageable, cpu_threads=best.threads,
+        cpu_token_counts=counts, cpu_expert_ms=tuple(statistics.median(b) for b in busy),
+        gpu_token_counts=gpu_counts, gpu_expert_ms=gpu_ms,
+        cpu_threads_sweep={str(t.threads): round(t.wall_ms[0], 4) for t in trials if t.mode == best.mode},
+        provenance={**host_identity(device), "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "quick": str(quick)},
+        cpu_mode=best.mode, cpu_threads_reason=reason,
+        cpu_expert_ms_min=tuple(min(b) for b in busy), cpu_expert_ms_max=tuple(max(b) for b in busy), repeats=repeat,
+        cpu_candidate_token_counts=choice_counts,
+        cpu_candidates_ms={t.label: [round(ms, 4) for ms in t.wall_ms] for t in trials},
     )

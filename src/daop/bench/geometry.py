@@ -63,9 +63,9 @@ def synthetic_host_experts(config: ModelConfig, dtype: torch.dtype, pin: bool, s
     host = HostExperts(config, dtype, pin)
     gen = torch.Generator().manual_seed(seed)
     I, D = config.expert_intermediate_size, config.hidden_size
-    protos = [tuple((torch.randn(*shape, generator=gen) * 0.02).to(dtype) for shape in ((I, D), (I, D), (D, I)))
+    protos = [tuple((torch.randn(*shape, generator=gen) * 0.02).to(dtype) for shape in ((2 * I, D), (D, I)))
               for _ in range(prototypes)]
-    for n, layer_idx in enumerate(host.gate):
+    for n, layer_idx in enumerate(host.gate_up):
         for e in range(config.num_experts):
             for dst, src in zip(host.weights(layer_idx, e), protos[(n * config.num_experts + e) % prototypes]):
                 dst.copy_(src)

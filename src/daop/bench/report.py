@@ -59,7 +59,8 @@ def markdown_table(path: Path) -> str:
     card, points = read_rows(path)
     head = (f"{card.get('geometry')} geometry, {card.get('layers')} layers, {card.get('dtype')}, batch 1, "
             f"{card.get('prompt_tokens')}-token prompts, {card.get('gen_tokens')} generated tokens, "
-            f"median of {card.get('prompts')} prompts; GPU: {card.get('gpu')}; CPU threads: {card.get('cpu_threads')}; "
+            f"median of {card.get('prompts')} prompts; GPU: {card.get('gpu')}; CPU threads: {card.get('cpu_threads')}"
+            f"{' (' + card['cpu_mode'] + ')' if card.get('cpu_mode') else ''}; "
             f"torch {card.get('torch')}; commit {card.get('git_sha')}.\n\n")
     rows = ["| policy | expert ratio | decode ms/token | tokens/s | TTFT ms | GPU hit rate | CPU experts/token | H2D MB/token | measured/bound |",
             "|---|---|---|---|---|---|---|---|---|"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -21,8 +20,7 @@ import torch
 from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts
 from daop.bench.trace import RoutingTrace, TraceRouting, load_traces
 from daop.engine import Engine, GenerationStats, resolve_device
-from daop.executors.cpu import default_cpu_threads
-from daop.hardware import HardwareProfile, calibrate
+from daop.hardware import HardwareProfile, calibrate, cpu_model
 from daop.model.layers import KVCache
 from daop.placement.cost import CostModel
 from daop.runtime.setup import RuntimeOptions, hardware_profile, prepare_runtime
@@ -59,7 +57,8 @@ def card(args, config, device, dtype, profile: HardwareProfile, bw: float) -> di
         "top_k": config.top_k, "dtype": str(dtype).replace("torch.", ""),
         "gpu": torch.cuda.get_device_name(device) if cuda else "none (CPU as device)",
         "gpu_memory_gib": round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1) if cuda else None,
-        "cpu": platform.processor() or platform.machine(), "cpu_threads": profile.cpu_threads,
+        "cpu": cpu_model(), "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
+        "cpu_threads": profile.cpu_threads, "cpu_mode": profile.cpu_mode, "cpu_threads_reason": profile.cpu_threads_reason,
         "torch": torch.__version__, "git_sha": git_sha(), "expert_bytes": profile.expert_bytes,
         "host_bandwidth_gbps": round(bw, 1), "routing_source": "synthetic model's own routers",
         "hardware_profile": {k: v for k, v in profile.__dict__.items() if k != "provenance"},
@@ -147,6 +146,7 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     calls = resident + missing
     med_tpot = statistics.median(tpot)
     busy = agg.get("cpu_busy_s")
+    cpu_tokens = agg.get("cpu_expert_tokens")
     return {
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "batch": batch,
         "ttft_ms": round(statistics.median(ttft), 2), "decode_ms_per_token": round(med_tpot, 3),
@@ -159,6 +159,7 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "h2d_bytes_per_token": round(agg.get("copied_bytes", 0.0) / batch),
         "cpu_wait_share": round(agg.get("cpu_wait_s", 0.0) * 1000 / med_tpot, 3) if med_tpot else 0.0,
         "cpu_busy_share": round(busy * 1000 / med_tpot, 3) if busy is not None and med_tpot else None,
+        "cpu_ms_per_expert_token": round(busy * 1000 / cpu_tokens, 4) if busy is not None and cpu_tokens else None,
         "prediction_precision": round(agg["predicted_hits"] / agg["predicted_total"], 4) if agg.get("predicted_total") else None,
         "degradation_rate": round(agg["degraded_tokens"] / agg["predicted_total"], 4) if agg.get("predicted_total") else None,
         "bound_ms": round(bound_ms, 3), "measured_over_bound": round(med_tpot / bound_ms, 2) if bound_ms else None,
@@ -252,14 +253,16 @@ def run(args) -> dict:
         args.traces, provenance = load_traces(Path(args.trace))
         args.traces = args.traces[: args.prompts]
         trace_source = {"trace": str(args.trace), **provenance}
-    threads = args.cpu_threads or default_cpu_threads(device)
     if args.hardware_profile:
-        profile = hardware_profile(subject.decoder, RuntimeOptions(cpu_threads=threads, hardware_profile=args.hardware_profile), threads)
+        profile = hardware_profile(subject.decoder, RuntimeOptions(cpu_threads=args.cpu_threads, cpu_mode=args.cpu_mode,
+                                                                   hardware_profile=args.hardware_profile))
     else:  # a full calibration, saved next to the results so the run can be repeated with it
-        profile = calibrate(config.hidden_size, config.expert_intermediate_size, dtype, device, threads, quick=args.smoke)
+        profile = calibrate(config.hidden_size, config.expert_intermediate_size, dtype, device, args.cpu_threads,
+                            quick=args.smoke, mode=args.cpu_mode)
         if args.output:
             profile.save(Path(args.output).with_suffix(".profile.json"))
             args.hardware_profile = str(Path(args.output).with_suffix(".profile.json"))
+    threads, mode = args.cpu_threads or profile.cpu_threads, args.cpu_mode or profile.cpu_mode
     cost, bw = CostModel(profile), host_bandwidth_gbps()
     out = open(args.output, "a") if args.output else None
 
@@ -277,7 +280,7 @@ def run(args) -> dict:
     if args.traces:
         workloads = [(args.traces[0].prompt_len, len(args.traces[0].tokens) - args.traces[0].prompt_len, 1)]
     print(f"{'policy':10} {'ratio':>6} {'prompt':>6} {'gen':>5} {'batch':>5} {'TTFT ms':>9} {'ms/step':>9} {'tok/s':>8} {'hit':>6} {'cpu/t':>6} {'x bound':>7}")
-    opts = dict(cpu_threads=threads, hardware_profile=args.hardware_profile)
+    opts = dict(cpu_threads=threads, cpu_mode=mode, hardware_profile=profile)  # every point uses the card's profile
     for ratio in args.ratios:
         for policy in args.policies:
             r = 1.0 if policy == "gpu" else ratio

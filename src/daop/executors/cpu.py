@@ -1,22 +1,43 @@
-"""CPU expert executor: one worker thread running torch on the host weights.
+"""CPU expert executor: computes host-resident experts with torch on the host weights.
 
-torch releases the GIL inside its kernels, so the main thread keeps launching GPU work while the
-worker computes. An exception in the worker is re-raised in the caller by `result()`.
+Two places to run, chosen by calibration (`daop.executors.cpu_tuning`):
+- "worker": one dedicated thread with its own OpenMP team; the driving thread keeps launching GPU
+  work while it computes.
+- "inline": on the thread that asks for the result, when it asks (`Future.result()`), after it has
+  launched the layer's GPU work; no second Python thread, so no GIL handoffs at all.
+
+Why the worker needs care: torch releases the GIL inside each operator, and every Python step
+between two operators must take it back. While the driving thread holds the GIL (Python that
+plans or launches kernels), each take-back waits for the interpreter's switch interval (5 ms by
+default), which made a 3.7 ms expert take 7-60 ms. So the worker runs a whole job list in one
+TorchScript call (one release, one take-back) and, while jobs are pending, the switch interval is
+lowered so the remaining take-backs cost microseconds. Host waits on CUDA events must use
+blocking events (`torch.cuda.Event(blocking=True)`), which sleep instead of spinning.
+An exception in a job is re-raised in the caller by `result()`.
 """
 from __future__ import annotations
 
 import os
+import sys
+import threading
 import time
+import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable
+from typing import Callable, List
 
 import torch
 
 from daop.model.moe import swiglu
 
+MODES = ("worker", "inline")
+SWITCH_INTERVAL_S = 5e-5  # while CPU experts run: a GIL take-back waits at most about this long
+
+Job = tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]  # (expert, token rows [n], (gate_up, down))
+
 
 def physical_cores() -> int:
-    """Physical cores if discoverable (hyper-threads share execution units), else logical CPUs."""
+    """Physical cores this process may run on (hyper-threads share execution units), else logical CPUs."""
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     try:
         cores = set()
         with open("/proc/cpuinfo") as f:
@@ -28,41 +49,158 @@ def physical_cores() -> int:
                     core = line.split(":")[1].strip()
                     cores.add((phys, core))
         if cores:
-            return len(cores)
+            return max(1, min(len(cores), allowed))
     except OSError:
         pass
-    return os.cpu_count() or 1
+    return allowed
 
 
 def default_cpu_threads(device: torch.device) -> int:
-    """Threads for CPU experts: every physical core, less one that keeps driving the GPU.
-
-    On a CUDA device the main thread launches kernels and waits on events while the workers
-    compute; giving it a core of its own keeps the workers from being descheduled mid-expert.
-    """
+    """Threads for CPU experts when nothing was measured: every physical core, less one that keeps
+    driving the GPU. Calibration replaces this with a measured choice (`cpu_tuning.choose`)."""
     cores = physical_cores()
     return max(1, cores - 1) if device.type == "cuda" and cores > 2 else cores
 
 
+class SwitchInterval:
+    """sys.setswitchinterval lowered while any CPU job is pending (counted), restored after the last."""
+
+    def __init__(self, interval_s: float = SWITCH_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self.lock = threading.Lock()
+        self.depth = 0
+        self.saved = 0.0
+
+    def enter(self) -> None:
+        with self.lock:
+            if self.depth == 0:
+                self.saved = sys.getswitchinterval()
+                sys.setswitchinterval(min(self.saved, self.interval_s))
+            self.depth += 1
+
+    def exit(self) -> None:
+        with self.lock:
+            self.depth -= 1
+            if self.depth == 0:
+                sys.setswitchinterval(self.saved)
+
+
+SWITCH = SwitchInterval()
+
+
+def run_jobs_eager(h: torch.Tensor, rows: List[torch.Tensor], gate_up: List[torch.Tensor],
+                   down: List[torch.Tensor]) -> List[torch.Tensor]:
+    """Every job's expert output [n, D] for its token rows of h [T, D], in job order."""
+    out: List[torch.Tensor] = []
+    for i in range(len(rows)):
+        out.append(swiglu(h.index_select(0, rows[i]), gate_up[i], down[i]))
+    return out
+
+
+_SCRIPTED: list = []
+
+
+def job_kernel() -> Callable:
+    """run_jobs_eager compiled by TorchScript (the job list in one native call, GIL released
+    throughout), or the eager function where scripting is unavailable. Compiled once, on first use.
+    The executor runs it with graph optimisation off (`optimized_execution(False)`), so it executes
+    exactly the eager operators: no fusion, bitwise the same results."""
+    if not _SCRIPTED:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # TorchScript is deprecated, still the one GIL-free sequence here
+                _SCRIPTED.append(torch.jit.script(run_jobs_eager))
+        except Exception:  # noqa: BLE001 - any scripting failure falls back to the same code in Python
+            _SCRIPTED.append(run_jobs_eager)
+    return _SCRIPTED[0]
+
+
+class DeferredFuture(Future):
+    """A Future whose work runs on the thread that first asks for its result (inline mode)."""
+
+    def __init__(self, work: Callable[[], dict]) -> None:
+        super().__init__()
+        self.work: Callable[[], dict] | None = work
+
+    def result(self, timeout: float | None = None):
+        work, self.work = self.work, None
+        if work is not None:
+            try:
+                self.set_result(work())
+            except BaseException as exc:  # noqa: BLE001 - delivered to the caller below, as a worker's would be
+                self.set_exception(exc)
+        return super().result(timeout)
+
+
 class CpuExecutor:
-    def __init__(self, threads: int | None = None) -> None:
+    """Runs lists of CPU expert jobs; `busy_s` is compute time, `expert_tokens` the (expert, token) pairs done."""
+
+    def __init__(self, threads: int | None = None, mode: str = "worker", scripted: bool = True) -> None:
+        if mode not in MODES:
+            raise ValueError(f"CPU executor mode must be one of {MODES}, got {mode!r}")
         self.threads = threads or physical_cores()
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daop-cpu", initializer=torch.set_num_threads, initargs=(self.threads,))
+        self.mode = mode
+        self.kernel = job_kernel() if scripted else run_jobs_eager
         self.busy_s = 0.0
+        self.expert_tokens = 0
+        self.pool = None
+        if mode == "worker":
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daop-cpu", initializer=torch.set_num_threads,
+                                           initargs=(self.threads,))
 
-    def submit(self, jobs: list[tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]], h_host: torch.Tensor,
-               ready: "torch.cuda.Event | None", compute: Callable = swiglu) -> Future:
-        """Compute experts on the CPU: jobs are (expert, token rows [n], host weights); returns {expert: y}."""
+    def submit(self, jobs: list[Job], h_host: torch.Tensor, ready: "torch.cuda.Event | None",
+               compute: Callable | None = None) -> Future:
+        """Compute experts on the CPU: jobs are (expert, token rows [n], host weights); returns {expert: y}.
+
+        ready: the event of the activations' device->host copy, waited on before reading h_host.
+        compute: a per-expert function instead of `swiglu` (run in Python, for tests and probes).
+        """
+        # Lists built here, on the driving thread: the worker runs as little Python as possible.
+        experts = [e for e, _, _ in jobs]
+        rows = [r for _, r, _ in jobs]
+        weights = [w for _, _, w in jobs]
+        gate_up, down = [w[0] for w in weights], [w[1] for w in weights]
+        tokens = sum(len(r) for r in rows)
+
         def run() -> dict[int, torch.Tensor]:
-            t0 = time.perf_counter()
             if ready is not None:
-                ready.synchronize()  # the activations' device->host copy has landed
-            with torch.inference_mode():
-                out = {e: compute(h_host[rows], *w) for e, rows, w in jobs}
+                ready.synchronize()
+            t0 = time.perf_counter()
+            with torch.inference_mode(), torch.jit.optimized_execution(False):  # thread-local: no fusion passes
+                if compute is not None:
+                    ys = [compute(h_host.index_select(0, r), *w) for r, w in zip(rows, weights)]
+                else:
+                    ys = self.kernel(h_host, rows, gate_up, down)
             self.busy_s += time.perf_counter() - t0
-            return out
+            self.expert_tokens += tokens
+            return dict(zip(experts, ys))
 
-        return self.pool.submit(run)
+        if self.pool is None:
+            return DeferredFuture(lambda: self._inline(run))
+        SWITCH.enter()
+
+        def worker() -> dict[int, torch.Tensor]:
+            try:
+                return run()
+            finally:
+                SWITCH.exit()
+
+        try:
+            return self.pool.submit(worker)
+        except BaseException:
+            SWITCH.exit()
+            raise
+
+    def _inline(self, run: Callable[[], dict]) -> dict:
+        previous = torch.get_num_threads()
+        if previous != self.threads:
+            torch.set_num_threads(self.threads)
+        try:
+            return run()
+        finally:
+            if previous != self.threads:
+                torch.set_num_threads(previous)
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        if self.pool is not None:
+            self.pool.shutdown(wait=True)

@@ -63,7 +63,7 @@ class Transfer:
             buf = self.staging[i] = torch.empty(max(n, 2 * buf.numel()), dtype=x.dtype, pin_memory=True)
         host = buf[:n].view(x.shape)
         host.copy_(x, non_blocking=True)
-        ready = torch.cuda.Event()
+        ready = torch.cuda.Event(blocking=True)  # a host thread waits on it: sleep, do not spin
         ready.record(torch.cuda.current_stream(self.device))
         job = start(host, ready)
         self.readers[i] = job

@@ -42,9 +42,23 @@ def select_experts(config: ModelConfig, logits: torch.Tensor) -> tuple[torch.Ten
     return ids, weights
 
 
-def swiglu(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
-    """One SwiGLU expert: down(silu(gate x) * up x)."""
-    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """One SwiGLU expert, down(silu(gate x) * up x), with gate and up stacked as gate_up [2I, D].
+
+    One product over [2I, D] reads the weights in one pass (one parallel region on the CPU). It is
+    not bitwise equal to two separate products at every shape (the GEMM may block 2I differently,
+    and silu of a strided half vectorises its row tails differently), so every expert (resident,
+    copied, CPU) goes through this one function: exact runners stay bitwise equal to each other,
+    and agree with the reference implementation within tolerance.
+    """
+    gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, down)
+
+
+def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate [.., I, D] and up [.., I, D] halves of a stacked gate_up [.., 2I, D] (views, for loading)."""
+    gate, up = gate_up.chunk(2, dim=-2)
+    return gate, up
 
 
 class ExpertRunner(Protocol):
@@ -74,8 +88,7 @@ class ResidentExperts:
     def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
         E, I, D = config.num_experts, config.expert_intermediate_size, config.hidden_size
         layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
-        self.gate = {i: torch.empty(E, I, D, device=device, dtype=dtype) for i in layers}
-        self.up = {i: torch.empty(E, I, D, device=device, dtype=dtype) for i in layers}
+        self.gate_up = {i: torch.empty(E, 2 * I, D, device=device, dtype=dtype) for i in layers}
         self.down = {i: torch.empty(E, D, I, device=device, dtype=dtype) for i in layers}
 
     def reset(self) -> None:
@@ -90,8 +103,13 @@ class ResidentExperts:
     def close(self) -> None:
         pass
 
-    def weights_of(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.gate[layer_idx][expert_idx], self.up[layer_idx][expert_idx], self.down[layer_idx][expert_idx]
+    def weights_of(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gate_up [2I, D], down [D, I]) of one expert, as swiglu takes them."""
+        return self.gate_up[layer_idx][expert_idx], self.down[layer_idx][expert_idx]
+
+    def load_views(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(gate, up, down) destinations for the checkpoint's three tensors of one expert."""
+        return (*split_gate_up(self.gate_up[layer_idx][expert_idx]), self.down[layer_idx][expert_idx])
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         rows_host = group_by_expert(ids.cpu())  # one sync per layer; grouping on the host
@@ -153,19 +171,19 @@ class SharedExpert:
     """Qwen2-MoE's always-on expert with a sigmoid gate, or a dense MLP (gate is None)."""
 
     def __init__(self, hidden: int, inter: int, gated: bool, device: torch.device, dtype: torch.dtype) -> None:
-        self.gate_proj = torch.empty(inter, hidden, device=device, dtype=dtype)
-        self.up_proj = torch.empty(inter, hidden, device=device, dtype=dtype)
+        self.gate_up_proj = torch.empty(2 * inter, hidden, device=device, dtype=dtype)
         self.down_proj = torch.empty(hidden, inter, device=device, dtype=dtype)
         self.gate = torch.empty(1, hidden, device=device, dtype=dtype) if gated else None
 
     def tensors(self, prefix: str, gate_name: str | None = None) -> dict[str, torch.Tensor]:
-        out = {f"{prefix}.{n}.weight": getattr(self, n) for n in ("gate_proj", "up_proj", "down_proj")}
+        views = (*split_gate_up(self.gate_up_proj), self.down_proj)
+        out = {f"{prefix}.{n}.weight": t for n, t in zip(("gate_proj", "up_proj", "down_proj"), views)}
         if self.gate is not None and gate_name:
             out[gate_name] = self.gate
         return out
 
     def __call__(self, h: torch.Tensor) -> torch.Tensor:
-        y = swiglu(h, self.gate_proj, self.up_proj, self.down_proj)
+        y = swiglu(h, self.gate_up_proj, self.down_proj)
         if self.gate is not None:
             y = torch.sigmoid(F.linear(h, self.gate)) * y
         return y

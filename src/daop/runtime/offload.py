@@ -53,7 +53,7 @@ class OffloadedExperts:
         """Baseline policies plan prefill and decode alike."""
 
     def totals(self) -> dict[str, float]:
-        return {**self.counters.totals(), "cpu_busy_s": self.cpu.busy_s}
+        return {**self.counters.totals(), "cpu_busy_s": self.cpu.busy_s, "cpu_expert_tokens": float(self.cpu.expert_tokens)}
 
     def close(self) -> None:
         self.cpu.close()

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 
 from daop.errors import DaopError
+from daop.executors.cpu import MODES as CPU_MODES
 from daop.executors.cpu import CpuExecutor, default_cpu_threads
 from daop.executors.transfer import Transfer
-from daop.hardware import HardwareProfile, calibrate
+from daop.hardware import HardwareProfile
 from daop.model.decoder import Decoder
 from daop.model.layers import KVCache
 from daop.model.moe import ExpertRunner, ResidentExperts
@@ -23,6 +24,7 @@ from daop.placement.policies import POLICIES, PolicyContext, make_policy
 from daop.runtime.daop_runner import DaopRunner
 
 from daop.runtime.offload import OffloadedExperts
+from daop.runtime.profile_cache import ProfileRequest, cache_path, obtain
 from daop.weights.expert_store import ExpertStore, HostExperts
 
 ALL_POLICIES = [*POLICIES, *PRESETS]
@@ -36,7 +38,8 @@ class RuntimeOptions:
     gpu_memory: str | int | None = None
     expert_ratio: float | None = None
     cpu_threads: int | None = None
-    hardware_profile: str | None = None
+    cpu_mode: str | None = None
+    hardware_profile: str | HardwareProfile | None = None  # a path, or a profile already in hand (benchmarks)
     routing_stats: str | None = None
     max_context: int | None = None
 
@@ -45,6 +48,8 @@ class RuntimeOptions:
             raise DaopError(f"unknown policy {self.policy!r}; choose one of {', '.join(ALL_POLICIES)}")
         if self.cpu_threads is not None and (not isinstance(self.cpu_threads, int) or self.cpu_threads < 1):
             raise DaopError(f"--cpu-threads must be a positive integer, got {self.cpu_threads!r}")
+        if self.cpu_mode is not None and self.cpu_mode not in CPU_MODES:
+            raise DaopError(f"--cpu-mode must be one of {', '.join(CPU_MODES)}, got {self.cpu_mode!r}")
 
 
 def dense_bytes(decoder: Decoder) -> int:
@@ -70,33 +75,18 @@ def load_popularity(path: str | None, num_layers: int, num_experts: int) -> np.n
     return counts
 
 
-def profile_cache_path(decoder: Decoder) -> Path:
-    c, dev = decoder.config, decoder.device
-    name = torch.cuda.get_device_name(dev).replace(" ", "_") if dev.type == "cuda" else "cpu"
-    dtype = str(decoder.dtype).replace("torch.", "")
-    return Path.home() / ".cache" / "daop" / "profiles" / f"{name}-{c.hidden_size}x{c.expert_intermediate_size}-{dtype}.json"
+def profile_request(decoder: Decoder, opts: RuntimeOptions) -> ProfileRequest:
+    return ProfileRequest(decoder.config, decoder.dtype, decoder.device, opts.hardware_profile, opts.cpu_threads, opts.cpu_mode)
 
 
-def hardware_profile(decoder: Decoder, opts: RuntimeOptions, threads: int) -> HardwareProfile:
-    """The given profile (validated against the model), a cached one, or a quick calibration."""
-    c = decoder.config
-    dtype = str(decoder.dtype).replace("torch.", "")
-    if opts.hardware_profile:
-        return HardwareProfile.load(Path(opts.hardware_profile), c.hidden_size, c.expert_intermediate_size, dtype)
-    cached = profile_cache_path(decoder)
-    if cached.is_file():
-        try:
-            profile = HardwareProfile.load(cached, c.hidden_size, c.expert_intermediate_size, dtype)
-            if profile.cpu_threads == threads:
-                return profile
-        except DaopError:
-            pass
-    profile = calibrate(c.hidden_size, c.expert_intermediate_size, decoder.dtype, decoder.device, threads, quick=True)
-    try:
-        profile.save(cached)
-    except OSError:
-        pass
-    return profile
+def profile_cache_path(decoder: Decoder, opts: RuntimeOptions | None = None) -> Path:
+    """Where this machine's profile for the decoder's expert shape (and the CPU options) is cached."""
+    return cache_path(profile_request(decoder, opts or RuntimeOptions()))
+
+
+def hardware_profile(decoder: Decoder, opts: RuntimeOptions) -> HardwareProfile:
+    """The given profile (validated against the model), a trusted cached one, or a quick calibration."""
+    return obtain(profile_request(decoder, opts))[0]
 
 
 @dataclass
@@ -125,13 +115,18 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
     if policy_name == "gpu" and budget.gpu_slots >= budget.total_experts:
         experts = ResidentExperts(c, dev, decoder.dtype)
         if host is not None:
-            for l in experts.gate:
-                experts.gate[l].copy_(host.gate[l]), experts.up[l].copy_(host.up[l]), experts.down[l].copy_(host.down[l])
-        return PreparedRuntime(budget, policy_name, experts.weights_of, lambda: experts)
-    threads = opts.cpu_threads or default_cpu_threads(dev)
+            for l in experts.gate_up:
+                experts.gate_up[l].copy_(host.gate_up[l]), experts.down[l].copy_(host.down[l])
+        return PreparedRuntime(budget, policy_name, experts.load_views, lambda: experts)
     moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
     needs_costs = policy_name == "fiddler" or policy_name in PRESETS
-    profile = hardware_profile(decoder, opts, threads) if needs_costs else None
+    uses_cpu = needs_costs or policy_name == "static"
+    # The CPU executor's threads and mode come from the profile's measurements unless the user set them.
+    profile = hardware_profile(decoder, opts) if needs_costs or (uses_cpu and opts.cpu_threads is None) else None
+    threads = opts.cpu_threads or (profile.cpu_threads if profile else default_cpu_threads(dev))
+    if dev.type == "cpu" and opts.cpu_threads is None:
+        threads = torch.get_num_threads()  # the "GPU" work's count: exact policies stay bitwise equal (cpu_tuning.tune)
+    mode = opts.cpu_mode or (profile.cpu_mode if profile else "worker")
     ctx = PolicyContext(
         num_layers=c.num_layers, num_experts=c.num_experts, top_k=c.top_k, gpu_slots=budget.gpu_slots,
         moe_layers=moe_layers, popularity=load_popularity(opts.routing_stats, c.num_layers, c.num_experts),
@@ -142,7 +137,8 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
 
     def start() -> ExpertRunner:
         if policy_name in PRESETS:
-            return DaopRunner(store, policy, CpuExecutor(threads), Transfer(dev), c.num_layers, routing=lambda: decoder.routing)
-        return OffloadedExperts(store, policy, CpuExecutor(threads), Transfer(dev), c.num_layers)
+            return DaopRunner(store, policy, CpuExecutor(threads, mode), Transfer(dev), c.num_layers,
+                              routing=lambda: decoder.routing)
+        return OffloadedExperts(store, policy, CpuExecutor(threads, mode), Transfer(dev), c.num_layers)
 
-    return PreparedRuntime(budget, policy_name, store.host_weights, start)
+    return PreparedRuntime(budget, policy_name, store.load_views, start)

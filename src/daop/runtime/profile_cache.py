@@ -1,0 +1,130 @@
+"""Where a run's hardware profile comes from: a file the user named, this machine's cache, or a fresh
+calibration, and why.
+
+The cache lives in $XDG_CACHE_HOME/daop/profiles (default ~/.cache/daop/profiles). A cached profile
+is keyed by everything its numbers depend on: host name, CPU model and capability, cores, device,
+torch and CUDA versions, expert shape and dtype, and the requested CPU threads and mode. It is used
+only when the key it recorded equals this run's and its CPU numbers are plausible; otherwise the
+machine is measured again (a few attempts while the numbers stay implausible) and only a plausible
+result is written back.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from daop.config import ModelConfig
+from daop.errors import DaopError
+from daop.hardware import SCHEMA, HardwareProfile, calibrate, host_identity
+
+ATTEMPTS = 3  # calibrations tried while the measured numbers stay implausible
+
+
+@dataclass(frozen=True)
+class ProfileRequest:
+    """What a run needs a profile for: one expert shape on one device, with the user's CPU options."""
+
+    config: ModelConfig
+    dtype: torch.dtype
+    device: torch.device
+    file: str | HardwareProfile | None = None  # --hardware-profile, or a profile the caller already has
+    cpu_threads: int | None = None
+    cpu_mode: str | None = None
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.dtype).replace("torch.", "")
+
+    def key(self) -> dict[str, str]:
+        c = self.config
+        return {**host_identity(self.device), "expert": f"{c.hidden_size}x{c.expert_intermediate_size}",
+                "dtype": self.dtype_name, "cpu_threads": str(self.cpu_threads or "auto"),
+                "cpu_mode": self.cpu_mode or "auto", "schema": SCHEMA}
+
+
+@dataclass(frozen=True)
+class ProfileSource:
+    """kind: 'file', 'cached' or 'fresh'; profile is None for 'fresh' until measured."""
+
+    kind: str
+    path: Path | None
+    reason: str
+    profile: HardwareProfile | None = None
+
+
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "daop" / "profiles"
+
+
+def cache_path(request: ProfileRequest) -> Path:
+    key = request.key()
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+    device = re.sub(r"[^A-Za-z0-9_.-]+", "_", key["gpu"] if request.device.type == "cuda" else "cpu")
+    return cache_dir() / f"{device}-{key['expert']}-{key['dtype']}-{digest}.json"
+
+
+def key_difference(recorded: dict[str, str], wanted: dict[str, str]) -> str:
+    changed = [f"{k} {recorded.get(k, '?')!r} -> {v!r}" for k, v in wanted.items() if recorded.get(k) != v]
+    return ", ".join(changed) or "none"
+
+
+def locate(request: ProfileRequest) -> ProfileSource:
+    """Which profile this run would use and why, without measuring anything."""
+    c = request.config
+    if isinstance(request.file, HardwareProfile):
+        return ProfileSource("file", None, "given by the caller", request.file)
+    if request.file:
+        path = Path(request.file)
+        profile = HardwareProfile.load(path, c.hidden_size, c.expert_intermediate_size, request.dtype_name)
+        return ProfileSource("file", path, "given by --hardware-profile", profile)
+    path = cache_path(request)
+    if not path.is_file():
+        return ProfileSource("fresh", path, "no cached profile for this machine, versions and options")
+    try:
+        profile = HardwareProfile.load(path, c.hidden_size, c.expert_intermediate_size, request.dtype_name)
+        recorded = json.loads(profile.provenance.get("cache_key", "{}"))
+    except (DaopError, json.JSONDecodeError) as exc:
+        return ProfileSource("fresh", path, f"cached profile unreadable ({exc})")
+    wanted = request.key()
+    if recorded != wanted:
+        return ProfileSource("fresh", path, f"cached profile was measured elsewhere ({key_difference(recorded, wanted)})")
+    doubt = profile.implausible()
+    if doubt:
+        return ProfileSource("fresh", path, f"cached profile is implausible ({doubt})")
+    return ProfileSource("cached", path, f"measured {profile.provenance.get('measured_at', '?')} on this machine", profile)
+
+
+def measure(request: ProfileRequest) -> tuple[HardwareProfile, str | None]:
+    """A quick calibration, repeated while it looks implausible; (profile, remaining doubt)."""
+    c = request.config
+    doubt = None
+    for _ in range(ATTEMPTS):
+        profile = calibrate(c.hidden_size, c.expert_intermediate_size, request.dtype, request.device,
+                            request.cpu_threads, quick=True, mode=request.cpu_mode)
+        profile.provenance["cache_key"] = json.dumps(request.key(), sort_keys=True)
+        doubt = profile.implausible()
+        if doubt is None:
+            break
+    return profile, doubt
+
+
+def obtain(request: ProfileRequest) -> tuple[HardwareProfile, ProfileSource]:
+    """The profile to use (file, cache, or measured now and cached when plausible) and its source."""
+    source = locate(request)
+    if source.profile is not None:
+        return source.profile, source
+    profile, doubt = measure(request)
+    if doubt is None:
+        try:
+            profile.save(source.path)
+        except OSError:
+            pass
+    note = f"; still implausible after {ATTEMPTS} attempts ({doubt}), not cached" if doubt else ""
+    return profile, ProfileSource("fresh", source.path, source.reason + note, profile)
