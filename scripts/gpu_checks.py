@@ -52,7 +52,8 @@ def run_tests(dtype: str) -> dict:
             "summary": lines[-1] if lines else "", "failures": failures[:20], "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def agreement(prompts: list[str], tokens: int, ratios: list[float], policies: list[str], device: str) -> list[dict]:
+def agreement(prompts: list[str], tokens: int, ratios: list[float], policies: list[str], device: str,
+              emit=lambda row: None) -> list[dict]:
     import torch
 
     from daop.engine import Engine
@@ -93,7 +94,7 @@ def agreement(prompts: list[str], tokens: int, ratios: list[float], policies: li
                 "reference_perplexity": round(math.exp(ref_nll / n), 4),
                 "perplexity_change_pct": round(100 * (math.exp((nll - ref_nll) / n) - 1), 4),
             })
-            print(json.dumps(rows[-1]), flush=True)
+            emit(rows[-1])
     return rows
 
 
@@ -109,16 +110,21 @@ def main() -> int:
     ap.add_argument("--output", default=None, help="append JSON lines here")
     args = ap.parse_args()
     rows = []
+
+    def emit(row: dict) -> None:
+        """Print a row and append it to --output at once, so a run cut short keeps what it measured."""
+        print(json.dumps(row), flush=True)
+        if args.output:
+            with open(args.output, "a") as f:
+                f.write(json.dumps({**row, "command": " ".join(sys.argv)}) + "\n")
+
     if args.tests:
         for dtype in args.dtypes.split(","):
             rows.append(run_tests(dtype))
-            print(json.dumps(rows[-1]), flush=True)
+            emit(rows[-1])
     if args.agreement:
-        rows += agreement(PROMPTS, args.tokens, [float(r) for r in args.ratios.split(",")], args.policies.split(","), args.device)
-    if args.output:
-        with open(args.output, "a") as f:
-            for row in rows:
-                f.write(json.dumps({**row, "command": " ".join(sys.argv)}) + "\n")
+        rows += agreement(PROMPTS, args.tokens, [float(r) for r in args.ratios.split(",")], args.policies.split(","),
+                          args.device, emit)
     print(f"{'check':28} {'result'}")
     for row in rows:
         if row["kind"] == "tests":
