@@ -132,7 +132,7 @@ def main() -> int:
         else:
             print(f"{row['policy']:12} ratio {row['expert_ratio']:<5} identical {row['identical_sequences']}/{row['prompts']}, "
                   f"first divergence median {row['first_divergence_median']}, ppl change {row['perplexity_change_pct']:+.3f} %, "
-                  f"CPU experts/token {row["cpu_expert_calls_per_token_incl_prefill"]}")
+                  f"CPU experts/token {row['cpu_expert_calls_per_token_incl_prefill']}")
     return 0 if all(r.get("returncode", 0) == 0 for r in rows) else 1
 
 
