@@ -134,6 +134,26 @@ def test_inline_runs_on_the_asking_thread_when_asked_and_raises_there():
         ex.submit(jobs[:1], h, None, failing).result()
 
 
+def test_inline_mode_runs_jobs_for_a_later_layer_on_a_worker_at_once():
+    """A pre-calculation must overlap the caller's work even in inline mode."""
+    calls, started = [], threading.Event()
+
+    def compute(x, gate_up, down):
+        calls.append(threading.get_ident())
+        started.set()
+        return swiglu(x, gate_up, down)
+
+    jobs, h, _ = jobs_and_reference(1)
+    ex = CpuExecutor(1, "inline")
+    try:
+        future = ex.submit(jobs[:1], h, None, compute, ahead=True)
+        assert started.wait(10)  # runs without anybody asking for the result
+        future.result()
+        assert calls and calls[0] != threading.get_ident()
+    finally:
+        ex.close()
+
+
 def test_thread_candidates():
     assert thread_candidates(16) == [16, 15, 14, 8]
     assert thread_candidates(2) == [2, 1]

@@ -115,9 +115,9 @@ def test_cpu_worker_exception_surfaces_and_engine_recovers(tiny_dir, monkeypatch
     def failing(*args):
         raise RuntimeError("injected CPU expert failure")
 
-    def submit(jobs, h_host, ready):
+    def submit(jobs, h_host, ready, **options):
         calls["n"] += 1  # the fifth CPU batch (mid-decode) fails inside the worker thread
-        return real_submit(jobs, h_host, ready, failing) if calls["n"] == 5 else real_submit(jobs, h_host, ready)
+        return real_submit(jobs, h_host, ready, failing, **options) if calls["n"] == 5 else real_submit(jobs, h_host, ready, **options)
 
     monkeypatch.setattr(cpu, "submit", submit)
     with pytest.raises(RuntimeError, match="injected CPU expert failure"):

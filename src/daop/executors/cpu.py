@@ -149,11 +149,13 @@ class CpuExecutor:
                                            initargs=(self.threads,))
 
     def submit(self, jobs: list[Job], h_host: torch.Tensor, ready: "torch.cuda.Event | None",
-               compute: Callable | None = None) -> Future:
+               compute: Callable | None = None, ahead: bool = False) -> Future:
         """Compute experts on the CPU: jobs are (expert, token rows [n], host weights); returns {expert: y}.
 
         ready: the event of the activations' device->host copy, waited on before reading h_host.
         compute: a per-expert function instead of `swiglu` (run in Python, for tests and probes).
+        ahead: the result is wanted only after the caller has done other work (a pre-calculation
+        for a later layer), so the job runs on a worker thread even in inline mode.
         """
         # Lists built here, on the driving thread: the worker runs as little Python as possible.
         experts = [e for e, _, _ in jobs]
@@ -175,8 +177,11 @@ class CpuExecutor:
             self.expert_tokens += tokens
             return dict(zip(experts, ys))
 
-        if self.pool is None:
+        if self.mode == "inline" and not ahead:
             return DeferredFuture(lambda: self._inline(run))
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daop-cpu", initializer=torch.set_num_threads,
+                                           initargs=(self.threads,))
         SWITCH.enter()
 
         def worker() -> dict[int, torch.Tensor]:

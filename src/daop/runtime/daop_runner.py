@@ -147,7 +147,7 @@ class DaopRunner(OffloadedExperts):
                             precalc_rows={e: tuple(predicted[e][0].tolist()) for e in spec.precalc})
         pend = Pending(pred.ids, pred.weights, raw_host, prepared)
         if spec.precalc:
-            pend.precalc = self.cpu_job(nxt, h, predicted, spec.precalc)
+            pend.precalc = self.cpu_job(nxt, h, predicted, spec.precalc, ahead=True)
         for e, slot in spec.copies:
             pend.copy_events[e] = self.copy(nxt, e, slot)
             self.counters.add("speculative_copies", nxt, 1)

@@ -63,10 +63,10 @@ class OffloadedExperts:
         plan = self.policy.plan(layer_idx, {e: len(r[0]) for e, r in rows_host.items()})
         return self.execute(layer_idx, h, weights, rows_host, plan)
 
-    def cpu_job(self, layer_idx: int, h: torch.Tensor, rows_host: dict, experts: Sequence[int]) -> Future:
-        """Start computing `experts` of layer_idx for their rows of h on the CPU."""
+    def cpu_job(self, layer_idx: int, h: torch.Tensor, rows_host: dict, experts: Sequence[int], ahead: bool = False) -> Future:
+        """Start computing `experts` of layer_idx for their rows of h on the CPU (ahead: for a later layer)."""
         jobs = [(e, rows_host[e][0], self.store.host_weights(layer_idx, e)) for e in experts]
-        return self.transfer.host_job(h, lambda h_host, ready: self.cpu.submit(jobs, h_host, ready))
+        return self.transfer.host_job(h, lambda h_host, ready: self.cpu.submit(jobs, h_host, ready, ahead=ahead))
 
     def execute(self, layer_idx: int, h: torch.Tensor, weights: torch.Tensor, rows_host: dict, plan: LayerPlan,
                 ready: dict[int, tuple[int, Any]] | None = None, precalc: tuple[Future, tuple[int, ...]] | None = None,
