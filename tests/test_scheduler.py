@@ -115,3 +115,33 @@ def test_speculation_stale_input_precalculates_and_paper_without_copies_does_not
     everything_resident = dict(args, resident={0, 1, 2})
     assert plan_speculation(**everything_resident, stale_input=True, speculative_copies=False).precalc == ()
 
+
+
+def test_a_plan_that_misses_or_repeats_an_expert_is_refused_before_it_runs():
+    from daop.runtime.offload import check_served
+
+    rows = {1: None, 2: None, 5: None}
+    check_served(0, rows, LayerPlan(gpu=((1, 0),), cpu=(2,), copy=((5, 8),)), {}, ())
+    check_served(0, rows, LayerPlan(gpu=((1, 0),)), {2: (8, None)}, (5,))
+    with pytest.raises(RuntimeError, match="serves experts \\[1, 2\\], the routing needs \\[1, 2, 5\\]"):
+        check_served(0, rows, LayerPlan(gpu=((1, 0),), cpu=(2,)), {}, ())
+    with pytest.raises(RuntimeError, match="layer 3"):
+        check_served(3, rows, LayerPlan(gpu=((1, 0),), cpu=(2, 5), copy=((5, 8),)), {}, ())
+
+
+def test_a_staging_buffer_is_handed_out_again_only_after_its_reader_finished():
+    from concurrent.futures import Future
+
+    import torch
+
+    from daop.executors.transfer import Transfer
+
+    transfer = Transfer(torch.device("cpu"))
+    reading, finished = Future(), Future()
+    finished.set_result({})
+    transfer.staging, transfer.readers = [torch.empty(4), torch.empty(4)], [reading, finished]
+    assert transfer.free_staging() == 1  # the finished job's buffer
+    transfer.readers[1] = reading
+    assert transfer.free_staging() == 2 and len(transfer.staging) == 3  # all read: a new buffer
+    reading.set_result({})
+    assert transfer.free_staging() == 0
