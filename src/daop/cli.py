@@ -278,7 +278,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         reference = score(counting(engine, tick), eval_args)
     engine.close()
     engine = None  # one model in memory at a time
-    engine = Engine.from_pretrained(args.model, policy=args.policy, **base)
+    # the same dense-path thread count as the reference: other counts round differently on a CPU
+    engine = Engine.from_pretrained(args.model, policy=args.policy, **dict(base, threads=ref_info["reference_threads"]))
     with eval_progress(f"{engine.policy}", sequences, args.no_progress) as tick:
         ours = score(counting(engine, tick), eval_args)
     report = {"policy": engine.policy, "expert_ratio": args.expert_ratio, "device": engine.device.type,

@@ -109,7 +109,7 @@ def load_reference(model: str | None, options: dict) -> tuple[Engine, dict]:
             torch.cuda.empty_cache()
         engine = Engine.from_pretrained(model, **dict(options, device="cpu", dtype="fp32"))
     return engine, {"reference_policy": "gpu", "reference_device": engine.device.type,
-                    "reference_dtype": str(engine.decoder.dtype).replace("torch.", "")}
+                    "reference_dtype": str(engine.decoder.dtype).replace("torch.", ""), "reference_threads": engine.threads}
 
 
 def documents(engine: Engine, args: EvalArgs) -> list[list[int]]:
