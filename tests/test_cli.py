@@ -64,9 +64,19 @@ def test_every_flag_has_help_and_shows_its_default():
 
 
 @pytest.mark.parametrize("dtype", ["auto", "bfloat16", "float16", "float32", "bf16", "fp32"])
-def test_dtype_names(ckpt, dtype):
-    out = gen(ckpt, "--dtype", dtype, "hello")
-    assert out.returncode == 0, out.stderr
+def test_dtype_names(ckpt, capsys, dtype):
+    from daop.cli import main
+
+    assert main(["generate", "--model", ckpt, "--device", "cpu", "--no-progress", "-n", "4", "--dtype", dtype,
+                 "--stats", "hello"]) == 0
+    assert capsys.readouterr().out.strip()
+
+
+@pytest.mark.parametrize("dtype, loaded", [("auto", "float32"), ("bfloat16", "bfloat16"), ("fp16", "float16")])
+def test_dtype_names_load_that_dtype(ckpt, dtype, loaded):
+    from daop.engine import Engine
+
+    assert str(Engine.from_pretrained(ckpt, device="cpu", dtype=dtype, progress=False).decoder.dtype) == f"torch.{loaded}"
 
 
 # ------------------------------------------------------------------------------------------ bad input
@@ -93,11 +103,19 @@ def test_non_utf8_stdin_is_decoded_with_replacement(ckpt):
     (["--seed", "-1"], "seed"), (["--expert-ratio", "2"], "--expert-ratio 2.0 must be between 0 and 1"),
     (["--gpu-memory", "lots"], "malformed memory size"), (["--threads", "0"], "--threads"),
     (["--cpu-threads", "0"], "--cpu-threads"), (["--max-context", "0"], "--max-context")])
-def test_values_are_checked_before_the_model_loads(tmp_path, flags, needle):
+def test_values_are_checked_before_the_model_loads(tmp_path, capsys, flags, needle):
     """The model folder does not exist: an error about the value proves it was checked first."""
-    out = daop("generate", "--model", str(tmp_path / "not-loaded"), *flags, "hello")
+    from daop.cli import main
+
+    assert main(["generate", "--model", str(tmp_path / "not-loaded"), *flags, "hello"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("daop: error:") and needle in err, err
+
+
+def test_a_bad_value_ends_the_process_with_one_line(tmp_path):
+    out = daop("generate", "--model", str(tmp_path / "not-loaded"), "--temperature", "-1", "hello")
     assert out.returncode == 2
-    assert out.stderr.count("\n") == 1 and out.stderr.startswith("daop: error:") and needle in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1 and out.stderr.startswith("daop: error:") and "temperature" in out.stderr, out.stderr
 
 
 def test_hub_id_gets_a_download_hint():

@@ -8,7 +8,9 @@ two readings: the 1-minute load average, and the idle share of the CPUs over 0.1
 machine, 2 threads decode 16-71 % faster than 1 when the machine is idle, and 1 thread decodes 1.9-2.8x
 faster when one other process keeps a core busy (OpenMP's barriers wait for the thread that is not
 scheduled); `scripts/measure_threads.py`, results in `benchmarks/results/threads-2core-cpu*.jsonl`.
-OMP_NUM_THREADS, when set, is the user's choice and is kept. On a CUDA device torch's own default
+The automatic count is measured once per process, so every engine of a process sums the same
+way (CPU results depend on the thread count in the last bits). OMP_NUM_THREADS, when set, is the
+user's choice and is kept. On a CUDA device torch's own default
 stays: the dense path runs on the GPU.
 """
 from __future__ import annotations
@@ -80,7 +82,12 @@ def choose_threads(threads: int | None, device: torch.device) -> int | None:
         return threads
     if device.type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
         return None
-    return idle_cores(usable_cores(), system_load(), idle_share())
+    if not _AUTOMATIC:  # measured once per process: engines of one process sum alike (exact policies)
+        _AUTOMATIC.append(idle_cores(usable_cores(), system_load(), idle_share()))
+    return _AUTOMATIC[0]
+
+
+_AUTOMATIC: list[int] = []
 
 
 def apply_threads(threads: int | None) -> None:
