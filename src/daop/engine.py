@@ -6,7 +6,7 @@ offloading policies provide other runners with the same contract.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -104,8 +104,6 @@ class Engine:
         defaults = generation_defaults(model_dir)
         chosen_threads = choose_threads(threads, dev)
         apply_threads(chosen_threads)
-        if dev.type == "cpu" and runtime_opts.cpu_threads is None:  # one count for all CPU work: same sums as "gpu"
-            runtime_opts = replace(runtime_opts, cpu_threads=torch.get_num_threads())
         ckpt = Checkpoint(model_dir)
         decoder = Decoder(config, spec, dev, torch_dtype)
         runtime = prepare_runtime(decoder, runtime_opts)

@@ -89,8 +89,3 @@ class DecodeSession:
         logits = guarded(self.decoder, what, self.decoder.forward, ids, self.position, self.cache, pad=self.pad)
         self.position += 1
         return logits
-
-    def decode_counters(self) -> dict[str, float]:
-        """The runner's counters since the end of prefill."""
-        end = self.decoder.experts.totals()
-        return {k: end[k] - self.counters_after_prefill.get(k, 0.0) for k in end}

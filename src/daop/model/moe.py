@@ -65,9 +65,10 @@ class ExpertRunner(Protocol):
     """Computes the weighted sum of routed experts' outputs for one layer.
 
     A runner may keep per-sequence state (placement changes, next-layer preparations): `reset`
-    starts a new sequence, `set_phase` switches between "prefill" and "decode", and `totals`
-    returns its counters since load (empty when it keeps none), `close` stops its worker threads. Only DecodeSession calls the
-    first two, so every generation, evaluation, benchmark and profile runs the same sequence.
+    starts a new sequence, `set_phase` switches between "prefill" and "decode", `totals` returns
+    its counters since load (empty when it keeps none) and `close` stops its worker threads. Only
+    DecodeSession calls the first two, so every generation, evaluation, benchmark and profile runs
+    the same sequence.
     """
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -24,7 +24,7 @@ from daop.placement.policies import POLICIES, PolicyContext, make_policy
 from daop.runtime.daop_runner import DaopRunner
 
 from daop.runtime.offload import OffloadedExperts
-from daop.runtime.profile_cache import ProfileRequest, cache_path, obtain
+from daop.runtime.profile_cache import ProfileRequest, obtain
 from daop.weights.expert_store import ExpertStore, HostExperts
 
 ALL_POLICIES = [*POLICIES, *PRESETS]
@@ -79,11 +79,6 @@ def profile_request(decoder: Decoder, opts: RuntimeOptions) -> ProfileRequest:
     return ProfileRequest(decoder.config, decoder.dtype, decoder.device, opts.hardware_profile, opts.cpu_threads, opts.cpu_mode)
 
 
-def profile_cache_path(decoder: Decoder, opts: RuntimeOptions | None = None) -> Path:
-    """Where this machine's profile for the decoder's expert shape (and the CPU options) is cached."""
-    return cache_path(profile_request(decoder, opts or RuntimeOptions()))
-
-
 def hardware_profile(decoder: Decoder, opts: RuntimeOptions) -> HardwareProfile:
     """The given profile (validated against the model), a trusted cached one, or a quick calibration."""
     return obtain(profile_request(decoder, opts))[0]
@@ -119,13 +114,15 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
                 experts.gate_up[l].copy_(host.gate_up[l]), experts.down[l].copy_(host.down[l])
         return PreparedRuntime(budget, policy_name, experts.load_views, lambda: experts)
     moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
+    if dev.type == "cpu" and opts.cpu_threads is None:
+        # CPU experts use the "GPU" work's thread count, so exact policies stay bitwise equal, and
+        # the profile is measured at that count
+        opts = replace(opts, cpu_threads=torch.get_num_threads())
     needs_costs = policy_name == "fiddler" or policy_name in PRESETS
     uses_cpu = needs_costs or policy_name == "static"
     # The CPU executor's threads and mode come from the profile's measurements unless the user set them.
     profile = hardware_profile(decoder, opts) if needs_costs or (uses_cpu and opts.cpu_threads is None) else None
     threads = opts.cpu_threads or (profile.cpu_threads if profile else default_cpu_threads(dev))
-    if dev.type == "cpu" and opts.cpu_threads is None:
-        threads = torch.get_num_threads()  # the "GPU" work's count: exact policies stay bitwise equal (cpu_tuning.tune)
     mode = opts.cpu_mode or (profile.cpu_mode if profile else "worker")
     ctx = PolicyContext(
         num_layers=c.num_layers, num_experts=c.num_experts, top_k=c.top_k, gpu_slots=budget.gpu_slots,

@@ -42,7 +42,7 @@ class HostExperts:
 class ExpertStore:
     def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, num_slots: int,
                  host: HostExperts | None = None) -> None:
-        E, I, D = config.num_experts, config.expert_intermediate_size, config.hidden_size
+        I, D = config.expert_intermediate_size, config.hidden_size
         self.host = host or HostExperts(config, dtype, pin=device.type == "cuda")
         self.slot_gate_up = torch.empty(num_slots, 2 * I, D, dtype=dtype, device=device)
         self.slot_down = torch.empty(num_slots, D, I, dtype=dtype, device=device)
