@@ -258,6 +258,17 @@ def test_bad_requests_are_answered_and_the_server_keeps_serving(server):
     assert_serving(server)
 
 
+def read_events(resp, count: int) -> list[bytes]:
+    """The first `count` server-sent events' data from a streaming response."""
+    events = []
+    while len(events) < count:
+        line = resp.readline()
+        assert line, "stream ended early"
+        if line.startswith(b"data: "):
+            events.append(line[6:].strip())
+    return events
+
+
 def test_client_disconnect_cancels_generation(server):
     before = metrics(server.port).get("daop_requests_cancelled_total", 0)
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
@@ -265,12 +276,7 @@ def test_client_disconnect_cancels_generation(server):
     conn.request("POST", "/v1/completions", body=body, headers={"Content-Type": "application/json"})
     resp = conn.getresponse()
     assert resp.status == 200
-    chunks = []
-    while len(chunks) < 2:
-        line = resp.readline()
-        assert line, "stream ended early"
-        if line.startswith(b"data: "):
-            chunks.append(json.loads(line[6:]))
+    chunks = [json.loads(e) for e in read_events(resp, 2)]
     conn.sock.shutdown(socket.SHUT_RDWR)
     conn.close()
     t0 = time.monotonic()
@@ -537,12 +543,7 @@ def test_shutdown_during_a_stream_ends_it_with_an_error_and_done(tmp_path):
                      body=json.dumps({"prompt": "In the beginning", "max_tokens": 900, "temperature": 0, "stream": True}))
         resp = conn.getresponse()
         assert resp.status == 200
-        events = []
-        while len(events) < 3:
-            line = resp.readline()
-            assert line, "stream ended early"
-            if line.startswith(b"data: "):
-                events.append(line[6:].strip())
+        events = read_events(resp, 3)
         t0 = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         rest = resp.read().decode()
