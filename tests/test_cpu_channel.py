@@ -88,10 +88,10 @@ def test_scripted_kernel_is_used_and_equals_eager():
     kernel = cpu_executor.job_kernel()
     assert kernel is not run_jobs_eager  # TorchScript is available in the supported torch versions
     jobs, h, _ = jobs_and_reference(torch.get_num_threads())
-    rows, gu, down = [r for _, r, _ in jobs], [w[0] for _, _, w in jobs], [w[1] for _, _, w in jobs]
+    rows, weights = [r for _, r, _ in jobs], [list(w) for _, _, w in jobs]
     with torch.jit.optimized_execution(False):
         for _ in range(3):
-            assert all(torch.equal(a, b) for a, b in zip(kernel(h, rows, gu, down), run_jobs_eager(h, rows, gu, down)))
+            assert all(torch.equal(a, b) for a, b in zip(kernel(h, rows, weights), run_jobs_eager(h, rows, weights)))
 
 
 def test_worker_lowers_switch_interval_while_running_and_restores_it():
@@ -251,7 +251,7 @@ class FakeCalibration:
     def __init__(self):
         self.calls = 0
 
-    def __call__(self, hidden, inter, dtype, device, threads, quick=False, mode=None):
+    def __call__(self, hidden, inter, dtype, device, threads, quick=False, mode=None, fmt=None):
         self.calls += 1
         return profile_with([0.1, 0.2, 0.4], hidden_size=hidden, intermediate_size=inter,
                             provenance={"measured_at": f"call {self.calls}"})

@@ -22,6 +22,15 @@ Command = Callable[[argparse.Namespace], int]
 
 DTYPES = ["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
 DTYPE_HELP = "weights' dtype: auto (the checkpoint's), bfloat16|bf16, float16|fp16, float32|fp32 (default: auto)"
+EXPERT_DTYPES = ["auto", "int8", "int4", *DTYPES[1:]]
+EXPERT_DTYPE_HELP = ("how routed experts are stored: auto (as --dtype), int8 (per-channel weight-only, half the bytes) or "
+                     "int4 (group-wise, about a quarter); quantized once at load, dense weights stay in --dtype (default: auto)")
+
+
+def add_expert_dtype_args(g) -> None:
+    g.add_argument("--expert-dtype", default=None, choices=EXPERT_DTYPES, metavar="DTYPE", help=EXPERT_DTYPE_HELP)
+    g.add_argument("--group-size", type=int, default=128, metavar="N",
+                   help="int4 experts: input channels per scale and zero, a power of two >= 32 (default: 128)")
 THREADS_HELP = ("torch threads for the dense path (attention, resident experts), like llama.cpp's -t "
                 "(default: on a CPU device the cores other processes leave idle, or OMP_NUM_THREADS if set; "
                 "on CUDA torch's default)")
@@ -54,6 +63,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="routing statistics JSON from `daop profile` (expert popularity for placement) (default: uniform)")
     g.add_argument("--max-context", type=int, default=None,
                    help="context to reserve KV cache for in the GPU budget (default: the model's context window)")
+    add_expert_dtype_args(g)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -109,6 +119,9 @@ def validate_args(args: argparse.Namespace) -> None:
         parse_bytes(args.gpu_memory)
     for name in ("threads", "cpu_threads", "max_context"):
         check_threads(getattr(args, name, None), "--" + name.replace("_", "-"))
+    if getattr(args, "expert_dtype", None) == "int4":
+        from daop.quant import check_geometry
+        check_geometry("int4", 1 << 30, 1 << 30, args.group_size)  # the group size alone; shapes once loaded
 
 
 def load_engine(args: argparse.Namespace):
@@ -118,7 +131,7 @@ def load_engine(args: argparse.Namespace):
         args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress, threads=args.threads,
         policy=args.policy, gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads,
         cpu_mode=args.cpu_mode, hardware_profile=args.hardware_profile, routing_stats=args.routing_stats,
-        max_context=args.max_context,
+        max_context=args.max_context, expert_dtype=args.expert_dtype, group_size=args.group_size,
     )
 
 
@@ -163,14 +176,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from daop.engine import default_model_dir, resolve_device
     from daop.hardware import calibrate
     from daop.runtime.profile_cache import ProfileRequest, locate
+    from daop.runtime.setup import resolve_expert_format
     from daop.weights.loader import parse_dtype
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     config = load_config(model_dir)
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype, config.torch_dtype)
+    fmt = resolve_expert_format(config, dtype, device, args.expert_dtype, args.group_size)
     if args.show:
-        request = ProfileRequest(config, dtype, device, args.hardware_profile, args.cpu_threads, args.cpu_mode)
+        request = ProfileRequest(config, dtype, device, args.hardware_profile, args.cpu_threads, args.cpu_mode, fmt)
         source = locate(request)
         print(f"{source.kind}: {source.path}")
         print(f"why: {source.reason}")
@@ -180,11 +195,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
                   f"{p.cpu_token_counts[0]} token; chosen because: {p.cpu_threads_reason}")
         return 0
     profile = calibrate(config.hidden_size, config.expert_intermediate_size, dtype, device, args.cpu_threads,
-                        quick=args.quick, mode=args.cpu_mode)
+                        quick=args.quick, mode=args.cpu_mode, fmt=fmt)
     profile.provenance["model"] = str(model_dir)
     out = Path(args.output)
     profile.save(out)
-    print(f"[daop] expert {profile.expert_bytes / 2**20:.1f} MiB: copy pinned {profile.copy_pinned_ms:.2f} ms, "
+    print(f"[daop] expert {profile.expert_bytes / 2**20:.1f} MiB ({fmt.name}): copy pinned {profile.copy_pinned_ms:.2f} ms, "
           f"pageable {profile.copy_pageable_ms:.2f} ms, CPU 1 token {profile.cpu_expert_ms[0]:.2f} ms "
           f"({profile.cpu_mode}, {profile.cpu_threads} threads), GPU 1 token {profile.gpu_expert_ms[0]:.3f} ms -> {out}",
           file=sys.stderr)
@@ -279,11 +294,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     engine.close()
     engine = None  # one model in memory at a time
     # the same dense-path thread count as the reference: other counts round differently on a CPU
-    engine = Engine.from_pretrained(args.model, policy=args.policy, **dict(base, threads=ref_info["reference_threads"]))
+    engine = Engine.from_pretrained(args.model, policy=args.policy, expert_dtype=args.expert_dtype, group_size=args.group_size,
+                                    **dict(base, threads=ref_info["reference_threads"]))
     with eval_progress(f"{engine.policy}", sequences, args.no_progress) as tick:
         ours = score(counting(engine, tick), eval_args)
     report = {"policy": engine.policy, "expert_ratio": args.expert_ratio, "device": engine.device.type,
-              "dtype": str(engine.decoder.dtype).replace("torch.", ""), **ref_info, "data": args.data,
+              "dtype": str(engine.decoder.dtype).replace("torch.", ""), "expert_format": engine.expert_format.name, **ref_info, "data": args.data,
               **compare(reference, ours, args.gen_tokens)}
     print(json.dumps(report))
     return 0
@@ -365,6 +381,7 @@ def add_calibrate_parser(sub) -> None:
                      help="print which profile a run would use (file, cached, or fresh) and why; measure nothing")
     cal.add_argument("--hardware-profile", default=None, help="with --show: the profile file a run would be given (default: none)")
     cal.add_argument("--quick", action="store_true", help="fewer repeats and token counts")
+    add_expert_dtype_args(cal)
     cal.add_argument("--output", default="hardware-profile.json", help="profile JSON to write (default: hardware-profile.json)")
     cal.set_defaults(func=cmd_calibrate)
 
@@ -413,6 +430,10 @@ def add_bench_parser(sub) -> None:
     bench.add_argument("--cpu-mode", default=None, choices=["worker", "inline"],
                        help="CPU experts on a worker thread or inline (default: the calibrated choice)")
     bench.add_argument("--hardware-profile", default=None, help="JSON from `daop calibrate` (default: cached or quick calibration)")
+    add_expert_dtype_args(bench)
+    bench.add_argument("--ratio-in-float-bytes", action="store_true",
+                       help="read --ratios as GPU memory for that share of experts in --dtype, so low-bit experts fill the "
+                            "same bytes with more experts (default: a share of experts in their stored format)")
     bench.add_argument("--output", default=None, help="append every row to this JSONL file (default: stdout only)")
     bench.add_argument("--trace", default=None,
                        help="replay routing recorded from a trained model, .npz from scripts/record_traces.py "

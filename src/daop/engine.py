@@ -110,7 +110,7 @@ class Engine:
         load_weights(ckpt, decoder, runtime.expert_dest, progress)
         decoder.experts = runtime.start()
         engine = cls(model_dir, config, spec, decoder, tokenizer, time.perf_counter() - t0)
-        engine.budget, engine.policy = runtime.budget, runtime.policy_name
+        engine.budget, engine.policy, engine.expert_format = runtime.budget, runtime.policy_name, runtime.fmt
         engine.threads, engine.generation_defaults = chosen_threads, defaults
         return engine
 

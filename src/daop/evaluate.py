@@ -99,7 +99,7 @@ class EvalArgs:
 def load_reference(model: str | None, options: dict) -> tuple[Engine, dict]:
     """The oracle: policy gpu on the requested device and dtype, or float32 on the CPU when the
     model does not fit the device. Returns the engine and a description for the report."""
-    options = dict(options, policy="gpu", gpu_memory=None, expert_ratio=None)
+    options = dict(options, policy="gpu", gpu_memory=None, expert_ratio=None, expert_dtype=None)
     try:
         engine = Engine.from_pretrained(model, **options)
     except (DaopError, DEVICE_OOM) as exc:

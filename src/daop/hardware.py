@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from daop.errors import DaopError
+from daop.quant import ExpertFormat
 
 SCHEMA = "daop.hardware_profile/2"
 OLD_SCHEMAS = ("daop.hardware_profile/1",)  # load with defaults for the fields added since
@@ -51,8 +52,11 @@ class HardwareProfile:
     cpu_candidate_token_counts: tuple[int, ...] = ()
     cpu_candidates_ms: dict[str, list[float]] = field(default_factory=dict)  # "mode xN" -> wall ms per count
 
-    def matches(self, hidden_size: int, intermediate_size: int, dtype: str) -> bool:
-        return (self.hidden_size, self.intermediate_size, self.dtype) == (hidden_size, intermediate_size, dtype)
+    expert_format: str = ""  # the experts' stored format ('int8', 'int4-g128'); empty: the model's dtype
+
+    def matches(self, hidden_size: int, intermediate_size: int, dtype: str, expert_format: str | None = None) -> bool:
+        mine = (self.hidden_size, self.intermediate_size, self.dtype, self.expert_format or self.dtype)
+        return mine == (hidden_size, intermediate_size, dtype, expert_format or dtype)
 
     def implausible(self) -> str | None:
         """Why these CPU numbers should not be trusted (the host was busy while measuring), or None."""
@@ -75,7 +79,7 @@ class HardwareProfile:
 
     @classmethod
     def load(cls, path: Path, hidden_size: int | None = None, intermediate_size: int | None = None,
-             dtype: str | None = None) -> "HardwareProfile":
+             dtype: str | None = None, expert_format: str | None = None) -> "HardwareProfile":
         """Load and validate; with a shape given, reject a profile measured for another expert shape."""
         try:
             data = json.loads(Path(path).read_text())
@@ -88,10 +92,11 @@ class HardwareProfile:
             profile = cls(**data)
         except (OSError, json.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError) as exc:
             raise DaopError(f"{path}: not a valid hardware profile ({exc})") from exc
-        if hidden_size is not None and not profile.matches(hidden_size, intermediate_size or 0, dtype or ""):
+        if hidden_size is not None and not profile.matches(hidden_size, intermediate_size or 0, dtype or "", expert_format):
             raise DaopError(
-                f"{path}: hardware profile is for experts {profile.hidden_size}x{profile.intermediate_size} {profile.dtype}, "
-                f"but this model has {hidden_size}x{intermediate_size} {dtype}; run `daop calibrate` for it"
+                f"{path}: hardware profile is for experts {profile.hidden_size}x{profile.intermediate_size} "
+                f"{profile.expert_format or profile.dtype}, but this model has {hidden_size}x{intermediate_size} "
+                f"{expert_format or dtype}; run `daop calibrate` for it"
             )
         return profile
 
@@ -139,26 +144,28 @@ def _median_ms(fn, repeat: int, sync) -> float:
 
 
 def calibrate(hidden_size: int, intermediate_size: int, dtype: torch.dtype, device: torch.device,
-              threads: int | None = None, quick: bool = False, mode: str | None = None) -> HardwareProfile:
-    """Measure copy, CPU and GPU expert times for one expert shape on this machine.
+              threads: int | None = None, quick: bool = False, mode: str | None = None,
+              fmt: ExpertFormat | None = None) -> HardwareProfile:
+    """Measure copy, CPU and GPU expert times for one expert shape (and stored format) on this machine.
 
     threads / mode None: chosen by measurement among the candidates; given: only that one is used.
     """
     from daop.executors.cpu import physical_cores
     from daop.executors.cpu_tuning import distinct_experts, driving_load, run_trial, tune
-    from daop.model.moe import swiglu
+    from daop.quant import copy_into_slot, expert_forward, slot_shapes
 
     D, I = hidden_size, intermediate_size
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     repeat = 3 if quick else 10
-    experts = distinct_experts(D, I, dtype)
+    fmt = fmt or ExpertFormat("auto", dtype)
+    experts = distinct_experts(D, I, fmt)
     host = list(experts[0])
     pinned = [t.pin_memory() for t in host] if cuda else host
-    dev = [torch.empty_like(t, device=device) for t in host]
+    dev = [torch.empty(shape, dtype=dt, device=device) for shape, dt in slot_shapes(fmt, D, I, device)]
 
     def copy(src):
-        return lambda: [d.copy_(s, non_blocking=True) for d, s in zip(dev, src)]
+        return lambda: [copy_into_slot(d, s, non_blocking=True) for d, s in zip(dev, src)]
 
     copy_pinned = _median_ms(copy(pinned), repeat, sync)
     copy_pageable = _median_ms(copy(host), repeat, sync)
@@ -168,10 +175,10 @@ def calibrate(hidden_size: int, intermediate_size: int, dtype: torch.dtype, devi
     counts = (1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64, 128, 256)
     busy = run_trial(best.mode, best.threads, experts, counts, repeat, load).busy_ms
     gpu_counts = counts + ((1024,) if not quick else ())
-    gpu_ms = tuple(_median_ms(lambda n=n: swiglu(torch.randn(n, D, dtype=dtype, device=device), *dev), repeat, sync) for n in gpu_counts)
-    esize = torch.empty((), dtype=dtype).element_size()
+    gpu_ms = tuple(_median_ms(lambda n=n: expert_forward(torch.randn(n, D, dtype=dtype, device=device), dev), repeat, sync)
+                   for n in gpu_counts)
     return HardwareProfile(
-        hidden_size=D, intermediate_size=I, dtype=str(dtype).replace("torch.", ""), expert_bytes=3 * D * I * esize,
+        hidden_size=D, intermediate_size=I, dtype=str(dtype).replace("torch.", ""), expert_bytes=fmt.bytes(D, I),
         copy_pinned_ms=copy_pinned, copy_pageable_ms=copy_pageable, cpu_threads=best.threads,
         cpu_token_counts=counts, cpu_expert_ms=tuple(statistics.median(b) for b in busy),
         gpu_token_counts=gpu_counts, gpu_expert_ms=gpu_ms,
@@ -182,4 +189,5 @@ def calibrate(hidden_size: int, intermediate_size: int, dtype: torch.dtype, devi
         cpu_expert_ms_min=tuple(min(b) for b in busy), cpu_expert_ms_max=tuple(max(b) for b in busy), repeats=repeat,
         cpu_candidate_token_counts=choice_counts,
         cpu_candidates_ms={t.label: [round(ms, 4) for ms in t.wall_ms] for t in trials},
+        expert_format=fmt.name,
     )

@@ -18,7 +18,8 @@ where a device has none, the expert's weights are dequantized for the product.
 """
 from __future__ import annotations
 
-from typing import List
+from dataclasses import dataclass
+from typing import Callable, List
 
 import torch
 import torch.nn.functional as F
@@ -161,24 +162,6 @@ def dequantize(w: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor
 
 # --- products ---
 
-def _has_kernel(op: str, device_type: str) -> bool:
-    key = {"cpu": "CPU", "cuda": "CUDA"}.get(device_type)
-    try:
-        return key is not None and bool(torch._C._dispatch_has_kernel_for_dispatch_key(f"aten::{op}", key))
-    except RuntimeError:
-        return False
-
-
-_KERNELS: dict[tuple[str, str], bool] = {}
-
-
-def has_kernel(op: str, device_type: str) -> bool:
-    key = (op, device_type)
-    if key not in _KERNELS:
-        _KERNELS[key] = _has_kernel(op, device_type)
-    return _KERNELS[key]
-
-
 def int4_inner_k_tiles(K: int) -> int:
     """The CUDA int4 layout's inner K tiles for K input channels (8 where K allows)."""
     for tiles in (8, 4, 2):
@@ -188,37 +171,153 @@ def int4_inner_k_tiles(K: int) -> int:
 
 
 def to_slot_format(q: torch.Tensor) -> torch.Tensor:
-    """Weights copied to a CUDA device, in the layout that device's int4 kernel reads (int8 and float
-    weights are used as copied). Runs on the weights' device, on the current stream."""
-    if q.dtype != torch.uint8 or q.device.type != "cuda" or not has_kernel("_convert_weight_to_int4pack", "cuda"):
+    """A tensor of an expert copied to a CUDA device, in the layout that device's kernels read: int4
+    weights are converted to the CUDA int4 kernel's layout; everything else is used as copied. Runs
+    on q's device, on the current stream."""
+    if q.dtype != torch.uint8 or q.device.type != "cuda":
         return q
     codes = unpack_int4(q)
     plain = (codes[:, ::2] << 4) | codes[:, 1::2]
     return torch._convert_weight_to_int4pack(plain.contiguous(), int4_inner_k_tiles(codes.shape[1]))
 
 
+def slot_shapes(fmt: "ExpertFormat", hidden: int, inter: int, device: torch.device) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of each tensor of one expert as a device's slot holds it."""
+    shapes = fmt.shapes(hidden, inter)
+    if fmt.kind != "int4" or device.type != "cuda":
+        return shapes
+    out = []
+    for shape, dtype in shapes:
+        if dtype == torch.uint8:
+            N, K = shape[0], shape[1] * 2
+            tiles = int4_inner_k_tiles(K)
+            shape, dtype = (N // 8, K // (tiles * 16), 32, tiles // 2), torch.int32
+        out.append((shape, dtype))
+    return out
+
+
 def linear_q(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-    """x [M, K] times a quantized matrix's transpose -> [M, N] in x's dtype."""
+    """x [M, K] times a quantized matrix's transpose -> [M, N] in x's dtype (TorchScript-compatible).
+
+    int8: torch's int8 weight-only kernel on the CPU; on CUDA the weights converted to x's dtype (exact:
+    |q| <= 127 fits every float dtype) for one float product, then scaled per output channel, which
+    measured faster there than torch's CUDA int8 kernel for one token. int4: torch's kernel for the
+    layout at hand (CPU layout on the CPU, the converted layout on CUDA)."""
     x = x.contiguous()
     if q.dtype == torch.int8:
-        if has_kernel("_weight_int8pack_mm", x.device.type):
+        if x.device.type == "cpu":
             return torch._weight_int8pack_mm(x, q, s)
         return F.linear(x, q.to(x.dtype)) * s
-    if q.dtype == torch.uint8:  # int4, CPU layout
-        G = 2 * q.shape[1] // s.shape[0]
-        if x.device.type == "cpu":
-            return torch._weight_int4pack_mm_for_cpu(x, q, G, s)
-        return F.linear(x, dequantize((q, s)).to(x.dtype))
-    if q.dtype == torch.int32:  # int4, CUDA layout (to_slot_format)
-        K = x.shape[1]
-        return torch._weight_int4pack_mm(x, q, K // s.shape[0], s)
-    raise TypeError(f"not a quantized weight: {q.dtype}")
+    if q.dtype == torch.uint8:
+        return torch._weight_int4pack_mm_for_cpu(x, q, 2 * q.shape[1] // s.shape[0], s)
+    return torch._weight_int4pack_mm(x, q, x.shape[1] // s.shape[0], s)
 
 
-def expert_forward(x: torch.Tensor, w: tuple[torch.Tensor, ...] | List[torch.Tensor]) -> torch.Tensor:
-    """One SwiGLU expert, down(silu(gate x) * up x), for an expert in any format."""
+def expert_forward(x: torch.Tensor, w: List[torch.Tensor]) -> torch.Tensor:
+    """One SwiGLU expert, down(silu(gate x) * up x), for an expert in any format (TorchScript-compatible).
+
+    Float experts run exactly `daop.model.moe.swiglu`'s operators (one product over the stacked
+    gate_up); low-bit ones the same sequence through `linear_q`."""
     if len(w) == 2:
-        from daop.model.moe import swiglu
-        return swiglu(x, w[0], w[1])
+        gate, up = F.linear(x, w[0]).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w[1])
     gate, up = linear_q(x, w[0], w[1]).chunk(2, dim=-1)
     return linear_q(F.silu(gate) * up, w[2], w[3])
+
+
+# --- the format of a model's routed experts, and loading into it ---
+
+@dataclass(frozen=True)
+class ExpertFormat:
+    """How routed experts are stored: kind 'auto' (the model's float dtype), 'int8' or 'int4';
+    dtype is the model's dtype (activations, scales, float weights)."""
+
+    kind: str = "auto"
+    dtype: torch.dtype = torch.bfloat16
+    group_size: int = DEFAULT_GROUP_SIZE
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXPERT_DTYPES:
+            raise DaopError(f"unsupported expert dtype {self.kind!r}; choose one of {', '.join(EXPERT_DTYPES)}")
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind != "auto"
+
+    @property
+    def name(self) -> str:
+        """'bfloat16', 'int8' or 'int4-g128': what bench rows and profiles record."""
+        if self.kind == "int4":
+            return f"int4-g{self.group_size}"
+        return self.kind if self.quantized else str(self.dtype).replace("torch.", "")
+
+    def shapes(self, hidden: int, inter: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
+        return expert_shapes(hidden, inter, self.kind, self.group_size, self.dtype)
+
+    def bytes(self, hidden: int, inter: int) -> int:
+        return expert_bytes(hidden, inter, torch.empty((), dtype=self.dtype).element_size(), self.kind, self.group_size)
+
+    def check(self, hidden: int, inter: int) -> None:
+        check_geometry(self.kind, hidden, inter, self.group_size)
+
+    def from_float(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """A float expert (gate_up [2I, D], down [D, I]) in this format, host layout."""
+        gate_up, down = gate_up.to(self.dtype), down.to(self.dtype)
+        if not self.quantized:
+            return gate_up, down
+        return (*quantize(gate_up, self.kind, self.group_size), *quantize(down, self.kind, self.group_size))
+
+
+class Staged:
+    """A loader destination that quantizes: the checkpoint tensor is read into `buffer` (float,
+    shared scratch), then `commit()` writes its quantized rows into the expert's tensors, which
+    `target()` gives (host layout)."""
+
+    def __init__(self, fmt: ExpertFormat, buffer: torch.Tensor, target: Callable[[], tuple[torch.Tensor, ...]],
+                 part: str, done: Callable[[], None] | None = None) -> None:
+        self.fmt, self.buffer, self.target, self.part, self.done = fmt, buffer, target, part, done
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.buffer.shape
+
+    def commit(self) -> None:
+        gu_q, gu_s, dn_q, dn_s = self.target()
+        q_dst, s_dst = (dn_q, dn_s) if self.part == "down" else (gu_q, gu_s)
+        n = self.buffer.shape[0]
+        rows = slice(n, 2 * n) if self.part == "up" else slice(0, n)
+        q, s = quantize(self.buffer, self.fmt.kind, self.fmt.group_size, self.fmt.dtype)
+        q_dst[rows].copy_(q)
+        (s_dst[rows] if self.fmt.kind == "int8" else s_dst[:, rows]).copy_(s)
+        if self.done is not None:
+            self.done()
+
+
+class ScratchBuffers:
+    """One float scratch tensor per shape, reused for every checkpoint tensor read before quantizing."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.buffers: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def get(self, *shape: int) -> torch.Tensor:
+        if shape not in self.buffers:
+            self.buffers[shape] = torch.empty(*shape, dtype=self.dtype)
+        return self.buffers[shape]
+
+
+def staged_views(fmt: ExpertFormat, target: Callable[[], tuple[torch.Tensor, ...]], scratch: ScratchBuffers,
+                 hidden: int, inter: int, done: Callable[[], None] | None = None) -> tuple[Staged, Staged, Staged]:
+    """(gate, up, down) loader destinations that quantize into one expert's tensors (host layout,
+    given by `target()` when the first part is committed). done: called after each part."""
+    I, D = inter, hidden
+    return (Staged(fmt, scratch.get(I, D), target, "gate", done), Staged(fmt, scratch.get(I, D), target, "up", done),
+            Staged(fmt, scratch.get(D, I), target, "down", done))
+
+
+def copy_into_slot(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = False) -> None:
+    """Copy one tensor of an expert from its host layout into a slot (converting int4 for CUDA)."""
+    if dst.dtype == src.dtype and dst.shape == src.shape:
+        dst.copy_(src, non_blocking=non_blocking)
+    else:
+        dst.copy_(to_slot_format(src.to(dst.device, non_blocking=non_blocking)))

@@ -12,6 +12,7 @@ from daop.config import ModelConfig
 from daop.errors import DaopError
 from daop.model.decoder import Decoder
 from daop.model.specs import spec_by_name
+from daop.quant import ExpertFormat
 from daop.weights.expert_store import HostExperts
 
 GEOMETRIES: dict[str, dict] = {
@@ -58,14 +59,17 @@ def synthetic_decoder(config: ModelConfig, spec, device: torch.device, dtype: to
     return decoder
 
 
-def synthetic_host_experts(config: ModelConfig, dtype: torch.dtype, pin: bool, seed: int = 0, prototypes: int = 4) -> HostExperts:
-    """Host store filled from a few random prototype experts (fast even for ~100 GB of experts)."""
-    host = HostExperts(config, dtype, pin)
+def synthetic_host_experts(config: ModelConfig, fmt: ExpertFormat | torch.dtype, pin: bool, seed: int = 0,
+                           prototypes: int = 4) -> HostExperts:
+    """Host store filled from a few random prototype experts (fast even for ~100 GB of experts),
+    in the given stored format (prototypes quantized once)."""
+    fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat("auto", fmt)
+    host = HostExperts(config, fmt, pin)
     gen = torch.Generator().manual_seed(seed)
     I, D = config.expert_intermediate_size, config.hidden_size
-    protos = [tuple((torch.randn(*shape, generator=gen) * 0.02).to(dtype) for shape in ((2 * I, D), (D, I)))
+    protos = [fmt.from_float(*(torch.randn(*shape, generator=gen) * 0.02 for shape in ((2 * I, D), (D, I))))
               for _ in range(prototypes)]
-    for n, layer_idx in enumerate(host.gate_up):
+    for n, layer_idx in enumerate(host.layers):
         for e in range(config.num_experts):
             for dst, src in zip(host.weights(layer_idx, e), protos[(n * config.num_experts + e) % prototypes]):
                 dst.copy_(src)

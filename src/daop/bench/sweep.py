@@ -23,7 +23,8 @@ from daop.engine import Engine, GenerationStats, resolve_device
 from daop.hardware import HardwareProfile, calibrate, cpu_model
 from daop.model.layers import KVCache
 from daop.placement.cost import CostModel
-from daop.runtime.setup import RuntimeOptions, hardware_profile, prepare_runtime
+from daop.quant import ExpertFormat
+from daop.runtime.setup import RuntimeOptions, hardware_profile, prepare_runtime, resolve_expert_format
 from daop.errors import DaopError
 from daop.sampling import SamplingParams
 from daop.weights.loader import parse_dtype
@@ -188,6 +189,7 @@ class Subject:
     def __init__(self, args, device: torch.device, dtype: torch.dtype) -> None:
         self.args, self.device, self.dtype = args, device, dtype
         self.host = None
+        self.fmt = None
         if args.model:
             probe = Engine.from_pretrained(args.model, device=device, dtype=dtype, progress=False, policy="gpu")
             self.config, self.spec, self.tokenizer = probe.config, probe.spec, probe.tokenizer
@@ -196,8 +198,10 @@ class Subject:
         else:
             self.config, self.spec = geometry_config(args.geometry, args.layers)
             self.decoder = synthetic_decoder(self.config, self.spec, device, dtype)
-            self.host = synthetic_host_experts(self.config, dtype, pin=device.type == "cuda")
+            fmt = resolve_expert_format(self.config, dtype, device, args.expert_dtype, args.group_size)
+            self.host = synthetic_host_experts(self.config, fmt, pin=device.type == "cuda")
             self.tokenizer, self.name = None, args.geometry
+        self.fmt = resolve_expert_format(self.config, dtype, device, args.expert_dtype, args.group_size)
 
     def engine(self, policy: str, ratio: float, opts: dict) -> Engine:
         if self.args.model:
@@ -206,7 +210,18 @@ class Subject:
                                           policy=policy, expert_ratio=ratio, **opts)
         runtime = prepare_runtime(self.decoder, RuntimeOptions(policy=policy, expert_ratio=ratio, **opts), host=self.host)
         self.decoder.experts = runtime.start()
-        return Engine(None, self.config, self.spec, self.decoder, None, 0.0)
+        engine = Engine(None, self.config, self.spec, self.decoder, None, 0.0)
+        engine.budget, engine.policy, engine.expert_format = runtime.budget, runtime.policy_name, runtime.fmt
+        return engine
+
+    def stored_ratio(self, ratio: float) -> float:
+        """With --ratio-in-float-bytes: the share of experts in their stored format that fits the GPU
+        memory `ratio` of them would take in --dtype; else `ratio` itself."""
+        if not self.args.ratio_in_float_bytes:
+            return ratio
+        c = self.config
+        floats = ExpertFormat("auto", self.dtype).bytes(c.hidden_size, c.expert_intermediate_size)
+        return min(1.0, ratio * floats / self.fmt.bytes(c.hidden_size, c.expert_intermediate_size))
 
     def release(self, engine: Engine) -> None:
         engine.close()
@@ -225,7 +240,8 @@ def accelerate_points(subject: Subject, args, ratio: float, workloads) -> list[d
     c = subject.config
     kv = KVCache.bytes_needed(c, 1, c.context_length, subject.dtype)
     esize = torch.empty((), dtype=subject.dtype).element_size()
-    budget = resolve_budget(c, esize, dense_bytes(subject.decoder), kv, None, expert_ratio=ratio)
+    per = 3 * c.hidden_size * c.expert_intermediate_size * esize  # accelerate offloads float experts
+    budget = resolve_budget(c, per, dense_bytes(subject.decoder), kv, None, expert_ratio=ratio)
     gpu_bytes = budget.dense_bytes + budget.gpu_slots * budget.expert_bytes + budget.kv_bytes + budget.workspace_bytes
     model = accelerate_baseline.build(args.geometry, args.layers, subject.dtype, gpu_bytes, subject.device)
     points = []
@@ -255,10 +271,11 @@ def run(args) -> dict:
         trace_source = {"trace": str(args.trace), **provenance}
     if args.hardware_profile:
         profile = hardware_profile(subject.decoder, RuntimeOptions(cpu_threads=args.cpu_threads, cpu_mode=args.cpu_mode,
-                                                                   hardware_profile=args.hardware_profile))
+                                                                   hardware_profile=args.hardware_profile,
+                                                                   expert_dtype=args.expert_dtype, group_size=args.group_size))
     else:  # a full calibration, saved next to the results so the run can be repeated with it
         profile = calibrate(config.hidden_size, config.expert_intermediate_size, dtype, device, args.cpu_threads,
-                            quick=args.smoke, mode=args.cpu_mode)
+                            quick=args.smoke, mode=args.cpu_mode, fmt=subject.fmt)
         if args.output:
             profile.save(Path(args.output).with_suffix(".profile.json"))
             args.hardware_profile = str(Path(args.output).with_suffix(".profile.json"))
@@ -272,7 +289,8 @@ def run(args) -> dict:
             out.flush()
 
     the_card = card(args, config, device, dtype, profile, bw)
-    the_card.update(routing_source=trace_source, subject=subject.name, prompts_file=args.prompts_file)
+    the_card.update(routing_source=trace_source, subject=subject.name, prompts_file=args.prompts_file,
+                    expert_format=subject.fmt.name, ratio_in_float_bytes=bool(args.ratio_in_float_bytes))
     print(json.dumps(the_card), file=sys.stderr)
     emit(the_card)
     rows = []
@@ -280,14 +298,15 @@ def run(args) -> dict:
     if args.traces:
         workloads = [(args.traces[0].prompt_len, len(args.traces[0].tokens) - args.traces[0].prompt_len, 1)]
     print(f"{'policy':10} {'ratio':>6} {'prompt':>6} {'gen':>5} {'batch':>5} {'TTFT ms':>9} {'ms/step':>9} {'tok/s':>8} {'hit':>6} {'cpu/t':>6} {'x bound':>7}")
-    opts = dict(cpu_threads=threads, cpu_mode=mode, hardware_profile=profile)  # every point uses the card's profile
+    opts = dict(cpu_threads=threads, cpu_mode=mode, hardware_profile=profile,  # every point uses the card's profile
+                expert_dtype=args.expert_dtype, group_size=args.group_size)
     for ratio in args.ratios:
         for policy in args.policies:
-            r = 1.0 if policy == "gpu" else ratio
+            r = 1.0 if policy == "gpu" else subject.stored_ratio(ratio)
             if policy == "gpu" and any(x["policy"] == "gpu" for x in rows):
                 continue
             if policy == "accelerate":
-                for point in accelerate_points(subject, args, r, workloads):
+                for point in accelerate_points(subject, args, ratio, workloads):  # float experts: the plain ratio
                     rows.append(point)
                     emit(point)
                     print(f"{policy:10} {r:6.3f} {point['prompt_tokens']:6d} {point['gen_tokens']:5d} {1:5d} {point['ttft_ms']:9.1f} "
@@ -296,6 +315,7 @@ def run(args) -> dict:
             engine = subject.engine(policy, r, opts)
             for prompt_tokens, gen_tokens, batch in workloads:
                 point = {"kind": "point", "geometry": subject.name, "layers": config.num_layers, "policy": policy, "expert_ratio": r,
+                         "expert_format": subject.fmt.name, "budget_ratio": ratio if policy != "gpu" else 1.0,
                          **measure_point(engine, args, cost, bw, profile.expert_bytes, prompt_tokens, gen_tokens, batch)}
                 rows.append(point)
                 emit(point)

@@ -27,12 +27,12 @@ from typing import Callable, List
 
 import torch
 
-from daop.model.moe import swiglu
+from daop.quant import expert_forward
 
 MODES = ("worker", "inline")
 SWITCH_INTERVAL_S = 5e-5  # while CPU experts run: a GIL take-back waits at most about this long
 
-Job = tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]  # (expert, token rows [n], (gate_up, down))
+Job = tuple[int, torch.Tensor, tuple[torch.Tensor, ...]]  # (expert, token rows [n], the expert's tensors)
 
 
 def physical_cores() -> int:
@@ -88,12 +88,11 @@ class SwitchInterval:
 SWITCH = SwitchInterval()
 
 
-def run_jobs_eager(h: torch.Tensor, rows: List[torch.Tensor], gate_up: List[torch.Tensor],
-                   down: List[torch.Tensor]) -> List[torch.Tensor]:
+def run_jobs_eager(h: torch.Tensor, rows: List[torch.Tensor], weights: List[List[torch.Tensor]]) -> List[torch.Tensor]:
     """Every job's expert output [n, D] for its token rows of h [T, D], in job order."""
     out: List[torch.Tensor] = []
     for i in range(len(rows)):
-        out.append(swiglu(h.index_select(0, rows[i]), gate_up[i], down[i]))
+        out.append(expert_forward(h.index_select(0, rows[i]), weights[i]))
     return out
 
 
@@ -153,15 +152,14 @@ class CpuExecutor:
         """Compute experts on the CPU: jobs are (expert, token rows [n], host weights); returns {expert: y}.
 
         ready: the event of the activations' device->host copy, waited on before reading h_host.
-        compute: a per-expert function instead of `swiglu` (run in Python, for tests and probes).
+        compute: a per-expert function instead of `expert_forward` (run in Python, for tests and probes).
         ahead: the result is wanted only after the caller has done other work (a pre-calculation
         for a later layer), so the job runs on a worker thread even in inline mode.
         """
         # Lists built here, on the driving thread: the worker runs as little Python as possible.
         experts = [e for e, _, _ in jobs]
         rows = [r for _, r, _ in jobs]
-        weights = [w for _, _, w in jobs]
-        gate_up, down = [w[0] for w in weights], [w[1] for w in weights]
+        weights = [list(w) for _, _, w in jobs]
         tokens = sum(len(r) for r in rows)
 
         def run() -> dict[int, torch.Tensor]:
@@ -172,7 +170,7 @@ class CpuExecutor:
                 if compute is not None:
                     ys = [compute(h_host.index_select(0, r), *w) for r, w in zip(rows, weights)]
                 else:
-                    ys = self.kernel(h_host, rows, gate_up, down)
+                    ys = self.kernel(h_host, rows, weights)
             self.busy_s += time.perf_counter() - t0
             self.expert_tokens += tokens
             return dict(zip(experts, ys))

@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 
 from daop.executors.cpu import MODES, CpuExecutor
+from daop.quant import ExpertFormat
 
 LOAD_OPS = 48  # small kernels launched per call by the simulated driving thread (~0.2-0.5 ms of Python)
 DISTINCT_BYTES = 512 * 2**20  # experts cycled through so that caches do not hold the weights
@@ -57,19 +58,20 @@ def driving_load(device: torch.device) -> Callable[[], None]:
     return load
 
 
-def distinct_experts(hidden: int, inter: int, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Random (gate_up, down) experts, several copies so that repeats read memory, not cache."""
-    first = ((torch.randn(2 * inter, hidden) * 0.02).to(dtype), (torch.randn(hidden, inter) * 0.02).to(dtype))
+def distinct_experts(hidden: int, inter: int, fmt: ExpertFormat | torch.dtype) -> list[tuple[torch.Tensor, ...]]:
+    """Random experts in a format, several copies so that repeats read memory, not cache."""
+    fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat("auto", fmt)
+    first = fmt.from_float(torch.randn(2 * inter, hidden) * 0.02, torch.randn(hidden, inter) * 0.02)
     nbytes = sum(t.numel() * t.element_size() for t in first)
     count = max(2, min(16, math.ceil(DISTINCT_BYTES / nbytes)))
-    return [first] + [(first[0].clone(), first[1].clone()) for _ in range(count - 1)]
+    return [first] + [tuple(t.clone() for t in first) for _ in range(count - 1)]
 
 
 def run_trial(mode: str, threads: int, experts: list, counts: tuple[int, ...], repeat: int,
               load: Callable[[], None]) -> Trial:
     """Median wall ms per token count for one expert per call, plus every repeat's busy ms."""
-    hidden = experts[0][1].shape[0]
-    dtype = experts[0][0].dtype
+    hidden = experts[0][-1].shape[0] if len(experts[0]) == 2 else experts[0][2].shape[0]  # down's output rows
+    dtype = experts[0][1].dtype  # float down, or the scales (in the activations' dtype)
     ex = CpuExecutor(threads, mode)
     walls, busys, k = [], [], 0
     try:

@@ -11,6 +11,8 @@ from concurrent.futures import Future
 
 import torch
 
+from daop.quant import copy_into_slot
+
 
 class Transfer:
     def __init__(self, device: torch.device) -> None:
@@ -27,14 +29,14 @@ class Transfer:
         """Copy host expert weights into a GPU slot on the copy stream; returns the completion event."""
         if not self.cuda:
             for d, s in zip(dst, src):
-                d.copy_(s)
+                copy_into_slot(d, s)
             return None
         with torch.cuda.stream(self.stream):
             released = self.slot_released.get(slot)
             if released is not None:
                 self.stream.wait_event(released)
             for d, s in zip(dst, src):
-                d.copy_(s, non_blocking=True)
+                copy_into_slot(d, s, non_blocking=True)  # int4 is converted here, on the copy stream
             done = torch.cuda.Event()
             done.record(self.stream)
         return done

@@ -83,42 +83,6 @@ class ExpertRunner(Protocol):
     def close(self) -> None: ...
 
 
-class ResidentExperts:
-    """All routed experts of every layer held as stacked tensors on one device (the all-GPU path)."""
-
-    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype) -> None:
-        E, I, D = config.num_experts, config.expert_intermediate_size, config.hidden_size
-        layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
-        self.gate_up = {i: torch.empty(E, 2 * I, D, device=device, dtype=dtype) for i in layers}
-        self.down = {i: torch.empty(E, D, I, device=device, dtype=dtype) for i in layers}
-
-    def reset(self) -> None:
-        pass
-
-    def set_phase(self, phase: str) -> None:
-        pass
-
-    def totals(self) -> dict[str, float]:
-        return {}
-
-    def close(self) -> None:
-        pass
-
-    def weights_of(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, D], down [D, I]) of one expert, as swiglu takes them."""
-        return self.gate_up[layer_idx][expert_idx], self.down[layer_idx][expert_idx]
-
-    def load_views(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(gate, up, down) destinations for the checkpoint's three tensors of one expert."""
-        return (*split_gate_up(self.gate_up[layer_idx][expert_idx]), self.down[layer_idx][expert_idx])
-
-    def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        rows_host = group_by_expert(ids.cpu())  # one sync per layer; grouping on the host
-        rows = token_rows(h, rows_host)
-        ys = {e: swiglu(expert_input(h, rows, e), *self.weights_of(layer_idx, e)) for e in rows_host}
-        return weighted_sum(h, ys, weights, rows_host, rows)
-
-
 def group_by_expert(ids_host: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """For every routed expert, ascending: (token rows, top-k column) of its assignments, on the host."""
     return {e: torch.where(ids_host == e) for e in torch.unique(ids_host).tolist()}

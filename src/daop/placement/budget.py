@@ -41,19 +41,17 @@ class Budget:
     dense_bytes: int
     kv_bytes: int
     workspace_bytes: int
+    expert_format: str = ""  # the stored format's name, for describe()
 
     @property
     def expert_ratio(self) -> float:
         return self.gpu_slots / self.total_experts if self.total_experts else 1.0
 
     def describe(self) -> str:
-        return (f"{self.gpu_slots}/{self.total_experts} experts on GPU ({self.expert_ratio:.1%}), "
+        stored = f" {self.expert_format}" if self.expert_format else ""
+        return (f"{self.gpu_slots}/{self.total_experts}{stored} experts on GPU ({self.expert_ratio:.1%}), "
                 f"{fmt_bytes(self.gpu_slots * self.expert_bytes)} of experts + {fmt_bytes(self.dense_bytes)} dense + "
                 f"{fmt_bytes(self.kv_bytes)} KV cache + {fmt_bytes(self.workspace_bytes)} workspace")
-
-
-def expert_bytes(config: ModelConfig, element_size: int) -> int:
-    return 3 * config.hidden_size * config.expert_intermediate_size * element_size
 
 
 def num_moe_layers(config: ModelConfig) -> int:
@@ -62,7 +60,7 @@ def num_moe_layers(config: ModelConfig) -> int:
 
 def resolve_budget(
     config: ModelConfig,
-    element_size: int,
+    per_expert_bytes: int,
     dense_bytes: int,
     kv_bytes: int,
     device_free_bytes: int | None,
@@ -70,9 +68,12 @@ def resolve_budget(
     expert_ratio: float | None = None,
     workspace_bytes: int | None = None,
 ) -> Budget:
-    """Number of GPU expert slots for a memory budget, an expert ratio, or (default) free device memory."""
+    """Number of GPU expert slots for a memory budget, an expert ratio, or (default) free device memory.
+
+    per_expert_bytes: one routed expert in its stored format (`ExpertFormat.bytes`), so a low-bit
+    format fits 2x (int8) or about 4x (int4) more experts into the same memory."""
     total = num_moe_layers(config) * config.num_experts
-    per = expert_bytes(config, element_size)
+    per = per_expert_bytes
     work = workspace_bytes if workspace_bytes is not None else max(256 * 2**20, dense_bytes // 20)
     if gpu_memory is not None and expert_ratio is not None:
         raise DaopError("give either --gpu-memory or --expert-ratio, not both")

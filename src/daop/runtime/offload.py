@@ -16,8 +16,9 @@ import torch
 
 from daop.executors.cpu import CpuExecutor
 from daop.executors.transfer import Transfer
-from daop.model.moe import expert_input, group_by_expert, swiglu, token_rows, weighted_sum
+from daop.model.moe import expert_input, group_by_expert, token_rows, weighted_sum
 from daop.placement.policies import LayerPlan, Policy
+from daop.quant import expert_forward
 from daop.runtime.stats import Counters
 from daop.weights.expert_store import ExpertStore
 
@@ -100,7 +101,7 @@ class OffloadedExperts:
             if n >= len(gpu_items) and event is None:
                 event = self.copy(layer_idx, e, slot)
             self.transfer.wait(event)
-            ys[e] = swiglu(expert_input(h, rows, e), *self.store.slot_weights(slot))
+            ys[e] = expert_forward(expert_input(h, rows, e), self.store.slot_weights(slot))
             self.transfer.release_slot(slot)
         t0 = time.perf_counter()
         for job, experts in ((future, plan.cpu), *((precalc,) if precalc else ())):

@@ -22,6 +22,7 @@ import torch
 from daop.config import ModelConfig
 from daop.errors import DaopError
 from daop.hardware import SCHEMA, HardwareProfile, calibrate, host_identity
+from daop.quant import ExpertFormat
 
 ATTEMPTS = 3  # calibrations tried while the measured numbers stay implausible
 
@@ -36,6 +37,11 @@ class ProfileRequest:
     file: str | HardwareProfile | None = None  # --hardware-profile, or a profile the caller already has
     cpu_threads: int | None = None
     cpu_mode: str | None = None
+    fmt: ExpertFormat | None = None  # the routed experts' stored format; None: the model's dtype
+
+    @property
+    def expert_format(self) -> ExpertFormat:
+        return self.fmt or ExpertFormat("auto", self.dtype)
 
     @property
     def dtype_name(self) -> str:
@@ -44,7 +50,7 @@ class ProfileRequest:
     def key(self) -> dict[str, str]:
         c = self.config
         return {**host_identity(self.device), "expert": f"{c.hidden_size}x{c.expert_intermediate_size}",
-                "dtype": self.dtype_name, "cpu_threads": str(self.cpu_threads or "auto"),
+                "dtype": self.dtype_name, "experts_stored": self.expert_format.name, "cpu_threads": str(self.cpu_threads or "auto"),
                 "cpu_mode": self.cpu_mode or "auto", "schema": SCHEMA}
 
 
@@ -67,7 +73,7 @@ def cache_path(request: ProfileRequest) -> Path:
     key = request.key()
     digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
     device = re.sub(r"[^A-Za-z0-9_.-]+", "_", key["gpu"] if request.device.type == "cuda" else "cpu")
-    return cache_dir() / f"{device}-{key['expert']}-{key['dtype']}-{digest}.json"
+    return cache_dir() / f"{device}-{key['expert']}-{key['experts_stored']}-{digest}.json"
 
 
 def key_difference(recorded: dict[str, str], wanted: dict[str, str]) -> str:
@@ -82,13 +88,13 @@ def locate(request: ProfileRequest) -> ProfileSource:
         return ProfileSource("file", None, "given by the caller", request.file)
     if request.file:
         path = Path(request.file)
-        profile = HardwareProfile.load(path, c.hidden_size, c.expert_intermediate_size, request.dtype_name)
+        profile = HardwareProfile.load(path, c.hidden_size, c.expert_intermediate_size, request.dtype_name, request.expert_format.name)
         return ProfileSource("file", path, "given by --hardware-profile", profile)
     path = cache_path(request)
     if not path.is_file():
         return ProfileSource("fresh", path, "no cached profile for this machine, versions and options")
     try:
-        profile = HardwareProfile.load(path, c.hidden_size, c.expert_intermediate_size, request.dtype_name)
+        profile = HardwareProfile.load(path, c.hidden_size, c.expert_intermediate_size, request.dtype_name, request.expert_format.name)
         recorded = json.loads(profile.provenance.get("cache_key", "{}"))
     except (DaopError, json.JSONDecodeError) as exc:
         return ProfileSource("fresh", path, f"cached profile unreadable ({exc})")
@@ -107,7 +113,7 @@ def measure(request: ProfileRequest) -> tuple[HardwareProfile, str | None]:
     doubt = None
     for _ in range(ATTEMPTS):
         profile = calibrate(c.hidden_size, c.expert_intermediate_size, request.dtype, request.device,
-                            request.cpu_threads, quick=True, mode=request.cpu_mode)
+                            request.cpu_threads, quick=True, mode=request.cpu_mode, fmt=request.expert_format)
         profile.provenance["cache_key"] = json.dumps(request.key(), sort_keys=True)
         doubt = profile.implausible()
         if doubt is None:

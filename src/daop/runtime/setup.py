@@ -16,7 +16,7 @@ from daop.executors.transfer import Transfer
 from daop.hardware import HardwareProfile
 from daop.model.decoder import Decoder
 from daop.model.layers import KVCache
-from daop.model.moe import ExpertRunner, ResidentExperts
+from daop.model.moe import ExpertRunner
 from daop.placement.budget import Budget, resolve_budget
 from daop.placement.cost import CostModel
 from daop.placement.daop import PRESETS, make_daop
@@ -25,7 +25,8 @@ from daop.runtime.daop_runner import DaopRunner
 
 from daop.runtime.offload import OffloadedExperts
 from daop.runtime.profile_cache import ProfileRequest, obtain
-from daop.weights.expert_store import ExpertStore, HostExperts
+from daop.quant import DEFAULT_GROUP_SIZE, ExpertFormat, parse_expert_dtype
+from daop.weights.expert_store import ExpertStore, HostExperts, ResidentExperts
 
 ALL_POLICIES = [*POLICIES, *PRESETS]
 
@@ -42,6 +43,8 @@ class RuntimeOptions:
     hardware_profile: str | HardwareProfile | None = None  # a path, or a profile already in hand (benchmarks)
     routing_stats: str | None = None
     max_context: int | None = None
+    expert_dtype: str | None = None  # auto (the model's dtype), int8 or int4: how routed experts are stored
+    group_size: int = DEFAULT_GROUP_SIZE  # int4: input channels per scale and zero
 
     def __post_init__(self) -> None:
         if self.policy is not None and self.policy not in ALL_POLICIES:
@@ -50,6 +53,22 @@ class RuntimeOptions:
             raise DaopError(f"--cpu-threads must be a positive integer, got {self.cpu_threads!r}")
         if self.cpu_mode is not None and self.cpu_mode not in CPU_MODES:
             raise DaopError(f"--cpu-mode must be one of {', '.join(CPU_MODES)}, got {self.cpu_mode!r}")
+        if not isinstance(self.group_size, int) or self.group_size < 1:
+            raise DaopError(f"--group-size must be a positive integer, got {self.group_size!r}")
+
+    def expert_format(self, decoder: Decoder) -> ExpertFormat:
+        """The routed experts' stored format for this model, checked against its shapes and device."""
+        return resolve_expert_format(decoder.config, decoder.dtype, decoder.device, self.expert_dtype, self.group_size)
+
+
+def resolve_expert_format(config, dtype: torch.dtype, device: torch.device, expert_dtype: str | None,
+                  group_size: int = DEFAULT_GROUP_SIZE) -> ExpertFormat:
+    """--expert-dtype and --group-size as a checked ExpertFormat (one clear line when they cannot work)."""
+    fmt = ExpertFormat(parse_expert_dtype(expert_dtype, dtype), dtype, group_size)
+    fmt.check(config.hidden_size, config.expert_intermediate_size)
+    if fmt.kind == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
+        raise DaopError(f"int4 experts on CUDA need --dtype bf16 (torch's CUDA int4 kernel), not {str(dtype).removeprefix('torch.')}")
+    return fmt
 
 
 def dense_bytes(decoder: Decoder) -> int:
@@ -76,7 +95,8 @@ def load_popularity(path: str | None, num_layers: int, num_experts: int) -> np.n
 
 
 def profile_request(decoder: Decoder, opts: RuntimeOptions) -> ProfileRequest:
-    return ProfileRequest(decoder.config, decoder.dtype, decoder.device, opts.hardware_profile, opts.cpu_threads, opts.cpu_mode)
+    return ProfileRequest(decoder.config, decoder.dtype, decoder.device, opts.hardware_profile, opts.cpu_threads, opts.cpu_mode,
+                          opts.expert_format(decoder))
 
 
 def hardware_profile(decoder: Decoder, opts: RuntimeOptions) -> HardwareProfile:
@@ -90,6 +110,7 @@ class PreparedRuntime:
 
     budget: Budget
     policy_name: str
+    fmt: ExpertFormat
     expert_dest: Callable[[int, int], tuple[torch.Tensor, ...]]
     start: Callable[[], ExpertRunner]
 
@@ -101,18 +122,21 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
     without reloading; the all-resident path then copies experts from it.
     """
     c, dev = decoder.config, decoder.device
-    esize = torch.empty((), dtype=decoder.dtype).element_size()
+    fmt = opts.expert_format(decoder)
+    if host is not None and host.fmt != fmt:
+        raise DaopError(f"the host experts are stored as {host.fmt.name}, this runtime asks for {fmt.name}")
     context = min(opts.max_context or c.context_length, c.context_length)
     kv = KVCache.bytes_needed(c, kv_batch, context, decoder.dtype)
     free = torch.cuda.mem_get_info(dev)[0] + dense_bytes(decoder) if dev.type == "cuda" else None
-    budget = resolve_budget(c, esize, dense_bytes(decoder), kv, free, opts.gpu_memory, opts.expert_ratio)
+    budget = resolve_budget(c, fmt.bytes(c.hidden_size, c.expert_intermediate_size), dense_bytes(decoder), kv, free,
+                            opts.gpu_memory, opts.expert_ratio)
+    budget = replace(budget, expert_format=fmt.name)
     policy_name = opts.policy or ("gpu" if budget.gpu_slots >= budget.total_experts else "daop")
     if policy_name == "gpu" and budget.gpu_slots >= budget.total_experts:
-        experts = ResidentExperts(c, dev, decoder.dtype)
+        experts = ResidentExperts(c, dev, fmt)
         if host is not None:
-            for l in experts.gate_up:
-                experts.gate_up[l].copy_(host.gate_up[l]), experts.down[l].copy_(host.down[l])
-        return PreparedRuntime(budget, policy_name, experts.load_views, lambda: experts)
+            experts.fill_from(host)
+        return PreparedRuntime(budget, policy_name, fmt, experts.load_views, lambda: experts)
     moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
     if dev.type == "cpu" and opts.cpu_threads is None:
         # CPU experts use the "GPU" work's thread count, so exact policies stay bitwise equal, and
@@ -130,7 +154,7 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
         cost=CostModel(profile),
     )
     policy = make_daop(policy_name, ctx) if policy_name in PRESETS else make_policy(policy_name, ctx)
-    store = ExpertStore(c, decoder.dtype, dev, budget.gpu_slots, host)
+    store = ExpertStore(c, fmt, dev, budget.gpu_slots, host)
 
     def start() -> ExpertRunner:
         if policy_name in PRESETS:
@@ -138,4 +162,4 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
                               routing=lambda: decoder.routing)
         return OffloadedExperts(store, policy, CpuExecutor(threads, mode), Transfer(dev), c.num_layers)
 
-    return PreparedRuntime(budget, policy_name, store.load_views, start)
+    return PreparedRuntime(budget, policy_name, fmt, store.load_views, start)

@@ -1,10 +1,12 @@
 """Expert store: host copies of every routed expert (pinned once when CUDA exists) and a fixed
 pool of GPU expert slots. Nothing here allocates per move; executors copy between the two.
 
-Gate and up are kept stacked as one gate_up [2I, D] matrix per expert, on the host and in the
-slots: the CPU reads an expert's first two projections in one pass, and host, slot and resident
-experts all run the same `swiglu`. The loader fills the two halves from the checkpoint's separate
-tensors through `load_views`.
+An expert is a tuple of tensors in its format (`daop.quant`): (gate_up [2I, D], down [D, I]) in the
+model's dtype, or int8 / int4 weights with their scales. Gate and up are kept stacked as one gate_up
+matrix per expert, on the host and in the slots: the CPU reads an expert's first two projections in
+one pass, and host, slot and resident experts all run the same `expert_forward`. The loader fills the
+two halves from the checkpoint's separate tensors through `load_views` (quantizing as it reads, for
+a low-bit format).
 Shapes: E experts, I intermediate, D hidden, S slots.
 """
 from __future__ import annotations
@@ -13,47 +15,133 @@ import torch
 
 from daop.config import ModelConfig
 from daop.model.moe import split_gate_up
+from daop.quant import ExpertFormat, ScratchBuffers, copy_into_slot, slot_shapes, staged_views
+
+
+def moe_layers(config: ModelConfig) -> list[int]:
+    return [i for i in range(config.num_layers) if config.is_moe_layer(i)]
 
 
 class HostExperts:
-    """Every routed expert in host memory: gate_up [E, 2I, D] and down [E, D, I] per MoE layer,
-    allocated (and pinned) once."""
+    """Every routed expert in host memory: per MoE layer, each of the format's tensors stacked over
+    the E experts, allocated (and pinned) once."""
 
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, pin: bool) -> None:
-        E, I, D = config.num_experts, config.expert_intermediate_size, config.hidden_size
-        layers = [i for i in range(config.num_layers) if config.is_moe_layer(i)]
-
-        def host(*shape: int) -> torch.Tensor:
-            return torch.empty(*shape, dtype=dtype, pin_memory=pin)
-
-        self.gate_up = {l: host(E, 2 * I, D) for l in layers}
-        self.down = {l: host(E, D, I) for l in layers}
+    def __init__(self, config: ModelConfig, fmt: ExpertFormat | torch.dtype, pin: bool) -> None:
+        self.fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat("auto", fmt)
+        self.hidden, self.inter = config.hidden_size, config.expert_intermediate_size
+        E = config.num_experts
+        shapes = self.fmt.shapes(self.hidden, self.inter)
+        self.tensors = {l: [torch.empty(E, *shape, dtype=dtype, pin_memory=pin) for shape, dtype in shapes]
+                        for l in moe_layers(config)}
         self.pinned = pin
+        self.scratch = ScratchBuffers(self.fmt.dtype)
 
-    def weights(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(gate_up [2I, D], down [D, I]) of one expert, as `swiglu` and the slots take them."""
-        return self.gate_up[layer_idx][expert_idx], self.down[layer_idx][expert_idx]
+    @property
+    def layers(self) -> list[int]:
+        return list(self.tensors)
 
-    def load_views(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def weights(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, ...]:
+        """One expert's tensors in its format, as `expert_forward` and the slots take them."""
+        return tuple(t[expert_idx] for t in self.tensors[layer_idx])
+
+    def load_views(self, layer_idx: int, expert_idx: int) -> tuple:
         """(gate, up, down) destinations for the checkpoint's three tensors of one expert."""
-        return (*split_gate_up(self.gate_up[layer_idx][expert_idx]), self.down[layer_idx][expert_idx])
+        w = self.weights(layer_idx, expert_idx)
+        if not self.fmt.quantized:
+            return (*split_gate_up(w[0]), w[1])
+        return staged_views(self.fmt, lambda: w, self.scratch, self.hidden, self.inter)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for ts in self.tensors.values() for t in ts)
 
 
 class ExpertStore:
-    def __init__(self, config: ModelConfig, dtype: torch.dtype, device: torch.device, num_slots: int,
+    def __init__(self, config: ModelConfig, fmt: ExpertFormat | torch.dtype, device: torch.device, num_slots: int,
                  host: HostExperts | None = None) -> None:
+        fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat("auto", fmt)
         I, D = config.expert_intermediate_size, config.hidden_size
-        self.host = host or HostExperts(config, dtype, pin=device.type == "cuda")
-        self.slot_gate_up = torch.empty(num_slots, 2 * I, D, dtype=dtype, device=device)
-        self.slot_down = torch.empty(num_slots, D, I, dtype=dtype, device=device)
+        self.host = host or HostExperts(config, fmt, pin=device.type == "cuda")
+        self.fmt = self.host.fmt
+        self.slots = [torch.empty(num_slots, *shape, dtype=dtype, device=device)
+                      for shape, dtype in slot_shapes(self.fmt, D, I, device)]
         self.num_slots = num_slots
-        self.expert_bytes = 3 * I * D * torch.empty((), dtype=dtype).element_size()
+        self.expert_bytes = self.fmt.bytes(D, I)
 
-    def host_weights(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def host_weights(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, ...]:
         return self.host.weights(layer_idx, expert_idx)
 
-    def load_views(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def load_views(self, layer_idx: int, expert_idx: int) -> tuple:
         return self.host.load_views(layer_idx, expert_idx)
 
-    def slot_weights(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.slot_gate_up[slot], self.slot_down[slot]
+    def slot_weights(self, slot: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[slot] for t in self.slots)
+
+
+class ResidentExperts:
+    """All routed experts of every layer held as stacked tensors on one device (the all-GPU path).
+
+    A low-bit expert bound for a GPU is quantized on the host as the loader reads it, then copied
+    (and converted to the device's layout) once its three tensors are in; the host copy is freed."""
+
+    def __init__(self, config: ModelConfig, device: torch.device, fmt: ExpertFormat | torch.dtype) -> None:
+        self.fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat("auto", fmt)
+        self.hidden, self.inter, self.device = config.hidden_size, config.expert_intermediate_size, device
+        E = config.num_experts
+        shapes = slot_shapes(self.fmt, self.hidden, self.inter, device)
+        self.tensors = {l: [torch.empty(E, *shape, dtype=dtype, device=device) for shape, dtype in shapes]
+                        for l in moe_layers(config)}
+        self.scratch = ScratchBuffers(self.fmt.dtype)
+
+    def reset(self) -> None:
+        pass
+
+    def set_phase(self, phase: str) -> None:
+        pass
+
+    def totals(self) -> dict[str, float]:
+        return {}
+
+    def close(self) -> None:
+        pass
+
+    def weights_of(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, ...]:
+        return tuple(t[expert_idx] for t in self.tensors[layer_idx])
+
+    def fill_from(self, host: HostExperts) -> None:
+        """Copy every expert from a filled host store."""
+        for l in self.tensors:
+            for e in range(self.tensors[l][0].shape[0]):
+                for dst, src in zip(self.weights_of(l, e), host.weights(l, e)):
+                    copy_into_slot(dst, src)
+
+    def load_views(self, layer_idx: int, expert_idx: int) -> tuple:
+        """(gate, up, down) destinations for the checkpoint's three tensors of one expert."""
+        w = self.weights_of(layer_idx, expert_idx)
+        if not self.fmt.quantized:
+            return (*split_gate_up(w[0]), w[1])
+        if self.device.type == "cpu":
+            return staged_views(self.fmt, lambda: w, self.scratch, self.hidden, self.inter)
+        pending: list[tuple[torch.Tensor, ...]] = []
+        parts = [0]
+
+        def host_copy() -> tuple[torch.Tensor, ...]:
+            if not pending:
+                pending.append(tuple(torch.empty(shape, dtype=dtype) for shape, dtype in self.fmt.shapes(self.hidden, self.inter)))
+            return pending[0]
+
+        def done() -> None:
+            parts[0] += 1
+            if parts[0] == 3:
+                for dst, src in zip(w, pending.pop()):
+                    copy_into_slot(dst, src)
+
+        return staged_views(self.fmt, host_copy, self.scratch, self.hidden, self.inter, done)
+
+    def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        from daop.model.moe import expert_input, group_by_expert, token_rows, weighted_sum
+        from daop.quant import expert_forward
+
+        rows_host = group_by_expert(ids.cpu())  # one sync per layer; grouping on the host
+        rows = token_rows(h, rows_host)
+        ys = {e: expert_forward(expert_input(h, rows, e), self.weights_of(layer_idx, e)) for e in rows_host}
+        return weighted_sum(h, ys, weights, rows_host, rows)

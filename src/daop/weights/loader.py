@@ -16,6 +16,7 @@ from daop.config import ModelConfig
 from daop.errors import DaopError
 from daop.model.decoder import Decoder
 from daop.model.specs import FamilySpec
+from daop.quant import Staged
 from daop.weights.safetensors_io import Checkpoint
 
 DTYPE_NAMES = {
@@ -36,7 +37,7 @@ def parse_dtype(name: str | torch.dtype | None, default: str) -> torch.dtype:
     return DTYPE_NAMES[key]
 
 
-def expert_tensors(spec: FamilySpec, config: ModelConfig, dest: Callable[[int, int], tuple[torch.Tensor, ...]]) -> dict[str, torch.Tensor]:
+def expert_tensors(spec: FamilySpec, config: ModelConfig, dest: Callable[[int, int], tuple]) -> dict[str, torch.Tensor | Staged]:
     """Checkpoint name -> destination for every routed expert's (gate, up, down) weights."""
     out: dict[str, torch.Tensor] = {}
     for layer_idx in range(config.num_layers):
@@ -90,6 +91,7 @@ def read_tensors(ckpt: Checkpoint, targets: dict[str, torch.Tensor], progress: b
     reduction per tensor, and flags of tensors on an accelerator are read once at the end, but it
     is off by default: on the shipped daop-moe-mini (CPU, warm page cache) it made loading about
     1.5x slower, since reading a checkpoint is itself a single pass over its bytes.
+    A `Staged` target (a low-bit expert's part) is read into its float buffer, then quantized.
     """
     check = os.environ.get(CHECK_FINITE_ENV, "") == "1"
     order: Iterable[str] = sorted(targets, key=lambda n: (str(ckpt.file_of(n)), ckpt.entry(n).start))  # type: ignore[union-attr]
@@ -97,13 +99,16 @@ def read_tensors(ckpt: Checkpoint, targets: dict[str, torch.Tensor], progress: b
     pending: list[tuple[str, torch.Tensor]] = []  # (name, suspect flag) of tensors on an accelerator
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress, file=sys.stderr, leave=False) as bar:
         for name in order:
-            dest = targets[name]
+            staged = targets[name] if isinstance(targets[name], Staged) else None
+            dest = staged.buffer if staged is not None else targets[name]
             ckpt.read_into(name, dest)
             if check and dest.device.type == "cpu":
                 if maybe_not_finite(dest) and not torch.isfinite(dest).all():
                     raise not_finite(ckpt, name, dest)
             elif check:
                 pending.append((name, maybe_not_finite(dest)))
+            if staged is not None:
+                staged.commit()  # quantize into the expert's tensors
             bar.update(ckpt.entry(name).nbytes)  # type: ignore[union-attr]
     if pending:
         flags = torch.stack([flag.to(pending[0][1].device) for _, flag in pending]).cpu().tolist()
