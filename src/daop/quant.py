@@ -10,6 +10,9 @@ An expert is a tuple of tensors in one of three formats, told apart by its tenso
   CPU kernel reads them: [N/64, K, 32] in memory, blocks of 64 output rows; in block b, byte j of
   input column k holds row 64b + j in its low nibble and row 64b + 32 + j in its high nibble. A GPU
   slot holds the CUDA kernel's own layout, converted on the GPU after each copy (`to_slot_format`).
+  The kernels need the intermediate size I in whole blocks and groups, so int4 experts pad it with
+  zeros to a multiple of max(64, G) (`padded_inter`): zero gate and up rows give exactly zero
+  activations, which the padded down columns multiply, so the function is unchanged.
 
 Scales are in the model's dtype (the kernels take activations and scales in one dtype). Every
 expert, wherever it runs, goes through `expert_forward`, so exact runners stay bitwise equal
@@ -57,28 +60,34 @@ def check_geometry(expert_dtype: str, hidden: int, inter: int, group_size: int) 
         return
     if group_size < 32 or group_size & (group_size - 1):
         raise DaopError(f"--group-size {group_size} must be a power of two of at least 32")
-    for what, size in (("hidden size", hidden), ("expert intermediate size", inter)):
-        if size % group_size:
-            raise DaopError(f"int4 experts: the {what} {size} is not a multiple of --group-size {group_size}")
-        if size % INT4_BLOCK_N:
-            raise DaopError(f"int4 experts: the {what} {size} is not a multiple of {INT4_BLOCK_N}")
+    if hidden % group_size or hidden % INT4_BLOCK_N:
+        raise DaopError(f"int4 experts: the hidden size {hidden} is not a multiple of --group-size {group_size} "
+                        f"and of {INT4_BLOCK_N}; try a smaller --group-size, or int8")
+
+
+def padded_inter(expert_dtype: str, inter: int, group_size: int) -> int:
+    """The intermediate size as stored: int4 pads it to whole kernel blocks and groups."""
+    if expert_dtype != "int4":
+        return inter
+    step = max(INT4_BLOCK_N, group_size)
+    return -(-inter // step) * step
 
 
 def expert_bytes(hidden: int, inter: int, element_size: int, expert_dtype: str = "auto",
                  group_size: int = DEFAULT_GROUP_SIZE) -> int:
     """Bytes of one routed expert (weights and scales) in a format."""
-    n = 3 * hidden * inter
     if expert_dtype == "int8":
-        return n + (2 * inter + hidden) * element_size
+        return 3 * hidden * inter + (2 * inter + hidden) * element_size
     if expert_dtype == "int4":
+        n = 3 * hidden * padded_inter(expert_dtype, inter, group_size)
         return n // 2 + 2 * (n // group_size) * element_size
-    return n * element_size
+    return 3 * hidden * inter * element_size
 
 
 def expert_shapes(hidden: int, inter: int, expert_dtype: str, group_size: int, dtype: torch.dtype
                   ) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of each tensor of one expert in a format (host layout)."""
-    D, I = hidden, inter
+    D, I = hidden, padded_inter(expert_dtype, inter, group_size)
     if expert_dtype == "int8":
         return [((2 * I, D), torch.int8), ((2 * I,), dtype), ((D, I), torch.int8), ((D,), dtype)]
     if expert_dtype == "int4":
@@ -260,12 +269,26 @@ class ExpertFormat:
     def check(self, hidden: int, inter: int) -> None:
         check_geometry(self.kind, hidden, inter, self.group_size)
 
+    def padded_inter(self, inter: int) -> int:
+        return padded_inter(self.kind, inter, self.group_size)
+
+    def quantize_part(self, w: torch.Tensor, part: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """One checkpoint matrix, gate or up [I, D] or down [D, I], quantized (padded to the stored I)."""
+        inter = w.shape[1] if part == "down" else w.shape[0]
+        pad = self.padded_inter(inter) - inter
+        if pad:
+            w = F.pad(w, (0, pad) if part == "down" else (0, 0, 0, pad))
+        return quantize(w.to(self.dtype), self.kind, self.group_size, self.dtype)
+
     def from_float(self, gate_up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """A float expert (gate_up [2I, D], down [D, I]) in this format, host layout."""
         gate_up, down = gate_up.to(self.dtype), down.to(self.dtype)
         if not self.quantized:
             return gate_up, down
-        return (*quantize(gate_up, self.kind, self.group_size), *quantize(down, self.kind, self.group_size))
+        (gq, gs), (uq, us) = (self.quantize_part(t, "gate") for t in gate_up.chunk(2, dim=0))
+        dq, ds = self.quantize_part(down, "down")
+        cat = 0 if self.kind == "int8" else 1  # the scales' output-row dimension
+        return torch.cat([gq, uq]), torch.cat([gs, us], dim=cat), dq, ds
 
 
 class Staged:
@@ -284,9 +307,9 @@ class Staged:
     def commit(self) -> None:
         gu_q, gu_s, dn_q, dn_s = self.target()
         q_dst, s_dst = (dn_q, dn_s) if self.part == "down" else (gu_q, gu_s)
-        n = self.buffer.shape[0]
+        q, s = self.fmt.quantize_part(self.buffer, self.part)
+        n = q.shape[0]
         rows = slice(n, 2 * n) if self.part == "up" else slice(0, n)
-        q, s = quantize(self.buffer, self.fmt.kind, self.fmt.group_size, self.fmt.dtype)
         q_dst[rows].copy_(q)
         (s_dst[rows] if self.fmt.kind == "int8" else s_dst[:, rows]).copy_(s)
         if self.done is not None:
