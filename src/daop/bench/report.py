@@ -8,8 +8,9 @@ from daop.errors import DaopError
 
 
 def read_rows(path: Path) -> tuple[dict, list[dict]]:
-    """The last card and all points of a bench JSONL file."""
-    card, points = {}, []
+    """The last card and all points of a bench JSONL file (a leading "run" row's commit, when given,
+    names the code that ran)."""
+    card, points, commit = {}, [], None
     try:
         lines = Path(path).read_text().splitlines()
     except OSError as exc:
@@ -21,8 +22,10 @@ def read_rows(path: Path) -> tuple[dict, list[dict]]:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DaopError(f"{path}:{n}: not JSON ({exc})") from exc
-        if row.get("kind") == "card":
-            card = row
+        if row.get("kind") == "run" and row.get("commit"):
+            commit = row["commit"]
+        elif row.get("kind") == "card":
+            card = dict(row, git_sha=commit or row.get("git_sha"))
         elif row.get("kind") == "point":
             points.append(row)
     if not points:
@@ -62,14 +65,18 @@ def markdown_table(path: Path) -> str:
             f"median of {card.get('prompts')} prompts; GPU: {card.get('gpu')}; CPU threads: {card.get('cpu_threads')}"
             f"{' (' + card['cpu_mode'] + ')' if card.get('cpu_mode') else ''}; "
             f"torch {card.get('torch')}; commit {card.get('git_sha')}.\n\n")
-    rows = ["| policy | expert ratio | decode ms/token | tokens/s | TTFT ms | GPU hit rate | CPU experts/token | H2D MB/token | measured/bound |",
-            "|---|---|---|---|---|---|---|---|---|"]
+    formats = any("expert_format" in p for p in points)
+    lead = "| experts | GPU memory (bf16 expert share) " if formats else ""
+    rows = [lead + "| policy | expert ratio | decode ms/token | tokens/s | TTFT ms | GPU hit rate | CPU experts/token | CPU ms/expert-token | H2D MB/token | measured/bound |",
+            "|---|---" * bool(formats) + "|---|---|---|---|---|---|---|---|---|---|"]
     for p in points:
+        first = f"| {p.get('expert_format', card.get('dtype'))} | {p.get('budget_ratio', p['expert_ratio']):.3g} " if formats else ""
         if p["policy"] == "accelerate":
-            rows.append(f"| accelerate | {p['expert_ratio']:.3g} | {p['decode_ms_per_token']:.1f} | {1000 / p['decode_ms_per_token']:.1f} | "
-                        f"{p['ttft_ms']:.0f} | | | | |")
+            rows.append(first + f"| accelerate | {p['expert_ratio']:.3g} | {p['decode_ms_per_token']:.1f} | "
+                        f"{1000 / p['decode_ms_per_token']:.1f} | {p['ttft_ms']:.0f} | | | | | |")
             continue
-        rows.append(f"| {p['policy']} | {p['expert_ratio']:.3g} | {p['decode_ms_per_token']:.1f} | {1000 / p['decode_ms_per_token']:.1f} | "
-                    f"{p['ttft_ms']:.0f} | {p['gpu_hit_rate']:.2f} | {p['cpu_calls_per_token']:.2f} | {p['h2d_bytes_per_token'] / 1e6:.0f} | "
-                    f"{p['measured_over_bound']} |")
+        cpu_ms = p.get("cpu_ms_per_expert_token")
+        rows.append(first + f"| {p['policy']} | {p['expert_ratio']:.3g} | {p['decode_ms_per_token']:.1f} | {1000 / p['decode_ms_per_token']:.1f} | "
+                    f"{p['ttft_ms']:.0f} | {p['gpu_hit_rate']:.2f} | {p['cpu_calls_per_token']:.2f} | "
+                    f"{f'{cpu_ms:.2f}' if cpu_ms else ''} | {p['h2d_bytes_per_token'] / 1e6:.0f} | {p['measured_over_bound']} |")
     return head + "\n".join(rows) + "\n"

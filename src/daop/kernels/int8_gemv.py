@@ -47,12 +47,17 @@ if triton is not None:
         tl.store(y_ptr + m * stride_ym + offs_n, (acc * scale).to(y_ptr.dtype.element_ty), mask=mask_n)
 
 
+_SMS: dict = {}  # device index -> multiprocessor count (asked once: a launch should cost as little host time as it can)
+
+
 def gemv(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [M, K] (float, contiguous rows), q int8 [N, K] contiguous, s [N] -> y [M, N] in x's dtype."""
     M, K = x.shape
     N = q.shape[0]
     y = torch.empty(M, N, dtype=x.dtype, device=x.device)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
+    sms = _SMS.get(x.device.index)
+    if sms is None:
+        sms = _SMS[x.device.index] = torch.cuda.get_device_properties(x.device).multi_processor_count
     block_n = 64 if triton.cdiv(N, 64) >= 2 * sms else 16  # enough programs to fill the chip
     block_k = 128 if block_n == 64 else 512
     grid = (triton.cdiv(N, block_n), M)
