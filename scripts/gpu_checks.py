@@ -53,14 +53,14 @@ def run_tests(dtype: str) -> dict:
 
 
 def agreement(prompts: list[str], tokens: int, ratios: list[float], policies: list[str], device: str,
-              emit=lambda row: None) -> list[dict]:
+              emit=lambda row: None, expert_dtype: str | None = None) -> list[dict]:
     import torch
 
     from daop.engine import Engine
     from daop.evaluate import teacher_forced
     from daop.sampling import SamplingParams
 
-    ref = Engine.from_pretrained(None, device=device, dtype="bf16", progress=False, policy="gpu")
+    ref = Engine.from_pretrained(None, device=device, dtype="bf16", progress=False, policy="gpu", expert_dtype=expert_dtype)
     ref.eos_ids = frozenset()
     docs = []
     for text in prompts:
@@ -73,7 +73,7 @@ def agreement(prompts: list[str], tokens: int, ratios: list[float], policies: li
     for ratio in ratios:
         for policy in policies:
             engine = Engine.from_pretrained(None, device=device, dtype="bf16", progress=False, policy=policy,
-                                            expert_ratio=ratio)
+                                            expert_ratio=ratio, expert_dtype=expert_dtype)
             nll, first, cpu_calls = 0.0, [], 0.0
             for prompt, full in docs:
                 before = engine.counters().get("cpu_calls", 0.0)
@@ -86,7 +86,8 @@ def agreement(prompts: list[str], tokens: int, ratios: list[float], policies: li
             n = len(docs) * tokens
             rows.append({
                 "kind": "agreement", "model": "daop-moe-mini", "device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "dtype": "bfloat16",
-                "policy": policy, "expert_ratio": ratio, "reference": f"gpu (bf16, {device})", "prompts": len(docs),
+                "policy": policy, "expert_ratio": ratio, "expert_format": engine.expert_format.name,
+                "reference": f"gpu (bf16, {device}, the same expert format)", "prompts": len(docs),
                 "tokens": tokens, "identical_sequences": sum(f == tokens for f in first),
                 "first_divergence": first, "first_divergence_median": statistics.median(first),
                 "cpu_expert_calls_per_token_incl_prefill": round(cpu_calls / n, 3),
@@ -107,6 +108,7 @@ def main() -> int:
     ap.add_argument("--ratios", default="0.25,0.5")
     ap.add_argument("--policies", default=",".join(EXACT_POLICIES))
     ap.add_argument("--device", default="cuda", help="cpu only to try the script")
+    ap.add_argument("--expert-dtype", default=None, help="auto, int8 or int4 (reference and policies alike)")
     ap.add_argument("--output", default=None, help="append JSON lines here")
     args = ap.parse_args()
     rows = []
@@ -124,7 +126,7 @@ def main() -> int:
             emit(rows[-1])
     if args.agreement:
         rows += agreement(PROMPTS, args.tokens, [float(r) for r in args.ratios.split(",")], args.policies.split(","),
-                          args.device, emit)
+                          args.device, emit, args.expert_dtype)
     print(f"{'check':28} {'result'}")
     for row in rows:
         if row["kind"] == "tests":

@@ -37,6 +37,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("path")
     ap.add_argument("--make", action="store_true")
+    ap.add_argument("--expert-dtype", default=None, help="auto, int8 or int4: the routed experts' stored format")
     args = ap.parse_args()
     if args.make:
         make(Path(args.path))
@@ -46,11 +47,13 @@ def main() -> None:
     from daop.engine import Engine
 
     base = rss_bytes()
-    engine = Engine.from_pretrained(args.path, device="cpu", progress=False)
+    engine = Engine.from_pretrained(args.path, device="cpu", progress=False, expert_dtype=args.expert_dtype)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model_bytes = sum(f.stat().st_size for f in Path(args.path).glob("*.safetensors"))
     print(json.dumps({"model_bytes": model_bytes, "baseline_rss": base, "peak_rss": peak, "after_load_rss": rss_bytes(),
-                      "peak_over_model": round((peak - base) / model_bytes, 3), "dtype": str(engine.decoder.dtype)}))
+                      "peak_over_model": round((peak - base) / model_bytes, 3), "dtype": str(engine.decoder.dtype),
+                      "expert_format": engine.expert_format.name,
+                      "loaded_over_model": round((rss_bytes() - base) / model_bytes, 3)}))
 
 
 if __name__ == "__main__":
