@@ -223,3 +223,19 @@ def test_cli_quantizes_then_generates_from_the_folder(tiny_dir, tmp_path, capsys
     assert main(["quantize", "--model", str(src), "--output", str(tmp_path / "g"), "--expert-dtype", "int4", "--no-progress"]) == 2
     assert "not a multiple of --group-size 128" in capsys.readouterr().err
     assert not (tmp_path / "g").exists()
+
+
+def test_stored_int4_bound_for_cuda_goes_through_a_host_buffer():
+    """CUDA slots hold int4 weights in the CUDA kernel's layout: the loader reads those into a host
+    buffer (converted on commit), and the scales, whose layout is the host's, straight into the slot."""
+    from daop.quant import SlotCopy, slot_shapes, stored_views
+
+    fmt, D, I = ExpertFormat("int4", torch.bfloat16, 64), 128, 176
+    slots = tuple(torch.empty(shape, dtype=dtype, device="meta")
+                  for shape, dtype in slot_shapes(fmt, D, I, torch.device("cuda")))
+    scratch: dict = {}
+    views = stored_views(fmt, slots, scratch, D, I)
+    assert [type(v) for v in views] == [SlotCopy, torch.Tensor, SlotCopy, torch.Tensor]
+    assert views[1] is slots[1] and views[3] is slots[3]
+    assert [tuple(v.shape) for v in views] == [shape for shape, _ in fmt.shapes(D, I)]
+    assert stored_views(fmt, slots, scratch, D, I)[0].buffer is views[0].buffer  # one buffer per shape, reused
