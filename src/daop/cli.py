@@ -1,4 +1,4 @@
-"""Command line: daop generate | chat (more subcommands register themselves from their modules).
+"""Command line: daop generate | chat | quantize (more subcommands register themselves from their modules).
 
 Errors caused by input print one line `daop: error: ...` and exit with status 2; Ctrl-C exits
 with status 130 without a traceback.
@@ -24,13 +24,15 @@ DTYPES = ["auto", "bfloat16", "float16", "float32", "bf16", "fp16", "fp32"]
 DTYPE_HELP = "weights' dtype: auto (the checkpoint's), bfloat16|bf16, float16|fp16, float32|fp32 (default: auto)"
 EXPERT_DTYPES = ["auto", "int8", "int4", *DTYPES[1:]]
 EXPERT_DTYPE_HELP = ("how routed experts are stored: auto (as --dtype), int8 (per-channel weight-only, half the bytes) or "
-                     "int4 (group-wise, about a quarter); quantized once at load, dense weights stay in --dtype (default: auto)")
+                     "int4 (group-wise, about a quarter); quantized once at load, dense weights stay in --dtype (default: auto, "
+                     "or what a folder from `daop quantize` stores)")
 
 
 def add_expert_dtype_args(g) -> None:
     g.add_argument("--expert-dtype", default=None, choices=EXPERT_DTYPES, metavar="DTYPE", help=EXPERT_DTYPE_HELP)
-    g.add_argument("--group-size", type=int, default=128, metavar="N",
-                   help="int4 experts: input channels per scale and zero, a power of two >= 32 (default: 128)")
+    g.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="int4 experts: input channels per scale and zero, a power of two >= 32 (default: 128, or "
+                        "what a folder from `daop quantize` stores)")
 THREADS_HELP = ("torch threads for the dense path (attention, resident experts), like llama.cpp's -t "
                 "(default: on a CPU device the cores other processes leave idle, or OMP_NUM_THREADS if set; "
                 "on CUDA torch's default)")
@@ -121,7 +123,7 @@ def validate_args(args: argparse.Namespace) -> None:
         check_threads(getattr(args, name, None), "--" + name.replace("_", "-"))
     if getattr(args, "expert_dtype", None) == "int4":
         from daop.quant import check_geometry
-        check_geometry("int4", 1 << 30, 1 << 30, args.group_size)  # the group size alone; shapes once loaded
+        check_geometry("int4", 1 << 30, 1 << 30, args.group_size or 128)  # the group size alone; shapes once loaded
 
 
 def load_engine(args: argparse.Namespace):
@@ -176,14 +178,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     from daop.engine import default_model_dir, resolve_device
     from daop.hardware import calibrate
     from daop.runtime.profile_cache import ProfileRequest, locate
+    from daop.config import read_json
     from daop.runtime.setup import resolve_expert_format
-    from daop.weights.loader import parse_dtype
+    from daop.weights.lowbit_folder import load_options
 
     model_dir = Path(args.model) if args.model else default_model_dir()
     config = load_config(model_dir)
     device = resolve_device(args.device)
-    dtype = parse_dtype(args.dtype, config.torch_dtype)
-    fmt = resolve_expert_format(config, dtype, device, args.expert_dtype, args.group_size)
+    dtype, expert_dtype, group_size, _ = load_options(read_json(model_dir / "config.json", "config.json"), model_dir,
+                                                      args.dtype, config.torch_dtype, args.expert_dtype, args.group_size)
+    fmt = resolve_expert_format(config, dtype, device, expert_dtype, group_size)
     if args.show:
         request = ProfileRequest(config, dtype, device, args.hardware_profile, args.cpu_threads, args.cpu_mode, fmt)
         source = locate(request)
@@ -204,6 +208,16 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"({profile.cpu_mode}, {profile.cpu_threads} threads), GPU 1 token {profile.gpu_expert_ms[0]:.3f} ms -> {out}",
           file=sys.stderr)
     print(f"[daop] CPU threads: {profile.cpu_threads_reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from daop.placement.budget import fmt_bytes
+    from daop.quantize import quantize_checkpoint
+
+    r = quantize_checkpoint(args.model, args.output, args.expert_dtype, args.group_size, args.dtype, not args.no_progress)
+    print(f"{r.output}: experts {r.fmt.name}, weights {fmt_bytes(r.bytes_before)} -> {fmt_bytes(r.bytes_after)} "
+          f"in {r.shards} file{'s' if r.shards > 1 else ''}")
     return 0
 
 
@@ -342,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--system", default=None, help="system message (default: none)")
     chat.set_defaults(func=cmd_chat)
     add_calibrate_parser(sub)
+    add_quantize_parser(sub)
     add_eval_parser(sub)
     add_bench_parser(sub)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP server (needs the server extra: pip install '.[server]')")
@@ -384,6 +399,22 @@ def add_calibrate_parser(sub) -> None:
     add_expert_dtype_args(cal)
     cal.add_argument("--output", default="hardware-profile.json", help="profile JSON to write (default: hardware-profile.json)")
     cal.set_defaults(func=cmd_calibrate)
+
+
+def add_quantize_parser(sub) -> None:
+    q = sub.add_parser("quantize", help="write a copy of a checkpoint with its routed experts in int8 or int4; "
+                                        "daop loads the result directly")
+    q.add_argument("--model", "-m", required=True, help="float checkpoint folder in Hugging Face layout")
+    q.add_argument("--output", "-o", required=True, help="folder to create (refused if it exists)")
+    q.add_argument("--expert-dtype", required=True, choices=["int8", "int4"],
+                   help="int8 (per-channel, half the bytes of bf16) or int4 (group-wise, about a quarter)")
+    q.add_argument("--group-size", type=int, default=None, metavar="N",
+                   help="int4: input channels per scale and zero, a power of two >= 32 (default: 128)")
+    q.add_argument("--dtype", default=None, choices=DTYPES, metavar="DTYPE",
+                   help="dense weights and expert scales: auto (the checkpoint's), bfloat16|bf16, float16|fp16, "
+                        "float32|fp32; the folder loads in this dtype (default: auto)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=cmd_quantize)
 
 
 def add_eval_parser(sub) -> None:

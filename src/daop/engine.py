@@ -6,7 +6,8 @@ offloading policies provide other runners with the same contract.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -22,7 +23,8 @@ from daop.runtime.setup import RuntimeOptions, prepare_runtime
 from daop.sampling import Sampler, SamplingParams, generation_defaults, sampling_params
 from daop.threads import apply_threads, check_threads, choose_threads
 from daop.tokenizer import StreamDecoder, Tokenizer
-from daop.weights.loader import load_weights, parse_dtype
+from daop.weights.loader import load_weights
+from daop.weights.lowbit_folder import load_options, stored_names
 from daop.weights.safetensors_io import Checkpoint
 
 DEFAULT_MODEL = "daop-moe-mini"
@@ -85,6 +87,8 @@ class Engine:
     ) -> "Engine":
         """Load a Hugging Face-layout checkpoint folder (the shipped default model when path is None).
 
+        A folder written by `daop quantize` loads with the expert format it stores (its stored
+        tensors are read as they are); options asking for another format are a DaopError.
         threads: torch's intra-op threads for the dense path; None picks them (see daop.threads).
         """
         check_threads(threads, "threads")
@@ -97,17 +101,23 @@ class Engine:
         if not model_dir.is_dir():
             raise DaopError(f"model folder not found: {model_dir}")
         config = load_config(model_dir)
-        spec = spec_for(read_json(model_dir / "config.json", "config.json"))
+        raw = read_json(model_dir / "config.json", "config.json")
+        spec = spec_for(raw)
+        torch_dtype, expert_dtype, group_size, stored = load_options(
+            raw, model_dir, dtype, config.torch_dtype, runtime_opts.expert_dtype, runtime_opts.group_size)
+        runtime_opts = replace(runtime_opts, expert_dtype=expert_dtype, group_size=group_size)
         tokenizer = Tokenizer.from_dir(model_dir)
         dev = resolve_device(device)
-        torch_dtype = parse_dtype(dtype, config.torch_dtype)
         defaults = generation_defaults(model_dir)
         chosen_threads = choose_threads(threads, dev)
         apply_threads(chosen_threads)
         ckpt = Checkpoint(model_dir)
         decoder = Decoder(config, spec, dev, torch_dtype)
         runtime = prepare_runtime(decoder, runtime_opts)
-        load_weights(ckpt, decoder, runtime.expert_dest, progress)
+        if stored is not None:
+            load_weights(ckpt, decoder, runtime.stored_dest, progress, partial(stored_names, spec))
+        else:
+            load_weights(ckpt, decoder, runtime.expert_dest, progress)
         decoder.experts = runtime.start()
         engine = cls(model_dir, config, spec, decoder, tokenizer, time.perf_counter() - t0)
         engine.budget, engine.policy, engine.expert_format = runtime.budget, runtime.policy_name, runtime.fmt

@@ -358,3 +358,37 @@ def copy_into_slot(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = Fa
         dst.copy_(src, non_blocking=non_blocking)
     else:
         dst.copy_(to_slot_format(src.to(dst.device, non_blocking=non_blocking)))
+
+
+class SlotCopy:
+    """A loader destination for a stored tensor whose slot holds another layout (int4 on CUDA): the
+    checkpoint tensor is read into `buffer` (host layout, shared scratch), then `commit()` copies
+    it into the slot, converting it."""
+
+    def __init__(self, buffer: torch.Tensor, slot: torch.Tensor) -> None:
+        self.buffer, self.slot = buffer, slot
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.buffer.shape
+
+    def commit(self) -> None:
+        copy_into_slot(self.slot, self.buffer)
+
+
+DEFERRED = (Staged, SlotCopy)  # destinations read into a host buffer, then committed
+
+
+def stored_views(fmt: ExpertFormat, slots: tuple[torch.Tensor, ...], scratch: dict, hidden: int, inter: int) -> tuple:
+    """Loader destinations for one expert's stored tensors (host layout, from a quantized folder):
+    the slot's own tensors where they share the host layout, else a `SlotCopy` through a host buffer
+    kept in `scratch` (one per shape and dtype, reused: each commit copies synchronously)."""
+    out = []
+    for slot, (shape, dtype) in zip(slots, fmt.shapes(hidden, inter)):
+        if tuple(slot.shape) == tuple(shape) and slot.dtype == dtype:
+            out.append(slot)
+            continue
+        if (shape, dtype) not in scratch:
+            scratch[(shape, dtype)] = torch.empty(shape, dtype=dtype)
+        out.append(SlotCopy(scratch[(shape, dtype)], slot))
+    return tuple(out)

@@ -202,6 +202,10 @@ class Subject:
             self.host = synthetic_host_experts(self.config, fmt, pin=device.type == "cuda")
             self.tokenizer, self.name = None, args.geometry
         self.fmt = resolve_expert_format(self.config, dtype, device, args.expert_dtype, args.group_size)
+        if args.model and probe.expert_format.quantized:  # a folder from `daop quantize`: its stored format
+            self.fmt = probe.expert_format  # (options asking for another are refused when the first engine loads)
+            args.expert_dtype = args.expert_dtype or self.fmt.kind
+            args.group_size = args.group_size or self.fmt.group_size
 
     def engine(self, policy: str, ratio: float, opts: dict) -> Engine:
         if self.args.model:

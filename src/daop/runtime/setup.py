@@ -44,7 +44,7 @@ class RuntimeOptions:
     routing_stats: str | None = None
     max_context: int | None = None
     expert_dtype: str | None = None  # auto (the model's dtype), int8 or int4: how routed experts are stored
-    group_size: int = DEFAULT_GROUP_SIZE  # int4: input channels per scale and zero
+    group_size: int | None = None  # int4: input channels per scale and zero (None: the default, 128)
 
     def __post_init__(self) -> None:
         if self.policy is not None and self.policy not in ALL_POLICIES:
@@ -53,7 +53,7 @@ class RuntimeOptions:
             raise DaopError(f"--cpu-threads must be a positive integer, got {self.cpu_threads!r}")
         if self.cpu_mode is not None and self.cpu_mode not in CPU_MODES:
             raise DaopError(f"--cpu-mode must be one of {', '.join(CPU_MODES)}, got {self.cpu_mode!r}")
-        if not isinstance(self.group_size, int) or self.group_size < 1:
+        if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise DaopError(f"--group-size must be a positive integer, got {self.group_size!r}")
 
     def expert_format(self, decoder: Decoder) -> ExpertFormat:
@@ -62,9 +62,9 @@ class RuntimeOptions:
 
 
 def resolve_expert_format(config, dtype: torch.dtype, device: torch.device, expert_dtype: str | None,
-                  group_size: int = DEFAULT_GROUP_SIZE) -> ExpertFormat:
+                  group_size: int | None = None) -> ExpertFormat:
     """--expert-dtype and --group-size as a checked ExpertFormat (one clear line when they cannot work)."""
-    fmt = ExpertFormat(parse_expert_dtype(expert_dtype, dtype), dtype, group_size)
+    fmt = ExpertFormat(parse_expert_dtype(expert_dtype, dtype), dtype, group_size or DEFAULT_GROUP_SIZE)
     fmt.check(config.hidden_size, config.expert_intermediate_size)
     if fmt.kind == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
         raise DaopError(f"int4 experts on CUDA need --dtype bf16 (torch's CUDA int4 kernel), not {str(dtype).removeprefix('torch.')}")
@@ -111,7 +111,8 @@ class PreparedRuntime:
     budget: Budget
     policy_name: str
     fmt: ExpertFormat
-    expert_dest: Callable[[int, int], tuple[torch.Tensor, ...]]
+    expert_dest: Callable[[int, int], tuple]  # (gate, up, down) of a float checkpoint
+    stored_dest: Callable[[int, int], tuple]  # the stored tensors of a quantized folder
     start: Callable[[], ExpertRunner]
 
 
@@ -136,7 +137,7 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
         experts = ResidentExperts(c, dev, fmt)
         if host is not None:
             experts.fill_from(host)
-        return PreparedRuntime(budget, policy_name, fmt, experts.load_views, lambda: experts)
+        return PreparedRuntime(budget, policy_name, fmt, experts.load_views, experts.stored_views, lambda: experts)
     moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
     if dev.type == "cpu" and opts.cpu_threads is None:
         # CPU experts use the "GPU" work's thread count, so exact policies stay bitwise equal, and
@@ -162,4 +163,4 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
                               routing=lambda: decoder.routing)
         return OffloadedExperts(store, policy, CpuExecutor(threads, mode), Transfer(dev), c.num_layers)
 
-    return PreparedRuntime(budget, policy_name, fmt, store.load_views, start)
+    return PreparedRuntime(budget, policy_name, fmt, store.load_views, store.stored_views, start)

@@ -6,7 +6,7 @@ model's dtype, or int8 / int4 weights with their scales. Gate and up are kept st
 matrix per expert, on the host and in the slots: the CPU reads an expert's first two projections in
 one pass, and host, slot and resident experts all run the same `expert_forward`. The loader fills the
 two halves from the checkpoint's separate tensors through `load_views` (quantizing as it reads, for
-a low-bit format).
+a low-bit format), or, for a folder already quantized, its four stored tensors through `stored_views`.
 Shapes: E experts, I intermediate, D hidden, S slots.
 """
 from __future__ import annotations
@@ -15,7 +15,7 @@ import torch
 
 from daop.config import ModelConfig
 from daop.model.moe import split_gate_up
-from daop.quant import ExpertFormat, ScratchBuffers, copy_into_slot, slot_shapes, staged_views
+from daop.quant import ExpertFormat, ScratchBuffers, copy_into_slot, slot_shapes, staged_views, stored_views
 
 
 def moe_layers(config: ModelConfig) -> list[int]:
@@ -51,6 +51,10 @@ class HostExperts:
             return (*split_gate_up(w[0]), w[1])
         return staged_views(self.fmt, lambda: w, self.scratch, self.hidden, self.inter)
 
+    def stored_views(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, ...]:
+        """Destinations for one expert's stored tensors (a quantized folder): the expert's own tensors."""
+        return self.weights(layer_idx, expert_idx)
+
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self.tensors.values() for t in ts)
 
@@ -73,6 +77,9 @@ class ExpertStore:
     def load_views(self, layer_idx: int, expert_idx: int) -> tuple:
         return self.host.load_views(layer_idx, expert_idx)
 
+    def stored_views(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, ...]:
+        return self.host.stored_views(layer_idx, expert_idx)
+
     def slot_weights(self, slot: int) -> tuple[torch.Tensor, ...]:
         return tuple(t[slot] for t in self.slots)
 
@@ -91,6 +98,7 @@ class ResidentExperts:
         self.tensors = {l: [torch.empty(E, *shape, dtype=dtype, device=device) for shape, dtype in shapes]
                         for l in moe_layers(config)}
         self.scratch = ScratchBuffers(self.fmt.dtype)
+        self.stored_scratch: dict = {}
 
     def reset(self) -> None:
         pass
@@ -136,6 +144,11 @@ class ResidentExperts:
                     copy_into_slot(dst, src)
 
         return staged_views(self.fmt, host_copy, self.scratch, self.hidden, self.inter, done)
+
+    def stored_views(self, layer_idx: int, expert_idx: int) -> tuple:
+        """Destinations for one expert's stored tensors (a quantized folder): read straight into the
+        device tensors, or through a host buffer where the device's layout differs (int4 on CUDA)."""
+        return stored_views(self.fmt, self.weights_of(layer_idx, expert_idx), self.stored_scratch, self.hidden, self.inter)
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         from daop.model.moe import expert_input, group_by_expert, token_rows, weighted_sum

@@ -16,7 +16,7 @@ from daop.config import ModelConfig
 from daop.errors import DaopError
 from daop.model.decoder import Decoder
 from daop.model.specs import FamilySpec
-from daop.quant import Staged
+from daop.quant import DEFERRED, Staged, SlotCopy
 from daop.weights.safetensors_io import Checkpoint
 
 DTYPE_NAMES = {
@@ -37,23 +37,34 @@ def parse_dtype(name: str | torch.dtype | None, default: str) -> torch.dtype:
     return DTYPE_NAMES[key]
 
 
-def expert_tensors(spec: FamilySpec, config: ModelConfig, dest: Callable[[int, int], tuple]) -> dict[str, torch.Tensor | Staged]:
-    """Checkpoint name -> destination for every routed expert's (gate, up, down) weights."""
-    out: dict[str, torch.Tensor] = {}
+Destination = torch.Tensor | Staged | SlotCopy
+
+
+def expert_tensors(spec: FamilySpec, config: ModelConfig, dest: Callable[[int, int], tuple],
+                   names: Callable[[int, int], tuple[str, ...]] | None = None) -> dict[str, Destination]:
+    """Checkpoint name -> destination for every routed expert's weights: (gate, up, down) by the
+    family's names, or the tensors `names` gives (a quantized folder's stored ones)."""
+    names = names or spec.expert_names
+    out: dict[str, Destination] = {}
     for layer_idx in range(config.num_layers):
         if not config.is_moe_layer(layer_idx):
             continue
         for expert_idx in range(config.num_experts):
-            names = spec.expert_names(layer_idx, expert_idx)
-            out.update(zip(names, dest(layer_idx, expert_idx)))
+            out.update(zip(names(layer_idx, expert_idx), dest(layer_idx, expert_idx)))
     return out
 
 
-def check_tensors(ckpt: Checkpoint, targets: dict[str, torch.Tensor]) -> None:
+def dtype_of(dest: Destination) -> torch.dtype:
+    return dest.buffer.dtype if isinstance(dest, DEFERRED) else dest.dtype
+
+
+def check_tensors(ckpt: Checkpoint, targets: dict[str, Destination], exact: frozenset[str] = frozenset()) -> None:
     """Every expected tensor exists with the expected shape; errors name the file and tensor.
 
     Missing tensors are reported before shape mismatches: a config.json that asks for more experts
     or layers than the checkpoint holds names the first tensor it lacks, not a router's shape.
+    Tensors named in `exact` (stored quantized experts) must also have their destination's dtype:
+    they are copied bit for bit, never converted.
     """
     for name in targets:
         if ckpt.entry(name) is None:
@@ -66,7 +77,10 @@ def check_tensors(ckpt: Checkpoint, targets: dict[str, torch.Tensor]) -> None:
                 f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(entry.shape)}, "
                 f"but config.json implies {list(dest.shape)}"
             )
-        if entry.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        if name in exact and entry.dtype != dtype_of(dest):
+            raise DaopError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {entry.dtype}, but config.json's "
+                            f"daop_quantization implies {dtype_of(dest)}")
+        if name not in exact and entry.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise DaopError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {entry.dtype}, expected a float type")
 
 
@@ -82,7 +96,7 @@ def maybe_not_finite(t: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(t.sum(dtype=torch.float32))
 
 
-def read_tensors(ckpt: Checkpoint, targets: dict[str, torch.Tensor], progress: bool) -> None:
+def read_tensors(ckpt: Checkpoint, targets: dict[str, Destination], progress: bool) -> None:
     """Read every target from the checkpoint with a progress bar over bytes.
 
     With the environment variable DAOP_CHECK_FINITE=1, every tensor is also checked for NaN and
@@ -91,7 +105,8 @@ def read_tensors(ckpt: Checkpoint, targets: dict[str, torch.Tensor], progress: b
     reduction per tensor, and flags of tensors on an accelerator are read once at the end, but it
     is off by default: on the shipped daop-moe-mini (CPU, warm page cache) it made loading about
     1.5x slower, since reading a checkpoint is itself a single pass over its bytes.
-    A `Staged` target (a low-bit expert's part) is read into its float buffer, then quantized.
+    A `Staged` target (a low-bit expert's part) is read into its float buffer, then quantized; a
+    `SlotCopy` (a stored int4 expert bound for CUDA) into its host buffer, then converted into its slot.
     """
     check = os.environ.get(CHECK_FINITE_ENV, "") == "1"
     order: Iterable[str] = sorted(targets, key=lambda n: (str(ckpt.file_of(n)), ckpt.entry(n).start))  # type: ignore[union-attr]
@@ -99,7 +114,7 @@ def read_tensors(ckpt: Checkpoint, targets: dict[str, torch.Tensor], progress: b
     pending: list[tuple[str, torch.Tensor]] = []  # (name, suspect flag) of tensors on an accelerator
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress, file=sys.stderr, leave=False) as bar:
         for name in order:
-            staged = targets[name] if isinstance(targets[name], Staged) else None
+            staged = targets[name] if isinstance(targets[name], DEFERRED) else None
             dest = staged.buffer if staged is not None else targets[name]
             ckpt.read_into(name, dest)
             if check and dest.device.type == "cpu":
@@ -108,7 +123,7 @@ def read_tensors(ckpt: Checkpoint, targets: dict[str, torch.Tensor], progress: b
             elif check:
                 pending.append((name, maybe_not_finite(dest)))
             if staged is not None:
-                staged.commit()  # quantize into the expert's tensors
+                staged.commit()  # quantize (or convert) into the expert's tensors
             bar.update(ckpt.entry(name).nbytes)  # type: ignore[union-attr]
     if pending:
         flags = torch.stack([flag.to(pending[0][1].device) for _, flag in pending]).cpu().tolist()
@@ -133,14 +148,20 @@ def not_finite(ckpt: Checkpoint, name: str, dest: torch.Tensor) -> DaopError:
 def load_weights(
     ckpt: Checkpoint,
     decoder: Decoder,
-    expert_dest: Callable[[int, int], tuple[torch.Tensor, ...]],
+    expert_dest: Callable[[int, int], tuple],
     progress: bool = True,
+    stored_names: Callable[[int, int], tuple[str, ...]] | None = None,
 ) -> None:
-    """Read every weight of the decoder from the checkpoint; routed experts go where expert_dest says."""
+    """Read every weight of the decoder from the checkpoint; routed experts go where expert_dest says.
+
+    stored_names: for a quantized folder, the names of an expert's stored tensors; expert_dest then
+    gives destinations for exactly those tensors (`stored_views`).
+    """
     try:
-        targets = decoder.dense_tensors()
-        targets.update(expert_tensors(decoder.spec, decoder.config, expert_dest))
-        check_tensors(ckpt, targets)
+        targets: dict[str, Destination] = dict(decoder.dense_tensors())
+        experts = expert_tensors(decoder.spec, decoder.config, expert_dest, stored_names)
+        targets.update(experts)
+        check_tensors(ckpt, targets, frozenset(experts) if stored_names else frozenset())
         read_tensors(ckpt, targets, progress)
     finally:
         ckpt.close()
