@@ -21,17 +21,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from daop.quant import dequantize, expert_forward, quantize_expert, to_slot_format
-
-
-def bandwidth_gbps() -> float:
-    x = torch.ones(1 << 28, dtype=torch.float32)  # 1 GiB
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+from cpu_gemv_probe import bandwidth_gbps  # the same host read bandwidth as the bf16 probe (this folder)
+from daop.quant import ExpertFormat, dequantize, expert_forward, to_slot_format
 
 
 def has_kernel(op: str, key: str) -> bool:
@@ -80,7 +71,7 @@ def main() -> None:
         quant = {}
         for fmt in formats:
             try:
-                quant[fmt] = [quantize_expert(gu, dn, fmt, group_size=128) for gu, dn in experts]
+                quant[fmt] = [ExpertFormat(fmt, torch.bfloat16, 128).from_float(gu, dn) for gu, dn in experts]
             except Exception as exc:  # noqa: BLE001 - a probe reports what fails
                 rows.append({"device": "cpu", "variant": fmt, "error": f"{type(exc).__name__}: {exc}"[:300]})
         for tokens in (1, 4):

@@ -182,16 +182,21 @@ def test_lowbit_logits_stay_near_the_float_model(tiny_dir, lowbit_reference, fam
 
 def test_same_gpu_memory_holds_more_lowbit_experts(tiny_dir):
     _, path = tiny_dir("mixtral")
-    slots = {}
-    for kind, group in (("auto", 128), *FORMATS):
-        engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy="lru",
-                                        gpu_memory="300MiB", expert_dtype=kind, group_size=group)
-        slots[kind] = engine.budget.gpu_slots if engine.budget.gpu_slots < engine.budget.total_experts else None
-        assert kind == "auto" or kind in engine.budget.describe()
     b = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy="lru", expert_ratio=0.5).budget
     per = {k: ExpertFormat(k, torch.float32, g).bytes(64, 96) for k, g in (("auto", 128), *FORMATS)}
     assert per["int8"] < per["auto"] / 3.5 and per["int4"] < per["int8"]  # fp32 experts: 4 bytes a weight
     assert b.expert_bytes == per["auto"]
+    room = 6 * per["auto"]  # GPU memory left for experts: six float experts' worth
+    limit = b.dense_bytes + b.kv_bytes + b.workspace_bytes + room
+    slots = {}
+    for kind, group in (("auto", 128), *FORMATS):
+        engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy="lru",
+                                        gpu_memory=limit, expert_dtype=kind, group_size=group)
+        slots[kind] = engine.budget.gpu_slots
+        assert kind == "auto" or kind in engine.budget.describe()
+        assert engine.budget.expert_bytes == per[kind]
+    assert slots == {k: min(b.total_experts, room // per[k]) for k in per}
+    assert slots["auto"] == 6 < slots["int8"] <= slots["int4"]
 
 
 def test_budget_slots_scale_with_stored_bytes():

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 
 from daop.errors import DaopError
+from daop.kernels import int8_gemv
+from daop.model.moe import swiglu
 
 EXPERT_DTYPES = ("auto", "int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -147,18 +149,8 @@ def quantize(w: torch.Tensor, expert_dtype: str, group_size: int = DEFAULT_GROUP
     raise ValueError(f"not a low-bit format: {expert_dtype!r}")
 
 
-def quantize_expert(gate_up: torch.Tensor, down: torch.Tensor, expert_dtype: str,
-                    group_size: int = DEFAULT_GROUP_SIZE) -> tuple[torch.Tensor, ...]:
-    """A float expert in a format (host layout)."""
-    if expert_dtype == "auto":
-        return gate_up, down
-    return (*quantize(gate_up, expert_dtype, group_size), *quantize(down, expert_dtype, group_size))
-
-
 def dequantize(w: tuple[torch.Tensor, ...] | list[torch.Tensor]) -> torch.Tensor:
-    """One matrix (weights, scales) in float32 [N, K], or a float matrix as float32."""
-    if len(w) == 1:
-        return w[0].float()
+    """One quantized matrix (weights, scales) in float32 [N, K]."""
     q, s = w
     if q.dtype == torch.int8:
         return q.float() * s.float()[:, None]
@@ -214,10 +206,8 @@ def int8_linear_cuda(x, q, s):  # no annotations: TorchScript takes an ignored f
     weight once and scales in float32 (torch's own CUDA int8 kernel measured 1.6 ms for one Mixtral
     expert, 14x a bf16 product). More tokens (prefill): the weights converted to x's dtype (exact:
     |q| <= 127) for one float product, then scaled. Without Triton, always the latter."""
-    if x.shape[0] <= GEMV_MAX_ROWS:
-        from daop.kernels import int8_gemv
-        if int8_gemv.available():
-            return int8_gemv.gemv(x, q, s)
+    if x.shape[0] <= GEMV_MAX_ROWS and int8_gemv.AVAILABLE:
+        return int8_gemv.gemv(x, q, s)
     return F.linear(x, q.to(x.dtype)) * s
 
 
@@ -239,11 +229,10 @@ def linear_q(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def expert_forward(x: torch.Tensor, w: List[torch.Tensor]) -> torch.Tensor:
     """One SwiGLU expert, down(silu(gate x) * up x), for an expert in any format (TorchScript-compatible).
 
-    Float experts run exactly `daop.model.moe.swiglu`'s operators (one product over the stacked
-    gate_up); low-bit ones the same sequence through `linear_q`."""
+    Float experts run `daop.model.moe.swiglu` (one product over the stacked gate_up); low-bit ones
+    the same sequence through `linear_q`."""
     if len(w) == 2:
-        gate, up = F.linear(x, w[0]).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, w[1])
+        return swiglu(x, w[0], w[1])
     gate, up = linear_q(x, w[0], w[1]).chunk(2, dim=-1)
     return linear_q(F.silu(gate) * up, w[2], w[3])
 
@@ -258,6 +247,11 @@ class ExpertFormat:
     kind: str = "auto"
     dtype: torch.dtype = torch.bfloat16
     group_size: int = DEFAULT_GROUP_SIZE
+
+    @staticmethod
+    def of(fmt: "ExpertFormat | torch.dtype") -> "ExpertFormat":
+        """A format as given, or experts kept in the float dtype given."""
+        return fmt if isinstance(fmt, ExpertFormat) else ExpertFormat("auto", fmt)
 
     def __post_init__(self) -> None:
         if self.kind not in EXPERT_DTYPES:

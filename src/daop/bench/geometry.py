@@ -63,7 +63,7 @@ def synthetic_host_experts(config: ModelConfig, fmt: ExpertFormat | torch.dtype,
                            prototypes: int = 4) -> HostExperts:
     """Host store filled from a few random prototype experts (fast even for ~100 GB of experts),
     in the given stored format (prototypes quantized once)."""
-    fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat("auto", fmt)
+    fmt = ExpertFormat.of(fmt)
     host = HostExperts(config, fmt, pin)
     gen = torch.Generator().manual_seed(seed)
     I, D = config.expert_intermediate_size, config.hidden_size

@@ -189,7 +189,6 @@ class Subject:
     def __init__(self, args, device: torch.device, dtype: torch.dtype) -> None:
         self.args, self.device, self.dtype = args, device, dtype
         self.host = None
-        self.fmt = None
         if args.model:
             probe = Engine.from_pretrained(args.model, device=device, dtype=dtype, progress=False, policy="gpu")
             self.config, self.spec, self.tokenizer = probe.config, probe.spec, probe.tokenizer
@@ -198,11 +197,11 @@ class Subject:
         else:
             self.config, self.spec = geometry_config(args.geometry, args.layers)
             self.decoder = synthetic_decoder(self.config, self.spec, device, dtype)
-            fmt = resolve_expert_format(self.config, dtype, device, args.expert_dtype, args.group_size)
-            self.host = synthetic_host_experts(self.config, fmt, pin=device.type == "cuda")
             self.tokenizer, self.name = None, args.geometry
         self.fmt = resolve_expert_format(self.config, dtype, device, args.expert_dtype, args.group_size)
-        if args.model and probe.expert_format.quantized:  # a folder from `daop quantize`: its stored format
+        if args.model is None:
+            self.host = synthetic_host_experts(self.config, self.fmt, pin=device.type == "cuda")
+        elif probe.expert_format.quantized:  # a folder from `daop quantize`: its stored format
             self.fmt = probe.expert_format  # (options asking for another are refused when the first engine loads)
             args.expert_dtype = args.expert_dtype or self.fmt.kind
             args.group_size = args.group_size or self.fmt.group_size

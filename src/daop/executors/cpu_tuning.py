@@ -60,8 +60,7 @@ def driving_load(device: torch.device) -> Callable[[], None]:
 
 def distinct_experts(hidden: int, inter: int, fmt: ExpertFormat | torch.dtype) -> list[tuple[torch.Tensor, ...]]:
     """Random experts in a format, several copies so that repeats read memory, not cache."""
-    fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat("auto", fmt)
-    first = fmt.from_float(torch.randn(2 * inter, hidden) * 0.02, torch.randn(hidden, inter) * 0.02)
+    first = ExpertFormat.of(fmt).from_float(torch.randn(2 * inter, hidden) * 0.02, torch.randn(hidden, inter) * 0.02)
     nbytes = sum(t.numel() * t.element_size() for t in first)
     count = max(2, min(16, math.ceil(DISTINCT_BYTES / nbytes)))
     return [first] + [tuple(t.clone() for t in first) for _ in range(count - 1)]
@@ -70,7 +69,7 @@ def distinct_experts(hidden: int, inter: int, fmt: ExpertFormat | torch.dtype) -
 def run_trial(mode: str, threads: int, experts: list, counts: tuple[int, ...], repeat: int,
               load: Callable[[], None]) -> Trial:
     """Median wall ms per token count for one expert per call, plus every repeat's busy ms."""
-    hidden = experts[0][-1].shape[0] if len(experts[0]) == 2 else experts[0][2].shape[0]  # down's output rows
+    hidden = experts[0][len(experts[0]) // 2].shape[0]  # the down weights' output rows
     dtype = experts[0][1].dtype  # float down, or the scales (in the activations' dtype)
     ex = CpuExecutor(threads, mode)
     walls, busys, k = [], [], 0

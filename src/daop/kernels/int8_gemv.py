@@ -1,8 +1,8 @@
 """int8 weight-only matrix-vector product on CUDA, in Triton: y[m, n] = s[n] * sum_k x[m, k] q[n, k].
 
 Why: torch's CUDA `_weight_int8pack_mm` took 1.6 ms for one token through one Mixtral expert on an
-H200 (111 GB/s), and converting the weights to bf16 for a float product 1.4 ms; the bf16 product
-itself takes 0.11 ms. Decode reads each weight once, so a kernel that loads int8, accumulates in
+H200 (111 GB/s), and dequantizing the weights through float32 for a float product 1.35 ms; the
+bf16 product itself takes 0.12 ms (`scripts/lowbit_kernel_probe.py`). Decode reads each weight once, so a kernel that loads int8, accumulates in
 float32 and scales once per output should run near HBM bandwidth on half the bytes.
 
 One program computes BLOCK_N outputs of one row of x, walking K in BLOCK_K steps; rows are
@@ -22,9 +22,9 @@ except ImportError:  # CPU-only installs: no Triton, no kernel
     triton = None
 
 
-def available() -> bool:
-    """Triton is installed and not switched off (DAOP_NO_TRITON=1: the float-product fallback, for comparisons)."""
-    return triton is not None and os.environ.get("DAOP_NO_TRITON", "") != "1"
+# Triton is installed and not switched off (DAOP_NO_TRITON=1: the float-product fallback, for
+# comparisons); read once, at import, not on every product.
+AVAILABLE = triton is not None and os.environ.get("DAOP_NO_TRITON", "") != "1"
 
 
 if triton is not None:

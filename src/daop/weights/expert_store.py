@@ -26,8 +26,8 @@ class HostExperts:
     """Every routed expert in host memory: per MoE layer, each of the format's tensors stacked over
     the E experts, allocated (and pinned) once."""
 
-    def __init__(self, config: ModelConfig, fmt: ExpertFormat | torch.dtype, pin: bool) -> None:
-        self.fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat("auto", fmt)
+    def __init__(self, config: ModelConfig, fmt: ExpertFormat, pin: bool) -> None:
+        self.fmt = fmt
         self.hidden, self.inter = config.hidden_size, config.expert_intermediate_size
         E = config.num_experts
         shapes = self.fmt.shapes(self.hidden, self.inter)
@@ -60,9 +60,8 @@ class HostExperts:
 
 
 class ExpertStore:
-    def __init__(self, config: ModelConfig, fmt: ExpertFormat | torch.dtype, device: torch.device, num_slots: int,
+    def __init__(self, config: ModelConfig, fmt: ExpertFormat, device: torch.device, num_slots: int,
                  host: HostExperts | None = None) -> None:
-        fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat("auto", fmt)
         I, D = config.expert_intermediate_size, config.hidden_size
         self.host = host or HostExperts(config, fmt, pin=device.type == "cuda")
         self.fmt = self.host.fmt
@@ -90,8 +89,8 @@ class ResidentExperts:
     A low-bit expert bound for a GPU is quantized on the host as the loader reads it, then copied
     (and converted to the device's layout) once its three tensors are in; the host copy is freed."""
 
-    def __init__(self, config: ModelConfig, device: torch.device, fmt: ExpertFormat | torch.dtype) -> None:
-        self.fmt = fmt if isinstance(fmt, ExpertFormat) else ExpertFormat("auto", fmt)
+    def __init__(self, config: ModelConfig, device: torch.device, fmt: ExpertFormat) -> None:
+        self.fmt = fmt
         self.hidden, self.inter, self.device = config.hidden_size, config.expert_intermediate_size, device
         E = config.num_experts
         shapes = slot_shapes(self.fmt, self.hidden, self.inter, device)
