@@ -33,6 +33,12 @@ def add_expert_dtype_args(g) -> None:
     g.add_argument("--group-size", type=int, default=None, metavar="N",
                    help="int4 experts: input channels per scale and zero, a power of two >= 32 (default: 128, or "
                         "what a folder from `daop quantize` stores)")
+def add_graph_arg(g) -> None:
+    g.add_argument("--no-cuda-graphs", action="store_true",
+                   help="run every decode step eagerly; by default a CUDA step that stays on the device (the all-GPU "
+                        "path) is captured once as a CUDA graph and replayed")
+
+
 THREADS_HELP = ("torch threads for the dense path (attention, resident experts), like llama.cpp's -t "
                 "(default: on a CPU device the cores other processes leave idle, or OMP_NUM_THREADS if set; "
                 "on CUDA torch's default)")
@@ -66,6 +72,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-context", type=int, default=None,
                    help="context to reserve KV cache for in the GPU budget (default: the model's context window)")
     add_expert_dtype_args(g)
+    add_graph_arg(g)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -134,6 +141,7 @@ def load_engine(args: argparse.Namespace):
         policy=args.policy, gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads,
         cpu_mode=args.cpu_mode, hardware_profile=args.hardware_profile, routing_stats=args.routing_stats,
         max_context=args.max_context, expert_dtype=args.expert_dtype, group_size=args.group_size,
+        cuda_graphs=not args.no_cuda_graphs,
     )
 
 
@@ -298,7 +306,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          Path(args.gsm8k) if args.gsm8k else None, args.gsm8k_items, args.gsm8k_max_tokens)
     base = dict(device=args.device, dtype=args.dtype, progress=not args.no_progress, threads=args.threads,
                 gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads, cpu_mode=args.cpu_mode,
-                hardware_profile=args.hardware_profile, routing_stats=args.routing_stats, max_context=args.max_context)
+                hardware_profile=args.hardware_profile, routing_stats=args.routing_stats, max_context=args.max_context,
+                cuda_graphs=not args.no_cuda_graphs)
     # The all-GPU path is the reference; the two engines run one after the other so only one model
     # is in memory at a time.
     sequences = 2 * args.max_docs + (args.gsm8k_items if args.gsm8k else 0)  # perplexity + greedy per document
@@ -462,6 +471,7 @@ def add_bench_parser(sub) -> None:
                        help="CPU experts on a worker thread or inline (default: the calibrated choice)")
     bench.add_argument("--hardware-profile", default=None, help="JSON from `daop calibrate` (default: cached or quick calibration)")
     add_expert_dtype_args(bench)
+    add_graph_arg(bench)
     bench.add_argument("--ratio-in-float-bytes", action="store_true",
                        help="read --ratios as GPU memory for that share of experts in --dtype, so low-bit experts fill the "
                             "same bytes with more experts (default: a share of experts in their stored format)")

@@ -16,6 +16,7 @@ import torch
 
 from daop.errors import OutOfMemory
 from daop.model.decoder import Decoder
+from daop.runtime.decode_step import Stepper
 
 DEVICE_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # the allocator's error
 
@@ -66,7 +67,8 @@ class DecodeSession:
         start_sequence(decoder)
         self.what = (f"prefill of {self.prompt_len} prompt tokens" if self.batch == 1 else
                      f"prefill of a batch of {self.batch} prompts of up to {self.prompt_len} tokens")
-        self.cache = guarded(decoder, self.what, decoder.new_cache, self.batch, self.prompt_len + max_new_tokens)
+        self.stepper = guarded(decoder, self.what, Stepper, decoder, self, self.batch, self.prompt_len + max_new_tokens, self.pad)
+        self.cache = self.stepper.cache
 
     def prefill(self, all_logits: bool = False) -> torch.Tensor:
         """Logits [B, V] of the last prompt position (all positions [B, T, V] with all_logits)."""
@@ -82,10 +84,11 @@ class DecodeSession:
         return logits
 
     def step(self, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Feed one token per row at the next position; logits [B, V]."""
-        ids = torch.as_tensor(tokens).reshape(self.batch, 1)
+        """Feed one token per row at the next position; logits [B, V]. Runs `Decoder.decode`,
+        captured as a CUDA graph where it can be (`daop.runtime.decode_step`)."""
         what = (lambda: f"decode at position {self.position}") if self.batch == 1 else \
             (lambda: f"batch decode at position {self.position}")
-        logits = guarded(self.decoder, what, self.decoder.forward, ids, self.position, self.cache, pad=self.pad)
+        self.decoder.routing.begin(self.position, 1)
+        logits = guarded(self.decoder, what, self.stepper.run, tokens, self.position)
         self.position += 1
         return logits

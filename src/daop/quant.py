@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 
 from daop.errors import DaopError
-from daop.kernels import int8_gemv
+from daop.kernels import expert_gemv
 from daop.model.moe import swiglu
 
 EXPERT_DTYPES = ("auto", "int8", "int4")
@@ -197,17 +197,32 @@ def slot_shapes(fmt: "ExpertFormat", hidden: int, inter: int, device: torch.devi
     return out
 
 
-GEMV_MAX_ROWS = 4  # CUDA int8 with at most this many tokens: the fused kernel; more: one float product
+GEMV_MAX_ROWS = 8  # CUDA, at most this many rows through one expert: daop's GEMV kernel; more: torch's products
+
+
+def gemv_on_cuda(x: torch.Tensor) -> bool:
+    """Products of x's rows through experts on CUDA go through daop's GEMV kernel (decode), the
+    same kernel for an expert alone and for experts routed on the device (`routed_experts`)."""
+    return x.is_cuda and x.shape[0] <= GEMV_MAX_ROWS and expert_gemv.AVAILABLE
+
+
+@torch.jit.ignore
+def float_linear_cuda(x, w):  # no annotations: TorchScript takes an ignored function as Tensors -> Tensor
+    """A float expert's product on CUDA: daop's GEMV kernel for a few rows (each row's sum walked
+    in one fixed order), torch's F.linear for more (prefill)."""
+    if gemv_on_cuda(x):
+        return expert_gemv.gemv(x.contiguous(), w)
+    return F.linear(x, w)
 
 
 @torch.jit.ignore
 def int8_linear_cuda(x, q, s):  # no annotations: TorchScript takes an ignored function as Tensors -> Tensor
-    """int8 weight-only product on CUDA. A few tokens (decode): a fused kernel that reads each int8
-    weight once and scales in float32 (torch's own CUDA int8 kernel measured 1.6 ms for one Mixtral
-    expert, 14x a bf16 product). More tokens (prefill): the weights converted to x's dtype (exact:
-    |q| <= 127) for one float product, then scaled. Without Triton, always the latter."""
-    if x.shape[0] <= GEMV_MAX_ROWS and int8_gemv.AVAILABLE:
-        return int8_gemv.gemv(x, q, s)
+    """int8 weight-only product on CUDA. A few rows (decode): daop's GEMV kernel, which reads each
+    int8 weight once and scales in float32 (torch's own CUDA int8 kernel measured 1.6 ms for one
+    Mixtral expert, 14x a bf16 product). More rows (prefill): the weights converted to x's dtype
+    (exact: |q| <= 127) for one float product, then scaled. Without Triton, always the latter."""
+    if gemv_on_cuda(x):
+        return expert_gemv.gemv(x, q, s)
     return F.linear(x, q.to(x.dtype)) * s
 
 
@@ -232,9 +247,50 @@ def expert_forward(x: torch.Tensor, w: List[torch.Tensor]) -> torch.Tensor:
     Float experts run `daop.model.moe.swiglu` (one product over the stacked gate_up); low-bit ones
     the same sequence through `linear_q`."""
     if len(w) == 2:
-        return swiglu(x, w[0], w[1])
+        if not x.is_cuda:
+            return swiglu(x, w[0], w[1])
+        gate, up = float_linear_cuda(x, w[0]).chunk(2, dim=-1)
+        return float_linear_cuda(F.silu(gate) * up, w[1])
     gate, up = linear_q(x, w[0], w[1]).chunk(2, dim=-1)
     return linear_q(F.silu(gate) * up, w[2], w[3])
+
+
+def routes_on_device(fmt: "ExpertFormat", device: torch.device, num_tokens: int) -> bool:
+    """Whether `routed_experts` serves these tokens: CUDA with the GEMV kernel, float or int8
+    experts (int4 runs torch's kernel per expert), and few enough tokens for the kernel."""
+    return (device.type == "cuda" and expert_gemv.AVAILABLE and fmt.kind != "int4"
+            and num_tokens <= GEMV_MAX_ROWS)
+
+
+def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked: List[torch.Tensor]) -> torch.Tensor:
+    """The weighted sum of every token's routed experts, routed on the device: no host sync, so a
+    decode step can be captured. stacked: the layer's expert tensors stacked over experts (float
+    gate_up [E, 2I, D], down [E, D, I]; int8 with their scales).
+
+    Equal, bit for bit, to running each routed expert alone through `expert_forward` and adding the
+    outputs with `daop.model.moe.weighted_sum`: each (token, pick) row goes through the GEMV kernel
+    as it would alone, is scaled by its weight in float32, and a token's picks are added in
+    ascending expert order. Rows are sorted by expert so rows sharing an expert share its tiles.
+    """
+    N, K = ids.shape
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)  # rows of one expert side by side
+    experts = flat[order]
+    x = h[order // K]
+    if len(stacked) == 2:
+        gate, up = expert_gemv.gemv(x, stacked[0], idx=experts).chunk(2, dim=-1)
+        y = expert_gemv.gemv(F.silu(gate) * up, stacked[1], idx=experts)
+    else:
+        gate, up = expert_gemv.gemv(x, stacked[0], stacked[1], idx=experts).chunk(2, dim=-1)
+        y = expert_gemv.gemv(F.silu(gate) * up, stacked[2], stacked[3], idx=experts)
+    y = torch.empty_like(y).index_copy_(0, order, y).view(N, K, -1)  # back to (token, pick) order
+    by_expert = ids.argsort(dim=-1)
+    w = weights.gather(-1, by_expert).float()
+    y = y.gather(1, by_expert[..., None].expand_as(y))
+    out = (y[:, 0].float() * w[:, :1]).to(y.dtype)
+    for k in range(1, K):
+        out = out + (y[:, k].float() * w[:, k:k + 1]).to(y.dtype)
+    return out
 
 
 # --- the format of a model's routed experts, and loading into it ---

@@ -24,6 +24,7 @@ from daop.hardware import HardwareProfile, calibrate, cpu_model
 from daop.model.layers import KVCache
 from daop.placement.cost import CostModel
 from daop.quant import ExpertFormat
+from daop.runtime.decode_step import captures
 from daop.runtime.setup import RuntimeOptions, hardware_profile, prepare_runtime, resolve_expert_format
 from daop.errors import DaopError
 from daop.sampling import SamplingParams
@@ -150,6 +151,7 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     cpu_tokens = agg.get("cpu_expert_tokens")
     return {
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "batch": batch,
+        "cuda_graph": captures(engine.decoder, batch) and not traced,
         "ttft_ms": round(statistics.median(ttft), 2), "decode_ms_per_token": round(med_tpot, 3),
         "decode_ms_spread": [round(min(tpot), 3), round(max(tpot), 3)],
         "decode_tokens_per_s": round(1000 * batch / med_tpot, 3),
@@ -302,7 +304,7 @@ def run(args) -> dict:
         workloads = [(args.traces[0].prompt_len, len(args.traces[0].tokens) - args.traces[0].prompt_len, 1)]
     print(f"{'policy':10} {'ratio':>6} {'prompt':>6} {'gen':>5} {'batch':>5} {'TTFT ms':>9} {'ms/step':>9} {'tok/s':>8} {'hit':>6} {'cpu/t':>6} {'x bound':>7}")
     opts = dict(cpu_threads=threads, cpu_mode=mode, hardware_profile=profile,  # every point uses the card's profile
-                expert_dtype=args.expert_dtype, group_size=args.group_size)
+                expert_dtype=args.expert_dtype, group_size=args.group_size, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
     for ratio in args.ratios:
         for policy in args.policies:
             r = 1.0 if policy == "gpu" else subject.stored_ratio(ratio)

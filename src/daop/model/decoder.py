@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from daop.config import ModelConfig
-from daop.model.layers import Attention, KVCache, Norm, Rotary, attention_mask
+from daop.model.layers import Attention, KVCache, Norm, Rotary, attention_mask, decode_mask
 from daop.model.moe import ExpertRunner, SharedExpert
 from daop.model.routing import ModelRouting, Routing
 from daop.model.specs import FamilySpec
@@ -51,12 +51,13 @@ class DecoderLayer:
 
 @dataclass
 class Step:
-    """Per-forward context shared by all layers."""
+    """Per-forward context shared by all layers. start: the first new position, an int, or for a
+    decode step a position tensor [1] on the device (then the step has no host values in it)."""
 
     cos: torch.Tensor
     sin: torch.Tensor
     mask: torch.Tensor | None
-    start: int
+    start: int | torch.Tensor
     cache: KVCache
 
 
@@ -73,6 +74,7 @@ class Decoder:
         self.lm_head_bias = torch.empty(c.vocab_size, device=device, dtype=dtype) if c.lm_head_bias else None
         self.rotary = Rotary(c.rope, c.head_dim, c.max_positions, device)
         self.experts: ExpertRunner | None = None
+        self.cuda_graphs = True  # decode steps that stay on the device are captured (daop.runtime.decode_step)
         routers = {layer.layer_idx: layer.router for layer in self.layers if layer.router is not None}
         self.model_routing = ModelRouting(c, routers)
         self.routing: Routing = self.model_routing  # replaced to replay or observe routing
@@ -111,6 +113,19 @@ class Decoder:
         self.routing.begin(start, T)
         return F.embedding(input_ids.to(self.device), self.embed), step
 
+    def begin_decode(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
+                     pad: torch.Tensor | None = None) -> tuple[torch.Tensor, Step]:
+        """Embed one token per row, input_ids [B, 1] on the device, at position pos [1] (a device tensor).
+
+        Fixed shapes and no host values: rotary rows are gathered from a table, the cache is written
+        at pos and read whole under a mask. Every decode step runs this, captured or not."""
+        positions = pos.expand(input_ids.shape[0], 1)
+        if pad is not None:
+            positions = (positions - pad[:, None]).clamp(min=0)
+        cos, sin = self.rotary.table(self.dtype, cache.max_len)
+        step = Step(cos[positions], sin[positions], decode_mask(pos, pad, cache.max_len), pos, cache)
+        return F.embedding(input_ids, self.embed), step
+
     def attention_block(self, layer: DecoderLayer, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream after attention [B, T, D] and its post-attention norm (the MoE input)."""
         h = x + layer.attn(layer.input_norm(x), step.cos, step.sin, step.cache, layer.layer_idx, step.start, step.mask)
@@ -133,11 +148,21 @@ class Decoder:
         """Logits [..., V] in float32 from the last hidden states."""
         return F.linear(self.norm(x), self.lm_head, self.lm_head_bias).float()
 
-    @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, start: int, cache: KVCache, pad: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
-        """Run T new tokens through the model; logits [B, T, V] or for the last position [B, V]."""
-        x, step = self.begin(input_ids, start, cache, pad)
+    def layers_and_head(self, x: torch.Tensor, step: Step, all_logits: bool = False) -> torch.Tensor:
         for layer in self.layers:
             h, normed = self.attention_block(layer, x, step)
             x = h + self.ffn_block(layer, normed)
         return self.head(x if all_logits else x[:, -1])
+
+    @torch.inference_mode()
+    def decode(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, pad: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step, everything on the device (see begin_decode): logits [B, V].
+        The caller tells the routing the step's position (routing.begin) beforehand."""
+        x, step = self.begin_decode(input_ids, pos, cache, pad)
+        return self.layers_and_head(x, step)
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, start: int, cache: KVCache, pad: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
+        """Run T new tokens through the model; logits [B, T, V] or for the last position [B, V]."""
+        x, step = self.begin(input_ids, start, cache, pad)
+        return self.layers_and_head(x, step, all_logits)

@@ -48,6 +48,7 @@ class Rotary:
         self.max_positions = max_positions
         self.device = device
         self._tables: dict[bool, tuple[torch.Tensor, float]] = {}
+        self._rows: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _inv_freq(self, long: bool) -> tuple[torch.Tensor, float]:
         exponent = torch.arange(0, self.head_dim, 2, dtype=torch.int64).float() / self.head_dim
@@ -74,6 +75,17 @@ class Rotary:
         sin = (freqs.sin() * scale).to(dtype)
         return torch.cat((cos, cos), dim=-1), torch.cat((-sin, sin), dim=-1)
 
+    def table(self, dtype: torch.dtype, total_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos_sin for every position below total_len, computed once: [total_len, 1, d] each.
+
+        A decode step gathers its rows by a position tensor instead of computing them, so the step
+        has no Python-int positions (it can be captured). The rows are cos_sin's, element for element."""
+        key = (dtype, total_len, self.rope.kind == "longrope" and total_len > self.rope.original_max_positions)
+        if key not in self._rows:
+            positions = torch.arange(total_len, device=self.device)[:, None]
+            self._rows[key] = tuple(t[:, 0] for t in self.cos_sin(positions, dtype, total_len))
+        return self._rows[key]
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
     """Rotate x [B, T, heads, d] by cos and signed sin [B, T, 1, d].
@@ -86,13 +98,16 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [B, G, S_max, d] each."""
+    """Preallocated keys and values for every layer: [B, G, S_max, d] each.
+
+    Zero-filled: a decode step attends over all S_max positions with a mask (a fixed shape), and
+    a masked position must hold a finite value (a zero weight times NaN is NaN)."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
         shape = (batch, config.num_kv_heads, max_len, config.head_dim)
-        self.max_len = max_len
-        self.keys = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.values = [torch.empty(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.batch, self.max_len = batch, max_len
+        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
 
     @staticmethod
     def bytes_needed(config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
@@ -104,6 +119,12 @@ class KVCache:
         self.keys[layer_idx][:, :, start:end] = k
         self.values[layer_idx][:, :, start:end] = v
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
+
+    def write_at(self, layer_idx: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v [B, G, T, d] at positions pos [T] (a device tensor); returns the whole cache."""
+        self.keys[layer_idx].index_copy_(2, pos, k)
+        self.values[layer_idx].index_copy_(2, pos, v)
+        return self.keys[layer_idx], self.values[layer_idx]
 
 
 class Attention:
@@ -150,9 +171,11 @@ class Attention:
         sin: torch.Tensor,
         cache: KVCache,
         layer_idx: int,
-        start: int,
+        start: int | torch.Tensor,
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
+        """start: the first new position as an int (the cache up to the new tokens is read), or as a
+        position tensor [T] (a decode step: the whole cache is read, `mask` hides what is not yet written)."""
         c = self.c
         B, T, _ = x.shape
         H, G, d = c.num_heads, c.num_kv_heads, c.head_dim
@@ -173,7 +196,10 @@ class Attention:
         qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
         v = v.reshape(B, T, G, d).transpose(1, 2)
-        keys, values = cache.update(layer_idx, start, k, v)
+        if isinstance(start, torch.Tensor):
+            keys, values = cache.write_at(layer_idx, start, k, v)
+        else:
+            keys, values = cache.update(layer_idx, start, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.head_dim**-0.5,
                                              enable_gqa=c.num_kv_heads != c.num_heads)
         out = out.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim)
@@ -199,4 +225,14 @@ def attention_mask(
         mask = mask & valid[:, None]
         # A padding query row would attend to nothing; let it see itself to avoid NaN.
         mask = mask | (k_pos == q_pos)[None, None]
+    return mask
+
+
+def decode_mask(pos: torch.Tensor, pad: torch.Tensor | None, max_len: int) -> torch.Tensor:
+    """Boolean mask [B or 1, 1, 1, S_max] (True = attend) for one new token at position pos [1]
+    (a device tensor): every written position up to pos, less each row's left padding pad [B]."""
+    k_pos = torch.arange(max_len, device=pos.device)
+    mask = (k_pos <= pos)[None, None, None]
+    if pad is not None:
+        mask = mask & (k_pos[None] >= pad[:, None])[:, None, None]
     return mask

@@ -35,6 +35,8 @@ class Routing(Protocol):
 class ModelRouting:
     """The checkpoint's routers, applied as the family defines them."""
 
+    device_only = True  # nothing read from the host per step: a decode step may be captured
+
     def __init__(self, config: ModelConfig, routers: dict[int, torch.Tensor]) -> None:
         self.config, self.routers = config, routers
 

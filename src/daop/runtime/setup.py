@@ -45,6 +45,7 @@ class RuntimeOptions:
     max_context: int | None = None
     expert_dtype: str | None = None  # auto (the model's dtype), int8 or int4: how routed experts are stored
     group_size: int | None = None  # int4: input channels per scale and zero (None: the default, 128)
+    cuda_graphs: bool = True  # capture decode steps that stay on the device (the all-GPU path)
 
     def __post_init__(self) -> None:
         if self.policy is not None and self.policy not in ALL_POLICIES:
@@ -123,6 +124,7 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
     without reloading; the all-resident path then copies experts from it.
     """
     c, dev = decoder.config, decoder.device
+    decoder.cuda_graphs = opts.cuda_graphs
     fmt = opts.expert_format(decoder)
     if host is not None and host.fmt != fmt:
         raise DaopError(f"the host experts are stored as {host.fmt.name}, this runtime asks for {fmt.name}")

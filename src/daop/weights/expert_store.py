@@ -15,7 +15,8 @@ import torch
 
 from daop.config import ModelConfig
 from daop.model.moe import split_gate_up
-from daop.quant import ExpertFormat, ScratchBuffers, copy_into_slot, slot_shapes, staged_views, stored_views
+from daop.quant import (ExpertFormat, ScratchBuffers, copy_into_slot, routed_experts, routes_on_device, slot_shapes,
+                        staged_views, stored_views)
 
 
 def moe_layers(config: ModelConfig) -> list[int]:
@@ -149,11 +150,17 @@ class ResidentExperts:
         device tensors, or through a host buffer where the device's layout differs (int4 on CUDA)."""
         return stored_views(self.fmt, self.weights_of(layer_idx, expert_idx), self.stored_scratch, self.hidden, self.inter)
 
+    def capturable(self, batch: int) -> bool:
+        """Whether a decode step of `batch` rows routes its experts on the device (no host sync)."""
+        return routes_on_device(self.fmt, self.device, batch)
+
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         from daop.model.moe import expert_input, group_by_expert, token_rows, weighted_sum
         from daop.quant import expert_forward
 
-        rows_host = group_by_expert(ids.cpu())  # one sync per layer; grouping on the host
+        if routes_on_device(self.fmt, self.device, h.shape[0]):
+            return routed_experts(h, ids, weights, self.tensors[layer_idx])
+        rows_host = group_by_expert(ids.cpu())  # prefill: one sync per layer, grouping on the host
         rows = token_rows(h, rows_host)
         ys = {e: expert_forward(expert_input(h, rows, e), self.weights_of(layer_idx, e)) for e in rows_host}
         return weighted_sum(h, ys, weights, rows_host, rows)

@@ -1,0 +1,101 @@
+"""Weight-streaming matrix-vector products on CUDA, in Triton, for a few tokens through routed experts.
+
+    y[m, n] = s[e, n] * sum_k x[m // x_div, k] * W[e, n, k],   e = idx[m] (or 0 without idx)
+
+W is a float or int8 weight [N, K] or a stack of them [E, N, K] (s: one float32-accumulated scale
+per output row, int8 only). With `idx`, each row m reads the expert idx[m] from the stack on the
+device, so a decode step routes its tokens without sending the routing to the host (and can be
+captured in a CUDA graph); x_div lets the K routed picks of a token share its input row.
+
+Why a kernel of our own: decode reads each weight once, so the product is bound by memory. For
+int8, torch's CUDA `_weight_int8pack_mm` took 1.6 ms for one Mixtral expert on an H200 (111 GB/s;
+the bf16 product 0.11 ms, `scripts/lowbit_kernel_probe.py`). For float weights, cuBLAS needs the
+expert on the host to pick the matrix. One kernel serves both, and since a row's sum is walked in
+the same order whether it is one row of one expert or a row among many routed on the device, an
+expert computed alone (a resident or copied expert of an offloaded policy) equals the same expert
+computed in a routed batch, bit for bit.
+
+One program computes BLOCK_N outputs of one row, walking K in BLOCK_K steps; the block shape
+depends only on (N, K), never on the number of rows. The row is the fastest-varying program index,
+so the rows that read one weight tile run side by side and share it through the L2 cache (callers
+put rows of one expert next to each other). Used only on CUDA with Triton installed.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs: no Triton, no kernel
+    triton = None
+
+
+# Triton is installed and not switched off (DAOP_NO_TRITON=1: torch's products, for comparisons);
+# read once, at import, not on every product.
+AVAILABLE = triton is not None and os.environ.get("DAOP_NO_TRITON", "") != "1"
+
+
+if triton is not None:
+    @triton.jit
+    def _gemv(x_ptr, w_ptr, s_ptr, idx_ptr, y_ptr, N, K, x_div, stride_xm, stride_we, stride_wn, stride_se, stride_ym,
+              INDEXED: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        if INDEXED:
+            e = tl.load(idx_ptr + m).to(tl.int64)
+        else:
+            e = 0
+        w_base = w_ptr + e * stride_we
+        x_row = x_ptr + (m // x_div) * stride_xm
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < N
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < K
+            x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
+            w = tl.load(w_base + offs_n[:, None] * stride_wn + offs_k[None, :],
+                        mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)
+            acc += tl.sum(w * x[None, :], axis=1)
+        if SCALED:
+            acc = acc * tl.load(s_ptr + e * stride_se + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+
+
+_SMS: dict = {}  # device index -> multiprocessor count (asked once: a launch should cost as little host time as it can)
+
+
+def block_shape(N: int, K: int, device: torch.device) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, warps) for an [N, K] weight: enough programs per row to fill the chip."""
+    sms = _SMS.get(device.index)
+    if sms is None:
+        sms = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    # Measured on an H200 (scripts/expert_gemv_probe.py): tiles of 8192 weights, as tall as leaves
+    # at least three programs per multiprocessor; 32 x 256 for Mixtral's gate_up (3.4-3.8 TB/s for
+    # one or two rows), 8 x 1024 for its down (2.0-3.2 TB/s).
+    block_n = 32
+    while block_n > 8 and triton.cdiv(N, block_n) < 3 * sms:
+        block_n //= 2
+    block_k = min(8192 // block_n, triton.next_power_of_2(K))
+    return block_n, block_k, 4
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None = None, idx: torch.Tensor | None = None,
+         x_div: int = 1, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """x [R, K] (contiguous rows) times W [N, K] (or the stack [E, N, K] picked per row by idx [M])
+    -> y [M, N] in x's dtype, M = R without idx, len(idx) with it (row m reads x[m // x_div]).
+    blocks overrides block_shape (for probes)."""
+    stacked = w.dim() == 3
+    N, K = w.shape[-2], w.shape[-1]
+    M = x.shape[0] if idx is None else idx.shape[0]
+    y = torch.empty(M, N, dtype=x.dtype, device=x.device)
+    block_n, block_k, warps = blocks or block_shape(N, K, x.device)
+    scale = s if s is not None else y  # never read when not SCALED
+    _gemv[(M, triton.cdiv(N, block_n))](
+        x, w, scale, idx if idx is not None else y, y, N, K, x_div, x.stride(0),
+        w.stride(0) if stacked else 0, w.stride(-2), scale.stride(0) if (s is not None and s.dim() == 2) else 0, y.stride(0),
+        INDEXED=idx is not None, SCALED=s is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+    return y

@@ -1,0 +1,161 @@
+"""The decode step on the device (`Decoder.decode`, `daop.runtime.decode_step`): fixed shapes, rotary
+rows from a table, a cache written at a position tensor and read whole under a mask; on CUDA the
+experts routed on the device and the step captured as a graph.
+
+The CPU tests check the pieces and that a decode step computes what a full forward computes. The
+CUDA tests (skipped without a GPU; run by scripts/gpu_checks.py --tests) check that routing on the
+device gives, bit for bit, what computing each expert alone gives, and that a captured step gives
+the eager step's logits and tokens.
+"""
+from dataclasses import replace
+
+import pytest
+import torch
+
+from daop.engine import Engine
+from daop.model.layers import Rotary, decode_mask
+from daop.runtime import decode_step
+from daop.runtime.decode_step import StepInputs, cache_length, captures
+from daop.sampling import SamplingParams
+
+PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31]
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs a CUDA device")
+
+
+def engine_for(tiny_dir, family="mixtral", **kw):
+    _, path = tiny_dir(family)
+    return Engine.from_pretrained(path, progress=False, **kw)
+
+
+def test_cache_length_rounds_up_within_the_model_limits(tiny_dir):
+    engine = engine_for(tiny_dir, device="cpu", dtype="fp32")
+    dec = engine.decoder
+    dec.config = replace(dec.config, max_positions=4096)
+    assert cache_length(dec, 10) == 256
+    assert cache_length(dec, 257) == 512
+    assert cache_length(dec, 512) == 512
+    assert cache_length(dec, 3000) == 4096
+    assert cache_length(dec, 4100) == 4100  # never shorter than needed
+
+
+def test_longrope_cache_stays_on_the_short_side(tiny_dir):
+    dec = engine_for(tiny_dir, "phimoe", device="cpu", dtype="fp32").decoder
+    original = 48
+    dec.config = replace(dec.config, rope=replace(dec.config.rope, kind="longrope", original_max_positions=original))
+    assert cache_length(dec, original) == original  # the rotary choice for `original` tokens is the short one
+    assert cache_length(dec, original + 1) > original
+
+
+def test_rotary_table_rows_equal_computed_rows():
+    from daop.config import RopeConfig
+
+    rot = Rotary(RopeConfig(theta=10000.0), 16, 4096, torch.device("cpu"))
+    positions = torch.tensor([[0], [3], [299]])
+    cos, sin = rot.cos_sin(positions, torch.bfloat16, 300)
+    table_cos, table_sin = rot.table(torch.bfloat16, 300)
+    assert torch.equal(table_cos[positions], cos) and torch.equal(table_sin[positions], sin)
+
+
+def test_decode_mask_hides_unwritten_and_padding_positions():
+    pos = torch.tensor([3])
+    assert decode_mask(pos, None, 6).flatten().tolist() == [True] * 4 + [False] * 2
+    m = decode_mask(pos, torch.tensor([0, 2]), 6)
+    assert m.shape == (2, 1, 1, 6)
+    assert m[1].flatten().tolist() == [False, False, True, True, False, False]
+
+
+def test_step_inputs_on_the_cpu_hold_ids_and_position():
+    inputs = StepInputs(2, torch.device("cpu"))
+    inputs.load([7, 9], 41)
+    assert inputs.ids.tolist() == [[7], [9]] and inputs.pos.tolist() == [41]
+    inputs.load(torch.tensor([1, 2]), 42)
+    assert inputs.ids.tolist() == [[1], [2]] and inputs.pos.tolist() == [42]
+
+
+def test_decode_steps_compute_what_a_full_forward_computes(tiny_dir):
+    """Teacher-forced decode steps (fixed-shape attention over the whole cache) against one forward
+    over the whole sequence (attention over exactly the written positions)."""
+    engine = engine_for(tiny_dir, device="cpu", dtype="fp32")
+    ids = PROMPT + [11, 12, 13, 14]
+    full = engine.logits(ids)
+    session = engine.session([PROMPT], 4)
+    session.prefill()
+    for i, token in enumerate(ids[len(PROMPT):]):
+        step = session.step([token])[0]
+        assert (step - full[len(PROMPT) + i]).abs().max().item() < 1e-4
+    assert not captures(engine.decoder, 1)  # no graphs on the CPU
+
+
+def test_padded_batch_decode_matches_single_rows(tiny_dir):
+    engine = engine_for(tiny_dir, device="cpu", dtype="fp32")
+    engine.eos_ids = frozenset()
+    prompts = [PROMPT, PROMPT[:4]]
+    params = SamplingParams(max_new_tokens=8)
+    assert engine.generate_batch(prompts, params) == [list(engine.generate_ids(p, params)) for p in prompts]
+
+
+# --- CUDA: experts routed on the device, captured steps ---
+
+@needs_cuda
+@pytest.mark.parametrize("expert_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("tokens", [1, 3, 8])
+def test_routed_experts_equal_experts_computed_alone(tokens, expert_dtype):
+    from daop.model.moe import expert_input, group_by_expert, token_rows, weighted_sum
+    from daop.quant import ExpertFormat, expert_forward, routed_experts
+    from daop.kernels import expert_gemv
+
+    if not expert_gemv.AVAILABLE:
+        pytest.skip("needs Triton")
+    torch.manual_seed(tokens)
+    E, K, D, I = 8, 2, 256, 512
+    fmt = ExpertFormat(expert_dtype, torch.bfloat16)
+    experts = [fmt.from_float((torch.randn(2 * I, D) * 0.05).bfloat16(), (torch.randn(D, I) * 0.05).bfloat16())
+               for _ in range(E)]
+    stacked = [torch.stack([e[i] for e in experts]).cuda() for i in range(len(experts[0]))]
+    h = torch.randn(tokens, D, device="cuda").bfloat16()
+    ids = torch.stack([torch.randperm(E)[:K] for _ in range(tokens)]).cuda()
+    weights = torch.softmax(torch.randn(tokens, K, device="cuda"), -1).bfloat16()
+    ours = routed_experts(h, ids, weights, stacked)
+    rows_host = group_by_expert(ids.cpu())
+    rows = token_rows(h, rows_host)
+    ys = {e: expert_forward(expert_input(h, rows, e), [t[e] for t in stacked]) for e in rows_host}
+    assert torch.equal(ours, weighted_sum(h, ys, weights, rows_host, rows))
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 3])
+def test_captured_step_equals_eager_step(tiny_dir, batch):
+    graphed = engine_for(tiny_dir, device="cuda", dtype="bf16")
+    if not captures(graphed.decoder, batch):
+        pytest.skip("steps are not captured here (no Triton)")
+    eager = engine_for(tiny_dir, device="cuda", dtype="bf16", cuda_graphs=False)
+    prompts = [PROMPT, PROMPT[:6], PROMPT[2:]][:batch]
+    out = []
+    for engine in (graphed, eager):
+        session = engine.session(prompts, 6)
+        logits = [session.prefill()]
+        for t in range(5):
+            logits.append(session.step(logits[-1].argmax(-1)))
+        out.append(torch.stack(logits))
+        assert session.stepper.captured == (engine is graphed)
+    assert torch.equal(out[0], out[1])
+
+
+@needs_cuda
+def test_graph_is_reused_and_a_second_live_session_runs_eagerly(tiny_dir):
+    engine = engine_for(tiny_dir, device="cuda", dtype="bf16")
+    if not captures(engine.decoder, 1):
+        pytest.skip("steps are not captured here (no Triton)")
+    first = engine.session([PROMPT], 4)
+    first.prefill()
+    first.step([1])
+    graph = first.stepper.pooled.graph
+    second = engine.session([PROMPT], 4)  # same shape while the first is alive: its own cache
+    assert not second.stepper.captured
+    del first, second
+    third = engine.session([PROMPT], 4)
+    third.prefill()
+    third.step([1])
+    assert third.stepper.pooled.graph is graph
+    assert len(decode_step._POOLS[engine.decoder]) == 1
