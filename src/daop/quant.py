@@ -264,32 +264,25 @@ def routes_on_device(fmt: "ExpertFormat", device: torch.device, num_tokens: int)
 
 def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked: List[torch.Tensor]) -> torch.Tensor:
     """The weighted sum of every token's routed experts, routed on the device: no host sync, so a
-    decode step can be captured. stacked: the layer's expert tensors stacked over experts (float
-    gate_up [E, 2I, D], down [E, D, I]; int8 with their scales).
+    decode step can be captured. h [N, D] contiguous; stacked: the layer's expert tensors stacked
+    over experts (float gate_up [E, 2I, D], down [E, D, I]; int8 with their scales).
 
     Equal, bit for bit, to running each routed expert alone through `expert_forward` and adding the
     outputs with `daop.model.moe.weighted_sum`: each (token, pick) row goes through the GEMV kernel
-    as it would alone, is scaled by its weight in float32, and a token's picks are added in
-    ascending expert order. Rows are sorted by expert so rows sharing an expert share its tiles.
+    as it would alone, the down product stores it scaled by its weight as `combine` does, and a
+    token's picks are added in ascending expert order.
     """
     N, K = ids.shape
-    flat = ids.reshape(-1)
-    order = flat.argsort(stable=True)  # rows of one expert side by side
-    experts = flat[order]
-    x = h[order // K]
-    if len(stacked) == 2:
-        gate, up = expert_gemv.gemv(x, stacked[0], idx=experts).chunk(2, dim=-1)
-        y = expert_gemv.gemv(F.silu(gate) * up, stacked[1], idx=experts)
-    else:
-        gate, up = expert_gemv.gemv(x, stacked[0], stacked[1], idx=experts).chunk(2, dim=-1)
-        y = expert_gemv.gemv(F.silu(gate) * up, stacked[2], stacked[3], idx=experts)
-    y = torch.empty_like(y).index_copy_(0, order, y).view(N, K, -1)  # back to (token, pick) order
     by_expert = ids.argsort(dim=-1)
-    w = weights.gather(-1, by_expert).float()
-    y = y.gather(1, by_expert[..., None].expand_as(y))
-    out = (y[:, 0].float() * w[:, :1]).to(y.dtype)
+    experts = ids.gather(-1, by_expert).reshape(-1)  # row m: token m // K, its picks in ascending expert order
+    row_weights = weights.gather(-1, by_expert).reshape(-1).float()
+    scales = len(stacked) == 4
+    gate, up = expert_gemv.gemv(h, stacked[0], stacked[1] if scales else None, idx=experts, x_div=K).chunk(2, dim=-1)
+    down, down_s = (stacked[2], stacked[3]) if scales else (stacked[1], None)
+    parts = expert_gemv.gemv(F.silu(gate) * up, down, down_s, idx=experts, row_weights=row_weights).view(N, K, -1)
+    out = parts[:, 0]
     for k in range(1, K):
-        out = out + (y[:, k].float() * w[:, k:k + 1]).to(y.dtype)
+        out = out + parts[:, k]
     return out
 
 

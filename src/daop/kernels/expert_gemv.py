@@ -40,8 +40,9 @@ AVAILABLE = triton is not None and os.environ.get("DAOP_NO_TRITON", "") != "1"
 
 if triton is not None:
     @triton.jit
-    def _gemv(x_ptr, w_ptr, s_ptr, idx_ptr, y_ptr, N, K, x_div, stride_xm, stride_we, stride_wn, stride_se, stride_ym,
-              INDEXED: tl.constexpr, SCALED: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def _gemv(x_ptr, w_ptr, s_ptr, idx_ptr, rw_ptr, y_ptr, N, K, x_div, stride_xm, stride_we, stride_wn, stride_se, stride_ym,
+              INDEXED: tl.constexpr, SCALED: tl.constexpr, ROW_WEIGHTED: tl.constexpr,
+              BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         if INDEXED:
@@ -62,7 +63,10 @@ if triton is not None:
             acc += tl.sum(w * x[None, :], axis=1)
         if SCALED:
             acc = acc * tl.load(s_ptr + e * stride_se + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        tl.store(y_ptr + m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask_n)
+        y = acc.to(y_ptr.dtype.element_ty)
+        if ROW_WEIGHTED:  # as daop.model.moe.combine: the stored output times the weight in float32, rounded
+            y = (y.to(tl.float32) * tl.load(rw_ptr + m)).to(y_ptr.dtype.element_ty)
+        tl.store(y_ptr + m * stride_ym + offs_n, y, mask=mask_n)
 
 
 _SMS: dict = {}  # device index -> multiprocessor count (asked once: a launch should cost as little host time as it can)
@@ -84,10 +88,11 @@ def block_shape(N: int, K: int, device: torch.device) -> tuple[int, int, int]:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None = None, idx: torch.Tensor | None = None,
-         x_div: int = 1, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+         x_div: int = 1, row_weights: torch.Tensor | None = None, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """x [R, K] (contiguous rows) times W [N, K] (or the stack [E, N, K] picked per row by idx [M])
     -> y [M, N] in x's dtype, M = R without idx, len(idx) with it (row m reads x[m // x_div]).
-    blocks overrides block_shape (for probes)."""
+    row_weights [M] (float32): each output row y[m] is stored as (y[m] * row_weights[m]) rounded to
+    x's dtype, what `daop.model.moe.combine` computes from y. blocks overrides block_shape (for probes)."""
     stacked = w.dim() == 3
     N, K = w.shape[-2], w.shape[-1]
     M = x.shape[0] if idx is None else idx.shape[0]
@@ -95,7 +100,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None = None, idx: t
     block_n, block_k, warps = blocks or block_shape(N, K, x.device)
     scale = s if s is not None else y  # never read when not SCALED
     _gemv[(M, triton.cdiv(N, block_n))](
-        x, w, scale, idx if idx is not None else y, y, N, K, x_div, x.stride(0),
+        x, w, scale, idx if idx is not None else y, row_weights if row_weights is not None else y, y, N, K, x_div, x.stride(0),
         w.stride(0) if stacked else 0, w.stride(-2), scale.stride(0) if (s is not None and s.dim() == 2) else 0, y.stride(0),
-        INDEXED=idx is not None, SCALED=s is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
+        INDEXED=idx is not None, SCALED=s is not None, ROW_WEIGHTED=row_weights is not None, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=warps)
     return y
