@@ -49,8 +49,19 @@ def main() -> None:
     for graphs in (True, False):
         decoder.experts = prepare_runtime(decoder, RuntimeOptions(policy="gpu", expert_ratio=1.0, cuda_graphs=graphs),
                                           host=host).start()
+        prefill = []
+        for _ in range(6):  # prefill times of whole sessions, each after the last one's decode steps
+            session = DecodeSession(decoder, prompts, args.steps * 3 + 8)
+            session.prefill()
+            prefill.append(session.prefill_s * 1000)
+            timed_steps(session, 5)
+            del session
+        out["prefill_ms_" + ("captured" if graphs else "eager")] = round(statistics.median(prefill[1:]), 3)
         session = DecodeSession(decoder, prompts, args.steps * 3 + 8)
-        session.prefill()
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            session.prefill()
+        out["prefill_kernel_ms_" + ("captured" if graphs else "eager")] = round(
+            sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1000, 3)
         timed_steps(session, 5)
         t = timed_steps(session, args.steps)
         out["captured_ms" if graphs else "eager_ms"] = round(statistics.median(t), 4)
@@ -73,6 +84,7 @@ def main() -> None:
         torch.cuda.empty_cache()
     print(f"captured step {out['captured_ms']} ms, eager step {out['eager_ms']} ms, kernels {out['kernel_ms_per_step']} ms "
           f"in {out['kernels_per_step']} launches per step")
+    print({k: v for k, v in out.items() if k.startswith("prefill")})
     for k in out["top_kernels"]:
         print(f"{k['ms']:8.4f} ms {k['count']:6.1f}x  {k['name']}")
     print(json.dumps(out))

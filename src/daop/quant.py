@@ -276,10 +276,17 @@ def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, st
     by_expert = ids.argsort(dim=-1)
     experts = ids.gather(-1, by_expert).reshape(-1)  # row m: token m // K, its picks in ascending expert order
     row_weights = weights.gather(-1, by_expert).reshape(-1).float()
+    x, x_div, order = h, K, None
+    if N > 1:  # several tokens: rows of one expert side by side, so they share its weight tiles in the L2 cache
+        order = experts.argsort(stable=True)
+        experts, row_weights, x, x_div = experts[order], row_weights[order], h[order // K], 1
     scales = len(stacked) == 4
-    gate, up = expert_gemv.gemv(h, stacked[0], stacked[1] if scales else None, idx=experts, x_div=K).chunk(2, dim=-1)
+    gate, up = expert_gemv.gemv(x, stacked[0], stacked[1] if scales else None, idx=experts, x_div=x_div).chunk(2, dim=-1)
     down, down_s = (stacked[2], stacked[3]) if scales else (stacked[1], None)
-    parts = expert_gemv.gemv(F.silu(gate) * up, down, down_s, idx=experts, row_weights=row_weights).view(N, K, -1)
+    parts = expert_gemv.gemv(F.silu(gate) * up, down, down_s, idx=experts, row_weights=row_weights)
+    if order is not None:
+        parts = torch.empty_like(parts).index_copy_(0, order, parts)
+    parts = parts.view(N, K, -1)
     out = parts[:, 0]
     for k in range(1, K):
         out = out + parts[:, k]
