@@ -104,6 +104,22 @@ def load_traces(path: Path) -> tuple[list[RoutingTrace], dict]:
     return traces, provenance
 
 
+_TABLES: dict[tuple[str, str], torch.Tensor] = {}  # (device, table) -> device buffer reused by every trace
+
+
+def into_table(device: torch.device, name: str, a: torch.Tensor) -> torch.Tensor:
+    """`a` [layers, tokens, ...] copied into the device buffer kept for this table (grown when too
+    short), as a view of its first tokens; the buffer's address stays put while traces fit."""
+    key = (str(device), name)
+    buf = _TABLES.get(key)
+    if buf is None or buf.shape[0] != a.shape[0] or buf.shape[2:] != a.shape[2:] or buf.shape[1] < a.shape[1] \
+            or buf.dtype != a.dtype:
+        buf = _TABLES[key] = torch.empty(a.shape, dtype=a.dtype, device=device)
+    view = buf[:, : a.shape[1]]
+    view.copy_(a)
+    return view
+
+
 class TraceRouting:
     """Routing from a trace at the current positions; predictions too, scored by the model's routers.
 
@@ -118,19 +134,36 @@ class TraceRouting:
                             f"top-{c.top_k} of {c.num_experts}")
         self.model = model
 
-        def upload(a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
-            return torch.from_numpy(np.ascontiguousarray(a[: c.num_layers])).to(device=device, dtype=dtype)
+        def upload(name: str, a: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+            return into_table(device, name, torch.from_numpy(np.ascontiguousarray(a[: c.num_layers])).to(dtype))
 
-        self.ids, self.weights = upload(trace.ids, torch.long), upload(trace.weights, torch.float32)
-        self.pred_ids, self.pred_weights = upload(trace.pred_ids, torch.long), upload(trace.pred_weights, torch.float32)
+        self.ids, self.weights = upload("ids", trace.ids, torch.long), upload("weights", trace.weights, torch.float32)
+        self.pred_ids = upload("pred_ids", trace.pred_ids, torch.long)
+        self.pred_weights = upload("pred_weights", trace.pred_weights, torch.float32)
+        # a captured decode step reads the tables at these addresses: the same for every trace that fits
+        self.graph_key = tuple(t.data_ptr() for t in (self.ids, self.weights, self.pred_ids, self.pred_weights))
         self.window = slice(0, 0)
+        self.position: torch.Tensor | None = None  # a decode step's position on the device, once bound
+        self.decoding = False
+
+    device_only = True  # decode steps read the trace at a position tensor: they may be captured
+
+    def bind_position(self, pos: torch.Tensor) -> None:
+        """Decode steps read their rows at `pos` (the step's position tensor [1] on the device)."""
+        self.position = pos
 
     def begin(self, start: int, num_new: int) -> None:
         self.window = slice(start, start + num_new)
+        self.decoding = num_new == 1 and self.position is not None
+
+    def rows(self, table: torch.Tensor, layer_idx: int) -> torch.Tensor:
+        if self.decoding:
+            return table[layer_idx].index_select(0, self.position)
+        return table[layer_idx, self.window]
 
     def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.ids[layer_idx, self.window], self.weights[layer_idx, self.window]
+        return self.rows(self.ids, layer_idx), self.rows(self.weights, layer_idx)
 
     def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.model.predict(layer_idx, h)[0]
-        return logits, self.pred_ids[layer_idx, self.window], self.pred_weights[layer_idx, self.window]
+        return logits, self.rows(self.pred_ids, layer_idx), self.rows(self.pred_weights, layer_idx)

@@ -36,6 +36,7 @@ class ModelRouting:
     """The checkpoint's routers, applied as the family defines them."""
 
     device_only = True  # nothing read from the host per step: a decode step may be captured
+    graph_key = ("model routers",)  # a captured step reads the decoder's own router tensors
 
     def __init__(self, config: ModelConfig, routers: dict[int, torch.Tensor]) -> None:
         self.config, self.routers = config, routers

@@ -4,7 +4,8 @@ Every decode step runs `Decoder.decode` (token ids and position as device tensor
 whole under a mask), so a step can be captured as a CUDA graph and replayed: one launch instead
 of some fifty per layer. A step is captured when everything in it stays on the device: the
 experts are routed on the device (`ResidentExperts.capturable`, the all-GPU path) and the routing
-is the model's own (a replayed trace or an observer reads host state per step). Offloaded policies
+reads nothing from the host per step (`device_only`: the model's routers, or a replayed trace read
+at the step's position tensor; an observer that records routing on the host is not). Offloaded policies
 need the routing on the host each layer; they run the same step uncaptured.
 
 A captured graph is bound to the addresses of its cache and inputs, so caches of captured steps
@@ -100,13 +101,15 @@ class PooledStep:
         self.graph: CapturedStep | None = None
         self.owner: weakref.ref | None = None
         self.experts = weakref.ref(decoder.experts)  # the graph reads these experts' tensors
+        self.routing_key = decoder.routing.graph_key  # and these routing tensors
 
     def busy(self) -> bool:
         return self.owner is not None and self.owner() is not None
 
     def stale(self, decoder: Decoder) -> bool:
-        """The decoder's experts were replaced (a benchmark's next engine): the graph reads freed tensors."""
-        return self.experts() is not decoder.experts
+        """The decoder's experts were replaced (a benchmark's next engine) or its routing reads other
+        tensors: the graph would read freed or wrong memory."""
+        return self.experts() is not decoder.experts or self.routing_key != decoder.routing.graph_key
 
 
 _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> {(batch, length): PooledStep}
@@ -114,7 +117,7 @@ _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> {(
 
 def captures(decoder: Decoder, batch: int) -> bool:
     """Whether decode steps of `batch` rows are captured: CUDA, graphs not switched off, experts
-    routed on the device and the model's own routing."""
+    routed on the device and a routing that stays on the device."""
     experts = decoder.experts
     return (decoder.device.type == "cuda" and decoder.cuda_graphs and getattr(decoder.routing, "device_only", False)
             and hasattr(experts, "capturable") and experts.capturable(batch))
@@ -137,6 +140,9 @@ class Stepper:
             self.cache = decoder.new_cache(batch, length)
             self.inputs = StepInputs(batch, decoder.device)
             self.pad = pad.to(decoder.device) if pad is not None else None
+        bind = getattr(decoder.routing, "bind_position", None)
+        if bind is not None:  # a routing that reads per-position tables (a replayed trace) reads them at the step's position
+            bind(self.inputs.pos)
 
     def claim(self, owner: Any, batch: int, length: int) -> PooledStep | None:
         pool = _POOLS.setdefault(self.decoder, {})
