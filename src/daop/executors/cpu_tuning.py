@@ -73,6 +73,7 @@ def run_trial(mode: str, threads: int, experts: list, counts: tuple[int, ...], r
     dtype = experts[0][1].dtype  # float down, or the scales (in the activations' dtype)
     ex = CpuExecutor(threads, mode)
     walls, busys, k = [], [], 0
+    previous = torch.get_num_threads()  # an inline trial leaves its count on this thread
     try:
         for n in counts:
             rows = torch.arange(n)
@@ -92,6 +93,7 @@ def run_trial(mode: str, threads: int, experts: list, counts: tuple[int, ...], r
             busys.append(tuple(b))
     finally:
         ex.close()
+        torch.set_num_threads(previous)
     return Trial(mode, threads, tuple(walls), tuple(busys))
 
 
