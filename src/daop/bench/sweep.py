@@ -13,6 +13,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -95,6 +96,32 @@ def replay(engine: Engine, trace: RoutingTrace, stats: GenerationStats) -> int:
     return stats.generated_tokens
 
 
+@torch.inference_mode()
+def syncs_per_step(engine: Engine, item, traced: bool, steps: int = 4) -> float | None:
+    """Host syncs per decode step on CUDA, counted by torch's sync debug mode (each synchronizing
+    call it flags: a device->host copy, .item(), a stream synchronize) over a few steps of one
+    sequence fed tokens that stay on the device (none on a CPU device). Run after the timed
+    sequences, so counting perturbs none of them."""
+    if engine.device.type != "cuda":
+        return None
+    dec = engine.decoder
+    routing = TraceRouting(item, dec.model_routing, dec.device) if traced else dec.routing
+    prompts = [item.tokens[: item.prompt_len]] if traced else item
+    with dec.routed_by(routing):
+        session = engine.session(prompts, steps + 1)
+        tokens = session.prefill().argmax(-1)
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                for _ in range(steps):
+                    tokens = session.step(tokens).argmax(-1)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+    return len([w for w in caught if "synchroniz" in str(w.message)]) / steps
+
+
 def prompt_sets(engine: Engine, args, prompt_tokens: int, count: int) -> list[list[int]]:
     """Prompt token ids: from text (real checkpoints) or random ids (synthetic geometries)."""
     if args.texts is not None and engine.tokenizer is not None:
@@ -140,6 +167,7 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         ttft.append(stats.prefill_s * 1000)
         tpot.append(stats.decode_s / max(n - 1, 1) * 1000)
         totals.append((n * batch, wall, decode_counters(engine, stats), max(n - 1, 1)))
+    syncs = syncs_per_step(engine, args.traces[0] if traced else groups[1], traced)
     steps = sum(s for *_, s in totals)
     agg = {k: sum(c[k] for _, _, c, _ in totals) / steps for k in totals[0][2]} if totals[0][2] else {}
     moe_layers = sum(engine.config.is_moe_layer(i) for i in range(engine.config.num_layers))
@@ -154,6 +182,7 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     return {
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "batch": batch,
         "cuda_graph": captures(engine.decoder, batch),  # a replayed trace is read on the device too
+        "host_syncs_per_step": syncs,
         "ttft_ms": round(statistics.median(ttft), 2), "decode_ms_per_token": round(med_tpot, 3),
         "decode_ms_spread": [round(min(tpot), 3), round(max(tpot), 3)],
         "decode_tokens_per_s": round(1000 * batch / med_tpot, 3),

@@ -195,10 +195,9 @@ class CpuExecutor:
             raise
 
     def _inline(self, run: Callable[[], dict]) -> dict:
-        # The calling thread keeps this count afterwards: switching the OpenMP team's size on every
-        # job re-forms the team twice per job (1.6 ms per job measured on an H200 host with 16
-        # cores, scripts/offload_profile.py). Its own torch work is small GPU launches on CUDA, and
-        # on a CPU device the executor runs with the dense path's count anyway.
+        # The calling thread keeps this count afterwards: switching the OpenMP team's size around
+        # every job makes the runtime re-form the team twice per job. Its own torch work is small
+        # GPU launches on CUDA, and on a CPU device the executor runs with the dense path's count.
         if torch.get_num_threads() != self.threads:
             torch.set_num_threads(self.threads)
         return run()
