@@ -60,15 +60,20 @@ def plot(path: Path, output: Path) -> Path:
 
 def markdown_table(path: Path) -> str:
     card, points = read_rows(path)
+    gbps = card.get("host_bandwidth_gbps")
+    bandwidth = f"; host read bandwidth {gbps} GB/s" if gbps else ""
     head = (f"{card.get('geometry')} geometry, {card.get('layers')} layers, {card.get('dtype')}, batch 1, "
             f"{card.get('prompt_tokens')}-token prompts, {card.get('gen_tokens')} generated tokens, "
             f"median of {card.get('prompts')} prompts; GPU: {card.get('gpu')}; CPU threads: {card.get('cpu_threads')}"
-            f"{' (' + card['cpu_mode'] + ')' if card.get('cpu_mode') else ''}; "
+            f"{' (' + card['cpu_mode'] + ')' if card.get('cpu_mode') else ''}"
+            f"{bandwidth}; "
             f"torch {card.get('torch')}; commit {card.get('git_sha')}.\n\n")
     formats = any("expert_format" in p for p in points)
+    syncs = any(p.get("host_syncs_per_step") is not None for p in points)
     lead = "| experts | GPU memory (bf16 expert share) " if formats else ""
-    rows = [lead + "| policy | expert ratio | decode ms/token | tokens/s | TTFT ms | GPU hit rate | CPU experts/token | CPU ms/expert-token | H2D MB/token | measured/bound |",
-            "|---|---" * bool(formats) + "|---|---|---|---|---|---|---|---|---|---|"]
+    rows = [lead + "| policy | expert ratio | decode ms/token | tokens/s | TTFT ms | GPU hit rate | CPU experts/token | CPU ms/expert-token | H2D MB/token | measured/bound |"
+            + " host syncs/step |" * syncs,
+            "|---|---" * bool(formats) + "|---|---|---|---|---|---|---|---|---|---|" + "---|" * syncs]
     for p in points:
         first = f"| {p.get('expert_format', card.get('dtype'))} | {p.get('budget_ratio', p['expert_ratio']):.3g} " if formats else ""
         if p["policy"] == "accelerate":
@@ -78,5 +83,6 @@ def markdown_table(path: Path) -> str:
         cpu_ms = p.get("cpu_ms_per_expert_token")
         rows.append(first + f"| {p['policy']} | {p['expert_ratio']:.3g} | {p['decode_ms_per_token']:.1f} | {1000 / p['decode_ms_per_token']:.1f} | "
                     f"{p['ttft_ms']:.0f} | {p['gpu_hit_rate']:.2f} | {p['cpu_calls_per_token']:.2f} | "
-                    f"{f'{cpu_ms:.2f}' if cpu_ms else ''} | {p['h2d_bytes_per_token'] / 1e6:.0f} | {p['measured_over_bound']} |")
+                    f"{f'{cpu_ms:.2f}' if cpu_ms else ''} | {p['h2d_bytes_per_token'] / 1e6:.0f} | {p['measured_over_bound']} |"
+                    + (f" {p['host_syncs_per_step']:g} |" if p.get("host_syncs_per_step") is not None else " |") * syncs)
     return head + "\n".join(rows) + "\n"
