@@ -141,7 +141,7 @@ def load_engine(args: argparse.Namespace):
         policy=args.policy, gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads,
         cpu_mode=args.cpu_mode, hardware_profile=args.hardware_profile, routing_stats=args.routing_stats,
         max_context=args.max_context, expert_dtype=args.expert_dtype, group_size=args.group_size,
-        cuda_graphs=not args.no_cuda_graphs,
+        cuda_graphs=not args.no_cuda_graphs, max_batch=getattr(args, "max_batch", 1),
     )
 
 
@@ -377,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: $DAOP_API_KEY, else no key)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default: 1 MiB)")
     serve.add_argument("--model-name", default=None, help="model id clients use (default: the checkpoint folder's name)")
+    serve.add_argument("--max-batch", type=int, default=8, metavar="N",
+                       help="requests decoded together; more wait in a queue. Each holds a KV cache row of --max-context "
+                            "positions, reserved in the GPU budget (default: 8)")
     serve.set_defaults(func=cmd_serve)
     prof = sub.add_parser("profile", help="routing statistics of a calibration set (expert popularity, overlap, prediction); JSON")
     prof.add_argument("--model", "-m", default=None, help="checkpoint folder (default: the shipped daop-moe-mini)")

@@ -122,6 +122,7 @@ class Engine:
         engine = cls(model_dir, config, spec, decoder, tokenizer, time.perf_counter() - t0)
         engine.budget, engine.policy, engine.expert_format = runtime.budget, runtime.policy_name, runtime.fmt
         engine.threads, engine.generation_defaults = chosen_threads, defaults
+        engine.max_context = runtime_opts.max_context
         return engine
 
     def session(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodeSession:
@@ -243,28 +244,25 @@ class Engine:
                                  repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                                  frequency_penalty=frequency_penalty)
         prompt_ids = self.encode(prompt)
-        detok = StreamDecoder(self.tokenizer)
-        text, emitted = "", 0
+        text = TextStream(self.tokenizer, params.stop)
         stats = stats if stats is not None else GenerationStats()
         for token in self.generate_ids(prompt_ids, params, stats):
-            text += detok.push(token)
-            cut = find_stop(text, params.stop, emitted)
-            if cut is not None:
+            piece = text.push(token)
+            if piece:
+                yield piece
+            if text.stopped:
                 stats.finish_reason = "stop"
-                if cut > emitted:
-                    yield text[emitted:cut]
                 return
-            safe = len(text) - held_back(text, params.stop)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        text += detok.flush()
-        cut = find_stop(text, params.stop, emitted)
-        if cut is not None:
+        piece = text.finish()
+        if text.stopped:
             stats.finish_reason = "stop"
-        end = len(text) if cut is None else cut
-        if end > emitted:
-            yield text[emitted:end]
+        if piece:
+            yield piece
+
+    def sampling_params(self, **given: Any) -> SamplingParams:
+        """Checked SamplingParams: values left None come from generation_config.json, then the defaults."""
+        return sampling_params(self.generation_defaults, **{k: v for k, v in given.items() if k != "stop"},
+                               stop=tuple(given.get("stop") or ()))
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> str:
         """The whole completion as one string (same arguments as stream)."""
@@ -273,6 +271,38 @@ class Engine:
     def chat_prompt(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation rendered with the checkpoint's chat template."""
         return self.tokenizer.encode_chat(messages, add_generation_prompt=True)
+
+
+class TextStream:
+    """Generated token ids in, text pieces out: never a broken UTF-8 character, never part of a
+    stop string. `stopped` turns true once a stop string has appeared (nothing after it is given)."""
+
+    def __init__(self, tokenizer: Tokenizer | None, stops: Sequence[str]) -> None:
+        self.detok = StreamDecoder(tokenizer)
+        self.stops = tuple(stops)
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def _take(self, end: int) -> str:
+        piece = self.text[self.emitted:end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return piece
+
+    def push(self, token: int) -> str:
+        """The text that is safe to give after this token ('' when none)."""
+        self.text += self.detok.push(token)
+        cut = find_stop(self.text, self.stops, self.emitted)
+        if cut is not None:
+            self.stopped = True
+            return self._take(cut)
+        return self._take(len(self.text) - held_back(self.text, self.stops))
+
+    def finish(self) -> str:
+        """The rest of the text once generation has ended (up to a stop string, if one appears)."""
+        self.text += self.detok.flush()
+        cut = find_stop(self.text, self.stops, self.emitted)
+        if cut is not None:
+            self.stopped = True
+        return self._take(len(self.text) if cut is None else cut)
 
 
 def find_stop(text: str, stops: Sequence[str], emitted: int) -> int | None:

@@ -115,11 +115,12 @@ class Decoder:
 
     def begin_decode(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
                      pad: torch.Tensor | None = None) -> tuple[torch.Tensor, Step]:
-        """Embed one token per row, input_ids [B, 1] on the device, at position pos [1] (a device tensor).
+        """Embed one token per row, input_ids [B, 1] on the device, at position pos [1] (every row) or
+        pos [B] (a position per row: sequences of different lengths in one batch), a device tensor.
 
         Fixed shapes and no host values: rotary rows are gathered from a table, the cache is written
         at pos and read whole under a mask. Every decode step runs this, captured or not."""
-        positions = pos.expand(input_ids.shape[0], 1)
+        positions = pos.view(-1, 1).expand(input_ids.shape[0], 1)
         if pad is not None:
             positions = (positions - pad[:, None]).clamp(min=0)
         cos, sin = self.rotary.table(self.dtype, cache.max_len)

@@ -121,10 +121,32 @@ class KVCache:
         return self.keys[layer_idx][:, :, :end], self.values[layer_idx][:, :, :end]
 
     def write_at(self, layer_idx: int, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v [B, G, T, d] at positions pos [T] (a device tensor); returns the whole cache."""
-        self.keys[layer_idx].index_copy_(2, pos, k)
-        self.values[layer_idx].index_copy_(2, pos, v)
-        return self.keys[layer_idx], self.values[layer_idx]
+        """Write one new token's k, v [B, G, 1, d] at position pos [1] (every row) or pos [B] (one
+        position per row), a device tensor; returns the whole cache."""
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        if pos.numel() == 1:
+            keys.index_copy_(2, pos, k)
+            values.index_copy_(2, pos, v)
+        else:
+            index = pos.view(-1, 1, 1, 1).expand_as(k)
+            keys.scatter_(2, index, k)
+            values.scatter_(2, index, v)
+        return keys, values
+
+    def rows(self, first: int, end: int, length: int | None = None) -> "KVCache":
+        """A cache over rows [first, end) and the first `length` positions of this one (views:
+        writes land here)."""
+        length = length or self.max_len
+        view = KVCache.__new__(KVCache)
+        view.batch, view.max_len = end - first, length
+        view.keys = [k[first:end, :, :length] for k in self.keys]
+        view.values = [v[first:end, :, :length] for v in self.values]
+        return view
+
+    def move_row(self, src: int, dst: int, length: int) -> None:
+        """Copy the first `length` positions of row src into row dst, in every layer."""
+        for t in (*self.keys, *self.values):
+            t[dst, :, :length] = t[src, :, :length]
 
 
 class Attention:
@@ -229,10 +251,11 @@ def attention_mask(
 
 
 def decode_mask(pos: torch.Tensor, pad: torch.Tensor | None, max_len: int) -> torch.Tensor:
-    """Boolean mask [B or 1, 1, 1, S_max] (True = attend) for one new token at position pos [1]
-    (a device tensor): every written position up to pos, less each row's left padding pad [B]."""
+    """Boolean mask [B or 1, 1, 1, S_max] (True = attend) for one new token at position pos [1] or,
+    one per row, pos [B] (a device tensor): every written position up to pos, less each row's left
+    padding pad [B]."""
     k_pos = torch.arange(max_len, device=pos.device)
-    mask = (k_pos <= pos)[None, None, None]
+    mask = (k_pos[None] <= pos[:, None])[:, None, None]
     if pad is not None:
         mask = mask & (k_pos[None] >= pad[:, None])[:, None, None]
     return mask

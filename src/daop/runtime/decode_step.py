@@ -40,25 +40,27 @@ def cache_length(decoder: Decoder, needed: int) -> int:
 
 
 class StepInputs:
-    """A step's token ids [B, 1] and position [1] on the device, staged in one pinned host buffer
-    and moved in one non-blocking copy (a token already on the device is copied there)."""
+    """A step's token ids [B, 1] and position [1] (or one per row, [B]) on the device, staged in one
+    pinned host buffer and moved in one non-blocking copy (a token already on the device is copied
+    there)."""
 
-    def __init__(self, batch: int, device: torch.device) -> None:
+    def __init__(self, batch: int, device: torch.device, per_row: bool = False) -> None:
         cuda = device.type == "cuda"
         self.batch, self.cuda = batch, cuda
-        self.host = torch.zeros(batch + 1, dtype=torch.long, pin_memory=cuda)
-        self.device_buf = torch.zeros(batch + 1, dtype=torch.long, device=device) if cuda else self.host
+        size = 2 * batch if per_row else batch + 1
+        self.host = torch.zeros(size, dtype=torch.long, pin_memory=cuda)
+        self.device_buf = torch.zeros(size, dtype=torch.long, device=device) if cuda else self.host
         self.ids = self.device_buf[:batch].view(batch, 1)
         self.pos = self.device_buf[batch:]
         self.copied: torch.cuda.Event | None = None
 
-    def load(self, tokens: Sequence[int] | torch.Tensor, position: int) -> None:
+    def load(self, tokens: Sequence[int] | torch.Tensor, position: int | Sequence[int]) -> None:
         if self.copied is not None:
             self.copied.synchronize()  # the last copy has read the host buffer
         on_device = isinstance(tokens, torch.Tensor) and tokens.device == self.device_buf.device and self.cuda
         if not on_device:
             self.host[: self.batch] = torch.as_tensor(tokens, dtype=torch.long).reshape(self.batch)
-        self.host[self.batch] = position
+        self.host[self.batch:] = torch.as_tensor(position, dtype=torch.long)
         if not self.cuda:
             return
         if on_device:

@@ -46,6 +46,7 @@ class RuntimeOptions:
     expert_dtype: str | None = None  # auto (the model's dtype), int8 or int4: how routed experts are stored
     group_size: int | None = None  # int4: input channels per scale and zero (None: the default, 128)
     cuda_graphs: bool = True  # capture decode steps that stay on the device (the all-GPU path)
+    max_batch: int = 1  # sequences served at once (`daop serve`): KV cache rows reserved in the budget
 
     def __post_init__(self) -> None:
         if self.policy is not None and self.policy not in ALL_POLICIES:
@@ -54,6 +55,8 @@ class RuntimeOptions:
             raise DaopError(f"--cpu-threads must be a positive integer, got {self.cpu_threads!r}")
         if self.cpu_mode is not None and self.cpu_mode not in CPU_MODES:
             raise DaopError(f"--cpu-mode must be one of {', '.join(CPU_MODES)}, got {self.cpu_mode!r}")
+        if not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool) or self.max_batch < 1:
+            raise DaopError(f"--max-batch must be a positive integer, got {self.max_batch!r}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise DaopError(f"--group-size must be a positive integer, got {self.group_size!r}")
 
@@ -129,7 +132,7 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
     if host is not None and host.fmt != fmt:
         raise DaopError(f"the host experts are stored as {host.fmt.name}, this runtime asks for {fmt.name}")
     context = min(opts.max_context or c.context_length, c.context_length)
-    kv = KVCache.bytes_needed(c, kv_batch, context, decoder.dtype)
+    kv = KVCache.bytes_needed(c, max(kv_batch, opts.max_batch), context, decoder.dtype)
     free = torch.cuda.mem_get_info(dev)[0] + dense_bytes(decoder) if dev.type == "cuda" else None
     budget = resolve_budget(c, fmt.bytes(c.hidden_size, c.expert_intermediate_size), dense_bytes(decoder), kv, free,
                             opts.gpu_memory, opts.expert_ratio)

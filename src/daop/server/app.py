@@ -21,7 +21,7 @@ from daop.server.metrics import Metrics, MetricsMiddleware
 from daop.server.auth import ApiKeyMiddleware
 from daop.server.schemas import (DEFAULT_MAX_BODY_BYTES, ApiError, ChatCompletionRequest, ClientGone, CompletionRequest,
                                  _Common, _validation_error, check_fields, read_json)
-from daop.server.worker import Job, Worker
+from daop.server.worker import DEFAULT_MAX_BATCH, Job, Worker
 
 log = logging.getLogger("daop.server")
 
@@ -31,13 +31,13 @@ DISCONNECT_POLL_S = 0.25       # how often a waiting non-streamed request checks
 # -------------------------------------------------------------------------------------------------- app
 
 def create_app(engine: Any, model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               api_key: Optional[str] = None) -> FastAPI:
+               api_key: Optional[str] = None, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
     """The FastAPI app serving engine under model_name. The worker thread starts with the app's lifespan.
 
     With api_key, every endpoint but /health needs `Authorization: Bearer <api_key>`.
     """
     metrics = Metrics()
-    worker = Worker(engine, metrics)
+    worker = Worker(engine, metrics, max_batch)
     created = int(time.time())
 
     @asynccontextmanager
@@ -73,7 +73,7 @@ def create_app(engine: Any, model_name: str, max_body_bytes: int = DEFAULT_MAX_B
 
     @app.get("/metrics")
     async def get_metrics() -> PlainTextResponse:
-        text = metrics.render(model_name, worker.waiting, worker.active is not None, worker.counters)
+        text = metrics.render(model_name, worker.waiting, worker.running, worker.counters)
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.post("/v1/completions")
@@ -277,7 +277,7 @@ def serve(args: Any) -> int:
         raise DaopError("--api-key must not be empty")
     engine = load_engine(args)
     name = args.model_name or Path(engine.model_dir).resolve().name or "daop"
-    app = create_app(engine, name, args.max_body_bytes, args.api_key)
+    app = create_app(engine, name, args.max_body_bytes, args.api_key, args.max_batch)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     log.info("serving %s on http://%s:%d/v1 (device %s, loaded in %.1f s)", name, args.host, args.port,
              engine.device, engine.load_s)

@@ -55,7 +55,7 @@ class Metrics:
         with self._lock:
             self.cancellations += 1
 
-    def render(self, model: str, waiting: int, active: bool, engine_counters: dict[str, float]) -> str:
+    def render(self, model: str, waiting: int, running: int, engine_counters: dict[str, float]) -> str:
         out: list[str] = []
 
         def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
@@ -75,7 +75,9 @@ class Metrics:
             metric("daop_decode_tokens_per_second", "gauge", "Decode speed of the last finished generation.",
                    [("", self.last_decode_tps)])
             metric("daop_queue_depth", "gauge", "Generation requests waiting for the worker.", [("", waiting)])
-            metric("daop_generation_active", "gauge", "1 while the worker is generating.", [("", int(active))])
+            metric("daop_generation_active", "gauge", "1 while the worker is generating.", [("", int(running > 0))])
+            metric("daop_batch_running", "gauge", "Sequences in the running batch (prefilling or decoding; each holds "
+                   "one KV cache row).", [("", running)])
             samples: list[tuple[str, float]] = []
             for e, h in sorted(self.durations.items()):
                 lab = _esc(e)

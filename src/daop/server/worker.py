@@ -1,5 +1,7 @@
-"""The generation worker: one thread runs all model code, taking jobs from a FIFO queue, and stops a job
-between tokens when its client goes away."""
+"""The generation worker: one thread runs all model code. Requests join a running batch between decode
+steps (`daop.batching.Batcher`: iteration-level scheduling, at most --max-batch sequences at once,
+the rest waiting first come first served) and leave it when finished, stopped or cancelled; a
+cancelled request (its client went away) leaves at the next step."""
 from __future__ import annotations
 
 import asyncio
@@ -8,8 +10,11 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
+import torch
+
+from daop.batching import Batcher, Sequence
 from daop.engine import GenerationStats
 from daop.errors import DaopError
 from daop.server.metrics import Metrics, engine_counters
@@ -17,22 +22,7 @@ from daop.server.schemas import ApiError
 
 log = logging.getLogger("daop.server")
 
-
-class _Cancelled(Exception):
-    pass
-
-
-class _CancellableStats(GenerationStats):
-    """Stats the engine updates once per token; raising from that update stops the generation between tokens."""
-
-    def __init__(self, cancel: threading.Event) -> None:
-        object.__setattr__(self, "_cancel", cancel)
-        super().__init__()
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name == "generated_tokens" and value and self._cancel.is_set():
-            raise _Cancelled()
-        object.__setattr__(self, name, value)
+DEFAULT_MAX_BATCH = 8
 
 
 @dataclass
@@ -56,21 +46,26 @@ class Job:
 
 
 class Worker:
-    """The one thread that runs model code, taking jobs first come first served."""
+    """The one thread that runs model code: a Batcher fed from a FIFO queue of jobs."""
 
-    def __init__(self, engine: Any, metrics: "Metrics") -> None:
+    def __init__(self, engine: Any, metrics: "Metrics", max_batch: int = DEFAULT_MAX_BATCH) -> None:
         self.engine, self.metrics = engine, metrics
+        self.max_batch = max_batch
         self.jobs: queue.Queue[Optional[Job]] = queue.Queue()
-        self.active: Optional[Job] = None
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._waiting = 0  # submitted, not yet running
+        self._running = 0  # in the batch (prefilling or decoding)
         self._stopping = False
-        self.counters: dict[str, float] = {}   # engine.counters() as of the last finished job (read by /metrics)
+        self.counters: dict[str, float] = {}   # engine.counters() as of the last step (read by /metrics)
         self._thread = threading.Thread(target=self._loop, name="daop-generation", daemon=True)
 
     @property
     def waiting(self) -> int:
         return self._waiting
+
+    @property
+    def running(self) -> int:
+        return self._running
 
     def start(self) -> None:
         self._thread.start()
@@ -85,11 +80,8 @@ class Worker:
         return self._stopping
 
     def begin_stop(self) -> None:
-        """Stop the generation in progress between tokens; jobs still queued are answered as cancelled."""
-        self._stopping = True
-        active = self.active
-        if active is not None:
-            active.cancel.set()
+        """Stop the generations in progress between tokens; jobs still queued are answered as cancelled."""
+        self._stopping = True  # the loop cancels the batch at its next iteration
 
     def stop(self, timeout: float = 10.0) -> None:
         self.begin_stop()
@@ -98,58 +90,73 @@ class Worker:
 
     def _loop(self) -> None:
         self.counters = engine_counters(self.engine)
+        try:
+            batcher = Batcher(self.engine, max_batch=self.max_batch, max_len=getattr(self.engine, "max_context", None))
+        except DaopError:
+            log.exception("cannot allocate the batch")
+            raise
         while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            with self._lock:
-                self._waiting -= 1
-            self.active = job
+            finished = False
+            try:  # wait for work when idle; otherwise take what has arrived and go on
+                job = self.jobs.get(block=batcher.idle())
+                while True:
+                    if job is None:
+                        finished = True
+                    else:
+                        self._start(job, batcher)
+                    job = self.jobs.get_nowait()
+            except queue.Empty:
+                pass
+            if self._stopping or finished:
+                batcher.cancel_all()
+                self._sync_counts(batcher)
+                if finished:
+                    return
+                continue
             try:
-                self._run(job)
+                with torch.inference_mode():
+                    batcher.step()
             except BaseException:  # never let the worker die: later requests would hang
                 log.exception("generation worker error")
-                job.emit("error", ApiError(500, "internal error in the generation worker"))
-            finally:
-                self.counters = engine_counters(self.engine)  # read here: the engine is only touched by this thread
-                self.active = None
+                batcher.fail_all(ApiError(500, "internal error in the generation worker"))
+            self._sync_counts(batcher)
+            self.counters = engine_counters(self.engine)  # read here: the engine is only touched by this thread
 
-    def _run(self, job: Job) -> None:
+    def _sync_counts(self, batcher: Batcher) -> None:
+        with self._lock:
+            self._running = batcher.running
+            self._waiting = self.jobs.qsize() + len(batcher.waiting)
+
+    def _start(self, job: Job, batcher: Batcher) -> None:
+        """Check a job and hand it to the batcher (or answer it at once)."""
         if job.cancel.is_set() or self._stopping:
             self.metrics.cancelled()
             job.emit("cancelled")
             return
-        stats = _CancellableStats(job.cancel)
-        gen = None
-        final: tuple[str, Any]
         try:
             ids = self.engine.chat_prompt(job.messages) if job.messages is not None else job.prompt
             ids = self.engine.encode(ids)
             self._check_context(job, len(ids))
-            gen = self.engine.stream(ids, stats=stats, **job.sampling)
-            job.emit("start", len(ids))
-            for piece in gen:
-                job.emit("text", piece)
-                if job.cancel.is_set():
-                    raise _Cancelled()
-            final = ("done", _stats_dict(stats))
-        except _Cancelled:
-            self.metrics.cancelled()
-            final = ("cancelled", None)
+            params = self.engine.sampling_params(**job.sampling)
         except DaopError as exc:
-            final = ("error", ApiError(400, str(exc)))
-        except Exception as exc:
-            log.exception("generation failed")
-            final = ("error", ApiError(500, f"internal error during generation: {type(exc).__name__}"))
-        finally:
-            if gen is not None:
-                try:
-                    gen.close()  # a no-op when finished; otherwise cancels it and frees its KV cache
-                except _Cancelled:
-                    pass
-        self.metrics.generation(stats)  # before the last event, so a client that got its answer sees the counts
-        job.emit(*final)
+            job.emit("error", ApiError(400, str(exc)))
+            return
+        job.emit("start", len(ids))
+        batcher.add(Sequence(ids, params, self._events_for(job), cancelled=job.cancel.is_set))
 
+    def _events_for(self, job: Job) -> Callable[[str, Any], None]:
+        def emit(kind: str, payload: Any) -> None:
+            if kind == "text":
+                job.emit("text", payload)
+            elif kind == "done":
+                self.metrics.generation(payload)  # before the last event: a client with its answer sees the counts
+                job.emit("done", _stats_dict(payload))
+            elif kind == "cancelled":
+                self.metrics.cancelled()
+                job.emit("cancelled")
+            else:
+                job.emit("error", payload if isinstance(payload, ApiError) else ApiError(400, str(payload)))
+        return emit
 
     def _check_context(self, job: Job, prompt_tokens: int) -> None:
         limit = getattr(getattr(self.engine, "config", None), "context_length", None)

@@ -1,0 +1,268 @@
+"""Iteration-level batching: sequences of different lengths decode together, joining and leaving
+between steps, each with its own sampling, stop strings, token budget and seed.
+
+The KV cache has `max_batch` rows of `max_len` positions, allocated once. The rows of decoding
+sequences are kept contiguous (a finished sequence's row is refilled from the last row), so a
+decode step runs `Decoder.decode` over rows [0, R) with one position per row: no padding, and
+expert routing only for real tokens. One iteration (`Batcher.step`) runs at most one prefill
+chunk of the oldest waiting sequence (a long prompt spreads over several iterations, so running
+sequences keep decoding), then one decode step for every decoding sequence.
+
+Placement rule for runners that adapt to a sequence (DAOP's per-sequence placement): each new
+sequence's prefill adapts the placement from where it stands, without resetting it while other
+sequences run; the runner restarts from the calibrated placement only when the batch is empty.
+Exact policies give every sequence the tokens it would get alone (greedy).
+Shapes: R decoding rows, V vocab.
+"""
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from daop.engine import Engine, GenerationStats, TextStream
+from daop.errors import DaopError
+from daop.generate import guarded, start_sequence
+from daop.model.layers import KVCache
+from daop.runtime.decode_step import StepInputs, cache_length
+from daop.sampling import Sampler, SamplingParams
+
+DEFAULT_CHUNK = 512  # prompt tokens per prefill chunk
+
+
+@dataclass
+class Sequence:
+    """One request in the batch. `emit(kind, payload)` receives ("text", piece) as text becomes
+    safe to send, then one final ("done", stats) or ("cancelled", None) or ("error", message)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    emit: Callable[[str, Any], None]
+    cancelled: Callable[[], bool] = lambda: False
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    # filled in by the batcher
+    row: int = -1
+    prefilled: int = 0  # prompt tokens in the cache
+    token: int = -1  # the last sampled token, fed at the next decode step
+    budget: int = 0
+    sampler: Sampler | None = None
+    text: TextStream | None = None
+    started: float = 0.0
+    first_token_at: float = 0.0
+
+    @property
+    def position(self) -> int:
+        """Where the next decode step writes: after the prompt and every fed token."""
+        return len(self.prompt) + self.stats.generated_tokens - 1
+
+
+class Batcher:
+    """Runs many sequences on one engine, one iteration at a time (`step`), from one thread."""
+
+    def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None, chunk: int = DEFAULT_CHUNK) -> None:
+        if max_batch < 1:
+            raise DaopError(f"--max-batch must be >= 1, got {max_batch}")
+        self.engine, self.decoder = engine, engine.decoder
+        self.max_batch, self.chunk = max_batch, max(1, chunk)
+        self.max_len = min(max_len or engine.config.context_length, engine.config.context_length)
+        self.cache = guarded(self.decoder, "allocation of the batch KV cache", KVCache, engine.config, max_batch,
+                             self.max_len, self.decoder.device, self.decoder.dtype)
+        self.waiting: deque[Sequence] = deque()
+        self.prefilling: Sequence | None = None  # in the row after the decoding ones
+        self.decoding: list[Sequence] = []  # row i holds decoding[i]
+        self.inputs: dict[int, StepInputs] = {}
+
+    @property
+    def running(self) -> int:
+        return len(self.decoding) + (self.prefilling is not None)
+
+    def idle(self) -> bool:
+        return not (self.waiting or self.prefilling or self.decoding)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; an empty prompt or one that leaves no room in a cache row is refused
+        at once with an error event (nothing else is touched)."""
+        if not seq.prompt:
+            seq.emit("error", "the prompt is empty")
+            return
+        room = self.max_len - len(seq.prompt)
+        if room < 1:
+            seq.emit("error", f"the prompt has {len(seq.prompt)} tokens; this server holds at most {self.max_len} "
+                              f"tokens per sequence (prompt and completion)")
+            return
+        seq.budget = min(seq.params.max_new_tokens, room)
+        seq.stats.prompt_tokens = len(seq.prompt)
+        seq.started = time.perf_counter()
+        self.waiting.append(seq)
+
+    def step(self) -> None:
+        """One iteration: drop cancelled sequences, run one prefill chunk, run one decode step."""
+        self._drop_cancelled()
+        if self.prefilling is None and self.waiting and self.running < self.max_batch:
+            self._admit(self.waiting.popleft())
+        if self.prefilling is not None:
+            self._prefill_chunk()
+        if self.decoding:
+            self._decode()
+
+    # --- internals ---
+
+    def _admit(self, seq: Sequence) -> None:
+        if self.idle_runner():
+            start_sequence(self.decoder)  # the batch was empty: start from the calibrated placement
+        seq.row = len(self.decoding)
+        seq.sampler = Sampler(seq.params, seq.prompt)
+        seq.text = TextStream(self.engine.tokenizer, seq.params.stop)
+        self.prefilling = seq
+
+    def idle_runner(self) -> bool:
+        return not self.decoding and self.prefilling is None
+
+    def _prefill_chunk(self) -> None:
+        seq = self.prefilling
+        assert seq is not None
+        start, end = seq.prefilled, min(len(seq.prompt), seq.prefilled + self.chunk)
+        ids = torch.tensor([seq.prompt[start:end]])
+        self.decoder.experts.set_phase("prefill")
+        t0 = time.perf_counter()
+        try:
+            logits = guarded(self.decoder, lambda: f"prefill of {len(seq.prompt)} prompt tokens", self.decoder.forward,
+                             ids, start, self.cache.rows(seq.row, seq.row + 1))
+        except DaopError as exc:
+            self.prefilling = None
+            self._fail_all(str(exc), [seq])
+            return
+        seq.stats.prefill_s += time.perf_counter() - t0
+        seq.prefilled = end
+        if end < len(seq.prompt):
+            return
+        self.prefilling = None
+        seq.first_token_at = time.perf_counter()
+        self.decoding.append(seq)
+        self._take(seq, int(seq.sampler(logits)[0]))
+
+    def _decode(self) -> None:
+        R = len(self.decoding)
+        inputs = self.inputs.get(R)
+        if inputs is None:
+            inputs = self.inputs[R] = StepInputs(R, self.decoder.device, per_row=True)
+        inputs.load([s.token for s in self.decoding], [s.position for s in self.decoding])
+        self.decoder.experts.set_phase("decode")
+        self.decoder.routing.begin(min(s.position for s in self.decoding), 1)
+        # attend over the positions written so far, rounded up as a single sequence's cache is
+        length = min(self.max_len, cache_length(self.decoder, max(s.position for s in self.decoding) + 1))
+        try:
+            logits = guarded(self.decoder, lambda: f"decode of a batch of {R} sequences", self.decoder.decode,
+                             inputs.ids, inputs.pos, self.cache.rows(0, R, length))
+        except DaopError as exc:
+            self._fail_all(str(exc), list(self.decoding))
+            return
+        for seq, row in zip(list(self.decoding), logits):
+            self._take(seq, int(seq.sampler(row[None])[0]))
+
+    def _take(self, seq: Sequence, token: int) -> None:
+        """A sampled token: the end (EOS), or text and maybe the end (stop string, budget)."""
+        if token in self.engine.eos_ids:
+            seq.stats.finish_reason = "stop"
+            return self._finish(seq, "done")
+        seq.stats.generated_tokens += 1
+        seq.stats.decode_s = time.perf_counter() - seq.first_token_at
+        seq.token = token
+        piece = seq.text.push(token)
+        if piece:
+            seq.emit("text", piece)
+        if seq.text.stopped:
+            seq.stats.finish_reason = "stop"
+            return self._finish(seq, "done")
+        if seq.stats.generated_tokens >= seq.budget:
+            seq.stats.finish_reason = "length"
+            self._finish(seq, "done")
+
+    def _finish(self, seq: Sequence, kind: str, payload: Any = None) -> None:
+        """Take seq out of the batch (its row refilled from the last decoding row) and send its end."""
+        if seq in self.decoding:
+            i, last = self.decoding.index(seq), len(self.decoding) - 1
+            if i != last:
+                moved = self.decoding[last]  # its token of this step may be written already: one more position
+                self.cache.move_row(last, i, min(self.max_len, moved.position + 2))
+                moved.row = i
+                self.decoding[i] = moved
+            self.decoding.pop()
+            if self.prefilling is not None and self.prefilling.row == last + 1:
+                # keep the prefilling row right after the decoding ones
+                self.cache.move_row(last + 1, last, self.prefilling.prefilled)
+                self.prefilling.row = last
+        if kind == "done":
+            piece = seq.text.finish() if seq.text is not None else ""
+            if seq.text is not None and seq.text.stopped:
+                seq.stats.finish_reason = "stop"
+            if piece:
+                seq.emit("text", piece)
+            payload = seq.stats
+        seq.emit(kind, payload)
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s in self.waiting if s.cancelled()]:
+            self.waiting.remove(seq)
+            seq.emit("cancelled", None)
+        if self.prefilling is not None and self.prefilling.cancelled():
+            seq, self.prefilling = self.prefilling, None
+            seq.emit("cancelled", None)
+        for seq in [s for s in self.decoding if s.cancelled()]:
+            self._finish(seq, "cancelled")
+
+    def _fail_all(self, message: Any, failed: list[Sequence]) -> None:
+        """A step failed (out of memory): its sequences end with the error, the runner is reset by
+        `guarded`, and the batch goes on with the rest."""
+        for seq in failed:
+            if seq in self.decoding:
+                self._finish(seq, "error", message)
+            else:
+                seq.emit("error", message)
+
+    def fail_all(self, error: Any) -> None:
+        """End every running sequence with `error` (an unexpected failure); the runner starts over."""
+        failed = list(self.decoding) + ([self.prefilling] if self.prefilling is not None else [])
+        self.prefilling = None
+        self._fail_all(error, failed)
+        start_sequence(self.decoder)
+
+    def cancel_all(self) -> None:
+        """End every sequence as cancelled (server shutdown)."""
+        for seq in list(self.waiting):
+            seq.emit("cancelled", None)
+        self.waiting.clear()
+        if self.prefilling is not None:
+            self.prefilling.emit("cancelled", None)
+            self.prefilling = None
+        for seq in list(self.decoding):
+            self._finish(seq, "cancelled")
+
+
+def generate_many(engine: Engine, prompts: list[Any], params: SamplingParams | list[SamplingParams],
+                  max_batch: int = 8, chunk: int = DEFAULT_CHUNK) -> list[dict[str, Any]]:
+    """Run several prompts through one Batcher until all are done: per prompt its text, token count
+    and finish reason (for scripts and tests; the server feeds a Batcher as requests arrive)."""
+    batcher = Batcher(engine, max_batch=max_batch, chunk=chunk)
+    results: list[dict[str, Any]] = [{"text": "", "finish_reason": None} for _ in prompts]
+    plist = params if isinstance(params, list) else [params] * len(prompts)
+
+    def sink(i: int) -> Callable[[str, Any], None]:
+        def emit(kind: str, payload: Any) -> None:
+            if kind == "text":
+                results[i]["text"] += payload
+            elif kind == "done":
+                results[i].update(finish_reason=payload.finish_reason, tokens=payload.generated_tokens)
+            else:
+                results[i].update(finish_reason=kind, error=payload)
+        return emit
+
+    for i, (prompt, p) in enumerate(zip(prompts, plist)):
+        batcher.add(Sequence(engine.encode(prompt), p, sink(i)))
+    with torch.inference_mode():
+        while not batcher.idle():
+            batcher.step()
+    return results

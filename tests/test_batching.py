@@ -1,0 +1,100 @@
+"""Iteration-level batching (`daop.batching`): sequences joining and leaving a running batch get the
+tokens they get alone, whatever else runs beside them, under every exact policy."""
+import pytest
+import torch
+
+from daop.batching import Batcher, Sequence, generate_many
+from daop.engine import Engine
+from daop.sampling import SamplingParams
+
+PROMPTS = ["In the beginning God created", "ROMEO. But soft, what light", "def fibonacci(n):",
+           "The os module provides", "hacker n.", "And the LORD spake unto Moses, saying,", "import json\n",
+           "CYNIC, n. A blackguard whose faulty vision sees things as they are, not as they ought to be."]
+LIMITS = [20, 5, 33, 12, 40, 8, 25, 17]
+STOPS = [(), (), ("\n\n",), (), (".",), (), ("import",), ()]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return Engine.from_pretrained(None, device="cpu", progress=False)
+
+
+def alone(engine, prompt, params):
+    return engine.generate(prompt, max_new_tokens=params.max_new_tokens, stop=list(params.stop),
+                           temperature=params.temperature, seed=params.seed, top_p=params.top_p)
+
+
+@pytest.mark.parametrize("max_batch,chunk", [(8, 512), (3, 4)])
+def test_concurrent_sequences_equal_each_alone(shipped, max_batch, chunk):
+    """Eight requests of different lengths, stops and budgets; fewer rows than requests (a queue) and
+    prompts prefilled in chunks of 4 tokens between decode steps."""
+    params = [SamplingParams(max_new_tokens=n, stop=s) for n, s in zip(LIMITS, STOPS)]
+    want = [alone(shipped, p, q) for p, q in zip(PROMPTS, params)]
+    got = generate_many(shipped, PROMPTS, params, max_batch=max_batch, chunk=chunk)
+    assert [g["text"] for g in got] == want
+    assert all(g["finish_reason"] in ("stop", "length") for g in got)
+
+
+def test_seeded_sampling_is_per_request(shipped):
+    params = [SamplingParams(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=s) for s in (1, 2, 3)]
+    want = [alone(shipped, PROMPTS[0], q) for q in params]
+    assert [g["text"] for g in generate_many(shipped, [PROMPTS[0]] * 3, params)] == want
+
+
+@pytest.mark.parametrize("policy", ["lru", "daop-exact", "static"])
+def test_offloaded_policies_batch_exactly(tiny_dir, policy):
+    _, path = tiny_dir("mixtral")
+    ref = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False)
+    engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy=policy, expert_ratio=0.5)
+    prompts = [[5, 17, 42, 99, 3], [250, 7, 64, 128, 31, 77, 200, 9], [11, 12]]
+    for e in (ref, engine):
+        e.eos_ids = frozenset()
+    params = SamplingParams(max_new_tokens=10)
+    want = [ref.generate(p, max_new_tokens=10) for p in prompts]
+    got = generate_many(engine, prompts, params, max_batch=2, chunk=3)
+    assert [g["text"] for g in got] == want and all(g["tokens"] == 10 for g in got)
+
+
+def test_a_cancelled_sequence_leaves_and_the_others_are_unchanged(shipped):
+    params = SamplingParams(max_new_tokens=16)
+    want = [alone(shipped, p, params) for p in PROMPTS[:4]]
+    events = {i: [] for i in range(4)}
+    batcher = Batcher(shipped, max_batch=4)
+    seqs = []
+    for i, p in enumerate(PROMPTS[:4]):
+        seq = Sequence(shipped.encode(p), params, lambda kind, payload, i=i: events[i].append((kind, payload)),
+                       cancelled=lambda i=i: i == 1 and len(seqs[1].text.text if seqs[1].text else "") > 0)
+        seqs.append(seq)
+        batcher.add(seq)
+    with torch.inference_mode():
+        while not batcher.idle():
+            batcher.step()
+    assert events[1][-1] == ("cancelled", None)
+    for i in (0, 2, 3):
+        assert events[i][-1][0] == "done"
+        assert "".join(p for k, p in events[i] if k == "text") == want[i]
+    assert batcher.running == 0 and not batcher.decoding
+
+
+def test_prompts_that_cannot_fit_are_refused_alone(shipped):
+    events = []
+    batcher = Batcher(shipped, max_batch=2, max_len=64)
+    batcher.add(Sequence(list(range(3, 70)), SamplingParams(max_new_tokens=4), lambda k, p: events.append((k, p))))
+    batcher.add(Sequence([], SamplingParams(max_new_tokens=4), lambda k, p: events.append((k, p))))
+    assert [k for k, _ in events] == ["error", "error"]
+    assert "67 tokens" in events[0][1] and "64" in events[0][1]
+    assert batcher.idle()
+    # a completion that would outgrow the row stops at its end
+    out = []
+    batcher.add(Sequence(list(range(3, 60)), SamplingParams(max_new_tokens=50), lambda k, p: out.append((k, p))))
+    with torch.inference_mode():
+        while not batcher.idle():
+            batcher.step()
+    assert out[-1][0] == "done" and out[-1][1].generated_tokens <= 64 - 57
+
+
+def test_max_batch_must_be_positive(shipped):
+    from daop.errors import DaopError
+
+    with pytest.raises(DaopError, match="max-batch"):
+        Batcher(shipped, max_batch=0)
