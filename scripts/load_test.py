@@ -92,6 +92,7 @@ def main() -> int:
     ap.add_argument("--base-url", default="http://127.0.0.1:8000", help="server root (loopback only)")
     ap.add_argument("--serve", metavar="CHECKPOINT", default=None, help="start `daop serve` on this checkpoint first")
     ap.add_argument("--device", default=None, help="with --serve: cpu or cuda")
+    ap.add_argument("--max-batch", type=int, default=None, help="with --serve: the server's --max-batch")
     ap.add_argument("-n", "--requests", type=int, default=50)
     ap.add_argument("-c", "--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -107,7 +108,8 @@ def main() -> int:
     if args.serve:
         port = free_port()
         host = "127.0.0.1"
-        proc, _ = start_server(args.serve, args.device, port, timeout=300, label="load")
+        extra = ["--max-batch", str(args.max_batch)] if args.max_batch else []
+        proc, _ = start_server(args.serve, args.device, port, timeout=300, label="load", extra=extra)
     else:
         url = urlsplit(args.base_url)
         host, port = url.hostname or "", url.port or 80

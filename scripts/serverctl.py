@@ -26,12 +26,12 @@ def http_get(host: str, port: int, path: str, timeout: float = 5) -> tuple[int, 
 
 
 def start_server(model: str, device: str | None, port: int, timeout: float, log_path: str | None = None,
-                 label: str = "serve") -> tuple[subprocess.Popen, str]:
+                 label: str = "serve", extra: list[str] | None = None) -> tuple[subprocess.Popen, str]:
     """`daop serve` on 127.0.0.1:port, once /health answers; (process, log file)."""
     if log_path is None:
         log_path = tempfile.NamedTemporaryFile(prefix=f"daop-{label}-", suffix=".log", delete=False).name
     cmd = [sys.executable, "-m", "daop.cli", "serve", "--model", model, "--host", "127.0.0.1", "--port", str(port),
-           "--no-progress"] + (["--device", device] if device else [])
+           "--no-progress"] + (["--device", device] if device else []) + list(extra or [])
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout
