@@ -239,10 +239,9 @@ class Engine:
         defaults of SamplingParams (greedy). Pass `stats` to receive this call's numbers (token counts,
         finish_reason) when several generations share the engine; otherwise read `engine.last_stats`.
         """
-        params = sampling_params(self.generation_defaults, max_new_tokens=max_new_tokens, temperature=temperature,
-                                 top_p=top_p, top_k=top_k, seed=seed, stop=tuple(stop or ()), min_p=min_p,
-                                 repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-                                 frequency_penalty=frequency_penalty)
+        params = self.sampling_params(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                      seed=seed, stop=stop, min_p=min_p, repetition_penalty=repetition_penalty,
+                                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
         prompt_ids = self.encode(prompt)
         text = TextStream(self.tokenizer, params.stop)
         stats = stats if stats is not None else GenerationStats()
@@ -261,8 +260,7 @@ class Engine:
 
     def sampling_params(self, **given: Any) -> SamplingParams:
         """Checked SamplingParams: values left None come from generation_config.json, then the defaults."""
-        return sampling_params(self.generation_defaults, **{k: v for k, v in given.items() if k != "stop"},
-                               stop=tuple(given.get("stop") or ()))
+        return sampling_params(self.generation_defaults, **{**given, "stop": tuple(given.get("stop") or ())})
 
     def generate(self, prompt: str | Sequence[int], **kwargs: Any) -> str:
         """The whole completion as one string (same arguments as stream)."""
