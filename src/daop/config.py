@@ -72,6 +72,10 @@ class ModelConfig:
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.moe_layers[layer_idx] if self.moe_layers else True
 
+    def moe_layer_ids(self) -> list[int]:
+        """The layers with routed experts, ascending."""
+        return [i for i in range(self.num_layers) if self.is_moe_layer(i)]
+
 
 def read_json(path: Path, what: str) -> dict[str, Any]:
     """Read a JSON object file, turning every failure into a DaopError naming the file."""

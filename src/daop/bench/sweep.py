@@ -170,7 +170,7 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     syncs = syncs_per_step(engine, args.traces[0] if traced else groups[1], traced)
     steps = sum(s for *_, s in totals)
     agg = {k: sum(c[k] for _, _, c, _ in totals) / steps for k in totals[0][2]} if totals[0][2] else {}
-    moe_layers = sum(engine.config.is_moe_layer(i) for i in range(engine.config.num_layers))
+    moe_layers = len(engine.config.moe_layer_ids())
     resident = agg.get("resident_calls", engine.config.top_k * moe_layers)
     missing = agg.get("cpu_calls", 0.0) + agg.get("copy_calls", 0.0)
     host_bytes = agg.get("cpu_calls", 0.0) * expert_bytes + agg.get("copied_bytes", 0.0)

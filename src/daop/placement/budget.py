@@ -54,10 +54,6 @@ class Budget:
                 f"{fmt_bytes(self.kv_bytes)} KV cache + {fmt_bytes(self.workspace_bytes)} workspace")
 
 
-def num_moe_layers(config: ModelConfig) -> int:
-    return sum(config.is_moe_layer(i) for i in range(config.num_layers))
-
-
 def resolve_budget(
     config: ModelConfig,
     per_expert_bytes: int,
@@ -72,7 +68,7 @@ def resolve_budget(
 
     per_expert_bytes: one routed expert in its stored format (`ExpertFormat.bytes`), so a low-bit
     format fits 2x (int8) or about 4x (int4) more experts into the same memory."""
-    total = num_moe_layers(config) * config.num_experts
+    total = len(config.moe_layer_ids()) * config.num_experts
     per = per_expert_bytes
     work = workspace_bytes if workspace_bytes is not None else max(256 * 2**20, dense_bytes // 20)
     if gpu_memory is not None and expert_ratio is not None:

@@ -143,7 +143,7 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
         if host is not None:
             experts.fill_from(host)
         return PreparedRuntime(budget, policy_name, fmt, experts.load_views, experts.stored_views, lambda: experts)
-    moe_layers = [i for i in range(c.num_layers) if c.is_moe_layer(i)]
+    moe_layers = c.moe_layer_ids()
     if dev.type == "cpu" and opts.cpu_threads is None:
         # CPU experts use the "GPU" work's thread count, so exact policies stay bitwise equal, and
         # the profile is measured at that count

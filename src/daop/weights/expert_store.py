@@ -19,10 +19,6 @@ from daop.quant import (ExpertFormat, ScratchBuffers, copy_into_slot, routed_exp
                         staged_views, stored_views)
 
 
-def moe_layers(config: ModelConfig) -> list[int]:
-    return [i for i in range(config.num_layers) if config.is_moe_layer(i)]
-
-
 class HostExperts:
     """Every routed expert in host memory: per MoE layer, each of the format's tensors stacked over
     the E experts, allocated (and pinned) once."""
@@ -33,7 +29,7 @@ class HostExperts:
         E = config.num_experts
         shapes = self.fmt.shapes(self.hidden, self.inter)
         self.tensors = {l: [torch.empty(E, *shape, dtype=dtype, pin_memory=pin) for shape, dtype in shapes]
-                        for l in moe_layers(config)}
+                        for l in config.moe_layer_ids()}
         self.pinned = pin
         self.scratch = ScratchBuffers(self.fmt.dtype)
 
@@ -96,7 +92,7 @@ class ResidentExperts:
         E = config.num_experts
         shapes = slot_shapes(self.fmt, self.hidden, self.inter, device)
         self.tensors = {l: [torch.empty(E, *shape, dtype=dtype, device=device) for shape, dtype in shapes]
-                        for l in moe_layers(config)}
+                        for l in config.moe_layer_ids()}
         self.scratch = ScratchBuffers(self.fmt.dtype)
         self.stored_scratch: dict = {}
 
