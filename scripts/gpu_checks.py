@@ -38,7 +38,8 @@ PROMPTS = [
     "CYNIC, n. A blackguard whose faulty vision sees things as they are,",
 ]
 EXACT_POLICIES = ["static", "fiddler", "ondemand", "lru", "daop-exact", "daop-strict"]
-TEST_FILES = ["tests/test_policies.py", "tests/test_daop.py", "tests/test_reliability.py"]
+TEST_FILES = ["tests/test_policies.py", "tests/test_daop.py", "tests/test_reliability.py", "tests/test_decode_step.py",
+              "tests/test_batching.py"]
 
 
 def run_tests(dtype: str) -> dict:

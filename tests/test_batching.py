@@ -98,3 +98,20 @@ def test_max_batch_must_be_positive(shipped):
 
     with pytest.raises(DaopError, match="max-batch"):
         Batcher(shipped, max_batch=0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_captured_batch_steps_equal_eager_ones(tiny_dir):
+    """On CUDA the batch's decode steps are captured per (rows, cache length): the same tokens as eager."""
+    from daop.runtime.decode_step import captures
+
+    _, path = tiny_dir("mixtral")
+    graphed = Engine.from_pretrained(path, device="cuda", dtype="bf16", progress=False)
+    if not captures(graphed.decoder, 3):
+        pytest.skip("steps are not captured here (no Triton)")
+    eager = Engine.from_pretrained(path, device="cuda", dtype="bf16", progress=False, cuda_graphs=False)
+    prompts = [[5, 17, 42, 99, 3], [250, 7, 64, 128, 31, 77, 200, 9], [11, 12]]
+    params = SamplingParams(max_new_tokens=12)
+    for e in (graphed, eager):
+        e.eos_ids = frozenset()
+    assert generate_many(graphed, prompts, params, max_batch=3) == generate_many(eager, prompts, params, max_batch=3)

@@ -8,6 +8,9 @@ expert routing only for real tokens. One iteration (`Batcher.step`) runs at most
 chunk of the oldest waiting sequence (a long prompt spreads over several iterations, so running
 sequences keep decoding), then one decode step for every decoding sequence.
 
+On CUDA, a decode step that stays on the device (the all-GPU path) is captured once per (rows,
+cache length) and replayed, as a single sequence's step is.
+
 Placement rule for runners that adapt to a sequence (DAOP's per-sequence placement): each new
 sequence's prefill adapts the placement from where it stands, without resetting it while other
 sequences run; the runner restarts from the calibrated placement only when the batch is empty.
@@ -16,6 +19,7 @@ Shapes: R decoding rows, V vocab.
 """
 from __future__ import annotations
 
+import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -25,12 +29,13 @@ import torch
 
 from daop.engine import Engine, GenerationStats, TextStream
 from daop.errors import DaopError
-from daop.generate import guarded, start_sequence
+from daop.generate import DEVICE_OOM, guarded, start_sequence
 from daop.model.layers import KVCache
-from daop.runtime.decode_step import StepInputs, cache_length
+from daop.runtime.decode_step import CapturedStep, StepInputs, cache_length, captures
 from daop.sampling import Sampler, SamplingParams
 
 DEFAULT_CHUNK = 512  # prompt tokens per prefill chunk
+log = logging.getLogger("daop.batching")
 
 
 @dataclass
@@ -74,6 +79,8 @@ class Batcher:
         self.prefilling: Sequence | None = None  # in the row after the decoding ones
         self.decoding: list[Sequence] = []  # row i holds decoding[i]
         self.inputs: dict[int, StepInputs] = {}
+        self.graphs: dict[tuple[int, int], CapturedStep] = {}  # (rows, cache length) -> captured decode step
+        self.capture = True  # turned off for good if a capture fails
 
     @property
     def running(self) -> int:
@@ -155,13 +162,30 @@ class Batcher:
         # attend over the positions written so far, rounded up as a single sequence's cache is
         length = min(self.max_len, cache_length(self.decoder, max(s.position for s in self.decoding) + 1))
         try:
-            logits = guarded(self.decoder, lambda: f"decode of a batch of {R} sequences", self.decoder.decode,
-                             inputs.ids, inputs.pos, self.cache.rows(0, R, length))
+            logits = guarded(self.decoder, lambda: f"decode of a batch of {R} sequences", self._run_step,
+                             inputs, self.cache.rows(0, R, length))
         except DaopError as exc:
             self._fail_all(str(exc), list(self.decoding))
             return
         for seq, row in zip(list(self.decoding), logits):
             self._take(seq, int(seq.sampler(row[None])[0]))
+
+    def _run_step(self, inputs: StepInputs, cache: KVCache) -> torch.Tensor:
+        """One decode step over the cache rows given: a captured CUDA graph per (rows, length) where
+        the step stays on the device (`decode_step.captures`), else eager."""
+        key = (cache.batch, cache.max_len)
+        if key not in self.graphs and self.capture and captures(self.decoder, cache.batch):
+            try:
+                self.graphs[key] = CapturedStep(self.decoder, cache, inputs, None)
+            except DEVICE_OOM:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly
+                self.capture = False
+                log.warning("decode steps of the batch run uncaptured: capture failed (%s: %s)", type(exc).__name__, exc)
+        graph = self.graphs.get(key)
+        if graph is None:
+            return self.decoder.decode(inputs.ids, inputs.pos, cache)
+        return graph.replay().clone()
 
     def _take(self, seq: Sequence, token: int) -> None:
         """A sampled token: the end (EOS), or text and maybe the end (stop string, budget)."""
