@@ -115,3 +115,18 @@ def test_captured_batch_steps_equal_eager_ones(tiny_dir):
     for e in (graphed, eager):
         e.eos_ids = frozenset()
     assert generate_many(graphed, prompts, params, max_batch=3) == generate_many(eager, prompts, params, max_batch=3)
+
+
+def test_max_batch_rows_are_reserved_in_the_budget(tiny_dir):
+    from daop.model.layers import KVCache
+    from daop.runtime.setup import auto_max_batch
+
+    assert auto_max_batch(100, None) == 8  # CPU: memory is not the limit
+    assert auto_max_batch(4 << 30, 24 << 30) == 1  # a long-context row on a 24 GB GPU: one at a time
+    assert auto_max_batch(512 << 20, 24 << 30) == 7
+    _, path = tiny_dir("mixtral")
+    for asked, rows in ((None, 8), (3, 3), (1, 1)):
+        engine = Engine.from_pretrained(path, device="cpu", progress=False, max_batch=asked)
+        c = engine.config
+        assert engine.max_batch == rows
+        assert engine.budget.kv_bytes == KVCache.bytes_needed(c, rows, c.context_length, engine.decoder.dtype)

@@ -338,7 +338,8 @@ def rigged_server(tiny_dir):
     from daop.engine import Engine
 
     _, path = tiny_dir("mixtral")
-    engine = Engine.from_pretrained(path, device="cpu", progress=False, policy="daop-exact", expert_ratio=0.5)
+    engine = Engine.from_pretrained(path, device="cpu", progress=False, policy="daop-exact", expert_ratio=0.5,
+                                    max_batch=None)  # as `daop serve` loads it: rows for concurrent requests
     forward, decode = engine.decoder.forward, engine.decoder.decode
 
     def failing_forward(ids, *args, **kwargs):

@@ -377,9 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: $DAOP_API_KEY, else no key)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, help="largest request body accepted (default: 1 MiB)")
     serve.add_argument("--model-name", default=None, help="model id clients use (default: the checkpoint folder's name)")
-    serve.add_argument("--max-batch", type=int, default=8, metavar="N",
+    serve.add_argument("--max-batch", type=int, default=None, metavar="N",
                        help="requests decoded together; more wait in a queue. Each holds a KV cache row of --max-context "
-                            "positions, reserved in the GPU budget (default: 8)")
+                            "positions, reserved in the GPU budget (default: 8 on a CPU; on a GPU up to 8, as many as "
+                            "keep the rows within 15%% of the free memory)")
     serve.set_defaults(func=cmd_serve)
     prof = sub.add_parser("profile", help="routing statistics of a calibration set (expert popularity, overlap, prediction); JSON")
     prof.add_argument("--model", "-m", default=None, help="checkpoint folder (default: the shipped daop-moe-mini)")

@@ -122,7 +122,7 @@ class Engine:
         engine = cls(model_dir, config, spec, decoder, tokenizer, time.perf_counter() - t0)
         engine.budget, engine.policy, engine.expert_format = runtime.budget, runtime.policy_name, runtime.fmt
         engine.threads, engine.generation_defaults = chosen_threads, defaults
-        engine.max_context = runtime_opts.max_context
+        engine.max_context, engine.max_batch = runtime_opts.max_context, runtime.max_batch
         return engine
 
     def session(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodeSession:

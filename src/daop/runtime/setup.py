@@ -46,7 +46,8 @@ class RuntimeOptions:
     expert_dtype: str | None = None  # auto (the model's dtype), int8 or int4: how routed experts are stored
     group_size: int | None = None  # int4: input channels per scale and zero (None: the default, 128)
     cuda_graphs: bool = True  # capture decode steps that stay on the device (the all-GPU path)
-    max_batch: int = 1  # sequences served at once (`daop serve`): KV cache rows reserved in the budget
+    max_batch: int | None = 1  # sequences served at once (`daop serve`): KV cache rows reserved in the
+    # budget; None: as many as fit in a share of the free memory (auto_max_batch)
 
     def __post_init__(self) -> None:
         if self.policy is not None and self.policy not in ALL_POLICIES:
@@ -55,7 +56,8 @@ class RuntimeOptions:
             raise DaopError(f"--cpu-threads must be a positive integer, got {self.cpu_threads!r}")
         if self.cpu_mode is not None and self.cpu_mode not in CPU_MODES:
             raise DaopError(f"--cpu-mode must be one of {', '.join(CPU_MODES)}, got {self.cpu_mode!r}")
-        if not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool) or self.max_batch < 1:
+        if self.max_batch is not None and (not isinstance(self.max_batch, int) or isinstance(self.max_batch, bool)
+                                           or self.max_batch < 1):
             raise DaopError(f"--max-batch must be a positive integer, got {self.max_batch!r}")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size < 1):
             raise DaopError(f"--group-size must be a positive integer, got {self.group_size!r}")
@@ -118,6 +120,20 @@ class PreparedRuntime:
     expert_dest: Callable[[int, int], tuple]  # (gate, up, down) of a float checkpoint
     stored_dest: Callable[[int, int], tuple]  # the stored tensors of a quantized folder
     start: Callable[[], ExpertRunner]
+    max_batch: int = 1  # KV cache rows the budget holds for concurrent sequences
+
+
+AUTO_BATCH_ROWS = 8  # the most sequences --max-batch picks by itself
+AUTO_BATCH_KV_SHARE = 0.15  # of the free GPU memory, at most, for the KV cache rows it picks
+
+
+def auto_max_batch(kv_row_bytes: int, free_bytes: int | None) -> int:
+    """Concurrent sequences when --max-batch is not given: AUTO_BATCH_ROWS on the CPU; on a GPU as
+    many (1 to AUTO_BATCH_ROWS) as keep their KV cache rows within AUTO_BATCH_KV_SHARE of the free
+    memory, so experts keep most of it (--max-context shortens each row)."""
+    if free_bytes is None:
+        return AUTO_BATCH_ROWS
+    return max(1, min(AUTO_BATCH_ROWS, int(AUTO_BATCH_KV_SHARE * free_bytes // max(kv_row_bytes, 1))))
 
 
 def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, host: HostExperts | None = None) -> PreparedRuntime:
@@ -132,8 +148,9 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
     if host is not None and host.fmt != fmt:
         raise DaopError(f"the host experts are stored as {host.fmt.name}, this runtime asks for {fmt.name}")
     context = min(opts.max_context or c.context_length, c.context_length)
-    kv = KVCache.bytes_needed(c, max(kv_batch, opts.max_batch), context, decoder.dtype)
     free = torch.cuda.mem_get_info(dev)[0] + dense_bytes(decoder) if dev.type == "cuda" else None
+    rows = opts.max_batch or auto_max_batch(KVCache.bytes_needed(c, 1, context, decoder.dtype), free)
+    kv = KVCache.bytes_needed(c, max(kv_batch, rows), context, decoder.dtype)
     budget = resolve_budget(c, fmt.bytes(c.hidden_size, c.expert_intermediate_size), dense_bytes(decoder), kv, free,
                             opts.gpu_memory, opts.expert_ratio)
     budget = replace(budget, expert_format=fmt.name)
@@ -142,7 +159,7 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
         experts = ResidentExperts(c, dev, fmt)
         if host is not None:
             experts.fill_from(host)
-        return PreparedRuntime(budget, policy_name, fmt, experts.load_views, experts.stored_views, lambda: experts)
+        return PreparedRuntime(budget, policy_name, fmt, experts.load_views, experts.stored_views, lambda: experts, rows)
     moe_layers = c.moe_layer_ids()
     if dev.type == "cpu" and opts.cpu_threads is None:
         # CPU experts use the "GPU" work's thread count, so exact policies stay bitwise equal, and
@@ -168,4 +185,4 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
                               routing=lambda: decoder.routing)
         return OffloadedExperts(store, policy, CpuExecutor(threads, mode), Transfer(dev), c.num_layers)
 
-    return PreparedRuntime(budget, policy_name, fmt, store.load_views, store.stored_views, start)
+    return PreparedRuntime(budget, policy_name, fmt, store.load_views, store.stored_views, start, rows)

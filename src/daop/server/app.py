@@ -31,13 +31,13 @@ DISCONNECT_POLL_S = 0.25       # how often a waiting non-streamed request checks
 # -------------------------------------------------------------------------------------------------- app
 
 def create_app(engine: Any, model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               api_key: Optional[str] = None, max_batch: int = DEFAULT_MAX_BATCH) -> FastAPI:
+               api_key: Optional[str] = None, max_batch: Optional[int] = None) -> FastAPI:
     """The FastAPI app serving engine under model_name. The worker thread starts with the app's lifespan.
 
     With api_key, every endpoint but /health needs `Authorization: Bearer <api_key>`.
     """
     metrics = Metrics()
-    worker = Worker(engine, metrics, max_batch)
+    worker = Worker(engine, metrics, max_batch or getattr(engine, "max_batch", None) or DEFAULT_MAX_BATCH)
     created = int(time.time())
 
     @asynccontextmanager
@@ -279,8 +279,8 @@ def serve(args: Any) -> int:
     name = args.model_name or Path(engine.model_dir).resolve().name or "daop"
     app = create_app(engine, name, args.max_body_bytes, args.api_key, args.max_batch)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    log.info("serving %s on http://%s:%d/v1 (device %s, loaded in %.1f s)", name, args.host, args.port,
-             engine.device, engine.load_s)
+    log.info("serving %s on http://%s:%d/v1 (device %s, loaded in %.1f s, up to %d requests at once)", name, args.host,
+             args.port, engine.device, engine.load_s, app.state.worker.max_batch)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
