@@ -4,7 +4,8 @@
     python scripts/load_test.py --base-url http://127.0.0.1:8000 -n 50 -c 4
     python scripts/load_test.py --serve path/to/checkpoint --device cpu -n 50 -c 4   # starts and stops a server
 
-Reports latency percentiles (p50/p90/p99), time to first token when streaming, and generated tokens per
+Reports latency percentiles (p50/p90/p99), time to first token and the time between streamed text
+events (inter-token latency) when streaming, and generated tokens per
 second over the whole run. Only loopback addresses are accepted.
 """
 from __future__ import annotations
@@ -62,7 +63,7 @@ def one_request(host: str, port: int, path: str, body: dict, stream: bool, timeo
         if not stream:
             data = json.loads(resp.read())
             return {"latency": time.perf_counter() - t0, "ttft": None, "tokens": data["usage"]["completion_tokens"]}
-        ttft, tokens = None, 0
+        ttft, tokens, gaps, last = None, 0, [], None
         for _ in range(100_000):  # bounded: a stream has at most max_tokens + a few events
             line = resp.readline()
             if not line:
@@ -78,9 +79,14 @@ def one_request(host: str, port: int, path: str, body: dict, stream: bool, timeo
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
             for c in event.get("choices", []):
-                if ttft is None and (c.get("text") or (c.get("delta") or {}).get("content")):
-                    ttft = time.perf_counter() - t0
-        return {"latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens}
+                if c.get("text") or (c.get("delta") or {}).get("content"):
+                    now = time.perf_counter()
+                    if ttft is None:
+                        ttft = now - t0
+                    else:
+                        gaps.append(now - last)
+                    last = now
+        return {"latency": time.perf_counter() - t0, "ttft": ttft, "tokens": tokens, "gaps": gaps}
     except (OSError, http.client.HTTPException, ValueError, KeyError) as exc:
         return {"error": f"{type(exc).__name__}: {exc}"}
     finally:
@@ -156,6 +162,7 @@ def main() -> int:
         "max_tokens": args.max_tokens, "ok": len(ok), "errors": len(errors), "wall_s": round(wall, 3),
         "latency_s": summary([r["latency"] for r in ok]),
         "ttft_s": summary([r["ttft"] for r in ok if r["ttft"] is not None]) if args.stream else None,
+        "inter_token_s": summary([g for r in ok for g in r.get("gaps", [])]) if args.stream else None,
         "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall > 0 else 0.0,
         "requests_per_s": round(len(ok) / wall, 2) if wall > 0 else 0.0,
     }
