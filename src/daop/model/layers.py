@@ -128,9 +128,9 @@ class KVCache:
             keys.index_copy_(2, pos, k)
             values.index_copy_(2, pos, v)
         else:
-            index = pos.view(-1, 1, 1, 1).expand_as(k)
-            keys.scatter_(2, index, k)
-            values.scatter_(2, index, v)
+            rows = torch.arange(k.shape[0], device=pos.device)
+            keys[rows, :, pos] = k[:, :, 0]
+            values[rows, :, pos] = v[:, :, 0]
         return keys, values
 
     def rows(self, first: int, end: int, length: int | None = None) -> "KVCache":
