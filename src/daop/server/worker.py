@@ -57,6 +57,8 @@ class Worker:
         self._running = 0  # in the batch (prefilling or decoding)
         self._stopping = False
         self.counters: dict[str, float] = {}   # engine.counters() as of the last step (read by /metrics)
+        # allocated here, before serving: a KV cache that cannot be allocated stops `daop serve` at start
+        self.batcher = Batcher(engine, max_batch=max_batch, max_len=getattr(engine, "max_context", None))
         self._thread = threading.Thread(target=self._loop, name="daop-generation", daemon=True)
 
     @property
@@ -90,11 +92,7 @@ class Worker:
 
     def _loop(self) -> None:
         self.counters = engine_counters(self.engine)
-        try:
-            batcher = Batcher(self.engine, max_batch=self.max_batch, max_len=getattr(self.engine, "max_context", None))
-        except DaopError:
-            log.exception("cannot allocate the batch")
-            raise
+        batcher = self.batcher
         while True:
             finished = False
             try:  # wait for work when idle; otherwise take what has arrived and go on
