@@ -15,6 +15,7 @@ not, so a step reads the same cache shape under every policy and exact policies 
 """
 from __future__ import annotations
 
+import logging
 import weakref
 from collections.abc import Sequence
 from typing import Any
@@ -25,6 +26,7 @@ from daop.model.decoder import Decoder
 from daop.model.layers import KVCache
 
 MIN_CACHE = 256
+log = logging.getLogger("daop.decode_step")
 
 
 def cache_length(decoder: Decoder, needed: int) -> int:
@@ -168,7 +170,14 @@ class Stepper:
         if self.pooled is None:
             return self.decoder.decode(self.inputs.ids, self.inputs.pos, self.cache, self.pad)
         if self.pooled.graph is None:
-            self.pooled.graph = CapturedStep(self.decoder, self.cache, self.inputs, self.pad)
+            try:
+                self.pooled.graph = CapturedStep(self.decoder, self.cache, self.inputs, self.pad)
+            except (torch.cuda.OutOfMemoryError, MemoryError):
+                raise
+            except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly
+                log.warning("decode steps run uncaptured from now on: capture failed (%s: %s)", type(exc).__name__, exc)
+                self.decoder.cuda_graphs, self.pooled = False, None
+                return self.decoder.decode(self.inputs.ids, self.inputs.pos, self.cache, self.pad)
         return self.pooled.graph.replay().clone()
 
     @property
