@@ -130,3 +130,17 @@ def test_max_batch_rows_are_reserved_in_the_budget(tiny_dir):
         c = engine.config
         assert engine.max_batch == rows
         assert engine.budget.kv_bytes == KVCache.bytes_needed(c, rows, c.context_length, engine.decoder.dtype)
+
+
+def test_batch_steps_whose_capture_fails_run_eagerly(shipped, monkeypatch):
+    import daop.batching as batching
+
+    params = SamplingParams(max_new_tokens=6)
+    want = generate_many(shipped, PROMPTS[:3], params)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(batching, "captures", lambda decoder, rows: True)
+    monkeypatch.setattr(batching, "CapturedStep", fail)
+    assert generate_many(shipped, PROMPTS[:3], params) == want

@@ -159,3 +159,25 @@ def test_graph_is_reused_and_a_second_live_session_runs_eagerly(tiny_dir):
     third.step([1])
     assert third.stepper.pooled.graph is graph
     assert len(decode_step._POOLS[engine.decoder]) == 1
+
+
+def test_a_step_whose_capture_fails_runs_eagerly(tiny_dir, monkeypatch, caplog):
+    """If capturing fails (simulated here: the CPU has no graphs), the step runs eagerly with a warning,
+    gives the eager logits, and later sessions do not try again."""
+    engine = engine_for(tiny_dir, device="cpu", dtype="fp32")
+    want = engine.session([PROMPT], 3)
+    want.prefill()
+    want = want.step([7])
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(decode_step, "captures", lambda decoder, batch: decoder.cuda_graphs)
+    monkeypatch.setattr(decode_step, "CapturedStep", fail)
+    session = engine.session([PROMPT], 3)
+    assert session.stepper.captured
+    session.prefill()
+    assert torch.equal(session.step([7]), want)
+    assert not session.stepper.captured and not engine.decoder.cuda_graphs
+    assert "capture failed" in caplog.text
+    assert not engine.session([PROMPT], 3).stepper.captured
