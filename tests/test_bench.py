@@ -5,7 +5,8 @@ import sys
 
 POINT_KEYS = {"policy", "expert_ratio", "ttft_ms", "decode_ms_per_token", "tokens_per_s_incl_prefill", "gpu_hit_rate",
               "cpu_calls_per_token", "copy_calls_per_token", "resident_calls_per_token", "h2d_bytes_per_token",
-              "cpu_wait_share", "bound_ms", "measured_over_bound", "cpu_ms_per_expert_token"}
+              "cpu_wait_share", "bound_ms", "measured_over_bound", "cpu_ms_per_expert_token", "universal_bound_ms",
+              "measured_over_universal", "cuda_graph", "host_syncs_per_step"}
 CARD_KEYS = {"geometry", "layers", "dtype", "gpu", "cpu", "cpu_capability", "cpu_threads", "cpu_mode", "cpu_threads_reason",
              "torch", "git_sha", "expert_bytes", "hardware_profile", "routing_source"}
 
@@ -41,3 +42,19 @@ def test_bench_smoke(tmp_path):
     assert len(lines) == 2 + len(summary["points"])
     table = subprocess.run([sys.executable, "-m", "daop.cli", "bench", "--table", str(out)], capture_output=True, text=True)
     assert table.returncode == 0 and "| fiddler |" in table.stdout
+
+
+def test_universal_bound_splits_host_experts_between_the_channels():
+    from daop.bench.sweep import universal_bound_ms
+    from daop.hardware import HardwareProfile
+    from daop.placement.cost import CostModel
+
+    profile = HardwareProfile(hidden_size=8, intermediate_size=16, dtype="float32", expert_bytes=1, copy_pinned_ms=6.0,
+                              copy_pageable_ms=12.0, cpu_threads=1, cpu_token_counts=(1, 8), cpu_expert_ms=(3.0, 3.0),
+                              gpu_token_counts=(1, 8), gpu_expert_ms=(0.1, 0.1))
+    cost = CostModel(profile)
+    # 16 calls per step, half on the host: 8 reads at 3 ms (CPU) and 6 ms (PCIe) side by side = 2 ms each
+    assert abs(universal_bound_ms(16, 16, 0.5, cost) - (8 * 2.0 + 16 * 0.1)) < 1e-9
+    assert abs(universal_bound_ms(16, 16, 1.0, cost) - 16 * 0.1) < 1e-9  # all resident: GPU time only
+    assert universal_bound_ms(0, 0, 0.5, cost) == 0.0
+    assert abs(universal_bound_ms(4, 4, 0.0, CostModel()) - 4 * 1.0) < 1e-9  # no profile: the CPU alone

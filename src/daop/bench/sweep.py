@@ -148,8 +148,21 @@ def run_once(engine: Engine, item, params: SamplingParams, batch: int, traced: b
     return stats.generated_tokens, stats
 
 
+def universal_bound_ms(expert_calls: float, picks: float, ratio: float, cost: CostModel) -> float:
+    """A decode step's bound that no policy's choices move (benchmark protocol): the step's expert
+    calls (one per routed expert and layer, `picks` token picks among them), of which the share
+    1 - ratio live on the host, each read once and split between the CPU and the PCIe copy channel
+    in proportion to their calibrated rates (both finish together), plus every call's GPU time."""
+    if not expert_calls:
+        return 0.0
+    rows = max(1.0, picks / expert_calls)  # tokens per expert call
+    cpu, copy = cost.cpu_ms(rows), cost.copy_ms()
+    per_host_expert = cpu * copy / (cpu + copy) if copy != float("inf") else cpu
+    return expert_calls * (1 - ratio) * per_host_expert + expert_calls * cost.gpu_ms(rows)
+
+
 def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes: int,
-                  prompt_tokens: int, gen_tokens: int, batch: int) -> dict:
+                  prompt_tokens: int, gen_tokens: int, batch: int, ratio: float = 1.0) -> dict:
     traced = bool(args.traces)
     params = SamplingParams(max_new_tokens=gen_tokens)
     prompts = prompt_sets(engine, args, prompt_tokens, (args.prompts + 1) * batch) if not traced else []
@@ -176,6 +189,7 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     host_bytes = agg.get("cpu_calls", 0.0) * expert_bytes + agg.get("copied_bytes", 0.0)
     bound_ms = max(resident * cost.gpu_ms(batch), host_bytes / (bw * 1e9) * 1000)
     calls = resident + missing
+    universal = universal_bound_ms(calls, batch * engine.config.top_k * moe_layers, ratio, cost)
     med_tpot = statistics.median(tpot)
     busy = agg.get("cpu_busy_s")
     cpu_tokens = agg.get("cpu_expert_tokens")
@@ -197,6 +211,8 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "prediction_precision": round(agg["predicted_hits"] / agg["predicted_total"], 4) if agg.get("predicted_total") else None,
         "degradation_rate": round(agg["degraded_tokens"] / agg["predicted_total"], 4) if agg.get("predicted_total") else None,
         "bound_ms": round(bound_ms, 3), "measured_over_bound": round(med_tpot / bound_ms, 2) if bound_ms else None,
+        "universal_bound_ms": round(universal, 3),
+        "measured_over_universal": round(med_tpot / universal, 2) if universal else None,
     }
 
 
@@ -352,7 +368,7 @@ def run(args) -> dict:
             for prompt_tokens, gen_tokens, batch in workloads:
                 point = {"kind": "point", "geometry": subject.name, "layers": config.num_layers, "policy": policy, "expert_ratio": r,
                          "expert_format": subject.fmt.name, "budget_ratio": ratio if policy != "gpu" else 1.0,
-                         **measure_point(engine, args, cost, bw, profile.expert_bytes, prompt_tokens, gen_tokens, batch)}
+                         **measure_point(engine, args, cost, bw, profile.expert_bytes, prompt_tokens, gen_tokens, batch, r)}
                 rows.append(point)
                 emit(point)
                 print(f"{policy:10} {r:6.3f} {prompt_tokens:6d} {gen_tokens:5d} {batch:5d} {point['ttft_ms']:9.1f} "
