@@ -144,3 +144,23 @@ def test_batch_steps_whose_capture_fails_run_eagerly(shipped, monkeypatch):
     monkeypatch.setattr(batching, "captures", lambda decoder, rows: True)
     monkeypatch.setattr(batching, "CapturedStep", fail)
     assert generate_many(shipped, PROMPTS[:3], params) == want
+
+
+def test_longrope_rows_keep_the_rotary_choice_they_have_alone(tmp_path):
+    """Phi-3.5's longrope picks short or long factors from a sequence's total length: sequences
+    within the original context, batched together, and one beyond it, each equal their alone runs."""
+    from tiny_models import hf_model, save_checkpoint
+
+    half = 8
+    rope = {"rope_type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(half)],
+            "long_factor": [2.0 + 0.3 * i for i in range(half)], "short_mscale": 1.2, "long_mscale": 1.3,
+            "original_max_position_embeddings": 64, "rope_theta": 10000.0}
+    path = save_checkpoint(hf_model("phimoe", rope_parameters=rope, original_max_position_embeddings=64),
+                           tmp_path / "phimoe-longrope")
+    engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False)
+    engine.eos_ids = frozenset()
+    short = [[5, 17, 42, 99, 3, 8], [250, 7, 64, 128, 31, 77, 200, 9, 11]]
+    long = [list(range(3, 40))]
+    for prompts, n in ((short, 20), (long, 40)):
+        want = [engine.generate(p, max_new_tokens=n) for p in prompts]
+        assert [g["text"] for g in generate_many(engine, prompts, SamplingParams(max_new_tokens=n))] == want

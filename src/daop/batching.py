@@ -53,6 +53,7 @@ class Sequence:
     prefilled: int = 0  # prompt tokens in the cache
     token: int = -1  # the last sampled token, fed at the next decode step
     budget: int = 0
+    length: int = 0  # cache positions it reads: as a sequence alone of its length would (cache_length)
     sampler: Sampler | None = None
     text: TextStream | None = None
     started: float = 0.0
@@ -101,6 +102,7 @@ class Batcher:
                               f"tokens per sequence (prompt and completion)")
             return
         seq.budget = min(seq.params.max_new_tokens, room)
+        seq.length = min(self.max_len, cache_length(self.decoder, len(seq.prompt) + seq.budget))
         seq.stats.prompt_tokens = len(seq.prompt)
         seq.started = time.perf_counter()
         self.waiting.append(seq)
@@ -137,7 +139,7 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             logits = guarded(self.decoder, lambda: f"prefill of {len(seq.prompt)} prompt tokens", self.decoder.forward,
-                             ids, start, self.cache.rows(seq.row, seq.row + 1))
+                             ids, start, self.cache.rows(seq.row, seq.row + 1, seq.length))
         except DaopError as exc:
             self.prefilling = None
             self._fail_all(str(exc), [seq])
@@ -159,8 +161,9 @@ class Batcher:
         inputs.load([s.token for s in self.decoding], [s.position for s in self.decoding])
         self.decoder.experts.set_phase("decode")
         self.decoder.routing.begin(min(s.position for s in self.decoding), 1)
-        # attend over the positions written so far, rounded up as a single sequence's cache is
-        length = min(self.max_len, cache_length(self.decoder, max(s.position for s in self.decoding) + 1))
+        # each row reads the cache length it would have alone (the rotary choice of a longrope model
+        # depends on it); the step reads the longest of them
+        length = max(s.length for s in self.decoding)
         try:
             logits = guarded(self.decoder, lambda: f"decode of a batch of {R} sequences", self._run_step,
                              inputs, self.cache.rows(0, R, length))
