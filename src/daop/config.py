@@ -27,6 +27,19 @@ class RopeConfig:
 
 
 @dataclass(frozen=True)
+class LatentAttentionConfig:
+    """DeepSeek-V2 multi-head latent attention: low-rank q and a compressed kv latent shared by all heads.
+
+    Each head's query and key are a non-rotated part (nope_head_dim) followed by a rotated part
+    (ModelConfig.head_dim, shared by all heads on the key side); values have v_head_dim."""
+
+    q_lora_rank: int | None  # None: q is one projection of the hidden state
+    kv_lora_rank: int
+    nope_head_dim: int
+    v_head_dim: int
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """Everything the decoder needs to know about a checkpoint's architecture."""
 
@@ -44,10 +57,14 @@ class ModelConfig:
     norm_eps: float
     rope: RopeConfig = field(default_factory=RopeConfig)
     norm_kind: str = "rms"  # "rms" or "layer" (LayerNorm with bias)
-    router_kind: str = "softmax_topk"  # or "sparsemixer"
+    router_kind: str = "softmax_topk"  # or "sparsemixer", "group_limited" (DeepSeek-V2)
     norm_topk_prob: bool = True
     router_weights_in_hidden_dtype: bool = False
+    router_in_float32: bool = False  # router weight kept and applied in float32 at every model dtype
     router_jitter_eps: float = 0.0
+    routed_scaling_factor: float = 1.0
+    expert_groups: int = 1  # "group_limited": experts split into expert_groups groups ...
+    top_groups: int = 1  # ... of which the top_groups best may be chosen from
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: str = "none"  # "none", "head" (per head, Qwen3) or "full" (whole projection, OLMoE)
@@ -55,9 +72,11 @@ class ModelConfig:
     lm_head_bias: bool = False
     tie_word_embeddings: bool = False
     shared_expert_intermediate_size: int = 0
+    shared_expert_gated: bool = True  # Qwen2-MoE's sigmoid gate on the shared expert
     dense_intermediate_size: int = 0
     moe_layers: tuple[bool, ...] = ()
     sliding_window: int | None = None
+    latent_attention: LatentAttentionConfig | None = None
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()

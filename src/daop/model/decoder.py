@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from daop.config import ModelConfig
+from daop.model.latent_attention import LatentAttention
 from daop.model.layers import Attention, KVCache, Norm, Rotary, attention_mask, decode_mask
 from daop.model.moe import ExpertRunner, SharedExpert
 from daop.model.routing import ModelRouting, Routing
@@ -28,11 +29,12 @@ class DecoderLayer:
         self.is_moe = c.is_moe_layer(layer_idx)
         self.input_norm = Norm(c.hidden_size, c, device, dtype)
         self.post_norm = Norm(c.hidden_size, c, device, dtype)
-        self.attn = Attention(c, device, dtype)
-        self.router = torch.empty(c.num_experts, c.hidden_size, device=device, dtype=dtype) if self.is_moe else None
+        self.attn = (LatentAttention if c.latent_attention else Attention)(c, device, dtype)
+        router_dtype = torch.float32 if c.router_in_float32 else dtype
+        self.router = torch.empty(c.num_experts, c.hidden_size, device=device, dtype=router_dtype) if self.is_moe else None
         self.shared: SharedExpert | None = None
         if self.is_moe and c.shared_expert_intermediate_size:
-            self.shared = SharedExpert(c.hidden_size, c.shared_expert_intermediate_size, True, device, dtype)
+            self.shared = SharedExpert(c.hidden_size, c.shared_expert_intermediate_size, c.shared_expert_gated, device, dtype)
         elif not self.is_moe:
             self.shared = SharedExpert(c.hidden_size, c.dense_intermediate_size, False, device, dtype)
 
@@ -43,7 +45,8 @@ class DecoderLayer:
         if self.router is not None:
             out[spec.router_name(self.layer_idx)] = self.router
         if self.shared is not None and self.is_moe:
-            out.update(self.shared.tensors(f"{p}.mlp.shared_expert", f"{p}.mlp.shared_expert_gate.weight"))
+            shared = f"{p}.mlp.{spec.shared_expert_prefix}"
+            out.update(self.shared.tensors(shared, f"{shared}_gate.weight"))
         elif self.shared is not None:
             out.update(self.shared.tensors(f"{p}.mlp"))
         return out
