@@ -33,9 +33,10 @@ def hf_config(family: str, **overrides):
         cfg = tf.OlmoeConfig(**COMMON, intermediate_size=48, num_experts=8, num_experts_per_tok=2, clip_qkv=4.0)
     elif family == "deepseek_v2":
         # low-rank q, rope part narrower than the rest of a head, value heads of another width, shared
-        # experts, a dense first layer and group-limited routing (top 3 experts from the best 2 of 4 groups)
+        # experts, a dense first layer and group-limited routing (top 4 experts from the best 2 of 4 groups);
+        # as in DeepSeek-V2 checkpoints, num_key_value_heads equals the heads (transformers repeats keys by their ratio)
         cfg = tf.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=96,
-                                  moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=3,
+                                  moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4,
                                   n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=24,
                                   qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
                                   topk_method="group_limited_greedy", n_group=4, topk_group=2,

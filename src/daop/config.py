@@ -124,12 +124,19 @@ def load_config(model_dir: Path) -> ModelConfig:
         raise DaopError(f"{path}: invalid value ({exc})") from exc
 
 
+def rope_type(raw: dict[str, Any]) -> str:
+    """The rope type a config.json names, in either transformers 4 or 5 spelling; "default" if none."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    return params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+
+
 def rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
     """Rotary parameters from either transformers 4 (rope_theta, rope_scaling) or 5 (rope_parameters)."""
     params = raw.get("rope_parameters") or {}
     scaling = raw.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    kind = rope_type(raw)
     merged = {**scaling, **params}
     if kind == "default":
         return RopeConfig(theta=theta)

@@ -1,14 +1,15 @@
 """DeepSeek-V2: multi-head latent attention, group-limited routing, always-on shared experts, leading dense layers."""
-from daop.config import LatentAttentionConfig, ModelConfig, common_fields
+from daop.config import LatentAttentionConfig, ModelConfig, common_fields, rope_type
 from daop.model.specs import FamilySpec
 
 ROUTER_KINDS = {"greedy": "softmax_topk", "group_limited_greedy": "group_limited"}
 
 
 def config_from_hf(raw: dict) -> ModelConfig:
+    # yarn (DeepSeek-V2's long-context checkpoints) would also change the softmax scale (mscale_all_dim)
+    if rope_type(raw) != "default":
+        raise ValueError(f"rope type {rope_type(raw)!r} is not supported for DeepSeek-V2 (supported: default)")
     fields = common_fields(raw)
-    if fields["rope"].kind != "default":
-        raise ValueError(f"rope type {fields['rope'].kind!r} is not supported for DeepSeek-V2 (supported: default)")
     method = raw.get("topk_method", "greedy")
     if method not in ROUTER_KINDS:
         raise ValueError(f"topk_method {method!r} is not supported (supported: {', '.join(ROUTER_KINDS)})")

@@ -1,0 +1,57 @@
+"""DeepSeek-V2 beyond the tests every family runs: group-limited routing on a hand-built table, the
+plain query projection, a KV cache of compressed latents equal to transformers', refused rope types."""
+import json
+
+import pytest
+import torch
+
+from daop.config import ModelConfig, load_config
+from daop.engine import Engine
+from daop.errors import DaopError
+from daop.model.latent_attention import deinterleave
+from daop.model.moe import select_experts
+from tiny_models import hf_model, save_checkpoint
+
+PROMPT = torch.tensor([5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 77, 200])
+
+
+def router_config(**overrides) -> ModelConfig:
+    return ModelConfig(family="deepseek_v2", vocab_size=8, hidden_size=8, num_layers=1, num_heads=1, num_kv_heads=1,
+                       head_dim=2, num_experts=8, top_k=3, expert_intermediate_size=4, max_positions=8,
+                       norm_eps=1e-6, norm_topk_prob=False, **overrides)
+
+
+def test_group_limited_routing_chooses_inside_the_best_groups():
+    # four groups of two; their best experts score 0.30, 0.25, 0.20, 0.02
+    probs = torch.tensor([[0.30, 0.02, 0.25, 0.01, 0.20, 0.19, 0.02, 0.01]])
+    greedy_ids, _ = select_experts(router_config(), probs.log())
+    assert sorted(greedy_ids[0].tolist()) == [0, 2, 4]
+    limited = router_config(router_kind="group_limited", expert_groups=4, top_groups=2, routed_scaling_factor=1.5)
+    ids, weights = select_experts(limited, probs.log())
+    assert ids[0].tolist() == [0, 2, 1]  # expert 4 (0.20) is in the third group
+    assert torch.allclose(weights[0], 1.5 * torch.tensor([0.30, 0.25, 0.02]))
+
+
+def test_plain_query_projection_and_a_cache_of_compressed_latents(tmp_path):
+    model = hf_model("deepseek_v2", q_lora_rank=None)
+    engine = Engine.from_pretrained(save_checkpoint(model, tmp_path / "ds"), device="cpu", dtype="fp32", progress=False)
+    assert engine.config.latent_attention.q_lora_rank is None
+    with torch.no_grad():
+        out = model(PROMPT[None], use_cache=True)
+    assert (engine.logits(PROMPT) - out.logits[0]).abs().max().item() < 1e-4
+    cache = engine.decoder.new_cache(1, len(PROMPT))
+    engine.decoder.forward(PROMPT[None], 0, cache)
+    for ours_k, ours_v, ref in zip(cache.keys, cache.values, out.cache.layers):
+        assert ours_k.shape == (1, 1, len(PROMPT), 24) and ours_v.shape == (1, 1, len(PROMPT), 8)
+        assert (ours_k - ref.keys).abs().max().item() < 1e-5  # the normed kv latent
+        assert (ours_v - deinterleave(ref.values)).abs().max().item() < 1e-5  # the rotated key part, reordered
+
+
+@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 40.0, "mscale_all_dim": 0.707, "rope_theta": 1e4},
+                                  {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}])
+def test_other_rope_types_are_refused_by_name(tiny_dir, tmp_path, rope):
+    _, path = tiny_dir("deepseek_v2")
+    raw = json.loads((path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "rope_parameters": rope}))
+    with pytest.raises(DaopError, match=f"rope type '{rope['rope_type']}' is not supported for DeepSeek-V2"):
+        load_config(tmp_path)
