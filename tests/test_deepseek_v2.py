@@ -1,5 +1,5 @@
 """DeepSeek-V2 beyond the tests every family runs: group-limited routing on a hand-built table, the
-plain query projection, a KV cache of compressed latents equal to transformers', refused rope types."""
+plain query projection, a KV cache of compressed latents equal to transformers', yarn rope."""
 import json
 
 import pytest
@@ -47,11 +47,23 @@ def test_plain_query_projection_and_a_cache_of_compressed_latents(tmp_path):
         assert (ours_v - deinterleave(ref.values)).abs().max().item() < 1e-5  # the rotated key part, reordered
 
 
-@pytest.mark.parametrize("rope", [{"rope_type": "yarn", "factor": 40.0, "mscale_all_dim": 0.707, "rope_theta": 1e4},
-                                  {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}])
-def test_other_rope_types_are_refused_by_name(tiny_dir, tmp_path, rope):
+def test_yarn_rope_and_its_softmax_scale(tmp_path):
+    rope = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+            "mscale": 1.0, "mscale_all_dim": 0.8, "beta_fast": 32.0, "beta_slow": 1.0}
+    model = hf_model("deepseek_v2", rope_parameters=rope)
+    engine = Engine.from_pretrained(save_checkpoint(model, tmp_path / "ds"), device="cpu", dtype="fp32", progress=False)
+    c = engine.config
+    assert c.rope.kind == "yarn" and c.rope.attention_factor != 1.0
+    assert c.latent_attention.softmax_scale > (c.latent_attention.nope_head_dim + c.head_dim) ** -0.5
+    with torch.no_grad():
+        ref = model(PROMPT[None]).logits[0]
+    assert (engine.logits(PROMPT) - ref).abs().max().item() < 1e-4
+
+
+def test_other_rope_types_are_refused_by_name(tiny_dir, tmp_path):
     _, path = tiny_dir("deepseek_v2")
     raw = json.loads((path / "config.json").read_text())
+    rope = {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}
     (tmp_path / "config.json").write_text(json.dumps({**raw, "rope_parameters": rope}))
-    with pytest.raises(DaopError, match=f"rope type '{rope['rope_type']}' is not supported for DeepSeek-V2"):
+    with pytest.raises(DaopError, match="rope type 'linear' is not supported for DeepSeek-V2"):
         load_config(tmp_path)

@@ -6,6 +6,7 @@ family does not use keep neutral defaults, so the generic decoder reads one shap
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from daop.errors import DaopError
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (default or Phi-style "longrope")."""
+    """Rotary embedding parameters (default, Phi-style "longrope" or "yarn")."""
 
     theta: float = 10000.0
     kind: str = "default"
@@ -24,6 +25,10 @@ class RopeConfig:
     original_max_positions: int = 0
     attention_factor: float | None = None  # for short contexts (Phi: short_mscale)
     long_attention_factor: float | None = None  # for long contexts (Phi: long_mscale)
+    factor: float = 1.0  # yarn: context extension over original_max_positions
+    beta_fast: float = 32.0  # yarn: rotations bounding the dimensions kept as trained ...
+    beta_slow: float = 1.0  # ... and those interpolated by factor
+    truncate: bool = True  # yarn: round that range outward to whole dimensions
 
 
 @dataclass(frozen=True)
@@ -37,6 +42,7 @@ class LatentAttentionConfig:
     kv_lora_rank: int
     nope_head_dim: int
     v_head_dim: int
+    softmax_scale: float  # 1/sqrt(nope_head_dim + head_dim), more with yarn (transformers' yarn_apply_mscale)
 
 
 @dataclass(frozen=True)
@@ -124,6 +130,11 @@ def load_config(model_dir: Path) -> ModelConfig:
         raise DaopError(f"{path}: invalid value ({exc})") from exc
 
 
+def rope_params(raw: dict[str, Any]) -> dict[str, Any]:
+    """Rope parameters of transformers 5 (rope_parameters) over those of transformers 4 (rope_scaling)."""
+    return {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+
+
 def rope_type(raw: dict[str, Any]) -> str:
     """The rope type a config.json names, in either transformers 4 or 5 spelling; "default" if none."""
     params = raw.get("rope_parameters") or {}
@@ -131,17 +142,38 @@ def rope_type(raw: dict[str, Any]) -> str:
     return params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
 
 
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's scale for a context extended `factor` times (1 when not extended), as transformers computes it."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_from_hf(raw: dict[str, Any], theta: float) -> RopeConfig:
+    merged = rope_params(raw)
+    max_positions = int(raw.get("max_position_embeddings", 4096))
+    original = int(merged.get("original_max_position_embeddings", raw.get("original_max_position_embeddings", max_positions)))
+    factor = float(merged.get("factor") or max_positions / original)
+    attention = merged.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = merged.get("mscale"), merged.get("mscale_all_dim")
+        both = mscale and mscale_all_dim
+        attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) if both else yarn_mscale(factor)
+    return RopeConfig(theta=theta, kind="yarn", original_max_positions=original, attention_factor=float(attention),
+                      factor=factor, beta_fast=float(merged.get("beta_fast") or 32), beta_slow=float(merged.get("beta_slow") or 1),
+                      truncate=bool(merged.get("truncate", True)))
+
+
 def rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
     """Rotary parameters from either transformers 4 (rope_theta, rope_scaling) or 5 (rope_parameters)."""
     params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
     kind = rope_type(raw)
-    merged = {**scaling, **params}
+    merged = rope_params(raw)
     if kind == "default":
         return RopeConfig(theta=theta)
+    if kind == "yarn":
+        return yarn_from_hf(raw, theta)
     if kind != "longrope":
-        raise ValueError(f"rope type {kind!r} is not supported (supported: default, longrope)")
+        raise ValueError(f"rope type {kind!r} is not supported (supported: default, longrope, yarn)")
     mscale = merged.get("attention_factor", merged.get("short_mscale"))
     long_mscale = merged.get("attention_factor", merged.get("long_mscale"))
     return RopeConfig(

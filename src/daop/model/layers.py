@@ -34,6 +34,24 @@ class Norm:
         return out
 
 
+def yarn_inv_freq(rope: RopeConfig, head_dim: int, wavelengths: torch.Tensor) -> torch.Tensor:
+    """YaRN's frequencies [d/2] from the default wavelengths theta^(2i/d): the dimensions that turn
+    less than beta_slow times over the original context are interpolated (divided by factor), those
+    turning more than beta_fast times are kept, with a linear ramp between (transformers' arithmetic)."""
+
+    def dimension(rotations: float) -> float:
+        return head_dim * math.log(rope.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = dimension(rope.beta_fast), dimension(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    kept = 1 - ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return 1.0 / (rope.factor * wavelengths) * (1 - kept) + 1.0 / wavelengths * kept
+
+
 class Rotary:
     """Rotary position tables; 'longrope' picks short or long factors (and scale) from the sequence length.
 
@@ -62,6 +80,8 @@ class Rotary:
             scale = given or (
                 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.rope.original_max_positions))
             )
+        if self.rope.kind == "yarn":
+            return yarn_inv_freq(self.rope, self.head_dim, base).to(self.device), float(self.rope.attention_factor or 1.0)
         return (1.0 / base).to(self.device), scale
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, total_len: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,14 +1,23 @@
 """DeepSeek-V2: multi-head latent attention, group-limited routing, always-on shared experts, leading dense layers."""
-from daop.config import LatentAttentionConfig, ModelConfig, common_fields, rope_type
+from daop.config import (LatentAttentionConfig, ModelConfig, RopeConfig, common_fields, rope_params, rope_type,
+                         yarn_mscale)
 from daop.model.specs import FamilySpec
 
 ROUTER_KINDS = {"greedy": "softmax_topk", "group_limited_greedy": "group_limited"}
 
 
+def softmax_scale(raw: dict, rope: RopeConfig) -> float:
+    """1/sqrt(query head dim), times yarn's mscale(mscale_all_dim) squared when the rope is yarn."""
+    scale = (int(raw["qk_nope_head_dim"]) + int(raw["qk_rope_head_dim"])) ** -0.5
+    mscale_all_dim = rope_params(raw).get("mscale_all_dim")
+    if rope.kind == "yarn" and mscale_all_dim:
+        scale *= yarn_mscale(rope.factor, mscale_all_dim) ** 2
+    return scale
+
+
 def config_from_hf(raw: dict) -> ModelConfig:
-    # yarn (DeepSeek-V2's long-context checkpoints) would also change the softmax scale (mscale_all_dim)
-    if rope_type(raw) != "default":
-        raise ValueError(f"rope type {rope_type(raw)!r} is not supported for DeepSeek-V2 (supported: default)")
+    if rope_type(raw) not in ("default", "yarn"):
+        raise ValueError(f"rope type {rope_type(raw)!r} is not supported for DeepSeek-V2 (supported: default, yarn)")
     fields = common_fields(raw)
     method = raw.get("topk_method", "greedy")
     if method not in ROUTER_KINDS:
@@ -39,6 +48,7 @@ def config_from_hf(raw: dict) -> ModelConfig:
             kv_lora_rank=int(raw["kv_lora_rank"]),
             nope_head_dim=int(raw["qk_nope_head_dim"]),
             v_head_dim=int(raw["v_head_dim"]),
+            softmax_scale=softmax_scale(raw, fields["rope"]),
         ),
         **fields,
     )
