@@ -67,3 +67,18 @@ def test_other_rope_types_are_refused_by_name(tiny_dir, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**raw, "rope_parameters": rope}))
     with pytest.raises(DaopError, match="rope type 'linear' is not supported for DeepSeek-V2"):
         load_config(tmp_path)
+
+
+def test_bf16_follows_transformers_in_bf16(tiny_dir):
+    """The router stays float32 and the rotary parts are rotated in float32, as in transformers; rounding
+    them in bf16 instead moves these logits by about 1."""
+    from transformers import AutoModelForCausalLM
+
+    _, path = tiny_dir("deepseek_v2", dtype=torch.bfloat16)
+    ref_model = AutoModelForCausalLM.from_pretrained(path).eval()
+    assert ref_model.dtype == torch.bfloat16
+    with torch.no_grad():
+        ref = ref_model(PROMPT[None]).logits[0].float()
+    engine = Engine.from_pretrained(path, device="cpu", dtype=None, progress=False)
+    assert engine.decoder.dtype == torch.bfloat16 and engine.decoder.layers[1].router.dtype == torch.float32
+    assert (engine.logits(PROMPT) - ref).abs().max().item() < 0.1

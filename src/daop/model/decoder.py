@@ -76,6 +76,8 @@ class Decoder:
         self.lm_head = self.embed if c.tie_word_embeddings else torch.empty(c.vocab_size, c.hidden_size, device=device, dtype=dtype)
         self.lm_head_bias = torch.empty(c.vocab_size, device=device, dtype=dtype) if c.lm_head_bias else None
         self.rotary = Rotary(c.rope, c.head_dim, c.max_positions, device)
+        # transformers rotates DeepSeek-V2's (latent attention's) query and key parts in float32
+        self.rotary_dtype = torch.float32 if c.latent_attention else dtype
         self.experts: ExpertRunner | None = None
         self.cuda_graphs = True  # decode steps that stay on the device are captured (daop.runtime.decode_step)
         routers = {layer.layer_idx: layer.router for layer in self.layers if layer.router is not None}
@@ -111,7 +113,7 @@ class Decoder:
         positions = torch.arange(start, start + T, device=self.device).expand(B, T)
         if pad is not None:
             positions = (positions - pad.to(self.device)[:, None]).clamp(min=0)
-        cos, sin = self.rotary.cos_sin(positions, self.dtype, cache.max_len)
+        cos, sin = self.rotary.cos_sin(positions, self.rotary_dtype, cache.max_len)
         step = Step(cos, sin, attention_mask(start, T, pad, self.device), start, cache)
         self.routing.begin(start, T)
         return F.embedding(input_ids.to(self.device), self.embed), step
@@ -126,7 +128,7 @@ class Decoder:
         positions = pos.view(-1, 1).expand(input_ids.shape[0], 1)
         if pad is not None:
             positions = (positions - pad[:, None]).clamp(min=0)
-        cos, sin = self.rotary.table(self.dtype, cache.max_len)
+        cos, sin = self.rotary.table(self.rotary_dtype, cache.max_len)
         step = Step(cos[positions], sin[positions], decode_mask(pos, pad, cache.max_len), pos, cache)
         return F.embedding(input_ids, self.embed), step
 

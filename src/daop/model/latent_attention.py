@@ -94,8 +94,9 @@ class LatentAttention:
         H, n = c.num_heads, m.nope_head_dim
         q = self.query(x).view(B, T, H, self.qk_dim)
         latent, k_rot = F.linear(x, self.kv_a_proj, self.kv_a_bias).split((m.kv_lora_rank, c.head_dim), dim=-1)
-        # the queries' rotated parts and the shared key part, rotated in one pass: [B, T, H + 1, d_r]
-        rotated = apply_rotary(deinterleave(torch.cat((q[..., n:], k_rot[:, :, None]), dim=2)), cos, sin)
+        # the queries' rotated parts and the shared key part, rotated in one pass (in the tables'
+        # float32, then rounded once): [B, T, H + 1, d_r]
+        rotated = apply_rotary(deinterleave(torch.cat((q[..., n:], k_rot[:, :, None]), dim=2)), cos, sin).to(x.dtype)
         q = torch.cat((q[..., :n], rotated[:, :, :H]), dim=-1).transpose(1, 2)  # [B, H, T, n + d_r]
         latents, k_rots = cache.write(layer_idx, start, self.kv_a_norm(latent)[:, None], rotated[:, :, H:].transpose(1, 2))
         S = latents.shape[2]
