@@ -148,9 +148,11 @@ def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
 
 
 def yarn_from_hf(raw: dict[str, Any], theta: float) -> RopeConfig:
+    """YaRN parameters with transformers' defaults (original context: max_position_embeddings)."""
     merged = rope_params(raw)
     max_positions = int(raw.get("max_position_embeddings", 4096))
-    original = int(merged.get("original_max_position_embeddings", raw.get("original_max_position_embeddings", max_positions)))
+    original = int(merged.get("original_max_position_embeddings",
+                              raw.get("original_max_position_embeddings", max_positions)))
     factor = float(merged.get("factor") or max_positions / original)
     attention = merged.get("attention_factor")
     if attention is None:
@@ -158,8 +160,8 @@ def yarn_from_hf(raw: dict[str, Any], theta: float) -> RopeConfig:
         both = mscale and mscale_all_dim
         attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) if both else yarn_mscale(factor)
     return RopeConfig(theta=theta, kind="yarn", original_max_positions=original, attention_factor=float(attention),
-                      factor=factor, beta_fast=float(merged.get("beta_fast") or 32), beta_slow=float(merged.get("beta_slow") or 1),
-                      truncate=bool(merged.get("truncate", True)))
+                      factor=factor, beta_fast=float(merged.get("beta_fast") or 32),
+                      beta_slow=float(merged.get("beta_slow") or 1), truncate=bool(merged.get("truncate", True)))
 
 
 def rope_from_hf(raw: dict[str, Any]) -> RopeConfig:

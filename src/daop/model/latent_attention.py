@@ -76,7 +76,8 @@ class LatentAttention:
     def query(self, x: torch.Tensor) -> torch.Tensor:
         if self.q_proj is not None:
             return F.linear(x, self.q_proj)
-        return F.linear(self.q_a_norm(F.linear(x, self.q_a_proj, self.q_a_bias)), self.q_b_proj)  # type: ignore[misc, arg-type]
+        low_rank = self.q_a_norm(F.linear(x, self.q_a_proj, self.q_a_bias))  # type: ignore[misc, arg-type]
+        return F.linear(low_rank, self.q_b_proj)  # type: ignore[arg-type]
 
     def __call__(
         self,
@@ -96,9 +97,11 @@ class LatentAttention:
         latent, k_rot = F.linear(x, self.kv_a_proj, self.kv_a_bias).split((m.kv_lora_rank, c.head_dim), dim=-1)
         # the queries' rotated parts and the shared key part, rotated in one pass (in the tables'
         # float32, then rounded once): [B, T, H + 1, d_r]
-        rotated = apply_rotary(deinterleave(torch.cat((q[..., n:], k_rot[:, :, None]), dim=2)), cos, sin).to(x.dtype)
+        to_rotate = deinterleave(torch.cat((q[..., n:], k_rot[:, :, None]), dim=2))
+        rotated = apply_rotary(to_rotate, cos, sin).to(x.dtype)
         q = torch.cat((q[..., :n], rotated[:, :, :H]), dim=-1).transpose(1, 2)  # [B, H, T, n + d_r]
-        latents, k_rots = cache.write(layer_idx, start, self.kv_a_norm(latent)[:, None], rotated[:, :, H:].transpose(1, 2))
+        k_rot = rotated[:, :, H:].transpose(1, 2)  # [B, 1, T, d_r]
+        latents, k_rots = cache.write(layer_idx, start, self.kv_a_norm(latent)[:, None], k_rot)
         S = latents.shape[2]
         kv = F.linear(latents[:, 0], self.kv_b_proj).view(B, S, H, n + m.v_head_dim).transpose(1, 2)
         k_nope, values = kv.split((n, m.v_head_dim), dim=-1)  # [B, H, S, n], [B, H, S, v]
