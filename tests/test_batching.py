@@ -42,8 +42,9 @@ def test_seeded_sampling_is_per_request(shipped):
 
 
 @pytest.mark.parametrize("policy", ["lru", "daop-exact", "static"])
-def test_offloaded_policies_batch_exactly(tiny_dir, policy):
-    _, path = tiny_dir("mixtral")
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])  # grouped-query and latent-attention caches
+def test_offloaded_policies_batch_exactly(tiny_dir, family, policy):
+    _, path = tiny_dir(family)
     ref = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False)
     engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy=policy, expert_ratio=0.5)
     prompts = [[5, 17, 42, 99, 3], [250, 7, 64, 128, 31, 77, 200, 9], [11, 12]]

@@ -50,9 +50,10 @@ def test_kv_cached_decode_equals_full_recompute(tiny_dir, family):
     assert (stepped - full[3:]).abs().max().item() < 1e-4
 
 
-def test_sharded_checkpoint_equals_single_file(tiny_dir):
-    _, single = tiny_dir("mixtral")
-    _, sharded = tiny_dir("mixtral", shard_mb=1)
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+def test_sharded_checkpoint_equals_single_file(tiny_dir, family):
+    _, single = tiny_dir(family)
+    _, sharded = tiny_dir(family, shard_mb=1)
     index = json.loads((sharded / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
     assert torch.equal(load(single).logits(PROMPT), load(sharded).logits(PROMPT))

@@ -11,7 +11,7 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
               tie_word_embeddings=False)
 
-FAMILIES = ["mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe"]
+FAMILIES = ["mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"]
 
 
 def hf_config(family: str, **overrides):
@@ -31,6 +31,16 @@ def hf_config(family: str, **overrides):
                                 num_experts=16, num_experts_per_tok=8, norm_topk_prob=True)
     elif family == "olmoe":
         cfg = tf.OlmoeConfig(**COMMON, intermediate_size=48, num_experts=8, num_experts_per_tok=2, clip_qkv=4.0)
+    elif family == "deepseek_v2":
+        # low-rank q, rope part narrower than the rest of a head, value heads of another width, shared
+        # experts, a dense first layer and group-limited routing (top 4 experts from the best 2 of 4 groups);
+        # as in DeepSeek-V2 checkpoints, num_key_value_heads equals the heads (transformers repeats keys by their ratio)
+        cfg = tf.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=96,
+                                  moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4,
+                                  n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=24,
+                                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
+                                  topk_method="group_limited_greedy", n_group=4, topk_group=2,
+                                  routed_scaling_factor=1.5)
     else:
         raise ValueError(family)
     for k, v in overrides.items():

@@ -6,6 +6,7 @@ family does not use keep neutral defaults, so the generic decoder reads one shap
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,7 @@ from daop.errors import DaopError
 
 @dataclass(frozen=True)
 class RopeConfig:
-    """Rotary embedding parameters (default or Phi-style "longrope")."""
+    """Rotary embedding parameters (default, Phi-style "longrope" or "yarn")."""
 
     theta: float = 10000.0
     kind: str = "default"
@@ -24,6 +25,24 @@ class RopeConfig:
     original_max_positions: int = 0
     attention_factor: float | None = None  # for short contexts (Phi: short_mscale)
     long_attention_factor: float | None = None  # for long contexts (Phi: long_mscale)
+    factor: float = 1.0  # yarn: context extension over original_max_positions
+    beta_fast: float = 32.0  # yarn: rotations bounding the dimensions kept as trained ...
+    beta_slow: float = 1.0  # ... and those interpolated by factor
+    truncate: bool = True  # yarn: round that range outward to whole dimensions
+
+
+@dataclass(frozen=True)
+class LatentAttentionConfig:
+    """DeepSeek-V2 multi-head latent attention: low-rank q and a compressed kv latent shared by all heads.
+
+    Each head's query and key are a non-rotated part (nope_head_dim) followed by a rotated part
+    (ModelConfig.head_dim, shared by all heads on the key side); values have v_head_dim."""
+
+    q_lora_rank: int | None  # None: q is one projection of the hidden state
+    kv_lora_rank: int
+    nope_head_dim: int
+    v_head_dim: int
+    softmax_scale: float  # 1/sqrt(nope_head_dim + head_dim), more with yarn (transformers' yarn_apply_mscale)
 
 
 @dataclass(frozen=True)
@@ -44,10 +63,14 @@ class ModelConfig:
     norm_eps: float
     rope: RopeConfig = field(default_factory=RopeConfig)
     norm_kind: str = "rms"  # "rms" or "layer" (LayerNorm with bias)
-    router_kind: str = "softmax_topk"  # or "sparsemixer"
+    router_kind: str = "softmax_topk"  # or "sparsemixer", "group_limited" (DeepSeek-V2)
     norm_topk_prob: bool = True
     router_weights_in_hidden_dtype: bool = False
+    router_in_float32: bool = False  # router weight kept and applied in float32 at every model dtype
     router_jitter_eps: float = 0.0
+    routed_scaling_factor: float = 1.0
+    expert_groups: int = 1  # "group_limited": experts split into expert_groups groups ...
+    top_groups: int = 1  # ... of which the top_groups best may be chosen from
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: str = "none"  # "none", "head" (per head, Qwen3) or "full" (whole projection, OLMoE)
@@ -55,9 +78,11 @@ class ModelConfig:
     lm_head_bias: bool = False
     tie_word_embeddings: bool = False
     shared_expert_intermediate_size: int = 0
+    shared_expert_gated: bool = True  # Qwen2-MoE's sigmoid gate on the shared expert
     dense_intermediate_size: int = 0
     moe_layers: tuple[bool, ...] = ()
     sliding_window: int | None = None
+    latent_attention: LatentAttentionConfig | None = None
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
@@ -105,17 +130,52 @@ def load_config(model_dir: Path) -> ModelConfig:
         raise DaopError(f"{path}: invalid value ({exc})") from exc
 
 
+def rope_params(raw: dict[str, Any]) -> dict[str, Any]:
+    """Rope parameters of transformers 5 (rope_parameters) over those of transformers 4 (rope_scaling)."""
+    return {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+
+
+def rope_type(raw: dict[str, Any]) -> str:
+    """The rope type a config.json names, in either transformers 4 or 5 spelling; "default" if none."""
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    return params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+
+
+def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+    """YaRN's scale for a context extended `factor` times (1 when not extended), as transformers computes it."""
+    return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def yarn_from_hf(raw: dict[str, Any], theta: float) -> RopeConfig:
+    """YaRN parameters with transformers' defaults (original context: max_position_embeddings)."""
+    merged = rope_params(raw)
+    max_positions = int(raw.get("max_position_embeddings", 4096))
+    original = int(merged.get("original_max_position_embeddings",
+                              raw.get("original_max_position_embeddings", max_positions)))
+    factor = float(merged.get("factor") or max_positions / original)
+    attention = merged.get("attention_factor")
+    if attention is None:
+        mscale, mscale_all_dim = merged.get("mscale"), merged.get("mscale_all_dim")
+        both = mscale and mscale_all_dim
+        attention = yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim) if both else yarn_mscale(factor)
+    return RopeConfig(theta=theta, kind="yarn", original_max_positions=original, attention_factor=float(attention),
+                      factor=factor, beta_fast=float(merged.get("beta_fast") or 32),
+                      beta_slow=float(merged.get("beta_slow") or 1), truncate=bool(merged.get("truncate", True)))
+
+
 def rope_from_hf(raw: dict[str, Any]) -> RopeConfig:
     """Rotary parameters from either transformers 4 (rope_theta, rope_scaling) or 5 (rope_parameters)."""
     params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
     theta = float(params.get("rope_theta", raw.get("rope_theta", 10000.0)))
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    merged = {**scaling, **params}
+    kind = rope_type(raw)
+    merged = rope_params(raw)
     if kind == "default":
         return RopeConfig(theta=theta)
+    if kind == "yarn":
+        return yarn_from_hf(raw, theta)
     if kind != "longrope":
-        raise ValueError(f"rope type {kind!r} is not supported (supported: default, longrope)")
+        raise ValueError(f"rope type {kind!r} is not supported (supported: default, longrope, yarn)")
     mscale = merged.get("attention_factor", merged.get("short_mscale"))
     long_mscale = merged.get("attention_factor", merged.get("long_mscale"))
     return RopeConfig(

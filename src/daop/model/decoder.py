@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from daop.config import ModelConfig
+from daop.model.latent_attention import LatentAttention
 from daop.model.layers import Attention, KVCache, Norm, Rotary, attention_mask, decode_mask
 from daop.model.moe import ExpertRunner, SharedExpert
 from daop.model.routing import ModelRouting, Routing
@@ -28,11 +29,12 @@ class DecoderLayer:
         self.is_moe = c.is_moe_layer(layer_idx)
         self.input_norm = Norm(c.hidden_size, c, device, dtype)
         self.post_norm = Norm(c.hidden_size, c, device, dtype)
-        self.attn = Attention(c, device, dtype)
-        self.router = torch.empty(c.num_experts, c.hidden_size, device=device, dtype=dtype) if self.is_moe else None
+        self.attn = (LatentAttention if c.latent_attention else Attention)(c, device, dtype)
+        router_dtype = torch.float32 if c.router_in_float32 else dtype
+        self.router = torch.empty(c.num_experts, c.hidden_size, device=device, dtype=router_dtype) if self.is_moe else None
         self.shared: SharedExpert | None = None
         if self.is_moe and c.shared_expert_intermediate_size:
-            self.shared = SharedExpert(c.hidden_size, c.shared_expert_intermediate_size, True, device, dtype)
+            self.shared = SharedExpert(c.hidden_size, c.shared_expert_intermediate_size, c.shared_expert_gated, device, dtype)
         elif not self.is_moe:
             self.shared = SharedExpert(c.hidden_size, c.dense_intermediate_size, False, device, dtype)
 
@@ -43,7 +45,8 @@ class DecoderLayer:
         if self.router is not None:
             out[spec.router_name(self.layer_idx)] = self.router
         if self.shared is not None and self.is_moe:
-            out.update(self.shared.tensors(f"{p}.mlp.shared_expert", f"{p}.mlp.shared_expert_gate.weight"))
+            shared = f"{p}.mlp.{spec.shared_expert_prefix}"
+            out.update(self.shared.tensors(shared, f"{shared}_gate.weight"))
         elif self.shared is not None:
             out.update(self.shared.tensors(f"{p}.mlp"))
         return out
@@ -73,6 +76,8 @@ class Decoder:
         self.lm_head = self.embed if c.tie_word_embeddings else torch.empty(c.vocab_size, c.hidden_size, device=device, dtype=dtype)
         self.lm_head_bias = torch.empty(c.vocab_size, device=device, dtype=dtype) if c.lm_head_bias else None
         self.rotary = Rotary(c.rope, c.head_dim, c.max_positions, device)
+        # transformers rotates DeepSeek-V2's (latent attention's) query and key parts in float32
+        self.rotary_dtype = torch.float32 if c.latent_attention else dtype
         self.experts: ExpertRunner | None = None
         self.cuda_graphs = True  # decode steps that stay on the device are captured (daop.runtime.decode_step)
         routers = {layer.layer_idx: layer.router for layer in self.layers if layer.router is not None}
@@ -108,7 +113,7 @@ class Decoder:
         positions = torch.arange(start, start + T, device=self.device).expand(B, T)
         if pad is not None:
             positions = (positions - pad.to(self.device)[:, None]).clamp(min=0)
-        cos, sin = self.rotary.cos_sin(positions, self.dtype, cache.max_len)
+        cos, sin = self.rotary.cos_sin(positions, self.rotary_dtype, cache.max_len)
         step = Step(cos, sin, attention_mask(start, T, pad, self.device), start, cache)
         self.routing.begin(start, T)
         return F.embedding(input_ids.to(self.device), self.embed), step
@@ -123,7 +128,7 @@ class Decoder:
         positions = pos.view(-1, 1).expand(input_ids.shape[0], 1)
         if pad is not None:
             positions = (positions - pad[:, None]).clamp(min=0)
-        cos, sin = self.rotary.table(self.dtype, cache.max_len)
+        cos, sin = self.rotary.table(self.rotary_dtype, cache.max_len)
         step = Step(cos[positions], sin[positions], decode_mask(pos, pad, cache.max_len), pos, cache)
         return F.embedding(input_ids, self.embed), step
 

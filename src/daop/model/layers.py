@@ -34,6 +34,24 @@ class Norm:
         return out
 
 
+def yarn_inv_freq(rope: RopeConfig, head_dim: int, wavelengths: torch.Tensor) -> torch.Tensor:
+    """YaRN's frequencies [d/2] from the default wavelengths theta^(2i/d): the dimensions that turn
+    less than beta_slow times over the original context are interpolated (divided by factor), those
+    turning more than beta_fast times are kept, with a linear ramp between (transformers' arithmetic)."""
+
+    def dimension(rotations: float) -> float:
+        return head_dim * math.log(rope.original_max_positions / (rotations * 2 * math.pi)) / (2 * math.log(rope.theta))
+
+    low, high = dimension(rope.beta_fast), dimension(rope.beta_slow)
+    if rope.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001
+    kept = 1 - ((torch.arange(head_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    return 1.0 / (rope.factor * wavelengths) * (1 - kept) + 1.0 / wavelengths * kept
+
+
 class Rotary:
     """Rotary position tables; 'longrope' picks short or long factors (and scale) from the sequence length.
 
@@ -62,6 +80,8 @@ class Rotary:
             scale = given or (
                 1.0 if factor <= 1 else math.sqrt(1 + math.log(factor) / math.log(self.rope.original_max_positions))
             )
+        if self.rope.kind == "yarn":
+            return yarn_inv_freq(self.rope, self.head_dim, base).to(self.device), float(self.rope.attention_factor or 1.0)
         return (1.0 / base).to(self.device), scale
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype, total_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,21 +118,39 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
 
 class KVCache:
-    """Preallocated keys and values for every layer: [B, G, S_max, d] each.
+    """Preallocated keys and values for every layer: [B, G, S_max, d] each (see entry_shapes).
 
     Zero-filled: a decode step attends over all S_max positions with a mask (a fixed shape), and
     a masked position must hold a finite value (a zero weight times NaN is NaN)."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+        (kg, kd), (vg, vd) = self.entry_shapes(config)
         self.batch, self.max_len = batch, max_len
-        self.keys = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
-        self.values = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.keys = [torch.zeros(batch, kg, max_len, kd, device=device, dtype=dtype) for _ in range(config.num_layers)]
+        self.values = [torch.zeros(batch, vg, max_len, vd, device=device, dtype=dtype) for _ in range(config.num_layers)]
+
+    @staticmethod
+    def entry_shapes(config: ModelConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(heads, dim) of the keys and of the values per position: G kv heads of head_dim each, or
+        for latent attention one compressed latent (kv_lora_rank) and one rotated key part
+        (head_dim), both shared by all heads (see daop.model.latent_attention)."""
+        latent = config.latent_attention
+        if latent is not None:
+            return (1, latent.kv_lora_rank), (1, config.head_dim)
+        return (config.num_kv_heads, config.head_dim), (config.num_kv_heads, config.head_dim)
 
     @staticmethod
     def bytes_needed(config: ModelConfig, batch: int, max_len: int, dtype: torch.dtype) -> int:
-        per = batch * config.num_kv_heads * max_len * config.head_dim * torch.empty((), dtype=dtype).element_size()
-        return 2 * config.num_layers * per
+        (kg, kd), (vg, vd) = KVCache.entry_shapes(config)
+        per = batch * max_len * (kg * kd + vg * vd) * torch.empty((), dtype=dtype).element_size()
+        return config.num_layers * per
+
+    def write(self, layer_idx: int, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store new k, v [B, G, T, d] from `start`: an int (prefill, see update) or a decode step's
+        position tensor (see write_at); returns the keys and values to attend over."""
+        if isinstance(start, torch.Tensor):
+            return self.write_at(layer_idx, start, k, v)
+        return self.update(layer_idx, start, k, v)
 
     def update(self, layer_idx: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         end = start + k.shape[2]
@@ -218,10 +256,7 @@ class Attention:
         qk = apply_rotary(qk, cos, sin)
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
         v = v.reshape(B, T, G, d).transpose(1, 2)
-        if isinstance(start, torch.Tensor):
-            keys, values = cache.write_at(layer_idx, start, k, v)
-        else:
-            keys, values = cache.update(layer_idx, start, k, v)
+        keys, values = cache.write(layer_idx, start, k, v)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.head_dim**-0.5,
                                              enable_gqa=c.num_kv_heads != c.num_heads)
         out = out.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim)

@@ -28,15 +28,28 @@ def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Ten
     return torch.cat(weights, dim=-1), torch.cat(ids, dim=-1)
 
 
+def group_limited(probs: torch.Tensor, num_groups: int, top_groups: int) -> torch.Tensor:
+    """DeepSeek-V2's group-limited greedy: probs [N, E] with every expert outside the top_groups
+    groups (ranked by their best expert) set to zero, so the top-k that follows stays inside them."""
+    grouped = probs.view(probs.shape[0], num_groups, -1)  # [N, groups, E / groups]
+    best = grouped.max(dim=-1).values
+    keep = torch.zeros_like(best, dtype=torch.bool).scatter_(1, best.topk(top_groups, dim=-1).indices, True)
+    return grouped.masked_fill(~keep[..., None], 0.0).view_as(probs)
+
+
 def select_experts(config: ModelConfig, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-k expert ids and their weights from router logits, as the family defines them."""
     if config.router_kind == "sparsemixer":
         weights, ids = sparsemixer_top2(logits, config.router_jitter_eps)
         return ids, weights
     probs = torch.softmax(logits.float(), dim=-1)
+    if config.router_kind == "group_limited":
+        probs = group_limited(probs, config.expert_groups, config.top_groups)
     weights, ids = torch.topk(probs, config.top_k, dim=-1)
     if config.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
+    if config.routed_scaling_factor != 1.0:
+        weights = weights * config.routed_scaling_factor
     if config.router_weights_in_hidden_dtype:
         weights = weights.to(logits.dtype)
     return ids, weights
@@ -133,7 +146,7 @@ def weighted_sum(h: torch.Tensor, ys: dict[int, torch.Tensor], weights: torch.Te
 
 
 class SharedExpert:
-    """Qwen2-MoE's always-on expert with a sigmoid gate, or a dense MLP (gate is None)."""
+    """An always-on expert (Qwen2-MoE's with a sigmoid gate; DeepSeek-V2's without), or a dense MLP."""
 
     def __init__(self, hidden: int, inter: int, gated: bool, device: torch.device, dtype: torch.dtype) -> None:
         self.gate_up_proj = torch.empty(2 * inter, hidden, device=device, dtype=dtype)

@@ -44,9 +44,14 @@ class ModelRouting:
     def begin(self, start: int, num_new: int) -> None:
         pass
 
+    def logits(self, layer_idx: int, h: torch.Tensor) -> torch.Tensor:
+        """Router logits [N, E], in the router's dtype (float32 where the family keeps it so)."""
+        router = self.routers[layer_idx]
+        return F.linear(h.to(router.dtype), router)
+
     def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_experts(self.config, F.linear(h, self.routers[layer_idx]))
+        return select_experts(self.config, self.logits(layer_idx, h))
 
     def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = F.linear(h, self.routers[layer_idx])
+        logits = self.logits(layer_idx, h)
         return (logits, *select_experts(self.config, logits))

@@ -22,6 +22,7 @@ class FamilySpec:
     config_from_hf: Callable[[dict[str, Any]], ModelConfig]
     moe_prefix: str = "mlp"
     expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
+    shared_expert_prefix: str = "shared_expert"
 
     def layer(self, layer_idx: int) -> str:
         return f"model.layers.{layer_idx}"
@@ -36,9 +37,9 @@ class FamilySpec:
 
 
 def _registry() -> dict[str, FamilySpec]:
-    from daop.model.specs import mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
+    from daop.model.specs import deepseek_v2, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
 
-    specs = [mixtral.SPEC, phimoe.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC, olmoe.SPEC]
+    specs = [mixtral.SPEC, phimoe.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC, olmoe.SPEC, deepseek_v2.SPEC]
     return {s.model_type: s for s in specs}
 
 
