@@ -1,5 +1,6 @@
 """`daop bench --smoke` runs on the CPU and ends with a JSON summary with the expected keys."""
 import json
+import math
 import subprocess
 import sys
 
@@ -58,3 +59,16 @@ def test_universal_bound_splits_host_experts_between_the_channels():
     assert abs(universal_bound_ms(16, 16, 1.0, cost) - 16 * 0.1) < 1e-9  # all resident: GPU time only
     assert universal_bound_ms(0, 0, 0.5, cost) == 0.0
     assert abs(universal_bound_ms(4, 4, 0.0, CostModel()) - 4 * 1.0) < 1e-9  # no profile: the CPU alone
+
+
+def test_every_geometry_maps_to_a_config():
+    from daop.bench.geometry import GEOMETRIES, geometry_config
+
+    for name in GEOMETRIES:
+        config, spec = geometry_config(name, 2)
+        assert config.num_layers == 2 and spec.model_type == GEOMETRIES[name]["model_type"]
+    lite, _ = geometry_config("deepseek-v2-lite")
+    assert (lite.num_layers, lite.num_experts, lite.top_k, lite.moe_layer_ids()[0]) == (27, 64, 6, 1)
+    assert lite.latent_attention.kv_lora_rank == 512 and lite.rope.kind == "yarn"
+    yarn_mscale = 0.1 * 0.707 * math.log(40) + 1  # squared into the softmax scale, as transformers does
+    assert abs(lite.latent_attention.softmax_scale - 192 ** -0.5 * yarn_mscale ** 2) < 1e-9

@@ -30,6 +30,17 @@ GEOMETRIES: dict[str, dict] = {
                           intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
                           head_dim=128, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True, rope_theta=1e6,
                           max_position_embeddings=40960, rms_norm_eps=1e-6),
+    # DeepSeek-V2-Lite's config.json: latent attention (kv_lora_rank 512, no q compression), 64 routed
+    # experts (top 6) and 2 shared ones per layer after one dense layer, yarn rope
+    "deepseek-v2-lite": dict(model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+                             moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+                             num_key_value_heads=16, n_shared_experts=2, n_routed_experts=64, num_experts_per_tok=6,
+                             routed_scaling_factor=1.0, kv_lora_rank=512, q_lora_rank=None, qk_rope_head_dim=64,
+                             qk_nope_head_dim=128, v_head_dim=128, topk_method="greedy", n_group=1, topk_group=1,
+                             first_k_dense_replace=1, norm_topk_prob=False, max_position_embeddings=163840,
+                             rms_norm_eps=1e-6, rope_theta=10000.0,
+                             rope_scaling=dict(type="yarn", factor=40, beta_fast=32, beta_slow=1, mscale=0.707,
+                                               mscale_all_dim=0.707, original_max_position_embeddings=4096)),
 }
 
 
