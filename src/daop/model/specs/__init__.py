@@ -30,6 +30,10 @@ class FamilySpec:
     def router_name(self, layer_idx: int) -> str:
         return f"{self.layer(layer_idx)}.{self.moe_prefix}.gate.weight"
 
+    def router_bias_name(self, layer_idx: int) -> str:
+        """The router's score bias (DeepSeek-V3's e_score_correction_bias)."""
+        return f"{self.layer(layer_idx)}.{self.moe_prefix}.gate.e_score_correction_bias"
+
     def expert_names(self, layer_idx: int, expert_idx: int) -> tuple[str, str, str]:
         """Names of (gate, up, down) weights of one routed expert."""
         base = f"{self.layer(layer_idx)}.{self.moe_prefix}.experts.{expert_idx}"
