@@ -41,9 +41,9 @@ class FamilySpec:
 
 
 def _registry() -> dict[str, FamilySpec]:
-    from daop.model.specs import deepseek_v2, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
+    from daop.model.specs import deepseek_v2, deepseek_v3, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
 
-    specs = [mixtral.SPEC, phimoe.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC, olmoe.SPEC, deepseek_v2.SPEC]
+    specs = [mixtral.SPEC, phimoe.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC, olmoe.SPEC, deepseek_v2.SPEC, deepseek_v3.SPEC]
     return {s.model_type: s for s in specs}
 
 
