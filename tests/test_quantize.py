@@ -59,7 +59,7 @@ def shard_of(folder, name):
 # ------------------------------------------------------------------------------------------ equality
 
 @pytest.mark.parametrize("kind,group", FORMATS)
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2"])
+@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe", "deepseek_v2", "deepseek_v3"])
 def test_quantized_folder_equals_quantizing_at_load(quantized, family, kind, group):
     src, out = quantized(family, kind, group)
     at_load = load(src, dtype="fp32", expert_dtype=kind, group_size=group)

@@ -11,7 +11,14 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=3, num_attenti
               num_key_value_heads=2, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
               tie_word_embeddings=False)
 
-FAMILIES = ["mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2"]
+# low-rank q, rope part narrower than the rest of a head, value heads of another width, shared experts, a
+# dense first layer and group-limited routing (top 4 experts from the best 2 of 4 groups); as in DeepSeek
+# checkpoints, num_key_value_heads equals the heads (transformers repeats keys by their ratio)
+DEEPSEEK = dict(COMMON, num_key_value_heads=4, intermediate_size=96, moe_intermediate_size=32, n_routed_experts=16,
+                num_experts_per_tok=4, n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=24,
+                qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_group=4, topk_group=2)
+
+FAMILIES = ["mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
 
 
 def hf_config(family: str, **overrides):
@@ -32,15 +39,10 @@ def hf_config(family: str, **overrides):
     elif family == "olmoe":
         cfg = tf.OlmoeConfig(**COMMON, intermediate_size=48, num_experts=8, num_experts_per_tok=2, clip_qkv=4.0)
     elif family == "deepseek_v2":
-        # low-rank q, rope part narrower than the rest of a head, value heads of another width, shared
-        # experts, a dense first layer and group-limited routing (top 4 experts from the best 2 of 4 groups);
-        # as in DeepSeek-V2 checkpoints, num_key_value_heads equals the heads (transformers repeats keys by their ratio)
-        cfg = tf.DeepseekV2Config(**{**COMMON, "num_key_value_heads": 4}, intermediate_size=96,
-                                  moe_intermediate_size=32, n_routed_experts=16, num_experts_per_tok=4,
-                                  n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=24,
-                                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12,
-                                  topk_method="group_limited_greedy", n_group=4, topk_group=2,
-                                  routed_scaling_factor=1.5)
+        cfg = tf.DeepseekV2Config(**DEEPSEEK, topk_method="group_limited_greedy", routed_scaling_factor=1.5)
+    elif family == "deepseek_v3":
+        # the sigmoid router: each group ranked by its two best scores plus the score bias (random, set by hf_model)
+        cfg = tf.DeepseekV3Config(**DEEPSEEK, routed_scaling_factor=2.5)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -64,6 +66,9 @@ def hf_model(family: str, seed: int = 0, **overrides):
             else:
                 fan_in = p.shape[-1]
                 p.copy_(torch.randn_like(p) * (1.5 / fan_in**0.5))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # DeepSeek-V3's router bias: zero at init
+                b.copy_(0.3 * torch.randn_like(b))
     return model
 
 

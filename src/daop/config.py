@@ -43,6 +43,8 @@ class LatentAttentionConfig:
     nope_head_dim: int
     v_head_dim: int
     softmax_scale: float  # 1/sqrt(nope_head_dim + head_dim), more with yarn (transformers' yarn_apply_mscale)
+    rope_interleave: bool = True  # the rotated part holds (x0, x1), (x2, x3), .. pairs, not two halves
+    rope_in_float32: bool = True  # rotated in float32 at every model dtype (DeepSeek-V2), else in the model dtype
 
 
 @dataclass(frozen=True)
@@ -63,14 +65,15 @@ class ModelConfig:
     norm_eps: float
     rope: RopeConfig = field(default_factory=RopeConfig)
     norm_kind: str = "rms"  # "rms" or "layer" (LayerNorm with bias)
-    router_kind: str = "softmax_topk"  # or "sparsemixer", "group_limited" (DeepSeek-V2)
+    router_kind: str = "softmax_topk"  # or "sparsemixer", "group_limited" (DeepSeek-V2), "sigmoid_group_limited" (V3)
     norm_topk_prob: bool = True
     router_weights_in_hidden_dtype: bool = False
     router_in_float32: bool = False  # router weight kept and applied in float32 at every model dtype
     router_jitter_eps: float = 0.0
     routed_scaling_factor: float = 1.0
-    expert_groups: int = 1  # "group_limited": experts split into expert_groups groups ...
+    expert_groups: int = 1  # group-limited routers: experts split into expert_groups groups ...
     top_groups: int = 1  # ... of which the top_groups best may be chosen from
+    router_score_bias: bool = False  # a float32 bias [E] per router, added to the scores only to choose experts
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: str = "none"  # "none", "head" (per head, Qwen3) or "full" (whole projection, OLMoE)

@@ -32,6 +32,8 @@ class DecoderLayer:
         self.attn = (LatentAttention if c.latent_attention else Attention)(c, device, dtype)
         router_dtype = torch.float32 if c.router_in_float32 else dtype
         self.router = torch.empty(c.num_experts, c.hidden_size, device=device, dtype=router_dtype) if self.is_moe else None
+        has_bias = self.is_moe and c.router_score_bias
+        self.router_bias = torch.empty(c.num_experts, device=device, dtype=torch.float32) if has_bias else None
         self.shared: SharedExpert | None = None
         if self.is_moe and c.shared_expert_intermediate_size:
             self.shared = SharedExpert(c.hidden_size, c.shared_expert_intermediate_size, c.shared_expert_gated, device, dtype)
@@ -44,6 +46,8 @@ class DecoderLayer:
         out.update(self.attn.tensors(f"{p}.self_attn"))
         if self.router is not None:
             out[spec.router_name(self.layer_idx)] = self.router
+        if self.router_bias is not None:
+            out[spec.router_bias_name(self.layer_idx)] = self.router_bias
         if self.shared is not None and self.is_moe:
             shared = f"{p}.mlp.{spec.shared_expert_prefix}"
             out.update(self.shared.tensors(shared, f"{shared}_gate.weight"))
@@ -76,12 +80,13 @@ class Decoder:
         self.lm_head = self.embed if c.tie_word_embeddings else torch.empty(c.vocab_size, c.hidden_size, device=device, dtype=dtype)
         self.lm_head_bias = torch.empty(c.vocab_size, device=device, dtype=dtype) if c.lm_head_bias else None
         self.rotary = Rotary(c.rope, c.head_dim, c.max_positions, device)
-        # transformers rotates DeepSeek-V2's (latent attention's) query and key parts in float32
-        self.rotary_dtype = torch.float32 if c.latent_attention else dtype
+        # transformers rotates DeepSeek-V2's (not V3's) query and key parts in float32
+        self.rotary_dtype = torch.float32 if c.latent_attention and c.latent_attention.rope_in_float32 else dtype
         self.experts: ExpertRunner | None = None
         self.cuda_graphs = True  # decode steps that stay on the device are captured (daop.runtime.decode_step)
         routers = {layer.layer_idx: layer.router for layer in self.layers if layer.router is not None}
-        self.model_routing = ModelRouting(c, routers)
+        biases = {layer.layer_idx: layer.router_bias for layer in self.layers if layer.router_bias is not None}
+        self.model_routing = ModelRouting(c, routers, biases)
         self.routing: Routing = self.model_routing  # replaced to replay or observe routing
 
     @contextmanager

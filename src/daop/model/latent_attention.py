@@ -1,4 +1,5 @@
-"""DeepSeek-V2 multi-head latent attention (MLA), as transformers' DeepseekV2Attention computes it.
+"""DeepSeek-V2/V3 multi-head latent attention (MLA), as transformers' DeepseekV2Attention and
+DeepseekV3Attention compute it (V3 rotates pairs or, without rope_interleave, two halves).
 
 The KV cache holds what all heads share, per position: the normed kv latent [B, 1, S, r] (as the
 cache's keys) and the rotated key part [B, 1, S, d_r] (as its values). Each step expands the cached
@@ -21,7 +22,7 @@ from daop.model.layers import KVCache, Norm, apply_rotary
 def deinterleave(x: torch.Tensor) -> torch.Tensor:
     """x [..., d] reordered from pairs (x0, x1), (x2, x3), .. to (x0, x2, .., x1, x3, ..).
 
-    DeepSeek-V2 rotates adjacent pairs (as complex numbers); rotating the two halves of the
+    DeepSeek-V2 (and V3 with rope_interleave) rotates adjacent pairs; rotating the two halves of the
     reordered vector (apply_rotary) is the same rotation, and a score q.k does not change when q
     and k are reordered alike, so the cache keeps rotated keys in this order."""
     return x.unflatten(-1, (-1, 2)).transpose(-1, -2).flatten(-2)
@@ -96,8 +97,10 @@ class LatentAttention:
         q = self.query(x).view(B, T, H, self.qk_dim)
         latent, k_rot = F.linear(x, self.kv_a_proj, self.kv_a_bias).split((m.kv_lora_rank, c.head_dim), dim=-1)
         # the queries' rotated parts and the shared key part, rotated in one pass (in the tables'
-        # float32, then rounded once): [B, T, H + 1, d_r]
-        to_rotate = deinterleave(torch.cat((q[..., n:], k_rot[:, :, None]), dim=2))
+        # dtype, float32 for DeepSeek-V2, then rounded once): [B, T, H + 1, d_r]
+        to_rotate = torch.cat((q[..., n:], k_rot[:, :, None]), dim=2)
+        if m.rope_interleave:
+            to_rotate = deinterleave(to_rotate)
         rotated = apply_rotary(to_rotate, cos, sin).to(x.dtype)
         q = torch.cat((q[..., :n], rotated[:, :, :H]), dim=-1).transpose(1, 2)  # [B, H, T, n + d_r]
         k_rot = rotated[:, :, H:].transpose(1, 2)  # [B, 1, T, d_r]

@@ -28,6 +28,9 @@ def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Ten
     return torch.cat(weights, dim=-1), torch.cat(ids, dim=-1)
 
 
+Routed = tuple[torch.Tensor, torch.Tensor]  # (weights [N, K], ids [N, K]) before normalisation and scaling
+
+
 def group_limited(probs: torch.Tensor, num_groups: int, top_groups: int) -> torch.Tensor:
     """DeepSeek-V2's group-limited greedy: probs [N, E] with every expert outside the top_groups
     groups (ranked by their best expert) set to zero, so the top-k that follows stays inside them."""
@@ -37,15 +40,45 @@ def group_limited(probs: torch.Tensor, num_groups: int, top_groups: int) -> torc
     return grouped.masked_fill(~keep[..., None], 0.0).view_as(probs)
 
 
-def select_experts(config: ModelConfig, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-k expert ids and their weights from router logits, as the family defines them."""
+def sigmoid_group_limited(scores: torch.Tensor, bias: torch.Tensor, num_groups: int, top_groups: int,
+                          top_k: int) -> Routed:
+    """DeepSeek-V3's router on sigmoid scores [N, E]: experts are chosen by score + bias [E] inside
+    the top_groups groups (ranked by the sum of their two best biased scores); the weights [N, K]
+    are the chosen experts' unbiased scores. Returns (weights, ids)."""
+    choice = (scores + bias).view(scores.shape[0], num_groups, -1)  # [N, groups, E / groups]
+    group_scores = choice.topk(2, dim=-1).values.sum(dim=-1)
+    keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    keep.scatter_(1, group_scores.topk(top_groups, dim=-1).indices, True)
+    ids = choice.masked_fill(~keep[..., None], float("-inf")).view_as(scores).topk(top_k, dim=-1).indices
+    return scores.gather(1, ids), ids
+
+
+def softmax_topk(config: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> Routed:
+    return torch.topk(torch.softmax(logits.float(), dim=-1), config.top_k, dim=-1)
+
+
+def group_limited_topk(config: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> Routed:
+    probs = group_limited(torch.softmax(logits.float(), dim=-1), config.expert_groups, config.top_groups)
+    return torch.topk(probs, config.top_k, dim=-1)
+
+
+def biased_sigmoid_topk(config: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> Routed:
+    assert bias is not None, "the sigmoid group-limited router needs its score correction bias"
+    return sigmoid_group_limited(logits.float().sigmoid(), bias, config.expert_groups, config.top_groups, config.top_k)
+
+
+ROUTERS = {"softmax_topk": softmax_topk, "group_limited": group_limited_topk,
+           "sigmoid_group_limited": biased_sigmoid_topk}
+
+
+def select_experts(config: ModelConfig, logits: torch.Tensor,
+                   bias: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k expert ids and their weights from router logits (and the router's score bias, for
+    routers that have one), as the family defines them."""
     if config.router_kind == "sparsemixer":
         weights, ids = sparsemixer_top2(logits, config.router_jitter_eps)
         return ids, weights
-    probs = torch.softmax(logits.float(), dim=-1)
-    if config.router_kind == "group_limited":
-        probs = group_limited(probs, config.expert_groups, config.top_groups)
-    weights, ids = torch.topk(probs, config.top_k, dim=-1)
+    weights, ids = ROUTERS[config.router_kind](config, logits, bias)
     if config.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
     if config.routed_scaling_factor != 1.0:

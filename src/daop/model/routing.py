@@ -38,8 +38,10 @@ class ModelRouting:
     device_only = True  # nothing read from the host per step: a decode step may be captured
     graph_key = ("model routers",)  # a captured step reads the decoder's own router tensors
 
-    def __init__(self, config: ModelConfig, routers: dict[int, torch.Tensor]) -> None:
-        self.config, self.routers = config, routers
+    def __init__(self, config: ModelConfig, routers: dict[int, torch.Tensor],
+                 biases: dict[int, torch.Tensor] | None = None) -> None:
+        """routers: each MoE layer's router weight [E, D]; biases: its score bias [E], for routers with one."""
+        self.config, self.routers, self.biases = config, routers, biases or {}
 
     def begin(self, start: int, num_new: int) -> None:
         pass
@@ -50,8 +52,8 @@ class ModelRouting:
         return F.linear(h.to(router.dtype), router)
 
     def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return select_experts(self.config, self.logits(layer_idx, h))
+        return select_experts(self.config, self.logits(layer_idx, h), self.biases.get(layer_idx))
 
     def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.logits(layer_idx, h)
-        return (logits, *select_experts(self.config, logits))
+        return (logits, *select_experts(self.config, logits, self.biases.get(layer_idx)))

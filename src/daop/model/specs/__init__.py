@@ -30,6 +30,10 @@ class FamilySpec:
     def router_name(self, layer_idx: int) -> str:
         return f"{self.layer(layer_idx)}.{self.moe_prefix}.gate.weight"
 
+    def router_bias_name(self, layer_idx: int) -> str:
+        """The router's score bias (DeepSeek-V3's e_score_correction_bias)."""
+        return f"{self.layer(layer_idx)}.{self.moe_prefix}.gate.e_score_correction_bias"
+
     def expert_names(self, layer_idx: int, expert_idx: int) -> tuple[str, str, str]:
         """Names of (gate, up, down) weights of one routed expert."""
         base = f"{self.layer(layer_idx)}.{self.moe_prefix}.experts.{expert_idx}"
@@ -37,9 +41,9 @@ class FamilySpec:
 
 
 def _registry() -> dict[str, FamilySpec]:
-    from daop.model.specs import deepseek_v2, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
+    from daop.model.specs import deepseek_v2, deepseek_v3, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
 
-    specs = [mixtral.SPEC, phimoe.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC, olmoe.SPEC, deepseek_v2.SPEC]
+    specs = [mixtral.SPEC, phimoe.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC, olmoe.SPEC, deepseek_v2.SPEC, deepseek_v3.SPEC]
     return {s.model_type: s for s in specs}
 
 

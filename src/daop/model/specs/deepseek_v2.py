@@ -1,4 +1,6 @@
 """DeepSeek-V2: multi-head latent attention, group-limited routing, always-on shared experts, leading dense layers."""
+from typing import Any
+
 from daop.config import (LatentAttentionConfig, ModelConfig, RopeConfig, common_fields, rope_params, rope_type,
                          yarn_mscale)
 from daop.model.specs import FamilySpec
@@ -15,24 +17,20 @@ def softmax_scale(raw: dict, rope: RopeConfig) -> float:
     return scale
 
 
-def config_from_hf(raw: dict) -> ModelConfig:
+def deepseek_config(raw: dict, name: str, family: str, rope_interleave: bool, rope_in_float32: bool,
+                    **routing: Any) -> ModelConfig:
+    """The ModelConfig of a DeepSeek-V2 or V3 config.json, given the family's routing fields."""
     if rope_type(raw) not in ("default", "yarn"):
-        raise ValueError(f"rope type {rope_type(raw)!r} is not supported for DeepSeek-V2 (supported: default, yarn)")
+        raise ValueError(f"rope type {rope_type(raw)!r} is not supported for {name} (supported: default, yarn)")
     fields = common_fields(raw)
-    method = raw.get("topk_method", "greedy")
-    if method not in ROUTER_KINDS:
-        raise ValueError(f"topk_method {method!r} is not supported (supported: {', '.join(ROUTER_KINDS)})")
     q_lora_rank = raw.get("q_lora_rank")
     bias = bool(raw.get("attention_bias", False))
     dense_layers = int(raw.get("first_k_dense_replace", 0))
     fields["head_dim"] = int(raw["qk_rope_head_dim"])  # the rotated part of each head
     return ModelConfig(
-        family="deepseek_v2",
+        family=family,
         num_experts=int(raw["n_routed_experts"]),
         expert_intermediate_size=int(raw["moe_intermediate_size"]),
-        router_kind=ROUTER_KINDS[method],
-        # transformers' DeepseekV2 router never renormalises the top-k weights, whatever norm_topk_prob says
-        norm_topk_prob=False,
         router_in_float32=True,
         routed_scaling_factor=float(raw.get("routed_scaling_factor", 1.0)),
         expert_groups=int(raw.get("n_group") or 1),
@@ -49,9 +47,21 @@ def config_from_hf(raw: dict) -> ModelConfig:
             nope_head_dim=int(raw["qk_nope_head_dim"]),
             v_head_dim=int(raw["v_head_dim"]),
             softmax_scale=softmax_scale(raw, fields["rope"]),
+            rope_interleave=rope_interleave,
+            rope_in_float32=rope_in_float32,
         ),
+        **routing,
         **fields,
     )
+
+
+def config_from_hf(raw: dict) -> ModelConfig:
+    method = raw.get("topk_method", "greedy")
+    if method not in ROUTER_KINDS:
+        raise ValueError(f"topk_method {method!r} is not supported (supported: {', '.join(ROUTER_KINDS)})")
+    # transformers' DeepseekV2 router never renormalises the top-k weights, whatever norm_topk_prob says
+    return deepseek_config(raw, "DeepSeek-V2", "deepseek_v2", rope_interleave=True, rope_in_float32=True,
+                           router_kind=ROUTER_KINDS[method], norm_topk_prob=False)
 
 
 SPEC = FamilySpec(
