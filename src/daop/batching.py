@@ -56,7 +56,6 @@ class Sequence:
     length: int = 0  # cache positions it reads: as a sequence alone of its length would (cache_length)
     sampler: Sampler | None = None
     text: TextStream | None = None
-    started: float = 0.0
     first_token_at: float = 0.0
 
     @property
@@ -104,7 +103,6 @@ class Batcher:
         seq.budget = min(seq.params.max_new_tokens, room)
         seq.length = min(self.max_len, cache_length(self.decoder, len(seq.prompt) + seq.budget))
         seq.stats.prompt_tokens = len(seq.prompt)
-        seq.started = time.perf_counter()
         self.waiting.append(seq)
 
     def step(self) -> None:
@@ -120,15 +118,12 @@ class Batcher:
     # --- internals ---
 
     def _admit(self, seq: Sequence) -> None:
-        if self.idle_runner():
+        if not self.decoding and self.prefilling is None:
             start_sequence(self.decoder)  # the batch was empty: start from the calibrated placement
         seq.row = len(self.decoding)
         seq.sampler = Sampler(seq.params, seq.prompt)
         seq.text = TextStream(self.engine.tokenizer, seq.params.stop)
         self.prefilling = seq
-
-    def idle_runner(self) -> bool:
-        return not self.decoding and self.prefilling is None
 
     def _prefill_chunk(self) -> None:
         seq = self.prefilling

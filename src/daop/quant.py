@@ -16,8 +16,9 @@ An expert is a tuple of tensors in one of three formats, told apart by its tenso
 
 Scales are in the model's dtype (the kernels take activations and scales in one dtype). Every
 expert, wherever it runs, goes through `expert_forward`, so exact runners stay bitwise equal
-to each other on one device. Kernels: `_weight_int8pack_mm` and the int4 pack/mm ops of torch;
-where a device has none, the expert's weights are dequantized for the product.
+to each other on one device. Kernels: on the CPU, torch's `_weight_int8pack_mm` and int4 pack/mm
+ops; on CUDA, daop's GEMV kernel (`daop.kernels.expert_gemv`) for float and int8 experts with a
+few rows, torch's products for more rows, and torch's int4 kernel.
 """
 from __future__ import annotations
 
@@ -244,8 +245,8 @@ def linear_q(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
 def expert_forward(x: torch.Tensor, w: List[torch.Tensor]) -> torch.Tensor:
     """One SwiGLU expert, down(silu(gate x) * up x), for an expert in any format (TorchScript-compatible).
 
-    Float experts run `daop.model.moe.swiglu` (one product over the stacked gate_up); low-bit ones
-    the same sequence through `linear_q`."""
+    Float experts run `daop.model.moe.swiglu` (one product over the stacked gate_up) on the CPU and
+    the same sequence through `float_linear_cuda` on CUDA; low-bit ones through `linear_q`."""
     if len(w) == 2:
         if not x.is_cuda:
             return swiglu(x, w[0], w[1])
