@@ -6,7 +6,8 @@
 - `packed`: oneDNN pre-packed weights (`mkldnn._linear_pointwise`), team of T;
 - `bmm`: the weight's rows cut into T equal blocks, one `torch.bmm` (torch parallelises the batch);
 - `pool`: T Python threads with one intra-op thread each, each a row block through F.linear;
-- `pool-packed`: the same, each block pre-packed by oneDNN.
+- `pool-packed`: the same, each block pre-packed by oneDNN;
+- `daop C kernel`: `daop.kernels.cpu_expert`, T threads (not bitwise equal to F.linear).
 Each variant's largest difference from `linear` is printed (row blocks change no summation, so
 `bmm` and `pool` should be exact), and the host's read bandwidth with the same T (sum over 1 GiB),
 so a thread count that is slow for every kernel shows as slow bandwidth too.
@@ -20,13 +21,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import shutil
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from daop.kernels import cpu_expert  # noqa: E402
 
 
 def read_gbps(threads: int, x: torch.Tensor) -> float:
@@ -125,7 +131,13 @@ def main() -> None:
                 gs, ds = cut_packed[i % 8]
                 return pool.linear(swiglu(pool.linear(x, gs, packed_linear)), ds, packed_linear)
 
+            def native(i):
+                g, d = experts[i % 8]
+                return cpu_expert.expert(x, g, d, T)
+
             table = {"linear": linear, "linear gate_up only": gate_only, "linear down only": down_only, "packed": onednn}
+            if cpu_expert.available():
+                table["daop C kernel"] = native
             if stacked[0] is not None:
                 table["bmm"] = bmm
             if pool is not None:

@@ -53,6 +53,7 @@ class HardwareProfile:
     cpu_candidates_ms: dict[str, list[float]] = field(default_factory=dict)  # "mode xN" -> wall ms per count
 
     expert_format: str = ""  # the experts' stored format ('int8', 'int4-g128'); empty: the model's dtype
+    cpu_kernel: str = ""  # which products the CPU experts were measured on (executors.cpu.kernel_name); empty: torch
 
     def matches(self, hidden_size: int, intermediate_size: int, dtype: str, expert_format: str | None = None) -> bool:
         mine = (self.hidden_size, self.intermediate_size, self.dtype, self.expert_format or self.dtype)
@@ -150,7 +151,7 @@ def calibrate(hidden_size: int, intermediate_size: int, dtype: torch.dtype, devi
 
     threads / mode None: chosen by measurement among the candidates; given: only that one is used.
     """
-    from daop.executors.cpu import physical_cores
+    from daop.executors.cpu import kernel_name, physical_cores
     from daop.executors.cpu_tuning import distinct_experts, driving_load, run_trial, tune
     from daop.quant import copy_into_slot, expert_forward, slot_shapes
 
@@ -173,7 +174,7 @@ def calibrate(hidden_size: int, intermediate_size: int, dtype: torch.dtype, devi
     choice_counts = (1, 4) if quick else (1, 2, 4, 8)
     trials, best, reason = tune(experts, load, device, physical_cores(), threads, mode, choice_counts, repeat)
     counts = (1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64, 128, 256)
-    busy = run_trial(best.mode, best.threads, experts, counts, repeat, load).busy_ms
+    busy = run_trial(best.mode, best.threads, experts, counts, repeat, load, native=cuda).busy_ms
     gpu_counts = counts + ((1024,) if not quick else ())
     gpu_ms = tuple(_median_ms(lambda n=n: expert_forward(torch.randn(n, D, dtype=dtype, device=device), dev), repeat, sync)
                    for n in gpu_counts)
@@ -189,5 +190,5 @@ def calibrate(hidden_size: int, intermediate_size: int, dtype: torch.dtype, devi
         cpu_expert_ms_min=tuple(min(b) for b in busy), cpu_expert_ms_max=tuple(max(b) for b in busy), repeats=repeat,
         cpu_candidate_token_counts=choice_counts,
         cpu_candidates_ms={t.label: [round(ms, 4) for ms in t.wall_ms] for t in trials},
-        expert_format=fmt.name,
+        expert_format=fmt.name, cpu_kernel=kernel_name(cuda),
     )

@@ -61,7 +61,10 @@ def plot(path: Path, output: Path) -> Path:
 def markdown_table(path: Path) -> str:
     card, points = read_rows(path)
     gbps = card.get("host_bandwidth_gbps")
-    bandwidth = f"; host read bandwidth {gbps} GB/s" if gbps else ""
+    read = card.get("host_read_gbps")
+    bandwidth = (f"; host memory {read} GB/s read, {gbps} GB/s copy" if read else f"; host read bandwidth {gbps} GB/s" if gbps else "")
+    if card.get("cpu_kernel"):
+        bandwidth += f"; CPU experts: {card['cpu_kernel']}"
     head = (f"{card.get('geometry')} geometry, {card.get('layers')} layers, {card.get('dtype')}, batch 1, "
             f"{card.get('prompt_tokens')}-token prompts, {card.get('gen_tokens')} generated tokens, "
             f"median of {card.get('prompts')} prompts; GPU: {card.get('gpu')}; CPU threads: {card.get('cpu_threads')}"

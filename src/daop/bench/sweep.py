@@ -21,6 +21,7 @@ import torch
 from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts
 from daop.bench.trace import RoutingTrace, TraceRouting, load_traces
 from daop.engine import Engine, GenerationStats, resolve_device
+from daop.executors.cpu import kernel_name
 from daop.hardware import HardwareProfile, calibrate, cpu_model
 from daop.model.layers import KVCache
 from daop.placement.cost import CostModel
@@ -44,6 +45,19 @@ def host_bandwidth_gbps(size_mb: int = 1024) -> float:
     return 2 * src.numel() / best / 1e9
 
 
+def host_read_gbps(size_mb: int = 1024) -> float:
+    """Host memory read bandwidth in GB/s: a float32 sum over size_mb with torch's threads, best of 5.
+    A CPU expert reads its weights once, so its floor is expert bytes / this."""
+    x = torch.ones(size_mb * 2**20 // 4, dtype=torch.float32)
+    x.sum()
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best / 1e9
+
+
 def git_sha() -> str:
     if os.environ.get("DAOP_GIT_SHA"):
         return os.environ["DAOP_GIT_SHA"]
@@ -53,7 +67,7 @@ def git_sha() -> str:
         return "unknown"
 
 
-def card(args, config, device, dtype, profile: HardwareProfile, bw: float) -> dict:
+def card(args, config, device, dtype, profile: HardwareProfile, bw: float, read_bw: float | None = None) -> dict:
     cuda = device.type == "cuda"
     return {
         "kind": "card", "geometry": args.model or args.geometry, "layers": config.num_layers, "experts": config.num_experts,
@@ -63,7 +77,8 @@ def card(args, config, device, dtype, profile: HardwareProfile, bw: float) -> di
         "cpu": cpu_model(), "cpu_capability": str(torch.backends.cpu.get_cpu_capability()),
         "cpu_threads": profile.cpu_threads, "cpu_mode": profile.cpu_mode, "cpu_threads_reason": profile.cpu_threads_reason,
         "torch": torch.__version__, "git_sha": git_sha(), "expert_bytes": profile.expert_bytes,
-        "host_bandwidth_gbps": round(bw, 1), "routing_source": "synthetic model's own routers",
+        "host_bandwidth_gbps": round(bw, 1), "host_read_gbps": round(read_bw, 1) if read_bw else None,
+        "cpu_kernel": kernel_name(cuda), "routing_source": "synthetic model's own routers",
         "hardware_profile": {k: v for k, v in profile.__dict__.items() if k != "provenance"},
         "prompt_tokens": args.traces[0].prompt_len if args.traces else args.prompt_tokens,
         "gen_tokens": len(args.traces[0].tokens) - args.traces[0].prompt_len if args.traces else args.gen_tokens,
@@ -162,7 +177,7 @@ def universal_bound_ms(expert_calls: float, picks: float, ratio: float, cost: Co
 
 
 def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes: int,
-                  prompt_tokens: int, gen_tokens: int, batch: int, ratio: float = 1.0) -> dict:
+                  prompt_tokens: int, gen_tokens: int, batch: int, ratio: float = 1.0, read_bw: float | None = None) -> dict:
     traced = bool(args.traces)
     params = SamplingParams(max_new_tokens=gen_tokens)
     prompts = prompt_sets(engine, args, prompt_tokens, (args.prompts + 1) * batch) if not traced else []
@@ -193,6 +208,8 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     med_tpot = statistics.median(tpot)
     busy = agg.get("cpu_busy_s")
     cpu_tokens = agg.get("cpu_expert_tokens")
+    cpu_ms = busy * 1000 / cpu_tokens if busy is not None and cpu_tokens else None
+    read_floor_ms = expert_bytes / (read_bw * 1e9) * 1000 if read_bw else None
     return {
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "batch": batch,
         "cuda_graph": captures(engine.decoder, batch),  # a replayed trace is read on the device too
@@ -207,7 +224,9 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "h2d_bytes_per_token": round(agg.get("copied_bytes", 0.0) / batch),
         "cpu_wait_share": round(agg.get("cpu_wait_s", 0.0) * 1000 / med_tpot, 3) if med_tpot else 0.0,
         "cpu_busy_share": round(busy * 1000 / med_tpot, 3) if busy is not None and med_tpot else None,
-        "cpu_ms_per_expert_token": round(busy * 1000 / cpu_tokens, 4) if busy is not None and cpu_tokens else None,
+        "cpu_ms_per_expert_token": round(cpu_ms, 4) if cpu_ms is not None else None,
+        # CPU time per expert-token against the expert's bytes / host read bandwidth (1.0: memory speed)
+        "cpu_over_read_floor": round(cpu_ms / read_floor_ms, 2) if cpu_ms is not None and read_floor_ms else None,
         "prediction_precision": round(agg["predicted_hits"] / agg["predicted_total"], 4) if agg.get("predicted_total") else None,
         "degradation_rate": round(agg["degraded_tokens"] / agg["predicted_total"], 4) if agg.get("predicted_total") else None,
         "bound_ms": round(bound_ms, 3), "measured_over_bound": round(med_tpot / bound_ms, 2) if bound_ms else None,
@@ -332,7 +351,7 @@ def run(args) -> dict:
             profile.save(Path(args.output).with_suffix(".profile.json"))
             args.hardware_profile = str(Path(args.output).with_suffix(".profile.json"))
     threads, mode = args.cpu_threads or profile.cpu_threads, args.cpu_mode or profile.cpu_mode
-    cost, bw = CostModel(profile), host_bandwidth_gbps()
+    cost, bw, read_bw = CostModel(profile), host_bandwidth_gbps(), host_read_gbps()
     out = open(args.output, "a") if args.output else None
 
     def emit(row: dict) -> None:
@@ -340,7 +359,7 @@ def run(args) -> dict:
             out.write(json.dumps(row) + "\n")
             out.flush()
 
-    the_card = card(args, config, device, dtype, profile, bw)
+    the_card = card(args, config, device, dtype, profile, bw, read_bw)
     the_card.update(routing_source=trace_source, subject=subject.name, prompts_file=args.prompts_file,
                     expert_format=subject.fmt.name, ratio_in_float_bytes=bool(args.ratio_in_float_bytes))
     print(json.dumps(the_card), file=sys.stderr)
@@ -368,7 +387,7 @@ def run(args) -> dict:
             for prompt_tokens, gen_tokens, batch in workloads:
                 point = {"kind": "point", "geometry": subject.name, "layers": config.num_layers, "policy": policy, "expert_ratio": r,
                          "expert_format": subject.fmt.name, "budget_ratio": ratio if policy != "gpu" else 1.0,
-                         **measure_point(engine, args, cost, bw, profile.expert_bytes, prompt_tokens, gen_tokens, batch, r)}
+                         **measure_point(engine, args, cost, bw, profile.expert_bytes, prompt_tokens, gen_tokens, batch, r, read_bw)}
                 rows.append(point)
                 emit(point)
                 print(f"{policy:10} {r:6.3f} {prompt_tokens:6d} {gen_tokens:5d} {batch:5d} {point['ttft_ms']:9.1f} "

@@ -14,6 +14,11 @@ TorchScript call (one release, one take-back) and, while jobs are pending, the s
 lowered so the remaining take-backs cost microseconds. Host waits on CUDA events must use
 blocking events (`torch.cuda.Event(blocking=True)`), which sleep instead of spinning.
 An exception in a job is re-raised in the caller by `result()`.
+
+Kernels: with `native` (CPU experts of a model on a GPU), bf16 experts for 1-8 tokens run through
+daop's C kernel (`daop.kernels.cpu_expert`, about 1.1x the bytes / host bandwidth where torch's
+products took 1.7x); everything else, and every CPU expert of a model on the CPU (whose exact
+policies must equal the resident path bit for bit), through `expert_forward`.
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from typing import Callable, List
 
 import torch
 
+from daop.kernels import cpu_expert
 from daop.quant import expert_forward
 
 MODES = ("worker", "inline")
@@ -131,15 +137,24 @@ class DeferredFuture(Future):
         return super().result(timeout)
 
 
+def kernel_name(native: bool) -> str:
+    """Which products CPU experts run on (for profiles and bench cards): native is asked for a model on a GPU."""
+    if native and cpu_expert.available():
+        return f"daop C kernel ({cpu_expert.isa()}) for bf16 at 1-{cpu_expert.MAX_TOKENS} tokens, else torch"
+    return "torch"
+
+
 class CpuExecutor:
     """Runs lists of CPU expert jobs; `busy_s` is compute time, `expert_tokens` the (expert, token) pairs done."""
 
-    def __init__(self, threads: int | None = None, mode: str = "worker", scripted: bool = True) -> None:
+    def __init__(self, threads: int | None = None, mode: str = "worker", scripted: bool = True,
+                 native: bool = False) -> None:
         if mode not in MODES:
             raise ValueError(f"CPU executor mode must be one of {MODES}, got {mode!r}")
         self.threads = threads or physical_cores()
         self.mode = mode
         self.kernel = job_kernel() if scripted else run_jobs_eager
+        self.native = native and cpu_expert.available()
         self.busy_s = 0.0
         self.expert_tokens = 0
         self.pool = None
@@ -169,6 +184,8 @@ class CpuExecutor:
             with torch.inference_mode(), torch.jit.optimized_execution(False):  # thread-local: no fusion passes
                 if compute is not None:
                     ys = [compute(h_host.index_select(0, r), *w) for r, w in zip(rows, weights)]
+                elif self.native and all(cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights)):
+                    ys = [cpu_expert.expert(h_host.index_select(0, r), w[0], w[1], self.threads) for r, w in zip(rows, weights)]
                 else:
                     ys = self.kernel(h_host, rows, weights)
             self.busy_s += time.perf_counter() - t0
@@ -193,6 +210,10 @@ class CpuExecutor:
         except BaseException:
             SWITCH.exit()
             raise
+
+    @property
+    def kernel_name(self) -> str:
+        return kernel_name(self.native)
 
     def _inline(self, run: Callable[[], dict]) -> dict:
         # The calling thread keeps this count afterwards: switching the OpenMP team's size around

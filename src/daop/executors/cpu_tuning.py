@@ -67,11 +67,11 @@ def distinct_experts(hidden: int, inter: int, fmt: ExpertFormat | torch.dtype) -
 
 
 def run_trial(mode: str, threads: int, experts: list, counts: tuple[int, ...], repeat: int,
-              load: Callable[[], None]) -> Trial:
+              load: Callable[[], None], native: bool = False) -> Trial:
     """Median wall ms per token count for one expert per call, plus every repeat's busy ms."""
     hidden = experts[0][len(experts[0]) // 2].shape[0]  # the down weights' output rows
     dtype = experts[0][1].dtype  # float down, or the scales (in the activations' dtype)
-    ex = CpuExecutor(threads, mode)
+    ex = CpuExecutor(threads, mode, native=native)
     walls, busys, k = [], [], 0
     previous = torch.get_num_threads()  # an inline trial leaves its count on this thread
     try:
@@ -114,14 +114,15 @@ def tune(experts: list, load: Callable[[], None], device: torch.device, cores: i
          mode: str | None, counts: tuple[int, ...], repeat: int) -> tuple[list[Trial], Trial, str]:
     """Time every candidate (or only the given threads / mode) and choose.
 
-    When the device is the CPU, CPU experts keep the driving thread's thread count: a different
+    On a GPU device the executor runs as the engine runs it there (`native`: daop's CPU kernel
+    where it serves). When the device is the CPU, CPU experts keep the driving thread's thread count: a different
     count can change the CPU GEMM's summation order, and exact policies must stay bitwise equal to
     the all-resident path that runs on the driving thread.
     """
     fixed = "threads set by the user" if threads else None
     if threads is None and device.type == "cpu":
         threads, fixed = torch.get_num_threads(), "the device is the CPU: the driving thread's count, for exact results"
-    trials = [run_trial(m, t, experts, counts, repeat, load)
+    trials = [run_trial(m, t, experts, counts, repeat, load, native=device.type == "cuda")
               for m in ([mode] if mode else list(MODES)) for t in ([threads] if threads else thread_candidates(cores))]
     best, reason = choose(trials, counts, fixed)
     return trials, best, reason

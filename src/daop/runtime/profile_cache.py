@@ -3,7 +3,7 @@ calibration, and why.
 
 The cache lives in $XDG_CACHE_HOME/daop/profiles (default ~/.cache/daop/profiles). A cached profile
 is keyed by everything its numbers depend on: host name, CPU model and capability, cores, device,
-torch and CUDA versions, expert shape and dtype, and the requested CPU threads and mode. It is used
+torch and CUDA versions, expert shape and dtype, the requested CPU threads and mode, and the CPU kernel. It is used
 only when the key it recorded equals this run's and its CPU numbers are plausible; otherwise the
 machine is measured again (a few attempts while the numbers stay implausible) and only a plausible
 result is written back.
@@ -21,6 +21,7 @@ import torch
 
 from daop.config import ModelConfig
 from daop.errors import DaopError
+from daop.executors.cpu import kernel_name
 from daop.hardware import SCHEMA, HardwareProfile, calibrate, host_identity
 from daop.quant import ExpertFormat
 
@@ -51,7 +52,7 @@ class ProfileRequest:
         c = self.config
         return {**host_identity(self.device), "expert": f"{c.hidden_size}x{c.expert_intermediate_size}",
                 "dtype": self.dtype_name, "experts_stored": self.expert_format.name, "cpu_threads": str(self.cpu_threads or "auto"),
-                "cpu_mode": self.cpu_mode or "auto", "schema": SCHEMA}
+                "cpu_mode": self.cpu_mode or "auto", "cpu_kernel": kernel_name(self.device.type == "cuda"), "schema": SCHEMA}
 
 
 @dataclass(frozen=True)

@@ -178,11 +178,12 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
     )
     policy = make_daop(policy_name, ctx) if policy_name in PRESETS else make_policy(policy_name, ctx)
     store = ExpertStore(c, fmt, dev, budget.gpu_slots, host)
+    native = dev.type == "cuda"  # CPU experts of a GPU model may use daop's CPU kernel (see executors/cpu.py)
 
     def start() -> ExpertRunner:
         if policy_name in PRESETS:
-            return DaopRunner(store, policy, CpuExecutor(threads, mode), Transfer(dev), c.num_layers,
+            return DaopRunner(store, policy, CpuExecutor(threads, mode, native=native), Transfer(dev), c.num_layers,
                               routing=lambda: decoder.routing)
-        return OffloadedExperts(store, policy, CpuExecutor(threads, mode), Transfer(dev), c.num_layers)
+        return OffloadedExperts(store, policy, CpuExecutor(threads, mode, native=native), Transfer(dev), c.num_layers)
 
     return PreparedRuntime(budget, policy_name, fmt, store.load_views, store.stored_views, start, rows)

@@ -1,0 +1,132 @@
+"""daop's C kernel for bf16 CPU experts (`daop.kernels.cpu_expert`): accuracy against a float32
+reference at every instruction-set path, its limits, the executor's use of it (only when asked, for
+CPU experts of a GPU model), and the fallback when it cannot be built."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from daop.executors.cpu import CpuExecutor, kernel_name
+from daop.kernels import cpu_expert
+from daop.quant import ExpertFormat, expert_forward
+
+SRC = str(Path(__file__).resolve().parents[1] / "src")
+needs_kernel = pytest.mark.skipif(not cpu_expert.available(), reason="no C compiler: the kernel cannot be built")
+
+
+def expert(D, I, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return ((torch.randn(2 * I, D, generator=g) * 0.05).bfloat16(), (torch.randn(D, I, generator=g) * 0.05).bfloat16())
+
+
+def reference(x, gate_up, down):
+    """The same expert in float32 from the same bf16 weights and inputs."""
+    I = down.shape[1]
+    h = F.linear(x.float(), gate_up.float())
+    return F.linear(F.silu(h[:, :I]) * h[:, I:], down.float())
+
+
+@needs_kernel
+@pytest.mark.parametrize("D,I", [(256, 176), (64, 96), (100, 37), (48, 17)])  # whole vectors, and ragged tails
+@pytest.mark.parametrize("n", [1, 2, 5, 8])
+def test_kernel_matches_float32_reference_on_every_path(D, I, n):
+    gate_up, down = expert(D, I)
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(1)).bfloat16()
+    ref = reference(x, gate_up, down)
+    torch_bf16 = expert_forward(x, [gate_up, down]).float()
+    scale = ref.abs().max().item()
+    for level in (2, 1, 0):  # AVX-512, AVX2, plain C (a path this CPU lacks falls to the next one down)
+        y = cpu_expert.expert(x, gate_up, down, threads=2, isa_level=level)
+        assert y.dtype == torch.bfloat16 and y.shape == (n, D)
+        err = (y.float() - ref).abs().max().item()
+        # one bf16 rounding of the output (half a unit in the last place, 2**-9 relative) plus float32 sums
+        assert err <= scale * 2**-8 + 1e-6, (level, err, scale)
+        # no further from the float32 result than torch's bf16 products, which round between the products
+        assert err <= (torch_bf16 - ref).abs().max().item() + scale * 2**-9
+
+
+@needs_kernel
+def test_kernel_token_rows_are_independent_and_thread_count_does_not_change_results():
+    gate_up, down = expert(128, 96)
+    x = torch.randn(8, 128).bfloat16()
+    together = cpu_expert.expert(x, gate_up, down, threads=2)
+    alone = torch.cat([cpu_expert.expert(x[i:i + 1], gate_up, down, threads=1) for i in range(8)])
+    assert torch.equal(together, alone)  # each row's sums run in one fixed order whatever the split
+
+
+@needs_kernel
+def test_kernel_refuses_what_it_cannot_run():
+    gate_up, down = expert(64, 32)
+    with pytest.raises(ValueError, match="1-8 tokens"):
+        cpu_expert.expert(torch.randn(9, 64).bfloat16(), gate_up, down, threads=1)
+    with pytest.raises(ValueError, match="do not fit"):
+        cpu_expert.expert(torch.randn(1, 64).bfloat16(), gate_up[:10], down, threads=1)
+    assert cpu_expert.serves(torch.bfloat16, 8, [gate_up, down])
+    assert not cpu_expert.serves(torch.bfloat16, 9, [gate_up, down])
+    assert not cpu_expert.serves(torch.float32, 1, [gate_up.float(), down.float()])
+    assert not cpu_expert.serves(torch.bfloat16, 1, list(ExpertFormat("int8", torch.bfloat16).from_float(gate_up.float(), down.float())))
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["worker", "inline"])
+def test_executor_uses_the_kernel_only_when_asked(mode):
+    experts = [expert(64, 48, seed=s) for s in range(3)]
+    h = torch.randn(5, 64).bfloat16()
+    jobs = [(e, torch.tensor(rows), experts[e]) for e, rows in ((0, [0, 3]), (1, [1]), (2, [0, 1, 2, 4]))]
+    native = CpuExecutor(2, mode, native=True)
+    plain = CpuExecutor(2, mode, native=False)
+    try:
+        got, want = native.submit(jobs, h, None).result(), plain.submit(jobs, h, None).result()
+    finally:
+        native.close()
+        plain.close()
+    for e, rows, w in jobs:
+        assert torch.equal(got[e], cpu_expert.expert(h[rows], w[0], w[1], threads=2))
+        assert torch.equal(want[e], expert_forward(h[rows], list(w)))
+    assert native.expert_tokens == plain.expert_tokens == 7
+    assert kernel_name(True).startswith("daop C kernel") and kernel_name(False) == "torch"
+
+
+@needs_kernel
+def test_executor_runs_jobs_the_kernel_does_not_serve_through_torch():
+    gate_up, down = expert(64, 48)
+    h = torch.randn(12, 64).bfloat16()
+    jobs = [(0, torch.arange(12), (gate_up, down))]  # 12 tokens: more than the kernel takes
+    ex = CpuExecutor(2, "worker", native=True)
+    try:
+        got = ex.submit(jobs, h, None).result()
+    finally:
+        ex.close()
+    assert torch.equal(got[0], expert_forward(h, [gate_up, down]))
+
+
+def test_engine_on_the_cpu_never_uses_the_kernel(tiny_dir):
+    from daop.engine import Engine
+
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device="cpu", dtype="bf16", progress=False, policy="static", expert_ratio=0.25)
+    engine.generate("hello", max_new_tokens=2)
+    runner = engine.decoder.experts
+    assert runner.cpu.native is False  # exact policies on a CPU device stay bitwise equal to the resident path
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": SRC, **env})
+
+
+def test_switched_off_or_unbuildable_kernel_falls_back_with_one_warning(tmp_path):
+    probe = ("import warnings; warnings.simplefilter('always')\n"
+             "from daop.kernels import cpu_expert; from daop.executors.cpu import kernel_name\n"
+             "print(cpu_expert.available(), cpu_expert.available(), cpu_expert.isa(), kernel_name(True))")
+    off = run_python(probe, DAOP_NO_CPU_KERNEL="1", XDG_CACHE_HOME=str(tmp_path / "a"))
+    assert off.returncode == 0 and off.stdout.split() == ["False", "False", "none", "torch"]
+    assert "unavailable" not in off.stderr  # switched off on purpose: nothing to warn about
+    broken = run_python(probe, CC="false", XDG_CACHE_HOME=str(tmp_path / "b"))
+    assert broken.returncode == 0 and broken.stdout.split() == ["False", "False", "none", "torch"]
+    assert broken.stderr.count("CPU expert kernel unavailable") == 1 and "false failed" in broken.stderr
+    assert not list((tmp_path / "b").rglob("*.so"))  # no half-built library left in the cache
