@@ -6,8 +6,8 @@
    ctypes (which releases the GIL for the whole call). OpenMP is the same runtime torch loaded
    (libgomp.so.1 is already in the process), so there is one thread team, not two.
 
-   Each thread takes a contiguous block of output rows and walks each row once, for every token,
-   with float32 accumulation; activations stay in float32 between the two products (one rounding,
+   Each thread takes a contiguous block of output rows (in blocks of 16, so row groups never depend on
+   the thread count) and walks each row once per group of tokens, with float32 accumulation; activations stay in float32 between the two products (one rounding,
    at the output). Vector paths for AVX-512F and AVX2+FMA are chosen at run time; a plain C loop
    serves other CPUs. */
 #include <math.h>
@@ -50,74 +50,73 @@ static void rows_plain(const uint16_t *W, long K, long r0, long r1, const float 
 }
 
 #ifdef DAOP_X86
-#define ROWS_AVX512(N)                                                                                   \
-    __attribute__((target("avx512f"))) static void rows_avx512_##N(const uint16_t *W, long K, long r0,  \
-                                                                   long r1, const float *x, float *out, \
-                                                                   long ldo) {                          \
-        for (long r = r0; r < r1; r++) {                                                                 \
-            const uint16_t *w = W + r * K;                                                               \
-            __m512 a0[N], a1[N];                                                                         \
-            for (int t = 0; t < N; t++) a0[t] = a1[t] = _mm512_setzero_ps();                             \
-            long k = 0;                                                                                  \
-            for (; k + 32 <= K; k += 32) {                                                               \
-                __m512 w0 = _mm512_castsi512_ps(_mm512_slli_epi32(                                       \
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k))), 16));           \
-                __m512 w1 = _mm512_castsi512_ps(_mm512_slli_epi32(                                       \
-                    _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(w + k + 16))), 16));      \
-                for (int t = 0; t < N; t++) {                                                            \
-                    a0[t] = _mm512_fmadd_ps(w0, _mm512_loadu_ps(x + t * K + k), a0[t]);                  \
-                    a1[t] = _mm512_fmadd_ps(w1, _mm512_loadu_ps(x + t * K + k + 16), a1[t]);             \
-                }                                                                                        \
-            }                                                                                            \
-            for (int t = 0; t < N; t++) {                                                                \
-                float s = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));                             \
-                for (long j = k; j < K; j++) s += bf16_to_f32(w[j]) * x[t * K + j];                      \
-                out[t * ldo + r] = s;                                                                    \
-            }                                                                                            \
-        }                                                                                                \
+/* Rows are walked four at a time (four weight streams in flight per core, each prefetched PREFETCH
+   elements ahead) for up to TOKENS_* tokens; every (row, token) sum is one float32 vector chain in k
+   order, reduced the same way whether its row is walked in a group of four or alone. */
+#define PREFETCH 1024
+#define TOKENS_AVX512 4
+#define TOKENS_AVX2 2
+#define LOAD512(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
+#define LOAD256(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+
+__attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));
+    return _mm_cvtss_f32(h);
+}
+
+#define GROUP(NAME, TARGET, VEC, LANES, LOAD, FMA, XLOAD, ZERO, HSUM, G, NT)                           \
+    __attribute__((target(TARGET))) static void NAME##_##G##_##NT(const uint16_t *W, long K, long r,   \
+                                                                  const float *x, float *out, long ldo) { \
+        const uint16_t *w[G];                                                                          \
+        for (int i = 0; i < G; i++) w[i] = W + (r + i) * K;                                             \
+        VEC a[G][NT];                                                                                  \
+        for (int i = 0; i < G; i++)                                                                    \
+            for (int t = 0; t < NT; t++) a[i][t] = ZERO();                                             \
+        long k = 0;                                                                                    \
+        for (; k + LANES <= K; k += LANES) {                                                           \
+            VEC v[G];                                                                                  \
+            for (int i = 0; i < G; i++) {                                                              \
+                _mm_prefetch((const char *)(w[i] + k + PREFETCH), _MM_HINT_T0);                        \
+                v[i] = LOAD(w[i] + k);                                                                 \
+            }                                                                                          \
+            for (int t = 0; t < NT; t++) {                                                             \
+                VEC xv = XLOAD(x + t * K + k);                                                         \
+                for (int i = 0; i < G; i++) a[i][t] = FMA(v[i], xv, a[i][t]);                          \
+            }                                                                                          \
+        }                                                                                              \
+        for (int i = 0; i < G; i++)                                                                    \
+            for (int t = 0; t < NT; t++) {                                                             \
+                float s = HSUM(a[i][t]);                                                               \
+                for (long j = k; j < K; j++) s += bf16_to_f32(w[i][j]) * x[t * K + j];                 \
+                out[t * ldo + r + i] = s;                                                              \
+            }                                                                                          \
     }
 
-#define ROWS_AVX2(N)                                                                                     \
-    __attribute__((target("avx2,fma"))) static void rows_avx2_##N(const uint16_t *W, long K, long r0,    \
-                                                                  long r1, const float *x, float *out,  \
-                                                                  long ldo) {                           \
-        for (long r = r0; r < r1; r++) {                                                                 \
-            const uint16_t *w = W + r * K;                                                               \
-            __m256 a0[N], a1[N];                                                                         \
-            for (int t = 0; t < N; t++) a0[t] = a1[t] = _mm256_setzero_ps();                             \
-            long k = 0;                                                                                  \
-            for (; k + 16 <= K; k += 16) {                                                               \
-                __m256 w0 = _mm256_castsi256_ps(_mm256_slli_epi32(                                       \
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k))), 16));              \
-                __m256 w1 = _mm256_castsi256_ps(_mm256_slli_epi32(                                       \
-                    _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(w + k + 8))), 16));          \
-                for (int t = 0; t < N; t++) {                                                            \
-                    a0[t] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + t * K + k), a0[t]);                  \
-                    a1[t] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + t * K + k + 8), a1[t]);              \
-                }                                                                                        \
-            }                                                                                            \
-            for (int t = 0; t < N; t++) {                                                                \
-                __m256 v = _mm256_add_ps(a0[t], a1[t]);                                                  \
-                __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));           \
-                h = _mm_add_ps(h, _mm_movehl_ps(h, h));                                                  \
-                h = _mm_add_ss(h, _mm_shuffle_ps(h, h, 1));                                              \
-                float s = _mm_cvtss_f32(h);                                                              \
-                for (long j = k; j < K; j++) s += bf16_to_f32(w[j]) * x[t * K + j];                      \
-                out[t * ldo + r] = s;                                                                    \
-            }                                                                                            \
-        }                                                                                                \
+#define AVX512_GROUP(G, NT) GROUP(avx512, "avx512f", __m512, 16, LOAD512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_reduce_add_ps, G, NT)
+#define AVX2_GROUP(G, NT) GROUP(avx2, "avx2,fma", __m256, 8, LOAD256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, hsum256, G, NT)
+AVX512_GROUP(4, 1) AVX512_GROUP(4, 2) AVX512_GROUP(4, 3) AVX512_GROUP(4, 4)
+AVX512_GROUP(1, 1) AVX512_GROUP(1, 2) AVX512_GROUP(1, 3) AVX512_GROUP(1, 4)
+AVX2_GROUP(4, 1) AVX2_GROUP(4, 2) AVX2_GROUP(1, 1) AVX2_GROUP(1, 2)
+
+typedef void (*group_fn)(const uint16_t *, long, long, const float *, float *, long);
+static const group_fn AVX512_4[TOKENS_AVX512] = {avx512_4_1, avx512_4_2, avx512_4_3, avx512_4_4};
+static const group_fn AVX512_1[TOKENS_AVX512] = {avx512_1_1, avx512_1_2, avx512_1_3, avx512_1_4};
+static const group_fn AVX2_4[TOKENS_AVX2] = {avx2_4_1, avx2_4_2};
+static const group_fn AVX2_1[TOKENS_AVX2] = {avx2_1_1, avx2_1_2};
+
+static void rows_vector(const group_fn *four, const group_fn *one, int chunk, const uint16_t *W, long K, long r0,
+                        long r1, const float *x, int n, float *out, long ldo) {
+    for (long r = r0; r < r1;) {
+        int g = r + 4 <= r1 ? 4 : 1;
+        for (int t0 = 0; t0 < n; t0 += chunk) {
+            int nt = n - t0 < chunk ? n - t0 : chunk;
+            (g == 4 ? four : one)[nt - 1](W, K, r, x + t0 * K, out + t0 * ldo, ldo);
+        }
+        r += g;
     }
-
-ROWS_AVX512(1) ROWS_AVX512(2) ROWS_AVX512(3) ROWS_AVX512(4)
-ROWS_AVX512(5) ROWS_AVX512(6) ROWS_AVX512(7) ROWS_AVX512(8)
-ROWS_AVX2(1) ROWS_AVX2(2) ROWS_AVX2(3) ROWS_AVX2(4)
-ROWS_AVX2(5) ROWS_AVX2(6) ROWS_AVX2(7) ROWS_AVX2(8)
-
-typedef void (*rows_fn)(const uint16_t *, long, long, long, const float *, float *, long);
-static const rows_fn AVX512[MAX_TOKENS] = {rows_avx512_1, rows_avx512_2, rows_avx512_3, rows_avx512_4,
-                                           rows_avx512_5, rows_avx512_6, rows_avx512_7, rows_avx512_8};
-static const rows_fn AVX2[MAX_TOKENS] = {rows_avx2_1, rows_avx2_2, rows_avx2_3, rows_avx2_4,
-                                         rows_avx2_5, rows_avx2_6, rows_avx2_7, rows_avx2_8};
+}
 #endif
 
 /* 2: AVX-512F, 1: AVX2 with FMA, 0: plain C. */
@@ -132,8 +131,8 @@ int daop_cpu_isa(void) {
 
 static void rows(int isa, const uint16_t *W, long K, long r0, long r1, const float *x, int n, float *out, long ldo) {
 #ifdef DAOP_X86
-    if (isa == 2) { AVX512[n - 1](W, K, r0, r1, x, out, ldo); return; }
-    if (isa == 1) { AVX2[n - 1](W, K, r0, r1, x, out, ldo); return; }
+    if (isa == 2) { rows_vector(AVX512_4, AVX512_1, TOKENS_AVX512, W, K, r0, r1, x, n, out, ldo); return; }
+    if (isa == 1) { rows_vector(AVX2_4, AVX2_1, TOKENS_AVX2, W, K, r0, r1, x, n, out, ldo); return; }
 #endif
     rows_plain(W, K, r0, r1, x, n, out, ldo);
 }
