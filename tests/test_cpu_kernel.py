@@ -65,8 +65,8 @@ def test_kernel_refuses_what_it_cannot_run():
         cpu_expert.expert(torch.randn(9, 64).bfloat16(), gate_up, down, threads=1)
     with pytest.raises(ValueError, match="do not fit"):
         cpu_expert.expert(torch.randn(1, 64).bfloat16(), gate_up[:10], down, threads=1)
-    assert cpu_expert.serves(torch.bfloat16, 8, [gate_up, down])
-    assert not cpu_expert.serves(torch.bfloat16, 9, [gate_up, down])
+    assert cpu_expert.serves(torch.bfloat16, cpu_expert.SERVES_TOKENS, [gate_up, down])
+    assert not cpu_expert.serves(torch.bfloat16, cpu_expert.SERVES_TOKENS + 1, [gate_up, down])
     assert not cpu_expert.serves(torch.float32, 1, [gate_up.float(), down.float()])
     assert not cpu_expert.serves(torch.bfloat16, 1, list(ExpertFormat("int8", torch.bfloat16).from_float(gate_up.float(), down.float())))
 
@@ -95,7 +95,7 @@ def test_executor_uses_the_kernel_only_when_asked(mode):
 def test_executor_runs_jobs_the_kernel_does_not_serve_through_torch():
     gate_up, down = expert(64, 48)
     h = torch.randn(12, 64).bfloat16()
-    jobs = [(0, torch.arange(12), (gate_up, down))]  # 12 tokens: more than the kernel takes
+    jobs = [(0, torch.arange(12), (gate_up, down))]  # 12 tokens: more than the kernel serves
     ex = CpuExecutor(2, "worker", native=True)
     try:
         got = ex.submit(jobs, h, None).result()

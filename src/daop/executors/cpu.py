@@ -15,7 +15,7 @@ lowered so the remaining take-backs cost microseconds. Host waits on CUDA events
 blocking events (`torch.cuda.Event(blocking=True)`), which sleep instead of spinning.
 An exception in a job is re-raised in the caller by `result()`.
 
-Kernels: with `native` (CPU experts of a model on a GPU), bf16 experts for 1-8 tokens run through
+Kernels: with `native` (CPU experts of a model on a GPU), bf16 experts for 1-4 tokens run through
 daop's C kernel (`daop.kernels.cpu_expert`, about 1.1x the bytes / host bandwidth where torch's
 products took 1.7x); everything else, and every CPU expert of a model on the CPU (whose exact
 policies must equal the resident path bit for bit), through `expert_forward`.
@@ -140,7 +140,7 @@ class DeferredFuture(Future):
 def kernel_name(native: bool) -> str:
     """Which products CPU experts run on (for profiles and bench cards): native is asked for a model on a GPU."""
     if native and cpu_expert.available():
-        return f"daop C kernel ({cpu_expert.isa()}) for bf16 at 1-{cpu_expert.MAX_TOKENS} tokens, else torch"
+        return f"daop C kernel ({cpu_expert.isa()}) for bf16 at 1-{cpu_expert.SERVES_TOKENS} tokens, else torch"
     return "torch"
 
 

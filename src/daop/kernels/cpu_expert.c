@@ -50,12 +50,17 @@ static void rows_plain(const uint16_t *W, long K, long r0, long r1, const float 
 }
 
 #ifdef DAOP_X86
-/* Rows are walked four at a time (four weight streams in flight per core, each prefetched PREFETCH
-   elements ahead) for up to TOKENS_* tokens; every (row, token) sum is one float32 vector chain in k
+/* Rows are walked GROUP_ROWS at a time (as many weight streams in flight per core, each prefetched
+   PREFETCH elements ahead; both chosen on an H200 host by scripts/cpu_kernel_sweep.py) for up to TOKENS_* tokens; every (row, token) sum is one float32 vector chain in k
    order, reduced the same way whether its row is walked in a group of four or alone. */
+#ifndef PREFETCH
 #define PREFETCH 1024
-#define TOKENS_AVX512 4
-#define TOKENS_AVX2 2
+#endif
+#ifndef GROUP_ROWS
+#define GROUP_ROWS 4
+#endif
+#define TOKENS_AVX512 (16 / GROUP_ROWS < 4 ? 16 / GROUP_ROWS : 4) /* accumulators: GROUP_ROWS x tokens <= 16 */
+#define TOKENS_AVX2 (8 / GROUP_ROWS < 2 ? 8 / GROUP_ROWS : 2)
 #define LOAD512(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define LOAD256(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
 
@@ -67,7 +72,7 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
 }
 
 #define GROUP(NAME, TARGET, VEC, LANES, LOAD, FMA, XLOAD, ZERO, HSUM, G, NT)                           \
-    __attribute__((target(TARGET))) static void NAME##_##G##_##NT(const uint16_t *W, long K, long r,   \
+    __attribute__((target(TARGET))) static void NAME##_##NT(const uint16_t *W, long K, long r,         \
                                                                   const float *x, float *out, long ldo) { \
         const uint16_t *w[G];                                                                          \
         for (int i = 0; i < G; i++) w[i] = W + (r + i) * K;                                             \
@@ -94,25 +99,25 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
             }                                                                                          \
     }
 
-#define AVX512_GROUP(G, NT) GROUP(avx512, "avx512f", __m512, 16, LOAD512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_reduce_add_ps, G, NT)
-#define AVX2_GROUP(G, NT) GROUP(avx2, "avx2,fma", __m256, 8, LOAD256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, hsum256, G, NT)
-AVX512_GROUP(4, 1) AVX512_GROUP(4, 2) AVX512_GROUP(4, 3) AVX512_GROUP(4, 4)
-AVX512_GROUP(1, 1) AVX512_GROUP(1, 2) AVX512_GROUP(1, 3) AVX512_GROUP(1, 4)
-AVX2_GROUP(4, 1) AVX2_GROUP(4, 2) AVX2_GROUP(1, 1) AVX2_GROUP(1, 2)
+#define AVX512_GROUP(NAME, G, NT) GROUP(NAME, "avx512f", __m512, 16, LOAD512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_reduce_add_ps, G, NT)
+#define AVX2_GROUP(NAME, G, NT) GROUP(NAME, "avx2,fma", __m256, 8, LOAD256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, hsum256, G, NT)
+AVX512_GROUP(avx512_g, GROUP_ROWS, 1) AVX512_GROUP(avx512_g, GROUP_ROWS, 2) AVX512_GROUP(avx512_g, GROUP_ROWS, 3) AVX512_GROUP(avx512_g, GROUP_ROWS, 4)
+AVX512_GROUP(avx512_1, 1, 1) AVX512_GROUP(avx512_1, 1, 2) AVX512_GROUP(avx512_1, 1, 3) AVX512_GROUP(avx512_1, 1, 4)
+AVX2_GROUP(avx2_g, GROUP_ROWS, 1) AVX2_GROUP(avx2_g, GROUP_ROWS, 2) AVX2_GROUP(avx2_1, 1, 1) AVX2_GROUP(avx2_1, 1, 2)
 
 typedef void (*group_fn)(const uint16_t *, long, long, const float *, float *, long);
-static const group_fn AVX512_4[TOKENS_AVX512] = {avx512_4_1, avx512_4_2, avx512_4_3, avx512_4_4};
-static const group_fn AVX512_1[TOKENS_AVX512] = {avx512_1_1, avx512_1_2, avx512_1_3, avx512_1_4};
-static const group_fn AVX2_4[TOKENS_AVX2] = {avx2_4_1, avx2_4_2};
-static const group_fn AVX2_1[TOKENS_AVX2] = {avx2_1_1, avx2_1_2};
+static const group_fn AVX512_G[4] = {avx512_g_1, avx512_g_2, avx512_g_3, avx512_g_4};
+static const group_fn AVX512_1[4] = {avx512_1_1, avx512_1_2, avx512_1_3, avx512_1_4};
+static const group_fn AVX2_G[2] = {avx2_g_1, avx2_g_2};
+static const group_fn AVX2_1[2] = {avx2_1_1, avx2_1_2};
 
-static void rows_vector(const group_fn *four, const group_fn *one, int chunk, const uint16_t *W, long K, long r0,
+static void rows_vector(const group_fn *group, const group_fn *one, int chunk, const uint16_t *W, long K, long r0,
                         long r1, const float *x, int n, float *out, long ldo) {
     for (long r = r0; r < r1;) {
-        int g = r + 4 <= r1 ? 4 : 1;
+        int g = r + GROUP_ROWS <= r1 ? GROUP_ROWS : 1;
         for (int t0 = 0; t0 < n; t0 += chunk) {
             int nt = n - t0 < chunk ? n - t0 : chunk;
-            (g == 4 ? four : one)[nt - 1](W, K, r, x + t0 * K, out + t0 * ldo, ldo);
+            (g == GROUP_ROWS ? group : one)[nt - 1](W, K, r, x + t0 * K, out + t0 * ldo, ldo);
         }
         r += g;
     }
@@ -131,8 +136,8 @@ int daop_cpu_isa(void) {
 
 static void rows(int isa, const uint16_t *W, long K, long r0, long r1, const float *x, int n, float *out, long ldo) {
 #ifdef DAOP_X86
-    if (isa == 2) { rows_vector(AVX512_4, AVX512_1, TOKENS_AVX512, W, K, r0, r1, x, n, out, ldo); return; }
-    if (isa == 1) { rows_vector(AVX2_4, AVX2_1, TOKENS_AVX2, W, K, r0, r1, x, n, out, ldo); return; }
+    if (isa == 2) { rows_vector(AVX512_G, AVX512_1, TOKENS_AVX512, W, K, r0, r1, x, n, out, ldo); return; }
+    if (isa == 1) { rows_vector(AVX2_G, AVX2_1, TOKENS_AVX2, W, K, r0, r1, x, n, out, ldo); return; }
 #endif
     rows_plain(W, K, r0, r1, x, n, out, ldo);
 }

@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_expert.c")
-MAX_TOKENS = 8
+MAX_TOKENS = 8  # the most token rows the kernel takes
+SERVES_TOKENS = 4  # the most it is used for: at 8 tokens torch's products were faster on an H200 host
 ISA_NAMES = {2: "avx512", 1: "avx2", 0: "plain C"}
 
 _LOCK = threading.Lock()
@@ -52,9 +53,10 @@ def compiler() -> str | None:
     return None
 
 
-def build(cc: str) -> Path:
-    """Compile the source into the cache (once per source and compiler); the library's path."""
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11"]
+def build(cc: str, defines: tuple[str, ...] = ()) -> Path:
+    """Compile the source into the cache (once per source, compiler and defines); the library's path.
+    defines: NAME=VALUE settings of the source's tunables (PREFETCH, GROUP_ROWS), for probes."""
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11", *(f"-D{d}" for d in defines)]
     digest = hashlib.sha1(SOURCE.read_bytes() + " ".join([cc, *flags, sys.platform]).encode()).hexdigest()[:12]
     target = cache_dir() / f"cpu_expert-{digest}.so"
     if target.exists():
@@ -73,6 +75,15 @@ def build(cc: str) -> Path:
     return target
 
 
+def load(path: Path) -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(path))
+    lib.daop_expert_bf16.restype = ctypes.c_int
+    lib.daop_expert_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+    lib.daop_cpu_isa.restype = ctypes.c_int
+    return lib
+
+
 def library():
     """The loaded library, or None (switched off, no compiler, or the build failed: said once)."""
     with _LOCK:
@@ -84,12 +95,7 @@ def library():
             try:
                 if cc is None:
                     raise RuntimeError("no C compiler found (set CC)")
-                lib = ctypes.CDLL(str(build(cc)))
-                lib.daop_expert_bf16.restype = ctypes.c_int
-                lib.daop_expert_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
-                                                 ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int,
-                                                 ctypes.c_int, ctypes.c_void_p]
-                lib.daop_cpu_isa.restype = ctypes.c_int
+                lib = load(build(cc))
                 _STATE["isa"] = lib.daop_cpu_isa()
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 warnings.warn(f"daop: CPU expert kernel unavailable, CPU experts use torch's products: {exc}",
@@ -109,17 +115,19 @@ def isa() -> str:
 
 
 def serves(dtype: torch.dtype, tokens: int, w: list) -> bool:
-    """Whether `expert` can run a job: bf16 activations, a bf16 float expert (gate_up, down), 1-8 tokens."""
+    """Whether the executor runs a job through `expert`: bf16 activations, a bf16 float expert
+    (gate_up, down) and 1-4 tokens (SERVES_TOKENS)."""
     return (len(w) == 2 and w[0].dtype == torch.bfloat16 and w[1].dtype == torch.bfloat16
-            and dtype == torch.bfloat16 and 1 <= tokens <= MAX_TOKENS and available())
+            and dtype == torch.bfloat16 and 1 <= tokens <= SERVES_TOKENS and available())
 
 
 def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: int,
-           isa_level: int | None = None) -> torch.Tensor:
+           isa_level: int | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """down(silu(gate x) * up x) for x [n, D] bf16 (n <= 8); gate_up [2I, D], down [D, I] bf16, on the host.
 
-    isa_level: force a lower path (0 plain C, 1 AVX2) for tests; default the best this CPU has."""
-    lib = library()
+    isa_level: force a lower path (0 plain C, 1 AVX2) for tests; default the best this CPU has.
+    lib: a library built with other tunables (`load(build(cc, defines))`), for probes."""
+    lib = lib or library()
     if lib is None:
         raise RuntimeError("the CPU expert kernel is not available")
     n, D = x.shape
@@ -130,7 +138,8 @@ def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: 
     gate_up, down = gate_up.contiguous(), down.contiguous()
     y = torch.empty(n, D, dtype=torch.bfloat16)
     scratch = torch.empty(n * (D + 3 * I), dtype=torch.float32)
-    level = _STATE["isa"] if isa_level is None else min(isa_level, _STATE["isa"])
+    best = lib.daop_cpu_isa()
+    level = best if isa_level is None else min(isa_level, best)
     rc = lib.daop_expert_bf16(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I,
                               max(1, int(threads)), level, scratch.data_ptr())
     if rc != 0:
