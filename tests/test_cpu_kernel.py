@@ -43,10 +43,10 @@ def test_kernel_matches_float32_reference_on_every_path(D, I, n):
         y = cpu_expert.expert(x, gate_up, down, threads=2, isa_level=level)
         assert y.dtype == torch.bfloat16 and y.shape == (n, D)
         err = (y.float() - ref).abs().max().item()
-        # one bf16 rounding of the output (half a unit in the last place, 2**-9 relative) plus float32 sums
-        assert err <= scale * 2**-8 + 1e-6, (level, err, scale)
-        # no further from the float32 result than torch's bf16 products, which round between the products
-        assert err <= (torch_bf16 - ref).abs().max().item() + scale * 2**-9
+        # bf16 roundings between the products and of the output, as torch's bf16 expert has them
+        assert err <= 2 * (torch_bf16 - ref).abs().max().item() + scale * 2**-8, (level, err, scale)
+        # and next to torch's bf16 expert, which rounds at the same points: a few units in the last place
+        assert (y.float() - torch_bf16).abs().max().item() <= scale * 2**-6, level
 
 
 @needs_kernel

@@ -7,8 +7,10 @@
    (libgomp.so.1 is already in the process), so there is one thread team, not two.
 
    Each thread takes a contiguous block of output rows (in blocks of 16, so row groups never depend on
-   the thread count) and walks each row once per group of tokens, with float32 accumulation; activations stay in float32 between the two products (one rounding,
-   at the output). Vector paths for AVX-512F and AVX2+FMA are chosen at run time; a plain C loop
+   the thread count) and walks each row once per group of tokens, with float32 accumulation. Values
+   are rounded to bf16 where torch's (and the GPU's) bf16 products round them: the gate_up output,
+   silu(gate), its product with up, and the output; so CPU experts stay as close to GPU experts as
+   torch's own CPU products were. Vector paths for AVX-512F and AVX2+FMA are chosen at run time; a plain C loop
    serves other CPUs. */
 #include <math.h>
 #include <stdint.h>
@@ -35,6 +37,8 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
+
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 /* out[t * ldo + r] = sum_k W[r, k] * x[t * K + k] for rows r in [r0, r1), tokens t < n */
 static void rows_plain(const uint16_t *W, long K, long r0, long r1, const float *x, int n, float *out, long ldo) {
@@ -166,9 +170,9 @@ int daop_expert_bf16(const uint16_t *x, int n, const uint16_t *gate_up, const ui
 #pragma omp barrier
         share(I, id, count, &r0, &r1);
         for (int t = 0; t < n; t++)
-            for (long i = r0; i < r1; i++) {
-                float g = h[t * 2 * I + i], u = h[t * 2 * I + I + i];
-                a[t * I + i] = g / (1.f + expf(-g)) * u;
+            for (long i = r0; i < r1; i++) { /* rounded to bf16 where torch's bf16 products round */
+                float g = round_bf16(h[t * 2 * I + i]), u = round_bf16(h[t * 2 * I + I + i]);
+                a[t * I + i] = round_bf16(round_bf16(g / (1.f + expf(-g))) * u);
             }
 #pragma omp barrier
         share(D, id, count, &r0, &r1);

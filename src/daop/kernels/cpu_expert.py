@@ -12,8 +12,8 @@ The source is compiled once per machine with the system C compiler (`$CC`, else 
 releases the GIL for the whole expert. Without a compiler, with `DAOP_NO_CPU_KERNEL=1`, or for
 other formats and token counts, callers use torch as before (`available()` says which).
 
-Results are not bitwise equal to torch's (float32 accumulation in another order, activations kept in
-float32 between the products), so only CPU experts of a model on a GPU use it: those already differ
+Results round where torch's bf16 products round, but are not bitwise equal to them (float32 sums
+in another order), so only CPU experts of a model on a GPU use it: those already differ
 from the GPU's products. A model on the CPU keeps torch's products everywhere, so its exact
 policies stay bitwise equal to the all-resident path.
 """
