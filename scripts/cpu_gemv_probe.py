@@ -11,21 +11,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from daop.bench.sweep import host_read_gbps  # noqa: E402
+
 
 def bandwidth_gbps() -> float:
-    x = torch.ones(1 << 28, dtype=torch.float32)  # 1 GiB
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * 4 / best / 1e9
+    """Host read bandwidth, measured as `daop bench` does (the floor its rows compare CPU experts with)."""
+    return host_read_gbps()
 
 
 def variants(experts):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from daop.bench.sweep import host_read_gbps  # noqa: E402
 from daop.kernels import cpu_expert  # noqa: E402
 
 
@@ -45,7 +46,6 @@ def main() -> None:
     torch.manual_seed(0)
     experts = [((torch.randn(2 * I, D) * 0.02).bfloat16(), (torch.randn(D, I) * 0.02).bfloat16()) for _ in range(8)]
     nbytes = 3 * D * I * 2
-    ones = torch.ones(2**28)
     cc = cpu_expert.compiler()
     libs = {(p, r): cpu_expert.load(cpu_expert.build(cc, (f"PREFETCH={p}", f"GROUP_ROWS={r}")))
             for p in map(int, args.prefetch.split(",")) for r in map(int, args.rows.split(","))}
@@ -53,9 +53,7 @@ def main() -> None:
     with torch.inference_mode():
         for T in map(int, args.threads.split(",")):
             torch.set_num_threads(T)
-            ones.sum()
-            best = min(median_ms(lambda i: ones.sum(), 1) for _ in range(5))  # ms
-            gbps = ones.numel() * 4 / best / 1e6
+            gbps = host_read_gbps()
             floor = nbytes / gbps / 1e6
             for n in map(int, args.tokens.split(",")):
                 x = torch.randn(n, D).bfloat16()

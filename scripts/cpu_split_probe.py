@@ -32,18 +32,13 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from daop.bench.sweep import host_read_gbps  # noqa: E402
 from daop.kernels import cpu_expert  # noqa: E402
 
 
-def read_gbps(threads: int, x: torch.Tensor) -> float:
+def read_gbps(threads: int) -> float:
     torch.set_num_threads(threads)
-    x.sum()
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        x.sum()
-        best = min(best, time.perf_counter() - t0)
-    return x.numel() * x.element_size() / best / 1e9
+    return host_read_gbps()
 
 
 def swiglu(h: torch.Tensor) -> torch.Tensor:
@@ -83,7 +78,6 @@ def main() -> None:
     experts = [((torch.randn(2 * I, D) * 0.02).bfloat16(), (torch.randn(D, I) * 0.02).bfloat16()) for _ in range(8)]
     expert_bytes = 3 * I * D * 2
     x = torch.randn(1, D).bfloat16()
-    ones = torch.ones(2**28)
     info = {"cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)), "gxx": shutil.which("g++"),
             "cc": shutil.which("cc"), "ninja": shutil.which("ninja"), "torch": torch.__version__, "capability": torch.backends.cpu.get_cpu_capability()}
     print(info)
@@ -92,7 +86,7 @@ def main() -> None:
     with torch.inference_mode():
         ref = F.linear(swiglu(F.linear(x, experts[0][0])), experts[0][1])
         for T in [int(t) for t in args.threads.split(",")]:
-            gbps = read_gbps(T, ones)
+            gbps = read_gbps(T)
             floor = expert_bytes / gbps / 1e6
             torch.set_num_threads(T)
             pool = Pool(T - 1) if T > 1 else None
