@@ -95,13 +95,16 @@ def test_executor_uses_the_kernel_only_when_asked(mode):
 def test_executor_runs_jobs_the_kernel_does_not_serve_through_torch():
     gate_up, down = expert(64, 48)
     h = torch.randn(12, 64).bfloat16()
-    jobs = [(0, torch.arange(12), (gate_up, down))]  # 12 tokens: more than the kernel serves
+    other = expert(64, 48, seed=1)
+    # 12 tokens: more than the kernel serves; 2 tokens of another expert in the same list: served
+    jobs = [(0, torch.arange(12), (gate_up, down)), (1, torch.tensor([3, 7]), other)]
     ex = CpuExecutor(2, "worker", native=True)
     try:
         got = ex.submit(jobs, h, None).result()
     finally:
         ex.close()
     assert torch.equal(got[0], expert_forward(h, [gate_up, down]))
+    assert torch.equal(got[1], cpu_expert.expert(h[[3, 7]], other[0], other[1], threads=2))
 
 
 def test_engine_on_the_cpu_never_uses_the_kernel(tiny_dir):

@@ -15,10 +15,11 @@ lowered so the remaining take-backs cost microseconds. Host waits on CUDA events
 blocking events (`torch.cuda.Event(blocking=True)`), which sleep instead of spinning.
 An exception in a job is re-raised in the caller by `result()`.
 
-Kernels: with `native` (CPU experts of a model on a GPU), bf16 experts for 1-4 tokens run through
-daop's C kernel (`daop.kernels.cpu_expert`, about 1.1x the bytes / host bandwidth where torch's
-products took 1.7x); everything else, and every CPU expert of a model on the CPU (whose exact
-policies must equal the resident path bit for bit), through `expert_forward`.
+Kernels: with `native`, each job the C kernel serves (`daop.kernels.cpu_expert`: a bf16 expert for
+1-4 tokens, at about the host's read bandwidth where torch's products took 1.4-1.7x longer) runs
+through it, every other job through `expert_forward`. Only CPU experts of a model on a GPU use it:
+on a CPU device every expert must equal the all-resident path bit for bit, in a batch or alone, and
+the kernel serves only some token counts.
 """
 from __future__ import annotations
 
@@ -184,10 +185,16 @@ class CpuExecutor:
             with torch.inference_mode(), torch.jit.optimized_execution(False):  # thread-local: no fusion passes
                 if compute is not None:
                     ys = [compute(h_host.index_select(0, r), *w) for r, w in zip(rows, weights)]
-                elif self.native and all(cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights)):
-                    ys = [cpu_expert.expert(h_host.index_select(0, r), w[0], w[1], self.threads) for r, w in zip(rows, weights)]
-                else:
-                    ys = self.kernel(h_host, rows, weights)
+                else:  # each job by the same rule as `cpu_expert.forward`: the C kernel where it serves
+                    native = [self.native and cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights)]
+                    rest = [i for i, n in enumerate(native) if not n]
+                    ys = [None] * len(rows)
+                    if rest:
+                        for i, y in zip(rest, self.kernel(h_host, [rows[i] for i in rest], [weights[i] for i in rest])):
+                            ys[i] = y
+                    for i, n in enumerate(native):
+                        if n:
+                            ys[i] = cpu_expert.expert(h_host.index_select(0, rows[i]), weights[i][0], weights[i][1], self.threads)
             self.busy_s += time.perf_counter() - t0
             self.expert_tokens += tokens
             return dict(zip(experts, ys))
