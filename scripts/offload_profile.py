@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts
+from daop.bench.geometry import synthetic_model
 from daop.generate import DecodeSession
 from daop.hardware import HardwareProfile
 from daop.runtime.setup import RuntimeOptions, prepare_runtime
@@ -34,9 +34,7 @@ def main() -> None:
     ap.add_argument("--top", type=int, default=28)
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
-    config, spec = geometry_config(args.geometry, args.layers)
-    decoder = synthetic_decoder(config, spec, dev, dtype)
-    host = synthetic_host_experts(config, dtype, pin=True)
+    _, decoder, host = synthetic_model(args.geometry, args.layers, dev, dtype)
     profile = HardwareProfile.load(args.hardware_profile)
     decoder.experts = prepare_runtime(decoder, RuntimeOptions(policy=args.policy, expert_ratio=args.ratio,
                                                               hardware_profile=profile), host=host).start()

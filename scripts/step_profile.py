@@ -15,7 +15,7 @@ from collections import defaultdict
 
 import torch
 
-from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts
+from daop.bench.geometry import synthetic_model
 from daop.generate import DecodeSession
 from daop.runtime.setup import RuntimeOptions, prepare_runtime
 
@@ -41,9 +41,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40)
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
-    config, spec = geometry_config(args.geometry, args.layers)
-    decoder = synthetic_decoder(config, spec, dev, dtype)
-    host = synthetic_host_experts(config, dtype, pin=True)
+    _, decoder, host = synthetic_model(args.geometry, args.layers, dev, dtype)
     out = {"kind": "step_profile", "geometry": args.geometry, "layers": args.layers, "batch": args.batch}
     prompts = [[(7 * i + j) % 1000 + 1 for j in range(256)] for i in range(args.batch)]
     for graphs in (True, False):

@@ -85,3 +85,10 @@ def synthetic_host_experts(config: ModelConfig, fmt: ExpertFormat | torch.dtype,
             for dst, src in zip(host.weights(layer_idx, e), protos[(n * config.num_experts + e) % prototypes]):
                 dst.copy_(src)
     return host
+
+
+def synthetic_model(geometry: str, layers: int | None, device: torch.device,
+                    dtype: torch.dtype) -> tuple[ModelConfig, Decoder, HostExperts]:
+    """A geometry's config, its random decoder on `device` and its host experts in `dtype` (pinned on CUDA)."""
+    config, spec = geometry_config(geometry, layers)
+    return config, synthetic_decoder(config, spec, device, dtype), synthetic_host_experts(config, dtype, pin=device.type == "cuda")

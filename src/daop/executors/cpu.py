@@ -185,16 +185,12 @@ class CpuExecutor:
             with torch.inference_mode(), torch.jit.optimized_execution(False):  # thread-local: no fusion passes
                 if compute is not None:
                     ys = [compute(h_host.index_select(0, r), *w) for r, w in zip(rows, weights)]
-                else:  # each job by the same rule as `cpu_expert.forward`: the C kernel where it serves
-                    native = [self.native and cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights)]
-                    rest = [i for i, n in enumerate(native) if not n]
-                    ys = [None] * len(rows)
-                    if rest:
-                        for i, y in zip(rest, self.kernel(h_host, [rows[i] for i in rest], [weights[i] for i in rest])):
-                            ys[i] = y
-                    for i, n in enumerate(native):
-                        if n:
-                            ys[i] = cpu_expert.expert(h_host.index_select(0, rows[i]), weights[i][0], weights[i][1], self.threads)
+                else:  # per job: the C kernel where it serves, the rest in one scripted call
+                    served = [self.native and cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights)]
+                    rest = [i for i, s in enumerate(served) if not s]
+                    by_torch = iter(self.kernel(h_host, [rows[i] for i in rest], [weights[i] for i in rest]) if rest else [])
+                    ys = [cpu_expert.expert(h_host.index_select(0, r), w[0], w[1], self.threads) if s else next(by_torch)
+                          for r, w, s in zip(rows, weights, served)]
             self.busy_s += time.perf_counter() - t0
             self.expert_tokens += tokens
             return dict(zip(experts, ys))
@@ -217,10 +213,6 @@ class CpuExecutor:
         except BaseException:
             SWITCH.exit()
             raise
-
-    @property
-    def kernel_name(self) -> str:
-        return kernel_name(self.native)
 
     def _inline(self, run: Callable[[], dict]) -> dict:
         # The calling thread keeps this count afterwards: switching the OpenMP team's size around

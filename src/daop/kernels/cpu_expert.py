@@ -81,6 +81,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.daop_expert_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.daop_cpu_isa.restype = ctypes.c_int
+    lib.isa = lib.daop_cpu_isa()  # the best path this CPU has, asked once
     return lib
 
 
@@ -96,7 +97,6 @@ def library():
                 if cc is None:
                     raise RuntimeError("no C compiler found (set CC)")
                 lib = load(build(cc))
-                _STATE["isa"] = lib.daop_cpu_isa()
             except (OSError, RuntimeError, subprocess.SubprocessError) as exc:
                 warnings.warn(f"daop: CPU expert kernel unavailable, CPU experts use torch's products: {exc}",
                               RuntimeWarning, stacklevel=2)
@@ -111,14 +111,15 @@ def available() -> bool:
 
 def isa() -> str:
     """The instruction set the kernel uses on this CPU ("avx512", "avx2", "plain C"), or "none"."""
-    return ISA_NAMES[_STATE["isa"]] if available() else "none"
+    lib = library()
+    return ISA_NAMES[lib.isa] if lib is not None else "none"
 
 
 def serves(dtype: torch.dtype, tokens: int, w: list) -> bool:
-    """Whether the executor runs a job through `expert`: bf16 activations, a bf16 float expert
-    (gate_up, down) and 1-4 tokens (SERVES_TOKENS)."""
+    """Whether the executor runs a job through `expert` (where the kernel is `available()`): bf16
+    activations, a bf16 float expert (gate_up, down) and 1-4 tokens (SERVES_TOKENS)."""
     return (len(w) == 2 and w[0].dtype == torch.bfloat16 and w[1].dtype == torch.bfloat16
-            and dtype == torch.bfloat16 and 1 <= tokens <= SERVES_TOKENS and available())
+            and dtype == torch.bfloat16 and 1 <= tokens <= SERVES_TOKENS)
 
 
 def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: int,
@@ -138,8 +139,7 @@ def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: 
     gate_up, down = gate_up.contiguous(), down.contiguous()
     y = torch.empty(n, D, dtype=torch.bfloat16)
     scratch = torch.empty(n * (D + 3 * I), dtype=torch.float32)
-    best = lib.daop_cpu_isa()
-    level = best if isa_level is None else min(isa_level, best)
+    level = lib.isa if isa_level is None else min(isa_level, lib.isa)
     rc = lib.daop_expert_bf16(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I,
                               max(1, int(threads)), level, scratch.data_ptr())
     if rc != 0:
