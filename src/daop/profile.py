@@ -189,7 +189,7 @@ def summarise(rec: RoutingRecorder, provenance: dict[str, Any]) -> dict[str, Any
         "num_layers": c.num_layers,
         "num_experts": c.num_experts,
         "top_k": c.top_k,
-        "moe_layers": [l for l in range(c.num_layers) if moe[l]],
+        "moe_layers": c.moe_layer_ids(),
         "prefill_counts": rec.prefill_counts.tolist(),
         "decode_counts": rec.decode_counts.tolist(),
         "prefill_decode_overlap": _fractions(rec.overlap_hits, decode_selections),
