@@ -164,19 +164,23 @@ class CpuExecutor:
                                            initargs=(self.threads,))
 
     def submit(self, jobs: list[Job], h_host: torch.Tensor, ready: "torch.cuda.Event | None",
-               compute: Callable | None = None, ahead: bool = False) -> Future:
+               compute: Callable | None = None, ahead: bool = False,
+               span: Callable[[float, float, float], None] | None = None) -> Future:
         """Compute experts on the CPU: jobs are (expert, token rows [n], host weights); returns {expert: y}.
 
         ready: the event of the activations' device->host copy, waited on before reading h_host.
         compute: a per-expert function instead of `expert_forward` (run in Python, for tests and probes).
         ahead: the result is wanted only after the caller has done other work (a pre-calculation
         for a later layer), so the job runs on a worker thread even in inline mode.
+        span: called with the perf_counter times the job was submitted, began computing (its input
+        ready) and ended (for a measured timeline).
         """
         # Lists built here, on the driving thread: the worker runs as little Python as possible.
         experts = [e for e, _, _ in jobs]
         rows = [r for _, r, _ in jobs]
         weights = [list(w) for _, _, w in jobs]
         tokens = sum(len(r) for r in rows)
+        submitted = time.perf_counter()
 
         def run() -> dict[int, torch.Tensor]:
             if ready is not None:
@@ -191,8 +195,11 @@ class CpuExecutor:
                     by_torch = iter(self.kernel(h_host, [rows[i] for i in rest], [weights[i] for i in rest]) if rest else [])
                     ys = [cpu_expert.expert(h_host.index_select(0, r), w[0], w[1], self.threads) if s else next(by_torch)
                           for r, w, s in zip(rows, weights, served)]
-            self.busy_s += time.perf_counter() - t0
+            t1 = time.perf_counter()
+            self.busy_s += t1 - t0
             self.expert_tokens += tokens
+            if span is not None:
+                span(submitted, t0, t1)
             return dict(zip(experts, ys))
 
         if self.mode == "inline" and not ahead:

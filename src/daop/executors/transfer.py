@@ -25,8 +25,10 @@ class Transfer:
         self.staging: list[torch.Tensor] = []
         self.readers: list[Future | None] = []
 
-    def copy_expert(self, src: tuple[torch.Tensor, ...], dst: tuple[torch.Tensor, ...], slot: int) -> "torch.cuda.Event | None":
-        """Copy host expert weights into a GPU slot on the copy stream; returns the completion event."""
+    def copy_expert(self, src: tuple[torch.Tensor, ...], dst: tuple[torch.Tensor, ...], slot: int,
+                    timing: tuple | None = None) -> "torch.cuda.Event | None":
+        """Copy host expert weights into a GPU slot on the copy stream; returns the completion event.
+        timing: two timing events recorded around the copy itself (for a measured timeline)."""
         if not self.cuda:
             for d, s in zip(dst, src):
                 copy_into_slot(d, s)
@@ -35,8 +37,12 @@ class Transfer:
             released = self.slot_released.get(slot)
             if released is not None:
                 self.stream.wait_event(released)
+            if timing is not None:
+                timing[0].record(self.stream)
             for d, s in zip(dst, src):
                 copy_into_slot(d, s, non_blocking=True)  # int4 is converted here, on the copy stream
+            if timing is not None:
+                timing[1].record(self.stream)
             done = torch.cuda.Event()
             done.record(self.stream)
         return done

@@ -101,6 +101,7 @@ class DaopRunner(OffloadedExperts):
 
     def decode_layer(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cfg = self.policy.config
+        self.mark(layer_idx, "enter")
         if layer_idx == self.first_moe:
             self.load = ChannelLoad()
         pend = self.pending.pop(layer_idx, None)
@@ -112,6 +113,7 @@ class DaopRunner(OffloadedExperts):
         parts = [ids] + ([true_ids] if ids is not true_ids else []) + ([pred.raw_ids, pred.ids] if pred else [])
         host = torch.cat([p.long() for p in parts], dim=1).cpu().split(ids.shape[1], dim=1)
         ids_host, true_host = host[0], host[1] if ids is not true_ids else host[0]
+        self.mark(layer_idx, "routed")
         if pend is not None:
             self.score_prediction(layer_idx, pend.raw_host, true_host)
         rows_host = group_by_expert(ids_host)
@@ -149,7 +151,7 @@ class DaopRunner(OffloadedExperts):
         if spec.precalc:
             pend.precalc = self.cpu_job(nxt, h, predicted, spec.precalc, ahead=True)
         for e, slot in spec.copies:
-            pend.copy_events[e] = self.copy(nxt, e, slot)
+            pend.copy_events[e] = self.copy(nxt, e, slot, "ahead")
             self.counters.add("speculative_copies", nxt, 1)
             self.counters.add("copied_bytes", nxt, self.store.expert_bytes)
         return pend

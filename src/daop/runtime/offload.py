@@ -20,6 +20,7 @@ from daop.model.moe import expert_input, group_by_expert, token_rows, weighted_s
 from daop.placement.policies import LayerPlan, Policy
 from daop.quant import expert_forward
 from daop.runtime.stats import Counters
+from daop.runtime.timeline import Timeline
 from daop.weights.expert_store import ExpertStore
 
 
@@ -30,6 +31,7 @@ class OffloadedExperts:
         self.store, self.policy, self.cpu, self.transfer = store, policy, cpu, transfer
         self.counters = Counters(num_layers)
         self.slot_contents: dict[int, tuple[int, int]] = {}
+        self.timeline: Timeline | None = None  # set to record a measured timeline of decode steps
         self.apply_placement(policy.placement, force=True)
 
     def apply_placement(self, placement, force: bool = False) -> None:
@@ -40,10 +42,19 @@ class OffloadedExperts:
                 if force or self.slot_contents.get(slot) != (layer_idx, expert_idx):
                     self.transfer.wait(self.copy(layer_idx, expert_idx, slot))
 
-    def copy(self, layer_idx: int, expert_idx: int, slot: int):
+    def copy(self, layer_idx: int, expert_idx: int, slot: int, kind: str = "copy"):
         """Queue a host->slot copy and remember what the slot holds; returns the completion event."""
         self.slot_contents[slot] = (layer_idx, expert_idx)
-        return self.transfer.copy_expert(self.store.host_weights(layer_idx, expert_idx), self.store.slot_weights(slot), slot)
+        timing = self.timeline.copy_events() if self.timeline else None
+        done = self.transfer.copy_expert(self.store.host_weights(layer_idx, expert_idx), self.store.slot_weights(slot), slot,
+                                         timing)
+        if timing is not None:
+            self.timeline.copy_span(layer_idx, expert_idx, kind, timing)
+        return done
+
+    def mark(self, layer_idx: int, name: str) -> None:
+        if self.timeline is not None:
+            self.timeline.mark(layer_idx, name)
 
     def reset(self) -> None:
         """Start a new sequence from the policy's calibrated placement (copies back what moved)."""
@@ -60,14 +71,18 @@ class OffloadedExperts:
         self.cpu.close()
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        self.mark(layer_idx, "enter")
         rows_host = group_by_expert(ids.cpu())  # the plan needs the routing on the host
+        self.mark(layer_idx, "routed")
         plan = self.policy.plan(layer_idx, {e: len(r[0]) for e, r in rows_host.items()})
         return self.execute(layer_idx, h, weights, rows_host, plan)
 
     def cpu_job(self, layer_idx: int, h: torch.Tensor, rows_host: dict, experts: Sequence[int], ahead: bool = False) -> Future:
         """Start computing `experts` of layer_idx for their rows of h on the CPU (ahead: for a later layer)."""
         jobs = [(e, rows_host[e][0], self.store.host_weights(layer_idx, e)) for e in experts]
-        return self.transfer.host_job(h, lambda h_host, ready: self.cpu.submit(jobs, h_host, ready, ahead=ahead))
+        tl = self.timeline
+        span = (lambda *t: tl.cpu_span(layer_idx, "ahead" if ahead else "cpu", *t)) if tl else None
+        return self.transfer.host_job(h, lambda h_host, ready: self.cpu.submit(jobs, h_host, ready, ahead=ahead, span=span))
 
     def execute(self, layer_idx: int, h: torch.Tensor, weights: torch.Tensor, rows_host: dict, plan: LayerPlan,
                 ready: dict[int, tuple[int, Any]] | None = None, precalc: tuple[Future, tuple[int, ...]] | None = None,
@@ -83,6 +98,7 @@ class OffloadedExperts:
         used = precalc[1] if precalc else ()
         check_served(layer_idx, rows_host, plan, ready, used)
         future = self.cpu_job(layer_idx, h, rows_host, plan.cpu) if plan.cpu else None
+        self.mark(layer_idx, "cpu_submitted")
         # A slot that this plan reads before (a resident expert, an earlier copy) is refilled only
         # after that read has been queued; the others are copied right away.
         busy = {slot for _, slot in plan.gpu} | {slot for slot, _ in ready.values()}
@@ -91,8 +107,10 @@ class OffloadedExperts:
             if slot not in busy:
                 first_use[i] = self.copy(layer_idx, e, slot)
             busy.add(slot)
+        self.mark(layer_idx, "copies_queued")
         if before_compute is not None:
             before_compute()
+            self.mark(layer_idx, "speculated")
         rows = token_rows(h, rows_host)
         ys: dict[int, torch.Tensor] = {}
         gpu_items = [(e, slot, None) for e, slot in plan.gpu] + [(e, s, ev) for e, (s, ev) in ready.items()]
@@ -103,14 +121,18 @@ class OffloadedExperts:
             self.transfer.wait(event)
             ys[e] = expert_forward(expert_input(h, rows, e), self.store.slot_weights(slot))
             self.transfer.release_slot(slot)
+        self.mark(layer_idx, "gpu_launched")
         t0 = time.perf_counter()
         for job, experts in ((future, plan.cpu), *((precalc,) if precalc else ())):
             if job is not None:
                 results = job.result()
                 for e in experts:
                     ys[e] = self.transfer.to_device(results[e])
+        self.mark(layer_idx, "cpu_collected")
         self.count(layer_idx, h.shape[0], plan, len(ready), len(used), time.perf_counter() - t0)
-        return weighted_sum(h, ys, weights, rows_host, rows)
+        out = weighted_sum(h, ys, weights, rows_host, rows)
+        self.mark(layer_idx, "exit")
+        return out
 
     def count(self, layer_idx: int, num_tokens: int, plan: LayerPlan, ready: int, precalc: int, cpu_wait_s: float) -> None:
         c = self.counters
