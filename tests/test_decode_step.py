@@ -181,3 +181,55 @@ def test_a_step_whose_capture_fails_runs_eagerly(tiny_dir, monkeypatch, caplog):
     assert not session.stepper.captured and not engine.decoder.cuda_graphs
     assert "capture failed" in caplog.text
     assert not engine.session([PROMPT], 3).stepper.captured
+
+
+def run_steps(engine, steps: int, pieces: bool, monkeypatch) -> torch.Tensor:
+    """Greedy logits of a prefill and `steps` decode steps; with pieces, every step runs through
+    PiecewiseStep's pieces (eagerly: the split is what is checked, on any device)."""
+    from daop.runtime.decode_step import PiecewiseStep
+
+    session = engine.session([PROMPT], steps + 1)
+    if pieces:
+        st = session.stepper
+        split = PiecewiseStep(engine.decoder, st.cache, st.inputs, st.pad, graphs=False)
+
+        def run(tokens, position):
+            st.inputs.load(tokens, position)
+            return split.replay().clone()
+
+        monkeypatch.setattr(st, "run", run)
+    logits = [session.prefill()]
+    for _ in range(steps):
+        logits.append(session.step(logits[-1].argmax(-1)))
+    return torch.stack(logits)
+
+
+@pytest.mark.parametrize("policy", ["gpu", "static", "daop-exact"])
+def test_pieces_between_moe_calls_equal_the_whole_step(tiny_dir, family, policy, monkeypatch):
+    """The step split at its MoE calls (what PiecewiseStep captures for offloaded runners) gives the
+    whole step's logits bit for bit, dense layers and shared experts included."""
+    ratio = None if policy == "gpu" else 0.5
+    engine = engine_for(tiny_dir, family, device="cpu", dtype="fp32", policy=policy, expert_ratio=ratio)
+    want = run_steps(engine, 4, False, monkeypatch)
+    got = run_steps(engine, 4, True, monkeypatch)
+    assert torch.equal(got, want)
+
+
+@needs_cuda
+@pytest.mark.parametrize("policy", ["static", "daop-exact"])
+def test_offloaded_steps_are_captured_in_pieces_and_equal_eager_ones(tiny_dir, policy):
+    from daop.runtime.decode_step import PiecewiseStep, capture_kind
+
+    graphed = engine_for(tiny_dir, device="cuda", dtype="bf16", policy=policy, expert_ratio=0.5)
+    eager = engine_for(tiny_dir, device="cuda", dtype="bf16", policy=policy, expert_ratio=0.5, cuda_graphs=False)
+    assert capture_kind(graphed.decoder, 1) == "pieces" and capture_kind(eager.decoder, 1) == "eager"
+    out = []
+    for engine in (graphed, eager):
+        session = engine.session([PROMPT], 8)
+        logits = [session.prefill()]
+        for _ in range(7):
+            logits.append(session.step(logits[-1].argmax(-1)))
+        out.append(torch.stack(logits))
+        if engine is graphed:
+            assert isinstance(session.stepper.pooled.graph, PiecewiseStep)
+    assert torch.equal(out[0], out[1])

@@ -8,8 +8,8 @@ expert routing only for real tokens. One iteration (`Batcher.step`) runs at most
 chunk of the oldest waiting sequence (a long prompt spreads over several iterations, so running
 sequences keep decoding), then one decode step for every decoding sequence.
 
-On CUDA, a decode step that stays on the device (the all-GPU path) is captured once per (rows,
-cache length) and replayed, as a single sequence's step is.
+On CUDA, a decode step is captured once per (rows, cache length) and replayed, as a single
+sequence's step is: whole on the all-GPU path, in pieces between MoE calls for offloaded runners.
 
 Placement rule for runners that adapt to a sequence (DAOP's per-sequence placement): each new
 sequence's prefill adapts the placement from where it stands, without resetting it while other
@@ -31,7 +31,7 @@ from daop.engine import Engine, GenerationStats, TextStream
 from daop.errors import DaopError
 from daop.generate import DEVICE_OOM, guarded, start_sequence
 from daop.model.layers import KVCache
-from daop.runtime.decode_step import CapturedStep, StepInputs, cache_length, captures
+from daop.runtime.decode_step import CapturedStep, PiecewiseStep, StepInputs, cache_length, capture_step, captures
 from daop.sampling import Sampler, SamplingParams
 
 DEFAULT_CHUNK = 512  # prompt tokens per prefill chunk
@@ -79,7 +79,7 @@ class Batcher:
         self.prefilling: Sequence | None = None  # in the row after the decoding ones
         self.decoding: list[Sequence] = []  # row i holds decoding[i]
         self.inputs: dict[int, StepInputs] = {}
-        self.graphs: dict[tuple[int, int], CapturedStep] = {}  # (rows, cache length) -> captured decode step
+        self.graphs: dict[tuple[int, int], CapturedStep | PiecewiseStep] = {}  # (rows, cache length) -> captured decode step
         self.capture = True  # turned off for good if a capture fails
 
     @property
@@ -169,12 +169,12 @@ class Batcher:
             self._take(seq, int(seq.sampler(row[None])[0]))
 
     def _run_step(self, inputs: StepInputs, cache: KVCache) -> torch.Tensor:
-        """One decode step over the cache rows given: a captured CUDA graph per (rows, length) where
-        the step stays on the device (`decode_step.captures`), else eager."""
+        """One decode step over the cache rows given: captured per (rows, length) where the routing
+        stays on the device (`decode_step.captures`), else eager."""
         key = (cache.batch, cache.max_len)
         if key not in self.graphs and self.capture and captures(self.decoder, cache.batch):
             try:
-                self.graphs[key] = CapturedStep(self.decoder, cache, inputs, None)
+                self.graphs[key] = capture_step(self.decoder, cache, inputs, None)
             except DEVICE_OOM:
                 raise
             except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly

@@ -26,7 +26,7 @@ from daop.hardware import HardwareProfile, calibrate, cpu_model
 from daop.model.layers import KVCache
 from daop.placement.cost import CostModel
 from daop.quant import ExpertFormat
-from daop.runtime.decode_step import captures
+from daop.runtime.decode_step import capture_kind
 from daop.runtime.setup import RuntimeOptions, hardware_profile, prepare_runtime, resolve_expert_format
 from daop.errors import DaopError
 from daop.sampling import SamplingParams
@@ -212,7 +212,7 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     read_floor_ms = expert_bytes / (read_bw * 1e9) * 1000 if read_bw else None
     return {
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "batch": batch,
-        "cuda_graph": captures(engine.decoder, batch),  # a replayed trace is read on the device too
+        "cuda_graph": capture_kind(engine.decoder, batch),  # step, pieces or eager (a replayed trace is read on the device too)
         "host_syncs_per_step": syncs,
         "ttft_ms": round(statistics.median(ttft), 2), "decode_ms_per_token": round(med_tpot, 3),
         "decode_ms_spread": [round(min(tpot), 3), round(max(tpot), 3)],

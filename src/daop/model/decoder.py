@@ -150,10 +150,11 @@ class Decoder:
             return layer.shared(flat).view(shape)  # type: ignore[misc]
         ids, weights = self.routing.route(layer.layer_idx, flat)
         assert self.experts is not None, "no expert runner attached"
-        out = self.experts(layer.layer_idx, flat, ids, weights)
-        if layer.shared is not None:
-            out = out + layer.shared(flat)
-        return out.view(shape)
+        return self.moe_output(layer, flat, self.experts(layer.layer_idx, flat, ids, weights)).view(shape)
+
+    def moe_output(self, layer: DecoderLayer, flat: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
+        """A MoE layer's output [N, D]: the routed experts' sum plus the shared expert, if any."""
+        return routed + layer.shared(flat) if layer.shared is not None else routed
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """Logits [..., V] in float32 from the last hidden states."""

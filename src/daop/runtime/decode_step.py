@@ -2,11 +2,13 @@
 
 Every decode step runs `Decoder.decode` (token ids and position as device tensors, a cache read
 whole under a mask), so a step can be captured as a CUDA graph and replayed: one launch instead
-of some fifty per layer. A step is captured when everything in it stays on the device: the
-experts are routed on the device (`ResidentExperts.capturable`, the all-GPU path) and the routing
-reads nothing from the host per step (`device_only`: the model's routers, or a replayed trace read
-at the step's position tensor; an observer that records routing on the host is not). Offloaded policies
-need the routing on the host each layer; they run the same step uncaptured.
+of some fifty per layer. A step is captured when the routing reads nothing from the host per step
+(`device_only`: the model's routers, or a replayed trace read at the step's position tensor; an
+observer that records routing on the host is not). When the experts are routed on the device too
+(`ResidentExperts.capturable`, the all-GPU path) the whole step is one graph (`CapturedStep`).
+Offloaded policies need the routing on the host each layer: the device work between two MoE calls
+is captured instead, and the runner serves each MoE layer eagerly between the pieces
+(`PiecewiseStep`).
 
 A captured graph is bound to the addresses of its cache and inputs, so caches of captured steps
 are pooled per (batch, length): the next sequence of the same shape reuses the cache and the graph.
@@ -94,6 +96,93 @@ class CapturedStep:
         return self.logits
 
 
+class PiecewiseStep:
+    """One decode step of a (batch, cache) whose experts the host drives (an offloaded runner): the
+    device work between two MoE calls is captured as one CUDA graph (piece k: the previous MoE
+    layer's residual, the dense layers in between, then the next MoE layer's attention, norm and
+    router), and each MoE layer's experts run eagerly in between, as the runner plans them from the
+    routing it reads. One launch per piece instead of some forty eager kernels per layer; the
+    kernels are the eager step's own, so the tokens are the same.
+
+    Piece k's outputs (residual, MoE input, routing ids and weights) are tensors of the graphs'
+    shared memory pool that later pieces never overwrite; the runner's output goes into one static
+    buffer the next piece reads."""
+
+    def __init__(self, decoder: Decoder, cache: KVCache, inputs: StepInputs, pad: torch.Tensor | None,
+                 graphs: bool = True) -> None:
+        self.decoder, self.cache, self.inputs, self.pad = decoder, cache, inputs, pad
+        self.moe_layers = [layer.layer_idx for layer in decoder.layers if layer.router is not None]
+        c = decoder.config
+        self.moe_out = torch.zeros(inputs.batch, c.hidden_size, device=decoder.device, dtype=decoder.dtype)
+        self.outputs: list[tuple[torch.Tensor, ...]] = []
+        self.step = None
+        self.graphs: list[torch.cuda.CUDAGraph] | None = None
+        if not graphs:  # the pieces run eagerly at every replay (to check the split on any device)
+            return
+        # Warm-up on a side stream with a zero expert output (kernels, lazy tables, the allocator):
+        # it writes the cache at this step's position, which the first replay writes again.
+        side = torch.cuda.Stream(decoder.device)
+        side.wait_stream(torch.cuda.current_stream(decoder.device))
+        with torch.cuda.stream(side):
+            for k in range(len(self.moe_layers) + 1):
+                self.outputs.append(self.piece(k))
+        torch.cuda.current_stream(decoder.device).wait_stream(side)
+        side.synchronize()
+        self.outputs, self.graphs = [], []
+        pool = torch.cuda.graph_pool_handle()
+        for k in range(len(self.moe_layers) + 1):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=pool):
+                self.outputs.append(self.piece(k))
+            self.graphs.append(graph)
+
+    @torch.inference_mode()
+    def piece(self, k: int) -> tuple[torch.Tensor, ...]:
+        """Piece k's device work; returns (residual, MoE input [N, D], ids, weights), or (logits,) last."""
+        d = self.decoder
+        if k == 0:
+            x, self.step = d.begin_decode(self.inputs.ids, self.inputs.pos, self.cache, self.pad)
+            first = 0
+        else:
+            prev = self.moe_layers[k - 1]
+            h, flat = self.outputs[k - 1][:2]
+            x = h + d.moe_output(d.layers[prev], flat, self.moe_out).view(h.shape)
+            first = prev + 1
+        last = self.moe_layers[k] if k < len(self.moe_layers) else len(d.layers)
+        for layer in d.layers[first:last]:
+            h, normed = d.attention_block(layer, x, self.step)
+            x = h + d.ffn_block(layer, normed)
+        if k == len(self.moe_layers):
+            return (d.head(x[:, -1]),)
+        h, normed = d.attention_block(d.layers[last], x, self.step)
+        flat = normed.reshape(-1, normed.shape[-1])
+        ids, weights = d.routing.route(last, flat)
+        return h, flat, ids, weights
+
+    def run_piece(self, k: int) -> tuple[torch.Tensor, ...]:
+        if self.graphs is None:
+            if k == 0:
+                self.outputs = []
+            self.outputs.append(self.piece(k))
+        else:
+            self.graphs[k].replay()
+        return self.outputs[k]
+
+    @torch.inference_mode()
+    def replay(self) -> torch.Tensor:
+        for k, layer_idx in enumerate(self.moe_layers):
+            _, flat, ids, weights = self.run_piece(k)
+            self.moe_out.copy_(self.decoder.experts(layer_idx, flat, ids, weights))
+        return self.run_piece(len(self.moe_layers))[0]
+
+
+def capture_step(decoder: Decoder, cache: KVCache, inputs: StepInputs, pad: torch.Tensor | None) -> CapturedStep | PiecewiseStep:
+    """The whole step as one graph where the experts are routed on the device, else in pieces."""
+    if whole_step(decoder, inputs.batch):
+        return CapturedStep(decoder, cache, inputs, pad)
+    return PiecewiseStep(decoder, cache, inputs, pad)
+
+
 class PooledStep:
     """A cache, its step inputs and padding buffer, and the captured step, kept for the next
     sequence of the same shape; `owner` is the session using it now."""
@@ -102,7 +191,7 @@ class PooledStep:
         self.cache = decoder.new_cache(batch, length)
         self.inputs = StepInputs(batch, decoder.device)
         self.pad = torch.zeros(batch, dtype=torch.long, device=decoder.device) if batch > 1 else None
-        self.graph: CapturedStep | None = None
+        self.graph: CapturedStep | PiecewiseStep | None = None
         self.owner: weakref.ref | None = None
         self.experts = weakref.ref(decoder.experts)  # the graph reads these experts' tensors
         self.routing_key = decoder.routing.graph_key  # and these routing tensors
@@ -120,11 +209,23 @@ _POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> {(
 
 
 def captures(decoder: Decoder, batch: int) -> bool:
-    """Whether decode steps of `batch` rows are captured: CUDA, graphs not switched off, experts
-    routed on the device and a routing that stays on the device."""
-    experts = decoder.experts
+    """Whether decode steps of `batch` rows are captured: on CUDA, graphs not switched off, a
+    routing that stays on the device. Experts routed on the device: the whole step is one graph;
+    experts the host drives (offloaded runners): the device work between MoE calls, in pieces."""
     return (decoder.device.type == "cuda" and decoder.cuda_graphs and getattr(decoder.routing, "device_only", False)
-            and hasattr(experts, "capturable") and experts.capturable(batch))
+            and decoder.experts is not None)
+
+
+def whole_step(decoder: Decoder, batch: int) -> bool:
+    experts = decoder.experts
+    return hasattr(experts, "capturable") and experts.capturable(batch)
+
+
+def capture_kind(decoder: Decoder, batch: int) -> str:
+    """How decode steps of `batch` rows run: "step" (one graph), "pieces" (graphs between MoE calls) or "eager"."""
+    if not captures(decoder, batch):
+        return "eager"
+    return "step" if whole_step(decoder, batch) else "pieces"
 
 
 class Stepper:
@@ -171,7 +272,7 @@ class Stepper:
             return self.decoder.decode(self.inputs.ids, self.inputs.pos, self.cache, self.pad)
         if self.pooled.graph is None:
             try:
-                self.pooled.graph = CapturedStep(self.decoder, self.cache, self.inputs, self.pad)
+                self.pooled.graph = capture_step(self.decoder, self.cache, self.inputs, self.pad)
             except (torch.cuda.OutOfMemoryError, MemoryError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly
