@@ -107,6 +107,45 @@ def test_executor_runs_jobs_the_kernel_does_not_serve_through_torch():
     assert torch.equal(got[1], cpu_expert.expert(h[[3, 7]], other[0], other[1], threads=2))
 
 
+@needs_kernel
+def test_queued_jobs_run_in_order_on_the_kernels_thread_and_report_their_spans():
+    import time
+
+    experts = [expert(64, 48, seed=s) for s in range(4)]
+    xs = [torch.randn(n, 64).bfloat16() for n in (1, 2, 3, 4)]
+    t0 = time.perf_counter()
+    first = cpu_expert.Queued(xs[:2], experts[:2], threads=2)
+    second = cpu_expert.Queued(xs[2:], experts[2:], threads=2)
+    later = second.wait()  # a later ticket is done only after every earlier job
+    assert first.done() and second.done()
+    for x, w, y in zip(xs, experts, first.wait() + later):
+        assert torch.equal(y, cpu_expert.expert(x, w[0], w[1], threads=2))
+    spans = first.spans() + second.spans()
+    assert t0 <= spans[0][0] and spans[-1][1] <= time.perf_counter()  # perf_counter's clock
+    assert all(a <= b for a, b in spans) and all(spans[i][1] <= spans[i + 1][0] for i in range(3))
+    with pytest.raises(ValueError, match="1-8 tokens"):
+        cpu_expert.Queued([torch.randn(9, 64).bfloat16()], experts[:1], threads=1)
+
+
+@needs_kernel
+def test_executor_counts_queued_work_and_reports_its_span():
+    experts = [expert(64, 48, seed=s) for s in range(2)]
+    h = torch.randn(3, 64).bfloat16()
+    jobs = [(0, torch.tensor([0, 2]), experts[0]), (1, torch.tensor([1]), experts[1])]
+    spans = []
+    ex = CpuExecutor(2, "worker", native=True)
+    try:
+        future = ex.submit(jobs, h, None, span=lambda *t: spans.append(t))
+        got = future.result()
+        assert future.done() and future.result() is got  # taken once
+    finally:
+        ex.close()
+    assert torch.equal(got[1], cpu_expert.expert(h[[1]], *experts[1], threads=2))
+    assert ex.expert_tokens == 3 and ex.busy_s > 0
+    (submitted, start, end), = spans
+    assert submitted <= start <= end and ex.busy_s <= end - start + 1e-6
+
+
 def test_engine_on_the_cpu_never_uses_the_kernel(tiny_dir):
     from daop.engine import Engine
 

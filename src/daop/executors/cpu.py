@@ -15,9 +15,11 @@ lowered so the remaining take-backs cost microseconds. Host waits on CUDA events
 blocking events (`torch.cuda.Event(blocking=True)`), which sleep instead of spinning.
 An exception in a job is re-raised in the caller by `result()`.
 
-Kernels: with `native`, each job the C kernel serves (`daop.kernels.cpu_expert`: a bf16 expert for
-1-4 tokens, at about the host's read bandwidth where torch's products took 1.4-1.7x longer) runs
-through it, every other job through `expert_forward`. Only CPU experts of a model on a GPU use it:
+Kernels: with `native`, a job list the C kernel serves whole (`daop.kernels.cpu_expert`: bf16
+experts for 1-4 tokens, at about the host's read bandwidth where torch's products took 1.4-1.7x
+longer) is queued on the kernel's own thread, in either mode: it starts at once and never needs the
+GIL (a Python worker waited up to half a millisecond per job for the driving thread to let go of
+it). Other lists run as above, each job the kernel serves through it, the rest through `expert_forward`. Only CPU experts of a model on a GPU use it:
 on a CPU device every expert must equal the all-resident path bit for bit, in a batch or alone, and
 the kernel serves only some token counts.
 """
@@ -145,6 +147,36 @@ def kernel_name(native: bool) -> str:
     return "torch"
 
 
+class QueuedFuture(Future):
+    """Experts queued on the C kernel's own thread (`cpu_expert.Queued`): they start at once and
+    run without the GIL; `result()` waits without it too. The executor's busy time and expert-token
+    count are added when the result is first taken."""
+
+    def __init__(self, executor: "CpuExecutor", queued, experts: list[int], tokens: int, submitted: float,
+                 span: Callable[[float, float, float], None] | None) -> None:
+        super().__init__()
+        self.executor, self.queued, self.experts, self.tokens = executor, queued, experts, tokens
+        self.submitted, self.span = submitted, span
+
+    def done(self) -> bool:
+        return super().done() or self.queued.done()
+
+    def result(self, timeout: float | None = None):
+        if not super().done():
+            try:
+                ys = self.queued.wait()
+            except BaseException as exc:  # noqa: BLE001 - delivered to the caller below
+                self.set_exception(exc)
+            else:
+                spans = self.queued.spans()
+                self.executor.busy_s += sum(b - a for a, b in spans)
+                self.executor.expert_tokens += self.tokens
+                if self.span is not None:
+                    self.span(self.submitted, spans[0][0], spans[-1][1])
+                self.set_result(dict(zip(self.experts, ys)))
+        return super().result(timeout)
+
+
 class CpuExecutor:
     """Runs lists of CPU expert jobs; `busy_s` is compute time, `expert_tokens` the (expert, token) pairs done."""
 
@@ -181,6 +213,12 @@ class CpuExecutor:
         weights = [list(w) for _, _, w in jobs]
         tokens = sum(len(r) for r in rows)
         submitted = time.perf_counter()
+        if (compute is None and self.native and rows
+                and all(cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights))):
+            if ready is not None:
+                ready.synchronize()  # the activations' copy (the caller has just read the routing: it is quick)
+            queued = cpu_expert.Queued([h_host.index_select(0, r) for r in rows], weights, self.threads)
+            return QueuedFuture(self, queued, experts, tokens, submitted, span)
 
         def run() -> dict[int, torch.Tensor]:
             if ready is not None:

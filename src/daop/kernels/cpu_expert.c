@@ -12,9 +12,12 @@
    silu(gate), its product with up, and the output; so CPU experts stay as close to GPU experts as
    torch's own CPU products were. Vector paths for AVX-512F and AVX2+FMA are chosen at run time; a plain C loop
    serves other CPUs. */
+#define _POSIX_C_SOURCE 200809L
 #include <math.h>
+#include <pthread.h>
 #include <stdint.h>
 #include <string.h>
+#include <time.h>
 #include <omp.h>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -182,4 +185,95 @@ int daop_expert_bf16(const uint16_t *x, int n, const uint16_t *gate_up, const ui
         for (long i = r0; i < r1; i++) y[i] = f32_to_bf16(yf[i]);
     }
     return 0;
+}
+
+/* A queue of expert jobs served by one thread of this library (its own OpenMP team), so the
+   CPU channel never waits for Python's GIL: the driving thread submits jobs and, later, waits for a
+   ticket, both without the GIL (ctypes releases it). Jobs run in submission order; each records
+   when it started and ended (CLOCK_MONOTONIC seconds, the clock of Python's perf_counter). */
+typedef struct {
+    const uint16_t *x; int n; const uint16_t *gate_up, *down; uint16_t *y;
+    long D, I; int threads, isa; float *scratch;
+    int rc; double start, end;
+} daop_job;
+
+#define QUEUE 256
+static daop_job *queue[QUEUE];
+static long submitted = 0, finished = 0;
+static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t work = PTHREAD_COND_INITIALIZER, done = PTHREAD_COND_INITIALIZER;
+static int started = 0, registered = 0;
+
+static double now_s(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec * 1e-9;
+}
+
+/* A forked child has no serving thread: it starts its own on its first submit. */
+static void child_reset(void) {
+    pthread_mutex_init(&mu, NULL);
+    pthread_cond_init(&work, NULL);
+    pthread_cond_init(&done, NULL);
+    submitted = finished = 0;
+    started = 0;
+}
+
+static void *serve(void *arg) {
+    (void)arg;
+    for (;;) {
+        pthread_mutex_lock(&mu);
+        while (finished == submitted) pthread_cond_wait(&work, &mu);
+        daop_job *job = queue[finished % QUEUE];
+        pthread_mutex_unlock(&mu);
+        job->start = now_s();
+        job->rc = daop_expert_bf16(job->x, job->n, job->gate_up, job->down, job->y, job->D, job->I, job->threads,
+                                   job->isa, job->scratch);
+        job->end = now_s();
+        pthread_mutex_lock(&mu);
+        finished++;
+        pthread_cond_broadcast(&done);
+        pthread_mutex_unlock(&mu);
+    }
+    return NULL;
+}
+
+/* Queue `count` jobs (the caller keeps them and their buffers alive until they are done); returns
+   the ticket of the last one, or -1 if the serving thread could not be started. */
+long daop_submit(daop_job **jobs, int count) {
+    pthread_mutex_lock(&mu);
+    if (!started) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        int rc = pthread_create(&t, &attr, serve, NULL);
+        pthread_attr_destroy(&attr);
+        if (rc != 0) { pthread_mutex_unlock(&mu); return -1; }
+        if (!registered) registered = (pthread_atfork(NULL, NULL, child_reset) == 0);
+        started = 1;
+    }
+    for (int i = 0; i < count; i++) {
+        while (submitted - finished >= QUEUE) pthread_cond_wait(&done, &mu);
+        queue[submitted % QUEUE] = jobs[i];
+        submitted++;
+    }
+    long ticket = submitted;
+    pthread_cond_signal(&work);
+    pthread_mutex_unlock(&mu);
+    return ticket;
+}
+
+/* Block until the job with this ticket (and every earlier one) is done. */
+void daop_wait(long ticket) {
+    pthread_mutex_lock(&mu);
+    while (finished < ticket) pthread_cond_wait(&done, &mu);
+    pthread_mutex_unlock(&mu);
+}
+
+long daop_finished(void) {
+    pthread_mutex_lock(&mu);
+    long f = finished;
+    pthread_mutex_unlock(&mu);
+    return f;
 }

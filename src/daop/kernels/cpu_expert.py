@@ -19,6 +19,7 @@ policies stay bitwise equal to the all-resident path.
 """
 from __future__ import annotations
 
+import atexit
 import ctypes
 import hashlib
 import os
@@ -56,7 +57,7 @@ def compiler() -> str | None:
 def build(cc: str, defines: tuple[str, ...] = ()) -> Path:
     """Compile the source into the cache (once per source, compiler and defines); the library's path.
     defines: NAME=VALUE settings of the source's tunables (PREFETCH, GROUP_ROWS), for probes."""
-    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-std=c11", *(f"-D{d}" for d in defines)]
+    flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-pthread", "-std=c11", *(f"-D{d}" for d in defines)]
     digest = hashlib.sha1(SOURCE.read_bytes() + " ".join([cc, *flags, sys.platform]).encode()).hexdigest()[:12]
     target = cache_dir() / f"cpu_expert-{digest}.so"
     if target.exists():
@@ -75,12 +76,26 @@ def build(cc: str, defines: tuple[str, ...] = ()) -> Path:
     return target
 
 
+class JobStruct(ctypes.Structure):
+    """One queued expert (`daop_job` in the source); start and end are filled in by the serving thread."""
+
+    _fields_ = [("x", ctypes.c_void_p), ("n", ctypes.c_int), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
+                ("y", ctypes.c_void_p), ("D", ctypes.c_long), ("I", ctypes.c_long), ("threads", ctypes.c_int),
+                ("isa", ctypes.c_int), ("scratch", ctypes.c_void_p), ("rc", ctypes.c_int), ("start", ctypes.c_double),
+                ("end", ctypes.c_double)]
+
+
 def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.daop_expert_bf16.restype = ctypes.c_int
     lib.daop_expert_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.daop_cpu_isa.restype = ctypes.c_int
+    lib.daop_submit.restype = ctypes.c_long
+    lib.daop_submit.argtypes = [ctypes.POINTER(ctypes.POINTER(JobStruct)), ctypes.c_int]
+    lib.daop_wait.restype = None
+    lib.daop_wait.argtypes = [ctypes.c_long]
+    lib.daop_finished.restype = ctypes.c_long
     lib.isa = lib.daop_cpu_isa()  # the best path this CPU has, asked once
     return lib
 
@@ -122,6 +137,69 @@ def serves(dtype: torch.dtype, tokens: int, w: list) -> bool:
             and dtype == torch.bfloat16 and 1 <= tokens <= SERVES_TOKENS)
 
 
+def check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    D, I = x.shape[1], down.shape[1]
+    if gate_up.shape != (2 * I, D) or down.shape != (D, I):
+        raise ValueError(f"expert shapes gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)} do not fit x {tuple(x.shape)}")
+    if not 1 <= x.shape[0] <= MAX_TOKENS:
+        raise ValueError(f"the CPU expert kernel takes 1-{MAX_TOKENS} tokens, got {x.shape[0]}")
+
+
+_IN_FLIGHT: list["Queued"] = []  # queued jobs whose buffers the serving thread may still use
+
+
+class Queued:
+    """Experts queued on the library's own serving thread (`daop_submit`): it starts at once,
+    needs no GIL, and `wait()` blocks without it. Jobs of every Queued run in submission order.
+    The buffers stay referenced here until the serving thread is done with them."""
+
+    def __init__(self, xs: list[torch.Tensor], weights: list, threads: int, lib: ctypes.CDLL | None = None) -> None:
+        lib = self.lib = lib or library()
+        if lib is None:
+            raise RuntimeError("the CPU expert kernel is not available")
+        self.keep: list[torch.Tensor] = []
+        self.ys: list[torch.Tensor] = []
+        self.jobs: list[JobStruct] = []
+        for x, (gate_up, down) in zip(xs, weights):
+            check_shapes(x, gate_up, down)
+            x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
+            n, D = x.shape
+            I = down.shape[1]
+            y = torch.empty(n, D, dtype=torch.bfloat16)
+            scratch = torch.empty(n * (D + 3 * I), dtype=torch.float32)
+            self.keep += [x, gate_up, down, scratch]
+            self.ys.append(y)
+            self.jobs.append(JobStruct(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I,
+                                       max(1, int(threads)), lib.isa, scratch.data_ptr(), 0, 0.0, 0.0))
+        ptrs = (ctypes.POINTER(JobStruct) * len(self.jobs))(*[ctypes.pointer(j) for j in self.jobs])
+        _IN_FLIGHT[:] = [q for q in _IN_FLIGHT if not q.done()]
+        self.ticket = lib.daop_submit(ptrs, len(self.jobs))
+        if self.ticket < 0:
+            raise RuntimeError("the CPU expert kernel could not start its thread")
+        _IN_FLIGHT.append(self)
+
+    def done(self) -> bool:
+        return self.lib.daop_finished() >= self.ticket
+
+    def wait(self) -> list[torch.Tensor]:
+        """The outputs [n, D] in job order, once every job has run."""
+        self.lib.daop_wait(self.ticket)
+        if any(j.rc != 0 for j in self.jobs):
+            raise ValueError("the CPU expert kernel refused a job")
+        return self.ys
+
+    def spans(self) -> list[tuple[float, float]]:
+        """(start, end) of each job in perf_counter seconds, once done."""
+        return [(j.start, j.end) for j in self.jobs]
+
+
+@atexit.register
+def _drain() -> None:
+    """At exit, let queued jobs finish before their buffers are freed."""
+    for q in _IN_FLIGHT:
+        q.lib.daop_wait(q.ticket)
+
+
 def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: int,
            isa_level: int | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
     """down(silu(gate x) * up x) for x [n, D] bf16 (n <= 8); gate_up [2I, D], down [D, I] bf16, on the host.
@@ -131,10 +209,9 @@ def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: 
     lib = lib or library()
     if lib is None:
         raise RuntimeError("the CPU expert kernel is not available")
+    check_shapes(x, gate_up, down)
     n, D = x.shape
     I = down.shape[1]
-    if gate_up.shape != (2 * I, D) or down.shape != (D, I):
-        raise ValueError(f"expert shapes gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)} do not fit x {tuple(x.shape)}")
     x = x.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     y = torch.empty(n, D, dtype=torch.bfloat16)
