@@ -6,8 +6,9 @@
    ctypes (which releases the GIL for the whole call). OpenMP is the same runtime torch loaded
    (libgomp.so.1 is already in the process), so there is one thread team, not two.
 
-   Each thread takes a contiguous block of output rows (in blocks of 16, so row groups never depend on
-   the thread count) and walks each row once per group of tokens, with float32 accumulation. Values
+   Threads take chunks of 16 output rows from a shared counter (so row groups never depend on the
+   thread count, and a delayed thread does not hold up the others) and walk each row once per group
+   of tokens, with float32 accumulation. Values
    are rounded to bf16 where torch's (and the GPU's) bf16 products round them: the gate_up output,
    silu(gate), its product with up, and the output; so CPU experts stay as close to GPU experts as
    torch's own CPU products were. Vector paths for AVX-512F and AVX2+FMA are chosen at run time; a plain C loop
@@ -157,6 +158,22 @@ static void share(long total, int id, int count, long *r0, long *r1) {
     *r1 = b1 * 16 < total ? b1 * 16 : total;
 }
 
+/* The rows of a product, taken CHUNK_ROWS at a time from a shared counter until none are left: a
+   thread that the OS delays (the driving thread, a copy's interrupts) takes fewer chunks instead of
+   holding up the whole team at the next barrier. Chunks start at multiples of 16 rows, so each row's
+   sum runs in the same order whichever thread takes it. */
+#ifndef CHUNK_ROWS
+#define CHUNK_ROWS 16
+#endif
+static void take_rows(int isa, const uint16_t *W, long K, long total, long *next, const float *x, int n, float *out,
+                      long ldo) {
+    for (;;) {
+        long r0 = __atomic_fetch_add(next, CHUNK_ROWS, __ATOMIC_RELAXED);
+        if (r0 >= total) return;
+        rows(isa, W, K, r0, r0 + CHUNK_ROWS < total ? r0 + CHUNK_ROWS : total, x, n, out, ldo);
+    }
+}
+
 /* x [n, D] bf16 -> y [n, D] bf16; scratch holds n * (D + 3I) floats. isa: daop_cpu_isa() or lower.
    Returns 0, or -1 when n is out of range. */
 int daop_expert_bf16(const uint16_t *x, int n, const uint16_t *gate_up, const uint16_t *down, uint16_t *y,
@@ -164,12 +181,12 @@ int daop_expert_bf16(const uint16_t *x, int n, const uint16_t *gate_up, const ui
     if (n < 1 || n > MAX_TOKENS) return -1;
     float *xf = scratch, *h = xf + n * D, *a = h + n * 2 * I, *yf = xf; /* yf reuses xf once it is read */
     for (long i = 0; i < n * D; i++) xf[i] = bf16_to_f32(x[i]);
+    long next_gate_up = 0, next_down = 0; /* the next chunk of rows to take, shared by the team */
 #pragma omp parallel num_threads(threads)
     {
         int id = omp_get_thread_num(), count = omp_get_num_threads();
         long r0, r1;
-        share(2 * I, id, count, &r0, &r1);
-        rows(isa, gate_up, D, r0, r1, xf, n, h, 2 * I);
+        take_rows(isa, gate_up, D, 2 * I, &next_gate_up, xf, n, h, 2 * I);
 #pragma omp barrier
         share(I, id, count, &r0, &r1);
         for (int t = 0; t < n; t++)
@@ -178,8 +195,7 @@ int daop_expert_bf16(const uint16_t *x, int n, const uint16_t *gate_up, const ui
                 a[t * I + i] = round_bf16(round_bf16(g / (1.f + expf(-g))) * u);
             }
 #pragma omp barrier
-        share(D, id, count, &r0, &r1);
-        rows(isa, down, I, r0, r1, a, n, yf, D);
+        take_rows(isa, down, I, D, &next_down, a, n, yf, D);
 #pragma omp barrier
         share(n * D, id, count, &r0, &r1);
         for (long i = r0; i < r1; i++) y[i] = f32_to_bf16(yf[i]);
