@@ -279,3 +279,16 @@ def test_offloaded_runners_equal_the_resident_runner_for_any_routing(runners, po
             ids = torch.stack([torch.randperm(config.num_experts)[: config.top_k] for _ in range(num_tokens)])
             weights = torch.softmax(torch.randn(num_tokens, config.top_k), dim=-1)
             assert torch.equal(runner(layer_idx, h, ids, weights), resident(layer_idx, h, ids, weights))
+
+
+def test_group_by_expert_in_python_equals_unique_and_where():
+    from daop.model.moe import group_by_expert
+
+    g = torch.Generator().manual_seed(3)
+    for tokens, k, experts in ((1, 2, 8), (3, 2, 8), (4, 8, 64), (8, 8, 16), (32, 2, 8)):
+        ids = torch.stack([torch.randperm(experts, generator=g)[:k] for _ in range(tokens)])
+        got = group_by_expert(ids)
+        want = {e: torch.where(ids == e) for e in torch.unique(ids).tolist()}
+        assert list(got) == list(want)
+        for e in want:
+            assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got[e], want[e]))

@@ -5,7 +5,7 @@ import pytest
 
 from daop.placement.policies import LayerPlan
 from daop.predict.split import SplitPlan, makespan_split
-from daop.runtime.scheduler import (ChannelLoad, Prepared, SpeculationPlan, plan_decode_layer, plan_layer,
+from daop.runtime.scheduler import (Clock, Prepared, SpeculationPlan, plan_decode_layer, plan_layer,
                                     plan_prefill_layer, plan_speculation)
 
 
@@ -85,33 +85,68 @@ def test_decode_discards_precalculations_for_other_rows_or_experts():
     assert plan_decode_layer({4: 1}, {4: (0,)}, {}, [], None, split_with(CPU_WINS)).layer.cpu == (4,)
 
 
-def test_speculation_balances_the_two_channels_busiest_first():
+def test_speculation_on_the_timeline_copies_what_lands_in_time_and_leaves_the_rest_to_the_cpu():
     cost = Costs(cpu=5.0, copy=6.0)
-    spec = plan_speculation({1: 2, 2: 1, 0: 1}, {0}, [8, 9], ChannelLoad(), cost, stale_input=False,
+    # Layer l+1 needs its experts in 7 ms and the copy stream is idle: expert 1 (busiest) lands at
+    # 6 ms, in time; a second copy would land at 12 ms (5 ms late), the CPU would take expert 2 in
+    # 5 ms from l+1's start: a tie in l+1's finish, which goes to the copy
+    spec = plan_speculation({1: 2, 2: 1, 0: 1}, {0}, [8, 9], Clock(lead=7.0), cost, stale_input=False,
                             speculative_copies=True, balance_channels=True)
-    # expert 1 (2 tokens, 10 ms on the CPU) first: CPU 10 < copy 6? no -> copied; expert 2: CPU 5 < 12 -> CPU
-    assert spec.copies == ((1, 8),) and spec.cpu_assigned == (2,) and spec.precalc == ()
-    assert spec.load == ChannelLoad(cpu_ms=5.0, copy_ms=6.0)
+    assert spec.copies == ((1, 8), (2, 9)) and spec.cpu_assigned == () and spec.lands == (6.0, 12.0)
+    # with 6.5 ms of copies still queued, expert 1 would land 5.5 ms late: the CPU (10 ms for its
+    # 2 tokens) is slower, so it is copied; expert 2 would be 11.5 ms late, the CPU takes it in 5
+    spec = plan_speculation({1: 2, 2: 1, 0: 1}, {0}, [8, 9], Clock(copy_free=6.5, lead=7.0), cost, stale_input=False,
+                            speculative_copies=True, balance_channels=True)
+    assert spec.copies == ((1, 8),) and spec.cpu_assigned == (2,) and spec.lands == (12.5,)
+    # a layer that will be through in 1 ms: a copy would be 5 ms late, the CPU takes the first
+    # expert in 3; the second would make the CPU's share 6 ms, so it is copied (l+1 is through at 5)
+    spec = plan_speculation({1: 1, 2: 1}, set(), [8, 9], Clock(lead=1.0), Costs(cpu=3.0, copy=6.0), stale_input=False,
+                            speculative_copies=True, balance_channels=True)
+    assert spec.copies == ((2, 8),) and spec.cpu_assigned == (1,) and spec.lands == (6.0,)
+
+
+def test_speculation_counts_the_cpus_backlog_from_the_next_layers_start():
+    cost = Costs(cpu=3.0, copy=6.0)
+    # 1 ms of lead: a copy is 5 ms late; the CPU would be free only 4 ms after l+1 starts (a job
+    # still queued for 5 ms), then 3 ms more: 7 ms, so the copy wins
+    spec = plan_speculation({1: 1}, set(), [8], Clock(cpu_free=5.0, lead=1.0), cost, stale_input=False,
+                            speculative_copies=True, balance_channels=True)
+    assert spec.copies == ((1, 8),) and spec.cpu_assigned == ()
+    idle = plan_speculation({1: 1}, set(), [8], Clock(lead=1.0), cost, stale_input=False,
+                            speculative_copies=True, balance_channels=True)
+    assert idle.copies == () and idle.cpu_assigned == (1,)
+
+
+def test_split_counts_each_channels_backlog():
+    cost = Costs(cpu=5.0, copy=4.0)
+    assert makespan_split({1: 1}, set(), cost).copy == (1,)  # a copy lands at 4 ms, the CPU needs 5
+    late = makespan_split({1: 1}, set(), cost, copy_start=3.0)  # behind 3 ms of queued copies: 7 ms
+    assert late.copy == () and late.cpu == (1,) and late.makespan_ms == 5.0
+    busy_cpu = makespan_split({1: 1}, set(), cost, cpu_start=2.0, copy_start=3.0)  # CPU done at 7, copy at 7.1 with GPU
+    assert busy_cpu.cpu == (1,) and busy_cpu.cpu_side_ms == 7.0
+    both = makespan_split({1: 1, 2: 1}, set(), cost, copy_start=3.0)  # 5 + 5 on the CPU, or 5 and a copy at 7.1
+    assert len(both.copy) == len(both.cpu) == 1 and both.makespan_ms == pytest.approx(7.1)
+    assert makespan_split({1: 1}, {1}, cost, cpu_start=9.0, copy_start=9.0).makespan_ms == pytest.approx(0.1)
 
 
 def test_speculation_without_balance_copies_while_slots_last_then_cpu():
-    spec = plan_speculation({1: 1, 2: 1, 3: 1}, set(), [8], ChannelLoad(), Costs(cpu=1.0, copy=6.0), stale_input=False,
+    spec = plan_speculation({1: 1, 2: 1, 3: 1}, set(), [8], Clock(), Costs(cpu=1.0, copy=6.0), stale_input=False,
                             speculative_copies=True, balance_channels=False)
     assert spec.copies == ((1, 8),) and spec.cpu_assigned == (2, 3)
 
 
 def test_speculation_strict_never_assigns_the_cpu():
-    spec = plan_speculation({1: 1, 2: 1, 3: 1}, set(), [8, 9], ChannelLoad(), Costs(cpu=1.0, copy=6.0), stale_input=False,
+    spec = plan_speculation({1: 1, 2: 1, 3: 1}, set(), [8, 9], Clock(), Costs(cpu=1.0, copy=6.0), stale_input=False,
                             speculative_copies=True, balance_channels=True, cpu_experts=False)
     assert spec.copies == ((1, 8), (2, 9)) and spec.cpu_assigned == ()
 
 
 def test_speculation_stale_input_precalculates_and_paper_without_copies_does_nothing():
-    args = dict(predicted_counts={1: 1, 2: 1, 0: 1}, resident={0}, free_scratch=[8], load=ChannelLoad(1.0, 2.0),
+    args = dict(predicted_counts={1: 1, 2: 1, 0: 1}, resident={0}, free_scratch=[8], clock=Clock(1.0, 2.0, 3.0),
                 cost=Costs(cpu=1.0, copy=1.0), balance_channels=True)
     stale = plan_speculation(**args, stale_input=True, speculative_copies=False)
-    assert stale.precalc == (1, 2) and stale.copies == () and stale.load == ChannelLoad(1.0, 2.0)
-    assert plan_speculation(**args, stale_input=False, speculative_copies=False) == SpeculationPlan(load=ChannelLoad(1.0, 2.0))
+    assert stale.precalc == (1, 2) and stale.copies == () and stale.lands == ()
+    assert plan_speculation(**args, stale_input=False, speculative_copies=False) == SpeculationPlan()
     everything_resident = dict(args, resident={0, 1, 2})
     assert plan_speculation(**everything_resident, stale_input=True, speculative_copies=False).precalc == ()
 

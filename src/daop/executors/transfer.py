@@ -19,6 +19,7 @@ class Transfer:
         self.device = device
         self.cuda = device.type == "cuda"
         self.stream = torch.cuda.Stream(device) if self.cuda else None
+        self.last_copy: torch.cuda.Event | None = None  # the copy stream's latest copy
         self.slot_released: dict[int, torch.cuda.Event] = {}
         # Pinned staging buffers, each with the CPU job that reads it: a buffer is handed out again
         # only once that job has finished (the pool grows if every buffer is still being read).
@@ -45,7 +46,12 @@ class Transfer:
                 timing[1].record(self.stream)
             done = torch.cuda.Event()
             done.record(self.stream)
+        self.last_copy = done
         return done
+
+    def copies_done(self) -> bool:
+        """Whether every copy queued so far has landed (asked without blocking)."""
+        return self.last_copy is None or self.last_copy.query()
 
     def wait(self, event: "torch.cuda.Event | None") -> None:
         """Make the compute stream wait for a copy (no host blocking)."""
@@ -53,11 +59,14 @@ class Transfer:
             torch.cuda.current_stream(self.device).wait_event(event)
 
     def release_slot(self, slot: int) -> None:
-        """Record that all compute queued so far that reads `slot` must finish before it is overwritten."""
+        """Record that all compute queued so far that reads `slot` must finish before it is overwritten.
+        One event per slot, recorded again each time: a copy waits on the record that was last when
+        it was queued (CUDA's wait-event semantics), so nothing is lost by reusing it."""
         if self.cuda:
-            event = torch.cuda.Event()
+            event = self.slot_released.get(slot)
+            if event is None:
+                event = self.slot_released[slot] = torch.cuda.Event()
             event.record(torch.cuda.current_stream(self.device))
-            self.slot_released[slot] = event
 
     def host_job(self, x: torch.Tensor, start: Callable[[torch.Tensor, "torch.cuda.Event | None"], Future]) -> Future:
         """Run a CPU job on activations x [N, D]: x is copied into a pinned staging buffer no

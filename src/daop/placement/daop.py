@@ -90,9 +90,10 @@ class Daop(Policy):
                            num_experts=self.ctx.num_experts)
         return apply_swaps(self.placement, layer_idx, swaps)
 
-    def split(self, counts: dict[int, int], on_gpu: set[int], max_copies: int) -> SplitPlan:
+    def split(self, counts: dict[int, int], on_gpu: set[int], max_copies: int, cpu_start: float = 0.0,
+              copy_start: float = 0.0) -> SplitPlan:
         rule = makespan_split if self.config.split == "makespan" else sum_of_costs_split
-        return rule(counts, on_gpu, self.ctx.cost, max_copies=max_copies)
+        return rule(counts, on_gpu, self.ctx.cost, max_copies=max_copies, cpu_start=cpu_start, copy_start=copy_start)
 
 
 def make_daop(preset: str, ctx: PolicyContext, **overrides) -> Daop:

@@ -37,9 +37,13 @@ class SplitPlan:
 
 
 class _Layer:
-    """Per-expert costs of one layer call and the makespan of any copy set."""
+    """Per-expert costs of one layer call and the makespan of any copy set. cpu_start and
+    copy_start: when each channel is free of work queued before this call (ms from now); the
+    copies land one after another from copy_start, the CPU's experts run from cpu_start."""
 
-    def __init__(self, counts: Mapping[int, int], resident: Collection[int], cost: ExpertCosts) -> None:
+    def __init__(self, counts: Mapping[int, int], resident: Collection[int], cost: ExpertCosts,
+                 cpu_start: float = 0.0, copy_start: float = 0.0) -> None:
+        self.cpu_start, self.copy_start = max(0.0, float(cpu_start)), max(0.0, float(copy_start))
         needed = sorted(int(e) for e, n in counts.items() if n > 0)
         on_gpu = {int(e) for e in resident}
         self.gpu = tuple(e for e in needed if e in on_gpu)
@@ -57,11 +61,12 @@ class _Layer:
     def gpu_side(self, copied: Iterable[int]) -> float:
         t = self.resident_ms
         for i, e in enumerate(self.copy_order(copied)):
-            t = max(t, (i + 1) * self.copy_ms) + self.gpu_ms[e]
+            t = max(t, self.copy_start + (i + 1) * self.copy_ms) + self.gpu_ms[e]
         return t
 
     def cpu_side(self, copied: Collection[int]) -> float:
-        return sum((self.cpu_ms[e] for e in self.misses if e not in copied), 0.0)
+        work = [self.cpu_ms[e] for e in self.misses if e not in copied]
+        return self.cpu_start + sum(work, 0.0) if work else 0.0
 
     def makespan(self, copied: Collection[int]) -> float:
         return max(self.cpu_side(copied), self.gpu_side(copied))
@@ -91,11 +96,12 @@ def _greedy_set(layer: _Layer, limit: int) -> frozenset[int]:
     cpu_side, gpu_side = 0.0, layer.resident_ms
     for e in sorted(layer.misses, key=lambda e: (-layer.cpu_ms[e], e)):
         gpu_if = layer.gpu_side(copied | {e}) if len(copied) < limit else float("inf")
-        if max(cpu_side, gpu_if) < max(cpu_side + layer.cpu_ms[e], gpu_side):
+        cpu_if = (cpu_side or layer.cpu_start) + layer.cpu_ms[e]
+        if max(cpu_side, gpu_if) < max(cpu_if, gpu_side):
             copied.add(e)
             gpu_side = gpu_if
         else:
-            cpu_side += layer.cpu_ms[e]
+            cpu_side = cpu_if
     return frozenset(copied)
 
 
@@ -119,7 +125,7 @@ def _improve(layer: _Layer, copied: frozenset[int], limit: int) -> frozenset[int
 
 
 def makespan_split(counts: Mapping[int, int], resident: Collection[int], cost: ExpertCosts,
-                   max_copies: int | None = None) -> SplitPlan:
+                   max_copies: int | None = None, cpu_start: float = 0.0, copy_start: float = 0.0) -> SplitPlan:
     """Serve a layer's missing experts so that max(CPU side, GPU side with copies) is smallest.
 
     Paper section 2.3 asks for the makespan-minimising assignment; this is a polynomial heuristic
@@ -128,9 +134,11 @@ def makespan_split(counts: Mapping[int, int], resident: Collection[int], cost: E
     single-expert improvement moves. Hence it is never worse than `sum_of_costs_split` or all-CPU
     under this model. `counts` maps each expert this call
     needs to its token count; `resident` lists the layer's GPU-resident experts; `max_copies`
-    caps the copies (free scratch slots). Ties prefer fewer copies: a copy costs PCIe bandwidth.
+    caps the copies (free scratch slots); cpu_start and copy_start are the channels' backlog from
+    work queued before this call (decode: copies ahead of need, CPU work for a later layer). Ties
+    prefer fewer copies: a copy costs PCIe bandwidth.
     """
-    layer = _Layer(counts, resident, cost)
+    layer = _Layer(counts, resident, cost, cpu_start, copy_start)
     limit = _copy_limit(layer, max_copies)
     candidates = [_greedy_set(layer, limit), _threshold_set(layer, limit), *_prefix_sets(layer, limit)]
     start = min(candidates, key=lambda s: (layer.makespan(s), len(s)))
@@ -138,12 +146,13 @@ def makespan_split(counts: Mapping[int, int], resident: Collection[int], cost: E
 
 
 def sum_of_costs_split(counts: Mapping[int, int], resident: Collection[int], cost: ExpertCosts,
-                       max_copies: int | None = None) -> SplitPlan:
+                       max_copies: int | None = None, cpu_start: float = 0.0, copy_start: float = 0.0) -> SplitPlan:
     """The paper-faithful rule: copy an expert when copy + GPU time < CPU time, each on its own.
 
     It minimises the sum of per-expert costs and ignores that the two sides run in parallel and
     that copies queue behind each other. The returned times are still this module's makespan
-    model, so both variants can be compared.
+    model, so both variants can be compared (the backlog, as makespan_split takes it, only in the
+    reported times: the rule itself ignores it, as the paper's does).
     """
-    layer = _Layer(counts, resident, cost)
+    layer = _Layer(counts, resident, cost, cpu_start, copy_start)
     return layer.plan(_threshold_set(layer, _copy_limit(layer, max_copies)))

@@ -11,6 +11,7 @@ them out. Shapes: N tokens, K top-k, E experts, D hidden.
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -22,8 +23,11 @@ from daop.model.routing import Routing
 from daop.placement.daop import Daop
 from daop.predict.degrade import degrade
 from daop.runtime.offload import OffloadedExperts
-from daop.runtime.scheduler import (ChannelLoad, Prepared, plan_decode_layer, plan_prefill_layer,
-                                    plan_speculation)
+from daop.runtime.scheduler import Clock, Prepared, plan_decode_layer, plan_prefill_layer, plan_speculation
+
+
+GAP_MS = 0.5  # the gap from a layer's finish to the next layer's plan, before any is measured (ms)
+GAP_WEIGHT = 0.2  # weight of each new measurement in its moving average
 
 
 @dataclass
@@ -57,15 +61,24 @@ class DaopRunner(OffloadedExperts):
         self.first_moe = layers[0] if layers else 0
         self.phase = "prefill"
         self.pending: dict[int, Pending] = {}
-        self.load = ChannelLoad()  # work given to each host channel in this decode step
+        # The decode timeline: when the current layer should finish (perf_counter s, estimated when it
+        # is planned), the measured gap from one layer's estimated finish to the next layer's plan
+        # (ms, a moving average), and when each prefetched copy should land.
+        self.finish_at: float | None = None
+        self.gap_ms = GAP_MS
+        self.lands: dict[tuple[int, int], float] = {}
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
         self.pending.clear()
+        self.lands.clear()
+        self.finish_at = None
 
     def reset(self) -> None:
         super().reset()
         self.pending.clear()
+        self.lands.clear()
+        self.finish_at = None
 
     def resident_slots(self, layer_idx: int) -> dict[int, int]:
         placement = self.policy.placement
@@ -102,8 +115,6 @@ class DaopRunner(OffloadedExperts):
     def decode_layer(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cfg = self.policy.config
         self.mark(layer_idx, "enter")
-        if layer_idx == self.first_moe:
-            self.load = ChannelLoad()
         pend = self.pending.pop(layer_idx, None)
         true_ids = ids
         if pend is not None and cfg.predicted_routing:
@@ -120,8 +131,13 @@ class DaopRunner(OffloadedExperts):
         counts = {e: len(r[0]) for e, r in rows_host.items()}
         prepared = pend.prepared if pend else None
         rows = {e: tuple(rows_host[e][0].tolist()) for e in (prepared.precalc_rows if prepared else ()) if e in rows_host}
+        now = time.perf_counter()
+        if self.finish_at is not None and layer_idx != self.first_moe:
+            self.gap_ms += GAP_WEIGHT * (max(0.0, (now - self.finish_at) * 1000) - self.gap_ms)
+        cpu_free, copy_free = self.channel_clock(now)
         plan = plan_decode_layer(counts, rows, self.resident_slots(layer_idx), self.policy.scratch(), prepared,
-                                 self.policy.split, cfg.cpu_experts)
+                                 self.policy.split, cfg.cpu_experts, Clock(cpu_free, copy_free))
+        self.finish_at = self.estimate_finish(layer_idx, now, counts, plan.layer.cpu, plan.layer.copy, plan.ready)
         ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
         precalc = (pend.precalc, plan.precalc_used) if pend and pend.precalc else None
         self.counters.add("precalc_used", layer_idx, len(plan.precalc_used))
@@ -130,21 +146,36 @@ class DaopRunner(OffloadedExperts):
 
         def speculate() -> None:
             if pred is not None:
-                self.pending[pred.layer_idx] = self.prepare(pred, h, host[-2], host[-1], taken)
+                at = time.perf_counter()
+                cpu_free, copy_free = self.channel_clock(at)
+                clock = Clock(cpu_free, copy_free, max(0.0, (self.finish_at - at) * 1000) + self.gap_ms)
+                self.pending[pred.layer_idx] = self.prepare(pred, h, host[-2], host[-1], taken, clock)
 
         return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate)
 
+    def estimate_finish(self, layer_idx: int, now: float, counts: dict[int, int], cpu: tuple[int, ...],
+                        copies: tuple[tuple[int, int], ...], ready: tuple[tuple[int, int], ...]) -> float:
+        """When this layer call should be through (perf_counter s): its CPU experts run after the CPU's
+        backlog, its copies land behind the copy stream's, its prefetched copies where they were due."""
+        cost = self.policy.ctx.cost
+        cpu_free, copy_free = self.channel_clock(now)
+        end = now + (cpu_free + sum(cost.cpu_ms(counts[e]) for e in cpu)) / 1000 if cpu else now
+        if copies:
+            end = max(end, now + (copy_free + len(copies) * cost.copy_ms()) / 1000)
+        for e, _ in ready:
+            end = max(end, self.lands.pop((layer_idx, e), now))
+        return end
+
     def prepare(self, pred: Prediction, h: torch.Tensor, raw_host: torch.Tensor, ids_host: torch.Tensor,
-                taken: set[int]) -> Pending:
+                taken: set[int], clock: Clock) -> Pending:
         """Start the next layer's predicted host experts early, as plan_speculation says."""
         cfg, nxt = self.policy.config, pred.layer_idx
         predicted = group_by_expert(ids_host)
         free = [s for s in self.policy.scratch() if s not in taken]
         spec = plan_speculation({e: len(r[0]) for e, r in predicted.items()}, set(self.policy.placement.resident_experts(nxt)),
-                                free, self.load, self.policy.ctx.cost, stale_input=cfg.stale_input,
+                                free, clock, self.policy.ctx.cost, stale_input=cfg.stale_input,
                                 speculative_copies=cfg.speculative_copies, balance_channels=cfg.balance_channels,
                                 cpu_experts=cfg.cpu_experts)
-        self.load = spec.load
         prepared = Prepared(prefetched=dict(spec.copies), cpu_assigned=frozenset(spec.cpu_assigned),
                             precalc_rows={e: tuple(predicted[e][0].tolist()) for e in spec.precalc})
         pend = Pending(pred.ids, pred.weights, raw_host, prepared)
@@ -152,12 +183,13 @@ class DaopRunner(OffloadedExperts):
             pend.precalc = self.cpu_job(nxt, h, predicted, spec.precalc, ahead=True)
         for e, slot in spec.copies:
             pend.copy_events[e] = self.copy(nxt, e, slot, "ahead")
+            self.lands[(nxt, e)] = self.copy_free_at
             self.counters.add("speculative_copies", nxt, 1)
             self.counters.add("copied_bytes", nxt, self.store.expert_bytes)
         return pend
 
     def score_prediction(self, layer_idx: int, predicted: torch.Tensor, true: torch.Tensor) -> None:
         """Predicted experts that the true router also chose, over the true choices."""
-        shared = (predicted[:, :, None] == true[:, None, :]).any(dim=2).sum().item()
+        shared = sum(len(set(p) & set(t)) for p, t in zip(predicted.tolist(), true.tolist()))
         self.counters.add("predicted_hits", layer_idx, shared)
         self.counters.add("predicted_total", layer_idx, true.numel())

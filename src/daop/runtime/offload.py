@@ -7,6 +7,7 @@ does, so exact policies give the same tokens. Shapes: N tokens, D hidden, K top-
 """
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -32,6 +33,12 @@ class OffloadedExperts:
         self.counters = Counters(num_layers)
         self.slot_contents: dict[int, tuple[int, int]] = {}
         self.timeline: Timeline | None = None  # set to record a measured timeline of decode steps
+        # Host estimates (perf_counter seconds, from the cost model) of when each channel is through
+        # the work queued on it so far, corrected when the work is seen finished (channel_clock).
+        self.copy_free_at = self.cpu_free_at = 0.0
+        self.cpu_last: Future | None = None
+        cost = policy.ctx.cost
+        self.copy_s = cost.copy_ms() / 1000 if math.isfinite(cost.copy_ms()) else 0.0
         self.apply_placement(policy.placement, force=True)
 
     def apply_placement(self, placement, force: bool = False) -> None:
@@ -45,6 +52,7 @@ class OffloadedExperts:
     def copy(self, layer_idx: int, expert_idx: int, slot: int, kind: str = "copy"):
         """Queue a host->slot copy and remember what the slot holds; returns the completion event."""
         self.slot_contents[slot] = (layer_idx, expert_idx)
+        self.copy_free_at = max(time.perf_counter(), self.copy_free_at) + self.copy_s
         timing = self.timeline.copy_events() if self.timeline else None
         done = self.transfer.copy_expert(self.store.host_weights(layer_idx, expert_idx), self.store.slot_weights(slot), slot,
                                          timing)
@@ -82,7 +90,18 @@ class OffloadedExperts:
         jobs = [(e, rows_host[e][0], self.store.host_weights(layer_idx, e)) for e in experts]
         tl = self.timeline
         span = (lambda *t: tl.cpu_span(layer_idx, "ahead" if ahead else "cpu", *t)) if tl else None
-        return self.transfer.host_job(h, lambda h_host, ready: self.cpu.submit(jobs, h_host, ready, ahead=ahead, span=span))
+        cost = self.policy.ctx.cost
+        self.cpu_free_at = max(time.perf_counter(), self.cpu_free_at) + sum(cost.cpu_ms(len(r)) for _, r, _ in jobs) / 1000
+        self.cpu_last = self.transfer.host_job(h, lambda h_host, ready: self.cpu.submit(jobs, h_host, ready, ahead=ahead, span=span))
+        return self.cpu_last
+
+    def channel_clock(self, now: float) -> tuple[float, float]:
+        """(CPU free, copy stream free) in ms from `now`: the estimates, or 0 where the work is done."""
+        if self.cpu_last is None or self.cpu_last.done():
+            self.cpu_free_at = min(self.cpu_free_at, now)
+        if self.transfer.copies_done():
+            self.copy_free_at = min(self.copy_free_at, now)
+        return max(0.0, self.cpu_free_at - now) * 1000, max(0.0, self.copy_free_at - now) * 1000
 
     def execute(self, layer_idx: int, h: torch.Tensor, weights: torch.Tensor, rows_host: dict, plan: LayerPlan,
                 ready: dict[int, tuple[int, Any]] | None = None, precalc: tuple[Future, tuple[int, ...]] | None = None,

@@ -38,11 +38,16 @@ class DecodeLayerPlan:
 
 
 @dataclass(frozen=True)
-class ChannelLoad:
-    """Work given to each host channel so far in this decode step (ms, from the cost model)."""
+class Clock:
+    """The timeline as a layer call is planned, in ms from now (the runner's estimates from the
+    cost model, corrected by the copies and CPU jobs it sees finish):
+    cpu_free: the CPU is through the jobs queued so far; copy_free: the copy stream is through its
+    queued copies; lead: until the next MoE layer will need its experts (this layer's estimated
+    finish plus the measured time from one layer's finish to the next one's plan)."""
 
-    cpu_ms: float = 0.0
-    copy_ms: float = 0.0
+    cpu_free: float = 0.0
+    copy_free: float = 0.0
+    lead: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -52,18 +57,22 @@ class SpeculationPlan:
     copies: tuple[tuple[int, int], ...] = ()  # (expert, scratch slot) copied now
     cpu_assigned: tuple[int, ...] = ()  # left to the CPU at layer l+1, on the true input
     precalc: tuple[int, ...] = ()  # computed on the CPU now from layer l's input (approximate)
-    load: ChannelLoad = ChannelLoad()
+    lands: tuple[float, ...] = ()  # when each copy should land, ms from now (the clock's copy queue)
 
 
 def plan_layer(counts: Mapping[int, int], resident_slots: Mapping[int, int], free_scratch: Sequence[int],
-               split: SplitRule, cpu_experts: bool = True) -> LayerPlan:
-    """Resident experts in place; misses split between the CPU and copies into free scratch slots.
+               split: SplitRule, cpu_experts: bool = True, clock: Clock | None = None) -> LayerPlan:
+    """Resident experts in place; misses split between the CPU and copies into free scratch slots
+    (with a clock, the split knows each channel's backlog: a copy lands behind those queued before).
 
     Without CPU experts (the strict preset) every miss is copied, the free scratch slots used in
     turn: a copy into a slot this call already read waits until that read has been queued.
     """
     if cpu_experts:
-        plan = split(counts, set(resident_slots), len(free_scratch))
+        if clock is None:
+            plan = split(counts, set(resident_slots), len(free_scratch))
+        else:
+            plan = split(counts, set(resident_slots), len(free_scratch), clock.cpu_free, clock.copy_free)
         if len(plan.copy) > len(free_scratch):
             raise RuntimeError(f"split rule copies {len(plan.copy)} experts into {len(free_scratch)} free slots")
         return LayerPlan(gpu=tuple((e, resident_slots[e]) for e in plan.gpu), cpu=plan.cpu,
@@ -90,7 +99,7 @@ def plan_prefill_layer(counts: Mapping[int, int], swap_copies: Sequence[tuple[in
 
 def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, ...]], resident_slots: Mapping[int, int],
                       scratch: Sequence[int], prepared: Prepared | None, split: SplitRule,
-                      cpu_experts: bool = True) -> DecodeLayerPlan:
+                      cpu_experts: bool = True, clock: Clock | None = None) -> DecodeLayerPlan:
     """Decode: use what the previous layer prepared where the routing asks for it, plan the rest.
 
     A prefetched expert is read from its scratch slot; a pre-calculated output is used only when
@@ -105,37 +114,45 @@ def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, .
     taken = set(ready) | set(used) | set(forced)
     todo = {e: n for e, n in counts.items() if e not in taken}
     free = [s for s in scratch if s not in ready.values()]
-    plan = plan_layer(todo, resident_slots, free, split, cpu_experts)
+    plan = plan_layer(todo, resident_slots, free, split, cpu_experts, clock)
     layer = LayerPlan(gpu=plan.gpu, cpu=forced + plan.cpu, copy=plan.copy)
     return DecodeLayerPlan(layer, tuple(sorted(ready.items())), used, len(prepared.precalc_rows) - len(used))
 
 
 def plan_speculation(predicted_counts: Mapping[int, int], resident: Collection[int], free_scratch: Sequence[int],
-                     load: ChannelLoad, cost: ExpertCosts, *, stale_input: bool, speculative_copies: bool,
+                     clock: Clock, cost: ExpertCosts, *, stale_input: bool, speculative_copies: bool,
                      balance_channels: bool, cpu_experts: bool = True) -> SpeculationPlan:
-    """Start layer l+1's predicted misses during layer l (paper 2.4).
+    """Start layer l+1's predicted misses during layer l (paper 2.4), on the clock's timeline.
 
     stale_input: the CPU pre-calculates every predicted miss now, on layer l's input. Otherwise,
-    with speculative copies, the misses are taken busiest first; each is copied into a free
-    scratch slot unless the CPU is the less loaded channel this step (balance_channels) or no slot
-    is free, in which case the CPU takes it at layer l+1 on the true input. Without CPU experts
-    (strict) misses only ever go to free slots; the rest is copied when layer l+1 runs.
+    with speculative copies, the misses are taken busiest first, each copied into a free scratch
+    slot or left to the CPU at layer l+1 (on the true input), whichever lets layer l+1 finish
+    sooner (balance_channels): a copy lands behind the copies queued before it, and layer l+1
+    waits for what lands after `clock.lead`; the CPU's share runs one expert after another from
+    l+1's start (or from when the CPU is free, if later). Ties go to the copy. Without balance,
+    copies while slots last; without a free slot, the CPU. Without CPU experts (strict) misses
+    only ever go to free slots; the rest is copied when layer l+1 runs.
     """
     host = [e for e in sorted(predicted_counts) if e not in resident]
     if not host:
-        return SpeculationPlan(load=load)
+        return SpeculationPlan()
     if stale_input:
-        return SpeculationPlan(precalc=tuple(host), load=load)
+        return SpeculationPlan(precalc=tuple(host))
     if not speculative_copies:
-        return SpeculationPlan(load=load)
-    free, copies, cpu = list(free_scratch), [], []
-    cpu_ms, copy_ms = load.cpu_ms, load.copy_ms
+        return SpeculationPlan()
+    free, copies, cpu, lands = list(free_scratch), [], [], []
+    copy_free = max(0.0, clock.copy_free)
+    cpu_side = max(0.0, clock.cpu_free - clock.lead)  # CPU work of l+1, counted from l+1's start
+    wait = 0.0  # how long l+1 waits past its start for the copies given to it
     for e in sorted(host, key=lambda e: (-predicted_counts[e], e)):
-        e_cpu = cost.cpu_ms(predicted_counts[e])
-        if cpu_experts and (not free or (balance_channels and cpu_ms + e_cpu < copy_ms + cost.copy_ms())):
-            cpu_ms += e_cpu
+        land = copy_free + cost.copy_ms()
+        late = max(wait, land - clock.lead)
+        on_cpu = cpu_side + cost.cpu_ms(predicted_counts[e])
+        if cpu_experts and (not free or (balance_channels and max(on_cpu, wait) < max(cpu_side, late))):
+            cpu_side = on_cpu
             cpu.append(e)
         elif free:
-            copy_ms += cost.copy_ms()
+            copy_free, wait = land, late
             copies.append((e, free.pop(0)))
-    return SpeculationPlan(tuple(copies), tuple(cpu), (), ChannelLoad(cpu_ms, copy_ms))
+            lands.append(land)
+    return SpeculationPlan(tuple(copies), tuple(cpu), (), tuple(lands))
