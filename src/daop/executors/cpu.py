@@ -217,7 +217,8 @@ class CpuExecutor:
                 and all(cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights))):
             if ready is not None:
                 ready.synchronize()  # the activations' copy (the caller has just read the routing: it is quick)
-            queued = cpu_expert.Queued([h_host.index_select(0, r) for r in rows], weights, self.threads)
+            queued = cpu_expert.Queued([h_host.index_select(0, r) for r in rows], weights, self.threads,
+                                       pin=h_host.is_pinned())
             return QueuedFuture(self, queued, experts, tokens, submitted, span)
 
         def run() -> dict[int, torch.Tensor]:

@@ -97,4 +97,8 @@ class Transfer:
         return len(self.staging) - 1
 
     def to_device(self, y: torch.Tensor) -> torch.Tensor:
-        return y.to(self.device, non_blocking=False) if self.cuda else y
+        """A CPU result on the device: from pinned memory an asynchronous copy on the compute stream
+        (torch's pinned-memory cache keeps the buffer until the copy has read it), else a blocking one."""
+        if not self.cuda:
+            return y
+        return y.to(self.device, non_blocking=y.is_pinned())

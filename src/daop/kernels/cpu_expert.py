@@ -151,9 +151,11 @@ _IN_FLIGHT: list["Queued"] = []  # queued jobs whose buffers the serving thread 
 class Queued:
     """Experts queued on the library's own serving thread (`daop_submit`): it starts at once,
     needs no GIL, and `wait()` blocks without it. Jobs of every Queued run in submission order.
+    pin: outputs in pinned memory (for a GPU model: their upload is an asynchronous copy).
     The buffers stay referenced here until the serving thread is done with them."""
 
-    def __init__(self, xs: list[torch.Tensor], weights: list, threads: int, lib: ctypes.CDLL | None = None) -> None:
+    def __init__(self, xs: list[torch.Tensor], weights: list, threads: int, lib: ctypes.CDLL | None = None,
+                 pin: bool = False) -> None:
         lib = self.lib = lib or library()
         if lib is None:
             raise RuntimeError("the CPU expert kernel is not available")
@@ -165,7 +167,7 @@ class Queued:
             x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
             n, D = x.shape
             I = down.shape[1]
-            y = torch.empty(n, D, dtype=torch.bfloat16)
+            y = torch.empty(n, D, dtype=torch.bfloat16, pin_memory=pin)  # pinned: uploaded without a host sync
             scratch = torch.empty(n * (D + 3 * I), dtype=torch.float32)
             self.keep += [x, gate_up, down, scratch]
             self.ys.append(y)

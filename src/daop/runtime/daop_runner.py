@@ -125,8 +125,6 @@ class DaopRunner(OffloadedExperts):
         host = torch.cat([p.long() for p in parts], dim=1).cpu().split(ids.shape[1], dim=1)
         ids_host, true_host = host[0], host[1] if ids is not true_ids else host[0]
         self.mark(layer_idx, "routed")
-        if pend is not None:
-            self.score_prediction(layer_idx, pend.raw_host, true_host)
         rows_host = group_by_expert(ids_host)
         counts = {e: len(r[0]) for e, r in rows_host.items()}
         prepared = pend.prepared if pend else None
@@ -140,11 +138,13 @@ class DaopRunner(OffloadedExperts):
         self.finish_at = self.estimate_finish(layer_idx, now, counts, plan.layer.cpu, plan.layer.copy, plan.ready)
         ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
         precalc = (pend.precalc, plan.precalc_used) if pend and pend.precalc else None
-        self.counters.add("precalc_used", layer_idx, len(plan.precalc_used))
-        self.counters.add("precalc_wasted", layer_idx, plan.precalc_wasted)
         taken = {s for _, s in plan.ready} | {s for _, s in plan.layer.copy}
 
-        def speculate() -> None:
+        def speculate() -> None:  # once this layer's CPU work and copies are queued
+            self.counters.add("precalc_used", layer_idx, len(plan.precalc_used))
+            self.counters.add("precalc_wasted", layer_idx, plan.precalc_wasted)
+            if pend is not None:
+                self.score_prediction(layer_idx, pend.raw_host, true_host)
             if pred is not None:
                 at = time.perf_counter()
                 cpu_free, copy_free = self.channel_clock(at)
