@@ -37,7 +37,7 @@ class DaopConfig:
     substitution: bool = False
     max_cpu_per_token: int = 1
     speculative_copies: bool = True
-    balance_channels: bool = True  # leave some predicted misses to the CPU so copies and CPU share the work
+    balance_channels: bool = True  # a predicted miss is copied only if that lets the next layer finish sooner than the CPU would
     scratch_per_layer: int = 0  # scratch slots for copies, per layer in flight (0 = top_k)
     cpu_experts: bool = True  # off: every miss is copied to the GPU (bitwise equal to the all-GPU path)
 
