@@ -19,9 +19,10 @@ Kernels: with `native`, a job list the C kernel serves whole (`daop.kernels.cpu_
 experts for 1-4 tokens, at about the host's read bandwidth where torch's products took 1.4-1.7x
 longer) is queued on the kernel's own thread, in either mode: it starts at once and never needs the
 GIL (a Python worker waited up to half a millisecond per job for the driving thread to let go of
-it). Other lists run as above, each job the kernel serves through it, the rest through `expert_forward`. Only CPU experts of a model on a GPU use it:
-on a CPU device every expert must equal the all-resident path bit for bit, in a batch or alone, and
-the kernel serves only some token counts.
+it). Other lists run as above, each job the kernel serves through it, the rest through
+`expert_forward`. Only CPU experts of a model on a GPU use the kernel: on a CPU device every
+expert must equal the all-resident path bit for bit, in a batch or alone, and the kernel serves
+only some token counts.
 """
 from __future__ import annotations
 

@@ -70,12 +70,14 @@ class DaopRunner(OffloadedExperts):
 
     def set_phase(self, phase: str) -> None:
         self.phase = phase
-        self.pending.clear()
-        self.lands.clear()
-        self.finish_at = None
+        self.forget_pending()
 
     def reset(self) -> None:
         super().reset()
+        self.forget_pending()
+
+    def forget_pending(self) -> None:
+        """Drop what was started for later layers and the timeline estimates that go with it."""
         self.pending.clear()
         self.lands.clear()
         self.finish_at = None
@@ -135,7 +137,8 @@ class DaopRunner(OffloadedExperts):
         cpu_free, copy_free = self.channel_clock(now)
         plan = plan_decode_layer(counts, rows, self.resident_slots(layer_idx), self.policy.scratch(), prepared,
                                  self.policy.split, cfg.cpu_experts, Clock(cpu_free, copy_free))
-        self.finish_at = self.estimate_finish(layer_idx, now, counts, plan.layer.cpu, plan.layer.copy, plan.ready)
+        self.finish_at = self.estimate_finish(layer_idx, now, Clock(cpu_free, copy_free), counts, plan.layer.cpu,
+                                              plan.layer.copy, plan.ready)
         ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
         precalc = (pend.precalc, plan.precalc_used) if pend and pend.precalc else None
         taken = {s for _, s in plan.ready} | {s for _, s in plan.layer.copy}
@@ -149,26 +152,26 @@ class DaopRunner(OffloadedExperts):
                 at = time.perf_counter()
                 cpu_free, copy_free = self.channel_clock(at)
                 clock = Clock(cpu_free, copy_free, max(0.0, (self.finish_at - at) * 1000) + self.gap_ms)
-                self.pending[pred.layer_idx] = self.prepare(pred, h, host[-2], host[-1], taken, clock)
+                self.pending[pred.layer_idx] = self.prepare(pred, h, host[-2], host[-1], taken, clock, at)
 
         return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate)
 
-    def estimate_finish(self, layer_idx: int, now: float, counts: dict[int, int], cpu: tuple[int, ...],
+    def estimate_finish(self, layer_idx: int, now: float, clock: Clock, counts: dict[int, int], cpu: tuple[int, ...],
                         copies: tuple[tuple[int, int], ...], ready: tuple[tuple[int, int], ...]) -> float:
         """When this layer call should be through (perf_counter s): its CPU experts run after the CPU's
         backlog, its copies land behind the copy stream's, its prefetched copies where they were due."""
         cost = self.policy.ctx.cost
-        cpu_free, copy_free = self.channel_clock(now)
-        end = now + (cpu_free + sum(cost.cpu_ms(counts[e]) for e in cpu)) / 1000 if cpu else now
+        end = now + (clock.cpu_free + sum(cost.cpu_ms(counts[e]) for e in cpu)) / 1000 if cpu else now
         if copies:
-            end = max(end, now + (copy_free + len(copies) * cost.copy_ms()) / 1000)
+            end = max(end, now + (clock.copy_free + len(copies) * cost.copy_ms()) / 1000)
         for e, _ in ready:
             end = max(end, self.lands.pop((layer_idx, e), now))
         return end
 
     def prepare(self, pred: Prediction, h: torch.Tensor, raw_host: torch.Tensor, ids_host: torch.Tensor,
-                taken: set[int], clock: Clock) -> Pending:
-        """Start the next layer's predicted host experts early, as plan_speculation says."""
+                taken: set[int], clock: Clock, at: float) -> Pending:
+        """Start the next layer's predicted host experts early, as plan_speculation says (on the
+        clock read at perf_counter time `at`)."""
         cfg, nxt = self.policy.config, pred.layer_idx
         predicted = group_by_expert(ids_host)
         free = [s for s in self.policy.scratch() if s not in taken]
@@ -181,9 +184,9 @@ class DaopRunner(OffloadedExperts):
         pend = Pending(pred.ids, pred.weights, raw_host, prepared)
         if spec.precalc:
             pend.precalc = self.cpu_job(nxt, h, predicted, spec.precalc, ahead=True)
-        for e, slot in spec.copies:
+        for (e, slot), land in zip(spec.copies, spec.lands):
             pend.copy_events[e] = self.copy(nxt, e, slot, "ahead")
-            self.lands[(nxt, e)] = self.copy_free_at
+            self.lands[(nxt, e)] = at + land / 1000
             self.counters.add("speculative_copies", nxt, 1)
             self.counters.add("copied_bytes", nxt, self.store.expert_bytes)
         return pend
