@@ -6,6 +6,7 @@ Shapes: N tokens, D hidden, E experts, K top-k, I expert intermediate size.
 """
 from __future__ import annotations
 
+import functools
 from typing import Protocol
 
 import torch
@@ -141,7 +142,13 @@ def group_by_expert(ids_host: torch.Tensor) -> dict[int, tuple[torch.Tensor, tor
             tokens, cols = picks.setdefault(e, ([], []))
             tokens.append(t)
             cols.append(k)
-    return {e: (torch.tensor(picks[e][0]), torch.tensor(picks[e][1])) for e in sorted(picks)}
+    return {e: (index_tensor(tuple(picks[e][0])), index_tensor(tuple(picks[e][1]))) for e in sorted(picks)}
+
+
+@functools.lru_cache(maxsize=4096)
+def index_tensor(values: tuple[int, ...]) -> torch.Tensor:
+    """A host int64 tensor of `values`, made once: a decode step's few index lists repeat (read only)."""
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def device_rows(rows_host: dict[int, tuple[torch.Tensor, torch.Tensor]], device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:

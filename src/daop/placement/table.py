@@ -13,6 +13,7 @@ class Placement:
         self.table = np.full((num_layers, num_experts), HOST, dtype=np.int64)
         self.owner = np.full((num_slots, 2), HOST, dtype=np.int64)  # slot -> (layer, expert)
         self.num_slots = num_slots
+        self._resident: dict[int, list[int]] = {}  # layer -> resident experts, dropped on every assign
 
     def slot(self, layer_idx: int, expert_idx: int) -> int:
         return int(self.table[layer_idx, expert_idx])
@@ -23,6 +24,7 @@ class Placement:
     def assign(self, layer_idx: int, expert_idx: int, slot: int) -> tuple[int, int] | None:
         """Put an expert into a slot; returns the (layer, expert) evicted from it, if any."""
         evicted = None
+        self._resident.clear()
         prev_layer, prev_expert = (int(x) for x in self.owner[slot])
         if prev_layer != HOST:
             self.table[prev_layer, prev_expert] = HOST
@@ -35,7 +37,11 @@ class Placement:
         return evicted
 
     def resident_experts(self, layer_idx: int) -> list[int]:
-        return [int(e) for e in np.flatnonzero(self.table[layer_idx] != HOST)]
+        """The layer's GPU-resident experts, ascending (a new list: callers may keep or change it)."""
+        found = self._resident.get(layer_idx)
+        if found is None:
+            found = self._resident[layer_idx] = [int(e) for e in np.flatnonzero(self.table[layer_idx] != HOST)]
+        return list(found)
 
     def copy(self) -> "Placement":
         other = Placement(*self.table.shape, self.num_slots)

@@ -140,6 +140,8 @@ def makespan_split(counts: Mapping[int, int], resident: Collection[int], cost: E
     """
     layer = _Layer(counts, resident, cost, cpu_start, copy_start)
     limit = _copy_limit(layer, max_copies)
+    if not layer.misses:
+        return layer.plan(frozenset())
     candidates = [_greedy_set(layer, limit), _threshold_set(layer, limit), *_prefix_sets(layer, limit)]
     start = min(candidates, key=lambda s: (layer.makespan(s), len(s)))
     return layer.plan(_improve(layer, start, limit))
