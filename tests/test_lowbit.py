@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from daop import int4_layout
 from daop.bench.geometry import geometry_config
 from daop.config import load_config
 from daop.engine import Engine
@@ -36,6 +37,22 @@ def test_int4_packing_is_the_cpu_kernels_layout_and_inverts(shape):
     assert packed.shape == (shape[0], shape[1] // 2) and packed.dtype == torch.uint8
     assert torch.equal(packed, torch._convert_weight_to_int4pack_for_cpu(codes.int(), 2))
     assert torch.equal(unpack_int4(packed), codes)
+
+
+@pytest.mark.parametrize("src,dst", [(64, 32), (32, 64), (64, 16), (32, 32)])
+def test_int4_relayout_between_block_heights_keeps_the_codes(src, dst):
+    codes = torch.randint(0, 16, (128, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(4))
+    moved = int4_layout.relayout(int4_layout.pack(codes, src), src, dst)
+    assert torch.equal(moved, int4_layout.pack(codes, dst))
+    assert torch.equal(int4_layout.unpack(moved, dst), codes)
+    assert (src == dst) == torch.equal(int4_layout.pack(codes, src), moved)
+
+
+def test_the_folder_layout_is_the_same_on_every_cpu():
+    codes = torch.randint(0, 16, (128, 64), dtype=torch.uint8, generator=torch.Generator().manual_seed(5))
+    host = pack_int4(codes)  # this machine's layout
+    assert torch.equal(int4_layout.to_disk(host), int4_layout.pack(codes, int4_layout.DISK_BLOCK_N))
+    assert torch.equal(int4_layout.from_disk(int4_layout.to_disk(host)), host)
 
 
 def test_quantization_error_is_at_most_half_a_step():

@@ -7,8 +7,7 @@ An expert is a tuple of tensors in one of three formats, told apart by its tenso
 - int4: (gate_up packed uint8 [2I, D/2], gate_up scales and zeros [D/G, 2I, 2], down packed
   [D, I/2], down scales and zeros [I/G, D, 2]); asymmetric, one scale and zero per group of G
   input channels: w = (q - 8) * scale + zero, q in 0..15. The packed bytes are laid out as torch's
-  CPU kernel reads them: [N/64, K, 32] in memory, blocks of 64 output rows; in block b, byte j of
-  input column k holds row 64b + j in its low nibble and row 64b + 32 + j in its high nibble. A GPU
+  CPU kernel reads them on this machine, in blocks of 64 or 32 output rows (`daop.int4_layout`). A GPU
   slot holds the CUDA kernel's own layout, converted on the GPU after each copy (`to_slot_format`).
   The kernels need the intermediate size I in whole blocks and groups, so int4 experts pad it with
   zeros to a multiple of max(64, G) (`padded_inter`): zero gate and up rows give exactly zero
@@ -28,13 +27,14 @@ from typing import Callable, List
 import torch
 import torch.nn.functional as F
 
+from daop import int4_layout
 from daop.errors import DaopError
 from daop.kernels import expert_gemv
 from daop.model.moe import swiglu
 
 EXPERT_DTYPES = ("auto", "int8", "int4")
 DEFAULT_GROUP_SIZE = 128
-INT4_BLOCK_N = 64  # output rows per block in the CPU int4 layout
+INT4_BLOCK_N = 64  # int4 sizes are whole multiples of every CPU layout's block (daop.int4_layout)
 
 
 def bits_of(expert_dtype: str) -> int | None:
@@ -124,19 +124,13 @@ def int4_codes(w: torch.Tensor, group_size: int, dtype: torch.dtype | None = Non
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """Codes uint8 [N, K] -> packed uint8 [N, K/2] in the CPU kernel's layout (see the module docstring)."""
-    N, K = codes.shape
-    blocks = codes.reshape(N // INT4_BLOCK_N, 2, INT4_BLOCK_N // 2, K)  # [b, half, j, k]
-    return (blocks[:, 0] | (blocks[:, 1] << 4)).transpose(1, 2).contiguous().view(N, K // 2)
+    """Codes uint8 [N, K] -> packed uint8 [N, K/2] in this machine's CPU kernel layout."""
+    return int4_layout.pack(codes, int4_layout.cpu_block_n())
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
     """The inverse of pack_int4: codes uint8 [N, K]."""
-    N, K = packed.shape[0], packed.shape[1] * 2
-    nb, half = N // INT4_BLOCK_N, INT4_BLOCK_N // 2
-    blocks = packed.reshape(nb, K, half)
-    lo, hi = blocks & 15, blocks >> 4
-    return torch.stack([lo, hi], dim=1).transpose(2, 3).reshape(nb * 2 * half, K)
+    return int4_layout.unpack(packed, int4_layout.cpu_block_n())
 
 
 def quantize(w: torch.Tensor, expert_dtype: str, group_size: int = DEFAULT_GROUP_SIZE,
@@ -412,9 +406,10 @@ def copy_into_slot(dst: torch.Tensor, src: torch.Tensor, non_blocking: bool = Fa
 
 
 class SlotCopy:
-    """A loader destination for a stored tensor whose slot holds another layout (int4 on CUDA): the
-    checkpoint tensor is read into `buffer` (host layout, shared scratch), then `commit()` copies
-    it into the slot, converting it."""
+    """A loader destination for a stored tensor whose slot holds another layout (int4 on CUDA, or
+    int4 blocks of another height than a quantized folder's on this CPU): the checkpoint tensor is
+    read into `buffer` (the folder's layout, shared scratch), then `commit()` copies it into the
+    slot, converting it."""
 
     def __init__(self, buffer: torch.Tensor, slot: torch.Tensor) -> None:
         self.buffer, self.slot = buffer, slot
@@ -424,7 +419,8 @@ class SlotCopy:
         return self.buffer.shape
 
     def commit(self) -> None:
-        copy_into_slot(self.slot, self.buffer)
+        src = int4_layout.from_disk(self.buffer) if self.buffer.dtype == torch.uint8 else self.buffer
+        copy_into_slot(self.slot, src)
 
 
 DEFERRED = (Staged, SlotCopy)  # destinations read into a host buffer, then committed
@@ -436,7 +432,8 @@ def stored_views(fmt: ExpertFormat, slots: tuple[torch.Tensor, ...], scratch: di
     kept in `scratch` (one per shape and dtype, reused: each commit copies synchronously)."""
     out = []
     for slot, (shape, dtype) in zip(slots, fmt.shapes(hidden, inter)):
-        if tuple(slot.shape) == tuple(shape) and slot.dtype == dtype:
+        same_bytes = dtype != torch.uint8 or int4_layout.cpu_block_n() == int4_layout.DISK_BLOCK_N
+        if tuple(slot.shape) == tuple(shape) and slot.dtype == dtype and same_bytes:
             out.append(slot)
             continue
         if (shape, dtype) not in scratch:

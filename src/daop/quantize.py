@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from daop import __version__
+from daop import __version__, int4_layout
 from daop.config import ModelConfig, load_config, read_json
 from daop.errors import DaopError
 from daop.model.specs import FamilySpec, spec_for
@@ -119,14 +119,16 @@ def dense_tensor(ckpt: Checkpoint, name: str, dtype: torch.dtype | None) -> torc
 def quantized_expert(ckpt: Checkpoint, names: tuple[str, str, str], fmt: ExpertFormat, config: ModelConfig,
                      scratch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """One routed expert read as the loader reads it (into float buffers of the model's dtype), then
-    quantized by `ExpertFormat.from_float`, so the result is bitwise what quantizing at load stores."""
+    quantized by `ExpertFormat.from_float`, so the result is bitwise what quantizing at load stores
+    (int4 bytes in the folder's block layout, `int4_layout.to_disk`)."""
     I, D = config.expert_intermediate_size, config.hidden_size
     if not scratch:
         scratch.update(gate_up=torch.empty(2 * I, D, dtype=fmt.dtype), down=torch.empty(D, I, dtype=fmt.dtype))
     gate, up = scratch["gate_up"].chunk(2, dim=0)
     for name, dest in zip(names, (gate, up, scratch["down"])):
         ckpt.read_into(name, dest)
-    return fmt.from_float(scratch["gate_up"], scratch["down"])
+    stored = fmt.from_float(scratch["gate_up"], scratch["down"])
+    return tuple(int4_layout.to_disk(t) if t.dtype == torch.uint8 else t for t in stored)
 
 
 def write_weights(ckpt: Checkpoint, spec: FamilySpec, config: ModelConfig, fmt: ExpertFormat, dtype: torch.dtype | None,

@@ -32,6 +32,7 @@ class HostExperts:
                         for l in config.moe_layer_ids()}
         self.pinned = pin
         self.scratch = ScratchBuffers(self.fmt.dtype)
+        self.stored_scratch: dict = {}  # host buffers for stored tensors converted as they are committed
 
     @property
     def layers(self) -> list[int]:
@@ -48,9 +49,10 @@ class HostExperts:
             return (*split_gate_up(w[0]), w[1])
         return staged_views(self.fmt, lambda: w, self.scratch, self.hidden, self.inter)
 
-    def stored_views(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, ...]:
-        """Destinations for one expert's stored tensors (a quantized folder): the expert's own tensors."""
-        return self.weights(layer_idx, expert_idx)
+    def stored_views(self, layer_idx: int, expert_idx: int) -> tuple:
+        """Destinations for one expert's stored tensors (a quantized folder): the expert's own tensors,
+        through a converting buffer where this CPU's int4 layout is not the folder's."""
+        return stored_views(self.fmt, self.weights(layer_idx, expert_idx), self.stored_scratch, self.hidden, self.inter)
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self.tensors.values() for t in ts)
