@@ -187,7 +187,7 @@ class Batcher:
         key = (cache.batch, cache.max_len)
         if key not in self.graphs and self.capture and captures(self.decoder, cache.batch):
             try:
-                self.graphs[key] = capture_step(self.decoder, cache, inputs, None)
+                self.graphs[key] = capture_step(self.decoder, cache, inputs)
             except DEVICE_OOM:
                 raise
             except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly
@@ -323,6 +323,15 @@ def batch_for(engine: Engine, rows: int, max_len: int) -> Batcher:
     return batcher
 
 
+def batch_for_prompts(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> Batcher:
+    """`batch_for` with a row for every prompt, each as long as the prompt alone would have
+    (`cache_length`), and every prompt prefilled whole (as it is alone)."""
+    needed = max(cache_length(engine.decoder, len(p) + max_new_tokens) for p in prompts)
+    batcher = batch_for(engine, len(prompts), min(needed, engine.config.context_length))
+    batcher.chunk = max(len(p) for p in prompts)
+    return batcher
+
+
 def generate_tokens(engine: Engine, prompts: list[list[int]], params: SamplingParams,
                     stats: GenerationStats) -> list[list[int]]:
     """Every prompt prefilled (each whole, one after another), then decode steps over all rows until
@@ -332,10 +341,7 @@ def generate_tokens(engine: Engine, prompts: list[list[int]], params: SamplingPa
     stats: prefill_s until the last prompt is prefilled, decode_s the decode steps after it,
     extra["counters_after_prefill"] the expert counters in between, generated_tokens the longest
     row's count (decode steps + 1). A failed step (out of memory) raises its DaopError."""
-    longest = max(len(p) for p in prompts)
-    needed = max(cache_length(engine.decoder, len(p) + params.max_new_tokens) for p in prompts)
-    batcher = batch_for(engine, len(prompts), min(needed, engine.config.context_length))
-    batcher.chunk = longest
+    batcher = batch_for_prompts(engine, prompts, params.max_new_tokens)
     errors: list[Any] = []
     seqs = [Sequence(p, params, lambda kind, payload: errors.append(payload) if kind == "error" else None)
             for p in prompts]

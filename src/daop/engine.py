@@ -126,11 +126,11 @@ class Engine:
         engine.max_context, engine.max_batch = runtime_opts.max_context, runtime.max_batch
         return engine
 
-    def session(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodeSession:
-        """A new sequence (or left-padded batch) through the model, on this thread's intra-op thread count
-        (the server generates on a thread of its own)."""
+    def session(self, prompt: Sequence[int], max_new_tokens: int) -> DecodeSession:
+        """A new sequence through the model, on this thread's intra-op thread count (the server
+        generates on a thread of its own)."""
         apply_threads(self.threads)
-        return DecodeSession(self.decoder, prompts, max_new_tokens)
+        return DecodeSession(self.decoder, prompt, max_new_tokens)
 
     def counters(self) -> dict[str, float]:
         """Expert counters since load (empty for the all-resident path)."""
@@ -164,7 +164,7 @@ class Engine:
     def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Full forward without sampling: float32 logits [T, V] (for parity checks)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).tolist()
-        return self.session([ids], 0).prefill(all_logits=True)[0]
+        return self.session(ids, 0).prefill(all_logits=True)[0]
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None) -> Iterator[int]:
@@ -177,7 +177,7 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
         self.last_stats = stats
-        session = self.session([ids], budget)
+        session = self.session(ids, budget)
         sampler = Sampler(params, ids)
         token = int(sampler(session.prefill())[0])
         stats.prefill_s = session.prefill_s
