@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from daop.engine import Engine
+from daop.engine import Engine, GenerationStats
 from daop.model.layers import Rotary, decode_mask
 from daop.runtime import decode_step
 from daop.runtime.decode_step import StepInputs, cache_length, captures
@@ -231,3 +231,21 @@ def test_offloaded_steps_are_captured_in_pieces_and_equal_eager_ones(tiny_dir, p
         if engine is graphed:
             assert isinstance(session.stepper.pooled.graph, PiecewiseStep)
     assert torch.equal(out[0], out[1])
+
+
+def test_batch_stats_split_prefill_from_decode(tiny_dir):
+    """generate_batch's numbers as `daop bench --batch` reads them: every prompt prefilled before
+    the first decode step, the counters in between, one decode step per token after the first."""
+    engine = engine_for(tiny_dir, device="cpu", dtype="fp32", policy="static", expert_ratio=0.5)
+    engine.eos_ids = frozenset()
+    prompts = [PROMPT, PROMPT[:4], PROMPT[3:]]
+    before = engine.counters()
+    stats = GenerationStats()
+    out = engine.generate_batch(prompts, SamplingParams(max_new_tokens=6), stats)
+    assert [len(o) for o in out] == [6, 6, 6] and stats.generated_tokens == 6
+    assert stats.prefill_s > 0 and stats.decode_s > 0 and stats.prompt_tokens == sum(map(len, prompts))
+    mid, end = stats.extra["counters_after_prefill"], engine.counters()
+    calls = lambda c, since: sum(c[k] - since[k] for k in ("resident_calls", "cpu_calls", "copy_calls"))  # noqa: E731
+    moe_layers, top_k = len(engine.config.moe_layer_ids()), engine.config.top_k
+    assert calls(mid, before) >= top_k * moe_layers * len(prompts)  # three prefills, each at least top_k experts a layer
+    assert top_k * moe_layers * 5 <= calls(end, mid) <= 3 * top_k * moe_layers * 5  # five decode steps of three rows

@@ -43,7 +43,9 @@ log = logging.getLogger("daop.batching")
 @dataclass
 class Sequence:
     """One request in the batch. `emit(kind, payload)` receives ("text", piece) as text becomes
-    safe to send, then one final ("done", stats) or ("cancelled", None) or ("error", message)."""
+    safe to send, then one final ("done", stats) or ("cancelled", None) or ("error", error): the
+    DaopError of a failed step, or a message (a prompt refused by `add`). Without a tokenizer (a
+    synthetic model) no text is sent and stop strings do not apply; `tokens` holds the ids."""
 
     prompt: list[int]
     params: SamplingParams
@@ -267,7 +269,7 @@ class Batcher:
         start_sequence(self.decoder)
 
     def cancel_all(self) -> None:
-        """End every sequence as cancelled (server shutdown)."""
+        """End every sequence as cancelled (server shutdown; a batch call that raised)."""
         for seq in list(self.waiting):
             seq.emit("cancelled", None)
         self.waiting.clear()

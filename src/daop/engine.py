@@ -137,7 +137,9 @@ class Engine:
         return self.decoder.experts.totals()
 
     def close(self) -> None:
-        """Stop the expert runner's worker threads (the engine cannot generate afterwards)."""
+        """Stop the expert runner's worker threads (the engine cannot generate afterwards) and free
+        generate_batch's KV rows and captured steps."""
+        self.batch_runner = None
         self.decoder.experts.close()
 
     @property
