@@ -39,7 +39,7 @@ def main() -> None:
     decoder.experts = prepare_runtime(decoder, RuntimeOptions(policy=args.policy, expert_ratio=args.ratio,
                                                               hardware_profile=profile), host=host).start()
     prompt = [(7 * j) % 1000 + 1 for j in range(256)]
-    session = DecodeSession(decoder, [prompt], args.steps + 16)
+    session = DecodeSession(decoder, prompt, args.steps + 16)
     logits = session.prefill()
     for _ in range(4):
         logits = session.step(logits.argmax(-1))

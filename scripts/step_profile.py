@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Where an all-GPU decode step goes: a synthetic geometry (random weights, its own routers) at
-batch 1, policy gpu. Times the captured step's replay (CUDA events, median) and the eager step,
+"""Where an all-GPU decode step goes: a synthetic geometry (random weights, its own routers),
+policy gpu, one sequence or (--batch N) N rows on the batch path, whose timed step also reads the
+rows' tokens back. Times the captured step's replay (CUDA events, median) and the eager step,
 then lists the eager step's CUDA kernels by total device time (torch.profiler), with their count
 per step, so the sum of kernel time can be set against the replay time (the rest is gaps).
 
@@ -11,22 +12,60 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import time
 from collections import defaultdict
 
 import torch
 
+from daop.batching import Batcher, Sequence, drive
 from daop.bench.geometry import synthetic_model
+from daop.engine import Engine
 from daop.generate import DecodeSession
 from daop.runtime.setup import RuntimeOptions, prepare_runtime
+from daop.sampling import SamplingParams
 
 
-def timed_steps(session: DecodeSession, n: int) -> list[float]:
+class Run:
+    """Prompts through the decoder: one sequence (a DecodeSession), or a batch on the batch path
+    (`daop.batching`: every prompt prefilled, then each `step` decodes all rows and reads their tokens)."""
+
+    def __init__(self, decoder, prompts: list[list[int]], max_new_tokens: int) -> None:
+        self.session = self.batcher = None
+        if len(prompts) == 1:
+            self.session = DecodeSession(decoder, prompts[0], max_new_tokens)
+            return
+        engine = Engine(None, decoder.config, decoder.spec, decoder, None, 0.0)
+        engine.eos_ids = frozenset()
+        self.batcher = Batcher(engine, len(prompts), len(prompts[0]) + max_new_tokens, prefill_first=True,
+                               chunk=len(prompts[0]))
+        self.errors: list = []
+        params = SamplingParams(max_new_tokens=max_new_tokens)
+        for p in prompts:
+            self.batcher.add(Sequence(p, params, lambda kind, payload: self.errors.append(payload) if kind == "error" else None))
+
+    def prefill(self) -> float:
+        """Seconds to prefill every prompt."""
+        if self.session is not None:
+            self.session.prefill()
+            return self.session.prefill_s
+        t0 = time.perf_counter()
+        drive(self.batcher, self.batcher.prefilling_phase, self.errors)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    def step(self) -> None:
+        if self.session is not None:
+            self.session.step([1])
+        else:
+            self.batcher.step()
+
+
+def timed_steps(run: Run, n: int) -> list[float]:
     times = []
-    token = [1] * session.batch
     for _ in range(n):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        session.step(token)
+        run.step()
         end.record()
         end.synchronize()
         times.append(start.elapsed_time(end))
@@ -48,25 +87,24 @@ def main() -> None:
         decoder.experts = prepare_runtime(decoder, RuntimeOptions(policy="gpu", expert_ratio=1.0, cuda_graphs=graphs),
                                           host=host).start()
         prefill = []
-        for _ in range(6):  # prefill times of whole sessions, each after the last one's decode steps
-            session = DecodeSession(decoder, prompts, args.steps * 3 + 8)
-            session.prefill()
-            prefill.append(session.prefill_s * 1000)
-            timed_steps(session, 5)
-            del session
+        for _ in range(6):  # prefill times of whole runs, each after the last one's decode steps
+            run = Run(decoder, prompts, args.steps * 3 + 8)
+            prefill.append(run.prefill() * 1000)
+            timed_steps(run, 5)
+            del run
         out["prefill_ms_" + ("captured" if graphs else "eager")] = round(statistics.median(prefill[1:]), 3)
-        session = DecodeSession(decoder, prompts, args.steps * 3 + 8)
+        run = Run(decoder, prompts, args.steps * 3 + 8)
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            session.prefill()
+            run.prefill()
         out["prefill_kernel_ms_" + ("captured" if graphs else "eager")] = round(
             sum(e.device_time_total for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA) / 1000, 3)
-        timed_steps(session, 5)
-        t = timed_steps(session, args.steps)
+        timed_steps(run, 5)
+        t = timed_steps(run, args.steps)
         out["captured_ms" if graphs else "eager_ms"] = round(statistics.median(t), 4)
         if not graphs:
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 steps = 10
-                timed_steps(session, steps)
+                timed_steps(run, steps)
             kernels: dict = defaultdict(lambda: [0.0, 0])
             for e in prof.events():
                 if e.device_type == torch.autograd.DeviceType.CUDA:
@@ -78,7 +116,7 @@ def main() -> None:
             out["kernels_per_step"] = round(sum(v[1] for v in kernels.values()), 1)
             out["top_kernels"] = [{"name": n, "ms": round(v[0], 4), "count": round(v[1], 1)} for n, v in rows[:25]]
         decoder.experts = None
-        del session
+        del run
         torch.cuda.empty_cache()
     print(f"captured step {out['captured_ms']} ms, eager step {out['eager_ms']} ms, kernels {out['kernel_ms_per_step']} ms "
           f"in {out['kernels_per_step']} launches per step")

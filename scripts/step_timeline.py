@@ -72,7 +72,7 @@ def main() -> None:
                                                               hardware_profile=args.hardware_profile), host=host)
             decoder.experts = runner = runtime.start()
             tl = Timeline()
-            session = DecodeSession(decoder, [prompt], args.steps + args.warmup + 4)
+            session = DecodeSession(decoder, prompt, args.steps + args.warmup + 4)
             logits = session.prefill()
             runner.timeline = tl
             for _ in range(args.warmup + args.steps):

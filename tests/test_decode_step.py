@@ -12,7 +12,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from daop.engine import Engine
+from daop.engine import Engine, GenerationStats
 from daop.model.layers import Rotary, decode_mask
 from daop.runtime import decode_step
 from daop.runtime.decode_step import StepInputs, cache_length, captures
@@ -57,12 +57,11 @@ def test_rotary_table_rows_equal_computed_rows():
     assert torch.equal(table_cos[positions], cos) and torch.equal(table_sin[positions], sin)
 
 
-def test_decode_mask_hides_unwritten_and_padding_positions():
-    pos = torch.tensor([3])
-    assert decode_mask(pos, None, 6).flatten().tolist() == [True] * 4 + [False] * 2
-    m = decode_mask(pos, torch.tensor([0, 2]), 6)
+def test_decode_mask_hides_unwritten_positions_row_by_row():
+    assert decode_mask(torch.tensor([3]), 6).flatten().tolist() == [True] * 4 + [False] * 2
+    m = decode_mask(torch.tensor([3, 1]), 6)  # a position per row (a batch of sequences of different lengths)
     assert m.shape == (2, 1, 1, 6)
-    assert m[1].flatten().tolist() == [False, False, True, True, False, False]
+    assert m[1].flatten().tolist() == [True, True, False, False, False, False]
 
 
 def test_step_inputs_on_the_cpu_hold_ids_and_position():
@@ -79,7 +78,7 @@ def test_decode_steps_compute_what_a_full_forward_computes(tiny_dir):
     engine = engine_for(tiny_dir, device="cpu", dtype="fp32")
     ids = PROMPT + [11, 12, 13, 14]
     full = engine.logits(ids)
-    session = engine.session([PROMPT], 4)
+    session = engine.session(PROMPT, 4)
     session.prefill()
     for i, token in enumerate(ids[len(PROMPT):]):
         step = session.step([token])[0]
@@ -87,7 +86,7 @@ def test_decode_steps_compute_what_a_full_forward_computes(tiny_dir):
     assert not captures(engine.decoder, 1)  # no graphs on the CPU
 
 
-def test_padded_batch_decode_matches_single_rows(tiny_dir):
+def test_batch_generation_matches_single_rows(tiny_dir):
     engine = engine_for(tiny_dir, device="cpu", dtype="fp32")
     engine.eos_ids = frozenset()
     prompts = [PROMPT, PROMPT[:4]]
@@ -124,16 +123,15 @@ def test_routed_experts_equal_experts_computed_alone(tokens, expert_dtype):
 
 
 @needs_cuda
-@pytest.mark.parametrize("batch", [1, 3])
-def test_captured_step_equals_eager_step(tiny_dir, batch):
+def test_captured_step_equals_eager_step(tiny_dir):
+    """One sequence's steps (a batch's: tests/test_batching.py)."""
     graphed = engine_for(tiny_dir, device="cuda", dtype="bf16")
-    if not captures(graphed.decoder, batch):
+    if not captures(graphed.decoder, 1):
         pytest.skip("steps are not captured here (no Triton)")
     eager = engine_for(tiny_dir, device="cuda", dtype="bf16", cuda_graphs=False)
-    prompts = [PROMPT, PROMPT[:6], PROMPT[2:]][:batch]
     out = []
     for engine in (graphed, eager):
-        session = engine.session(prompts, 6)
+        session = engine.session(PROMPT, 6)
         logits = [session.prefill()]
         for t in range(5):
             logits.append(session.step(logits[-1].argmax(-1)))
@@ -147,14 +145,14 @@ def test_graph_is_reused_and_a_second_live_session_runs_eagerly(tiny_dir):
     engine = engine_for(tiny_dir, device="cuda", dtype="bf16")
     if not captures(engine.decoder, 1):
         pytest.skip("steps are not captured here (no Triton)")
-    first = engine.session([PROMPT], 4)
+    first = engine.session(PROMPT, 4)
     first.prefill()
     first.step([1])
     graph = first.stepper.pooled.graph
-    second = engine.session([PROMPT], 4)  # same shape while the first is alive: its own cache
+    second = engine.session(PROMPT, 4)  # same shape while the first is alive: its own cache
     assert not second.stepper.captured
     del first, second
-    third = engine.session([PROMPT], 4)
+    third = engine.session(PROMPT, 4)
     third.prefill()
     third.step([1])
     assert third.stepper.pooled.graph is graph
@@ -165,7 +163,7 @@ def test_a_step_whose_capture_fails_runs_eagerly(tiny_dir, monkeypatch, caplog):
     """If capturing fails (simulated here: the CPU has no graphs), the step runs eagerly with a warning,
     gives the eager logits, and later sessions do not try again."""
     engine = engine_for(tiny_dir, device="cpu", dtype="fp32")
-    want = engine.session([PROMPT], 3)
+    want = engine.session(PROMPT, 3)
     want.prefill()
     want = want.step([7])
 
@@ -174,13 +172,13 @@ def test_a_step_whose_capture_fails_runs_eagerly(tiny_dir, monkeypatch, caplog):
 
     monkeypatch.setattr(decode_step, "captures", lambda decoder, batch: decoder.cuda_graphs)
     monkeypatch.setattr(decode_step, "CapturedStep", fail)
-    session = engine.session([PROMPT], 3)
+    session = engine.session(PROMPT, 3)
     assert session.stepper.captured
     session.prefill()
     assert torch.equal(session.step([7]), want)
     assert not session.stepper.captured and not engine.decoder.cuda_graphs
     assert "capture failed" in caplog.text
-    assert not engine.session([PROMPT], 3).stepper.captured
+    assert not engine.session(PROMPT, 3).stepper.captured
 
 
 def run_steps(engine, steps: int, pieces: bool, monkeypatch) -> torch.Tensor:
@@ -188,10 +186,10 @@ def run_steps(engine, steps: int, pieces: bool, monkeypatch) -> torch.Tensor:
     PiecewiseStep's pieces (eagerly: the split is what is checked, on any device)."""
     from daop.runtime.decode_step import PiecewiseStep
 
-    session = engine.session([PROMPT], steps + 1)
+    session = engine.session(PROMPT, steps + 1)
     if pieces:
         st = session.stepper
-        split = PiecewiseStep(engine.decoder, st.cache, st.inputs, st.pad, graphs=False)
+        split = PiecewiseStep(engine.decoder, st.cache, st.inputs, graphs=False)
 
         def run(tokens, position):
             st.inputs.load(tokens, position)
@@ -225,7 +223,7 @@ def test_offloaded_steps_are_captured_in_pieces_and_equal_eager_ones(tiny_dir, p
     assert capture_kind(graphed.decoder, 1) == "pieces" and capture_kind(eager.decoder, 1) == "eager"
     out = []
     for engine in (graphed, eager):
-        session = engine.session([PROMPT], 8)
+        session = engine.session(PROMPT, 8)
         logits = [session.prefill()]
         for _ in range(7):
             logits.append(session.step(logits[-1].argmax(-1)))
@@ -233,3 +231,21 @@ def test_offloaded_steps_are_captured_in_pieces_and_equal_eager_ones(tiny_dir, p
         if engine is graphed:
             assert isinstance(session.stepper.pooled.graph, PiecewiseStep)
     assert torch.equal(out[0], out[1])
+
+
+def test_batch_stats_split_prefill_from_decode(tiny_dir):
+    """generate_batch's numbers as `daop bench --batch` reads them: every prompt prefilled before
+    the first decode step, the counters in between, one decode step per token after the first."""
+    engine = engine_for(tiny_dir, device="cpu", dtype="fp32", policy="static", expert_ratio=0.5)
+    engine.eos_ids = frozenset()
+    prompts = [PROMPT, PROMPT[:4], PROMPT[3:]]
+    before = engine.counters()
+    stats = GenerationStats()
+    out = engine.generate_batch(prompts, SamplingParams(max_new_tokens=6), stats)
+    assert [len(o) for o in out] == [6, 6, 6] and stats.generated_tokens == 6
+    assert stats.prefill_s > 0 and stats.decode_s > 0 and stats.prompt_tokens == sum(map(len, prompts))
+    mid, end = stats.extra["counters_after_prefill"], engine.counters()
+    calls = lambda c, since: sum(c[k] - since[k] for k in ("resident_calls", "cpu_calls", "copy_calls"))  # noqa: E731
+    moe_layers, top_k = len(engine.config.moe_layer_ids()), engine.config.top_k
+    assert calls(mid, before) >= top_k * moe_layers * len(prompts)  # three prefills, each at least top_k experts a layer
+    assert top_k * moe_layers * 5 <= calls(end, mid) <= 3 * top_k * moe_layers * 5  # five decode steps of three rows

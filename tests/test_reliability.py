@@ -191,9 +191,12 @@ def test_out_of_memory_in_prefill_is_one_error_and_the_next_request_succeeds(tin
     with pytest.raises(OutOfMemory, match=r"out of .* memory during prefill of 200 prompt tokens .*--expert-ratio"):
         engine.generate(list(range(3, 203)), max_new_tokens=4)
     assert engine.generate(short, max_new_tokens=12) == want  # same tokens as before the failure
-    with pytest.raises(OutOfMemory, match="batch of 2 prompts of up to 200 tokens"):
-        engine.generate_batch([short, list(range(3, 203))], SamplingParams(max_new_tokens=4))
+    params = SamplingParams(max_new_tokens=12)
+    alone = list(engine.generate_ids(short, params))
+    with pytest.raises(OutOfMemory, match=r"out of .* memory during prefill of 200 prompt tokens .*--expert-ratio"):
+        engine.generate_batch([short, list(range(3, 203))], params)  # raised to the caller, not swallowed
     assert engine.generate(short, max_new_tokens=12) == want
+    assert engine.generate_batch([short, short], params) == [alone, alone]  # the batch path is usable again
 
 
 def test_out_of_memory_in_generate_is_one_line_from_the_cli(tiny_dir, capsys, monkeypatch):
@@ -213,25 +216,49 @@ def test_out_of_memory_in_generate_is_one_line_from_the_cli(tiny_dir, capsys, mo
     assert "Traceback" not in err
 
 
+def test_out_of_memory_in_a_batch_decode_step_is_raised_and_the_next_batch_succeeds(tiny_dir):
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device=DEVICE, progress=False, policy="daop-exact", expert_ratio=0.5)
+    prompts = [list(range(3, 20)), list(range(40, 52))]
+    params = SamplingParams(max_new_tokens=6)
+    want = [list(engine.generate_ids(p, params)) for p in prompts]
+    inner = engine.decoder.attention_block
+
+    def two_rows_fail(layer, x, step):
+        if layer.layer_idx == 1 and x.shape[0] > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return inner(layer, x, step)
+
+    engine.decoder.attention_block = two_rows_fail
+    with pytest.raises(OutOfMemory, match=r"out of .* memory during decode of a batch of 2 sequences"):
+        engine.generate_batch(prompts, params)
+    engine.decoder.attention_block = inner
+    assert engine.generate_batch(prompts, params) == want
+
+
 @pytest.mark.skipif(DEVICE != "cuda", reason="a real CUDA out-of-memory needs a GPU (DAOP_TEST_DEVICE=cuda)")
-def test_real_cuda_out_of_memory_in_prefill(tiny_dir):
-    """The CUDA allocator itself refuses: a ballast tensor leaves 64 MiB free, and a prefill of 1024
-    rows of 240 tokens needs far more (KV cache alone: 1024 x 244 positions x 4 layers x 1 KiB)."""
+def test_real_cuda_out_of_memory_in_a_batch_of_1024_rows(tiny_dir):
+    """The CUDA allocator itself refuses: a ballast tensor leaves 64 MiB free, and a batch of 1024
+    rows of 240 tokens needs far more (its KV rows, allocated at once: 1024 x 256 positions x 4 layers
+    x 1 KiB). Once the memory is back, the same 1024 rows run, each as it runs alone."""
     _, path = tiny_dir("mixtral")
     engine = Engine.from_pretrained(path, device="cuda", progress=False, policy="daop-exact", expert_ratio=0.5)
     short = list(range(3, 20))
     want = engine.generate(short, max_new_tokens=8)
+    rows = [list(range(3 + i % 7, 243)) for i in range(1024)]
+    params = SamplingParams(max_new_tokens=2)
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
     ballast = torch.empty(free - (64 << 20), dtype=torch.uint8, device="cuda")
     try:
-        rows = [list(range(3, 243))] * 1024
-        with pytest.raises(OutOfMemory, match="CUDA memory during prefill of a batch of 1024 prompts"):
-            engine.generate_batch(rows, SamplingParams(max_new_tokens=2))
+        with pytest.raises(OutOfMemory, match="CUDA memory during allocation of the batch KV cache"):
+            engine.generate_batch(rows, params)
         assert engine.generate(short, max_new_tokens=8) == want
     finally:
         del ballast
         torch.cuda.empty_cache()
+    alone = {len(r): list(engine.generate_ids(r, params)) for r in rows[:7]}
+    assert engine.generate_batch(rows, params) == [alone[len(r)] for r in rows]
 
 
 # ---------------------------------------------------------------------------------------------- Ctrl-C

@@ -13,7 +13,7 @@ def test_timeline_records_each_layer_in_order_and_cpu_jobs_inside_their_step(tin
     _, path = tiny_dir("mixtral")
     engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy=policy, expert_ratio=0.25)
     runner = engine.decoder.experts
-    session = engine.session([[5, 17, 42, 99, 3, 250, 7]], 6)
+    session = engine.session([5, 17, 42, 99, 3, 250, 7], 6)
     logits = session.prefill()
     tl = runner.timeline = Timeline()
     for _ in range(5):

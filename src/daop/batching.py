@@ -6,7 +6,9 @@ sequences are kept contiguous (a finished sequence's row is refilled from the la
 decode step runs `Decoder.decode` over rows [0, R) with one position per row: no padding, and
 expert routing only for real tokens. One iteration (`Batcher.step`) runs at most one prefill
 chunk of the oldest waiting sequence (a long prompt spreads over several iterations, so running
-sequences keep decoding), then one decode step for every decoding sequence.
+sequences keep decoding), then one decode step for every decoding sequence. With `prefill_first`
+no decode step runs while a sequence can still be admitted or is prefilling: every prompt that fits
+is prefilled, then all rows decode together (`generate_tokens`, a benchmark's batch point).
 
 On CUDA, a decode step is captured once per (rows, cache length) and replayed, as a single
 sequence's step is: whole on the all-GPU path, in pieces between MoE calls for offloaded runners.
@@ -41,13 +43,16 @@ log = logging.getLogger("daop.batching")
 @dataclass
 class Sequence:
     """One request in the batch. `emit(kind, payload)` receives ("text", piece) as text becomes
-    safe to send, then one final ("done", stats) or ("cancelled", None) or ("error", message)."""
+    safe to send, then one final ("done", stats) or ("cancelled", None) or ("error", error): the
+    DaopError of a failed step, or a message (a prompt refused by `add`). Without a tokenizer (a
+    synthetic model) no text is sent and stop strings do not apply; `tokens` holds the ids."""
 
     prompt: list[int]
     params: SamplingParams
     emit: Callable[[str, Any], None]
     cancelled: Callable[[], bool] = lambda: False
     stats: GenerationStats = field(default_factory=GenerationStats)
+    tokens: list[int] = field(default_factory=list)  # generated ids, EOS excluded
     # filled in by the batcher
     row: int = -1
     prefilled: int = 0  # prompt tokens in the cache
@@ -65,13 +70,15 @@ class Sequence:
 
 
 class Batcher:
-    """Runs many sequences on one engine, one iteration at a time (`step`), from one thread."""
+    """Runs many sequences on one engine, one iteration at a time (`step`), from one thread.
+    A step that fails (out of memory) ends its sequences with an ("error", DaopError) event."""
 
-    def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None, chunk: int = DEFAULT_CHUNK) -> None:
+    def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None, chunk: int = DEFAULT_CHUNK,
+                 prefill_first: bool = False) -> None:
         if max_batch < 1:
             raise DaopError(f"--max-batch must be >= 1, got {max_batch}")
         self.engine, self.decoder = engine, engine.decoder
-        self.max_batch, self.chunk = max_batch, max(1, chunk)
+        self.max_batch, self.chunk, self.prefill_first = max_batch, max(1, chunk), prefill_first
         self.max_len = min(max_len or engine.config.context_length, engine.config.context_length)
         self.cache = guarded(self.decoder, "allocation of the batch KV cache", KVCache, engine.config, max_batch,
                              self.max_len, self.decoder.device, self.decoder.dtype)
@@ -110,10 +117,15 @@ class Batcher:
         self._drop_cancelled()
         if self.prefilling is None and self.waiting and self.running < self.max_batch:
             self._admit(self.waiting.popleft())
+        hold = self.prefill_first and self.prefilling_phase()
         if self.prefilling is not None:
             self._prefill_chunk()
-        if self.decoding:
+        if self.decoding and not hold:
             self._decode()
+
+    def prefilling_phase(self) -> bool:
+        """A sequence is prefilling or could be admitted now (prefill_first holds decode steps meanwhile)."""
+        return self.prefilling is not None or bool(self.waiting and self.running < self.max_batch)
 
     # --- internals ---
 
@@ -122,7 +134,7 @@ class Batcher:
             start_sequence(self.decoder)  # the batch was empty: start from the calibrated placement
         seq.row = len(self.decoding)
         seq.sampler = Sampler(seq.params, seq.prompt)
-        seq.text = TextStream(self.engine.tokenizer, seq.params.stop)
+        seq.text = TextStream(self.engine.tokenizer, seq.params.stop) if self.engine.tokenizer is not None else None
         self.prefilling = seq
 
     def _prefill_chunk(self) -> None:
@@ -137,7 +149,7 @@ class Batcher:
                              ids, start, self.cache.rows(seq.row, seq.row + 1, seq.length))
         except DaopError as exc:
             self.prefilling = None
-            self._fail_all(str(exc), [seq])
+            self._fail_all(exc, [seq])
             return
         seq.stats.prefill_s += time.perf_counter() - t0
         seq.prefilled = end
@@ -163,10 +175,13 @@ class Batcher:
             logits = guarded(self.decoder, lambda: f"decode of a batch of {R} sequences", self._run_step,
                              inputs, self.cache.rows(0, R, length))
         except DaopError as exc:
-            self._fail_all(str(exc), list(self.decoding))
+            self._fail_all(exc, list(self.decoding))
             return
-        for seq, row in zip(list(self.decoding), logits):
-            self._take(seq, int(seq.sampler(row[None])[0]))
+        seqs = list(self.decoding)
+        plain = [s.params.greedy and not s.params.penalised for s in seqs]
+        best = logits.argmax(-1).tolist() if any(plain) else []  # greedy rows: one read for all of them
+        for i, seq in enumerate(seqs):
+            self._take(seq, best[i] if plain[i] else int(seq.sampler(logits[i:i + 1])[0]))
 
     def _run_step(self, inputs: StepInputs, cache: KVCache) -> torch.Tensor:
         """One decode step over the cache rows given: captured per (rows, length) where the routing
@@ -174,7 +189,7 @@ class Batcher:
         key = (cache.batch, cache.max_len)
         if key not in self.graphs and self.capture and captures(self.decoder, cache.batch):
             try:
-                self.graphs[key] = capture_step(self.decoder, cache, inputs, None)
+                self.graphs[key] = capture_step(self.decoder, cache, inputs)
             except DEVICE_OOM:
                 raise
             except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly
@@ -193,10 +208,11 @@ class Batcher:
         seq.stats.generated_tokens += 1
         seq.stats.decode_s = time.perf_counter() - seq.first_token_at
         seq.token = token
-        piece = seq.text.push(token)
+        seq.tokens.append(token)
+        piece = seq.text.push(token) if seq.text is not None else ""
         if piece:
             seq.emit("text", piece)
-        if seq.text.stopped:
+        if seq.text is not None and seq.text.stopped:
             seq.stats.finish_reason = "stop"
             return self._finish(seq, "done")
         if seq.stats.generated_tokens >= seq.budget:
@@ -253,7 +269,7 @@ class Batcher:
         start_sequence(self.decoder)
 
     def cancel_all(self) -> None:
-        """End every sequence as cancelled (server shutdown)."""
+        """End every sequence as cancelled (server shutdown; a batch call that raised)."""
         for seq in list(self.waiting):
             seq.emit("cancelled", None)
         self.waiting.clear()
@@ -279,7 +295,7 @@ def generate_many(engine: Engine, prompts: list[Any], params: SamplingParams | l
             elif kind == "done":
                 results[i].update(finish_reason=payload.finish_reason, tokens=payload.generated_tokens)
             else:
-                results[i].update(finish_reason=kind, error=payload)
+                results[i].update(finish_reason=kind, error=None if payload is None else str(payload))
         return emit
 
     for i, (prompt, p) in enumerate(zip(prompts, plist)):
@@ -288,3 +304,71 @@ def generate_many(engine: Engine, prompts: list[Any], params: SamplingParams | l
         while not batcher.idle():
             batcher.step()
     return results
+
+
+def batch_for(engine: Engine, rows: int, max_len: int) -> Batcher:
+    """The engine's Batcher for `generate_tokens`, kept for the next call so its KV rows and captured
+    steps are reused: replaced (the old one freed first) when a call needs more rows or positions, or
+    when the engine's expert runner or routing tensors changed (its graphs would read stale memory)."""
+    dec = engine.decoder
+    key = (id(dec.experts), getattr(dec.routing, "graph_key", None))
+    old = engine.batch_runner
+    if old is not None and old.max_batch >= rows and old.max_len >= max_len and old.runner_key == key:
+        return old
+    engine.batch_runner = None
+    del old
+    if dec.device.type == "cuda":
+        torch.cuda.empty_cache()
+    batcher = Batcher(engine, max_batch=rows, max_len=max_len, prefill_first=True)
+    batcher.runner_key = key
+    engine.batch_runner = batcher
+    return batcher
+
+
+def batch_for_prompts(engine: Engine, prompts: list[list[int]], max_new_tokens: int) -> Batcher:
+    """`batch_for` with a row for every prompt, each as long as the prompt alone would have
+    (`cache_length`), and every prompt prefilled whole (as it is alone)."""
+    needed = max(cache_length(engine.decoder, len(p) + max_new_tokens) for p in prompts)
+    batcher = batch_for(engine, len(prompts), min(needed, engine.config.context_length))
+    batcher.chunk = max(len(p) for p in prompts)
+    return batcher
+
+
+def generate_tokens(engine: Engine, prompts: list[list[int]], params: SamplingParams,
+                    stats: GenerationStats) -> list[list[int]]:
+    """Every prompt prefilled (each whole, one after another), then decode steps over all rows until
+    each ends (EOS, a stop string, its budget): token ids per prompt, EOS excluded, each what the
+    prompt gets alone under an exact policy (greedy).
+
+    stats: prefill_s until the last prompt is prefilled, decode_s the decode steps after it,
+    extra["counters_after_prefill"] the expert counters in between, generated_tokens the longest
+    row's count (decode steps + 1). A failed step (out of memory) raises its DaopError."""
+    batcher = batch_for_prompts(engine, prompts, params.max_new_tokens)
+    errors: list[Any] = []
+    seqs = [Sequence(p, params, lambda kind, payload: errors.append(payload) if kind == "error" else None)
+            for p in prompts]
+    try:
+        t0 = time.perf_counter()
+        for seq in seqs:
+            batcher.add(seq)
+        drive(batcher, batcher.prefilling_phase, errors)
+        t1 = time.perf_counter()
+        stats.prefill_s, stats.extra["counters_after_prefill"] = t1 - t0, engine.counters()
+        drive(batcher, lambda: not batcher.idle(), errors)
+        stats.decode_s = time.perf_counter() - t1
+    except BaseException:
+        batcher.cancel_all()  # the batcher is kept for the next call: empty, the runner started over
+        start_sequence(engine.decoder)
+        raise
+    stats.prompt_tokens = sum(len(p) for p in prompts)
+    stats.generated_tokens = max(s.stats.generated_tokens for s in seqs)
+    stats.finish_reason = "length" if any(s.stats.finish_reason == "length" for s in seqs) else "stop"
+    return [s.tokens for s in seqs]
+
+
+def drive(batcher: Batcher, until: Callable[[], bool], errors: list[Any]) -> None:
+    """Step the batcher while `until()` holds; the first error event is raised."""
+    while not errors and until():
+        batcher.step()
+    if errors:
+        raise errors[0] if isinstance(errors[0], BaseException) else DaopError(str(errors[0]))

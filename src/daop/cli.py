@@ -462,7 +462,9 @@ def add_bench_parser(sub) -> None:
                        help="prompt texts for --model: a text/JSONL/ShareGPT file, or 'sharegpt' (default: random token ids)")
     bench.add_argument("--prompt-tokens", default="256", help="comma-separated prompt lengths (default: 256)")
     bench.add_argument("--gen-tokens", default="256", help="comma-separated generation lengths (default: 256)")
-    bench.add_argument("--batch", default="1", help="comma-separated batch sizes (default: 1)")
+    bench.add_argument("--batch", default="1",
+                       help="comma-separated batch sizes (default: 1); a batch runs the server's batch path: "
+                            "its prompts prefilled one after another, then decode steps of all rows")
     bench.add_argument("--prompts", type=int, default=10, help="prompts per point; medians are reported (default: 10)")
     bench.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     bench.add_argument("--dtype", default="bf16", choices=DTYPES, metavar="DTYPE",

@@ -72,6 +72,7 @@ class Engine:
         self.last_stats = GenerationStats()
         self.threads: int | None = None                  # torch intra-op threads of the dense path (None: torch's)
         self.generation_defaults: dict[str, Any] = {}    # sampling defaults of generation_config.json
+        self.batch_runner: Any = None                    # generate_batch's Batcher, kept for the next call
         eos = set(tokenizer.eos_token_ids if tokenizer else ()) | set(config.eos_token_ids)
         self.eos_ids = frozenset(eos)
 
@@ -125,18 +126,20 @@ class Engine:
         engine.max_context, engine.max_batch = runtime_opts.max_context, runtime.max_batch
         return engine
 
-    def session(self, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> DecodeSession:
-        """A new sequence (or left-padded batch) through the model, on this thread's intra-op thread count
-        (the server generates on a thread of its own)."""
+    def session(self, prompt: Sequence[int], max_new_tokens: int) -> DecodeSession:
+        """A new sequence through the model, on this thread's intra-op thread count (the server
+        generates on a thread of its own)."""
         apply_threads(self.threads)
-        return DecodeSession(self.decoder, prompts, max_new_tokens)
+        return DecodeSession(self.decoder, prompt, max_new_tokens)
 
     def counters(self) -> dict[str, float]:
         """Expert counters since load (empty for the all-resident path)."""
         return self.decoder.experts.totals()
 
     def close(self) -> None:
-        """Stop the expert runner's worker threads (the engine cannot generate afterwards)."""
+        """Stop the expert runner's worker threads (the engine cannot generate afterwards) and free
+        generate_batch's KV rows and captured steps."""
+        self.batch_runner = None
         self.decoder.experts.close()
 
     @property
@@ -163,7 +166,7 @@ class Engine:
     def logits(self, input_ids: Sequence[int] | torch.Tensor) -> torch.Tensor:
         """Full forward without sampling: float32 logits [T, V] (for parity checks)."""
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1).tolist()
-        return self.session([ids], 0).prefill(all_logits=True)[0]
+        return self.session(ids, 0).prefill(all_logits=True)[0]
 
     @torch.inference_mode()
     def generate_ids(self, prompt_ids: Sequence[int], params: SamplingParams, stats: GenerationStats | None = None) -> Iterator[int]:
@@ -176,7 +179,7 @@ class Engine:
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(ids)
         self.last_stats = stats
-        session = self.session([ids], budget)
+        session = self.session(ids, budget)
         sampler = Sampler(params, ids)
         token = int(sampler(session.prefill())[0])
         stats.prefill_s = session.prefill_s
@@ -197,36 +200,20 @@ class Engine:
     @torch.inference_mode()
     def generate_batch(self, prompts: Sequence[str | Sequence[int]], params: SamplingParams,
                        stats: GenerationStats | None = None) -> list[list[int]]:
-        """Generate for several prompts at once (left-padded batch); token ids per prompt, EOS excluded.
+        """Generate for several prompts at once; token ids per prompt, EOS excluded.
 
-        Routing, placement decisions, prediction and degradation are per token, so every policy
-        handles the batch; rows that finished keep decoding padding until all are done.
+        Runs the server's batch path (`daop.batching`) with every prompt prefilled first, then decode
+        steps over all rows; a row leaves at its EOS, stop string or budget. Each prompt gets the
+        tokens it gets alone under an exact policy (greedy). A failed step (out of memory) raises.
+        stats (see `daop.batching.generate_tokens`): generated_tokens is the longest row's count.
         """
+        from daop.batching import generate_tokens  # the batcher is built on this module
+
         rows = [self.encode(p) for p in prompts]
-        B, longest = len(rows), max(len(r) for r in rows)
-        budget = min(params.max_new_tokens, self.config.context_length - longest)
-        stats = stats if stats is not None else GenerationStats()
-        stats.prompt_tokens = int(sum(len(r) for r in rows))
-        session = self.session(rows, budget)
-        sampler = Sampler(params, rows)
-        logits = session.prefill()
-        stats.prefill_s = session.prefill_s
-        stats.extra["counters_after_prefill"] = session.counters_after_prefill
-        t1 = time.perf_counter()
-        out: list[list[int]] = [[] for _ in range(B)]
-        done = [False] * B
-        for step in range(budget):
-            stats.generated_tokens = step + 1  # decode steps (each yields B tokens)
-            tokens = sampler(logits)
-            for b, t in enumerate(tokens.tolist()):
-                done[b] = done[b] or t in self.eos_ids
-                if not done[b]:
-                    out[b].append(t)
-            if all(done) or step + 1 == budget:
-                break
-            logits = session.step(tokens)
-        stats.decode_s = time.perf_counter() - t1
-        return out
+        if not rows:
+            return []
+        apply_threads(self.threads)
+        return generate_tokens(self, rows, params, stats if stats is not None else GenerationStats())
 
     def stream(self, prompt: str | Sequence[int], max_new_tokens: int = 256, temperature: float | None = None,
                top_p: float | None = None, top_k: int | None = None, seed: int | None = None,

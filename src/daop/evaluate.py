@@ -33,7 +33,7 @@ def teacher_forced(engine: Engine, ids: list[int], prompt_tokens: int) -> tuple[
 
     Free-running greedy decoding gives the same tokens as ids up to the first position where the
     greedy choice differs from ids, so that position is the first divergence from ids."""
-    session = engine.session([ids[:prompt_tokens]], len(ids) - prompt_tokens)
+    session = engine.session(ids[:prompt_tokens], len(ids) - prompt_tokens)
     logits = session.prefill()
     nll, choices = 0.0, []
     for pos in range(prompt_tokens, len(ids)):

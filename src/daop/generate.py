@@ -1,10 +1,11 @@
 """One sequence through the model: reset -> prefill -> decode steps, for every caller.
 
-Generation (single and batched), benchmark replay, evaluation and routing profiles all drive
-the model through DecodeSession, so none of them can forget to start the runner's sequence from
-the calibrated placement or to switch it to the decode phase. Device out-of-memory errors
+Single-sequence generation, benchmark replay, evaluation and routing profiles drive the model
+through DecodeSession (batches: `daop.batching`, which starts sequences with `start_sequence` too),
+so none of them can forget to start the runner's sequence from the calibrated placement or to
+switch it to the decode phase. Device out-of-memory errors
 become OutOfMemory naming the step, with the runner left ready for the next sequence.
-Shapes: B batch, T prompt tokens, V vocab.
+Shapes: T prompt tokens, V vocab.
 """
 from __future__ import annotations
 
@@ -48,33 +49,29 @@ def guarded(decoder: Decoder, what: str | Callable[[], str], fn: Callable[..., A
 
 
 class DecodeSession:
-    """Prompts (one, or several left-padded into a batch), then one decode step per call of `step`.
+    """One prompt, then one decode step per call of `step`.
 
-    Creating a session resets the expert runner; `prefill` runs the prompts and switches the runner
-    to decode; `step` feeds one token per row. Counters as of the end of prefill are kept, so the
-    decode phase's own counts can be told apart.
+    Creating a session resets the expert runner; `prefill` runs the prompt and switches the runner
+    to decode; `step` feeds one token. Counters as of the end of prefill are kept, so the decode
+    phase's own counts can be told apart. (Several sequences at once: `daop.batching.Batcher`.)
     """
 
-    def __init__(self, decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int) -> None:
+    def __init__(self, decoder: Decoder, prompt: Sequence[int], max_new_tokens: int) -> None:
         self.decoder = decoder
-        lengths = [len(p) for p in prompts]
-        self.batch, self.prompt_len = len(prompts), max(lengths)
-        self.pad = torch.tensor([self.prompt_len - n for n in lengths]) if self.batch > 1 else None
-        self.ids = torch.tensor([[0] * (self.prompt_len - len(p)) + list(p) for p in prompts])
+        self.prompt_len = len(prompt)
+        self.ids = torch.tensor([list(prompt)])
         self.position = 0
         self.prefill_s = 0.0
         self.counters_after_prefill: dict[str, float] = {}
         start_sequence(decoder)
-        self.what = (f"prefill of {self.prompt_len} prompt tokens" if self.batch == 1 else
-                     f"prefill of a batch of {self.batch} prompts of up to {self.prompt_len} tokens")
-        self.stepper = guarded(decoder, self.what, Stepper, decoder, self, self.batch, self.prompt_len + max_new_tokens, self.pad)
+        self.what = f"prefill of {self.prompt_len} prompt tokens"
+        self.stepper = guarded(decoder, self.what, Stepper, decoder, self, self.prompt_len + max_new_tokens)
         self.cache = self.stepper.cache
 
     def prefill(self, all_logits: bool = False) -> torch.Tensor:
-        """Logits [B, V] of the last prompt position (all positions [B, T, V] with all_logits)."""
+        """Logits [1, V] of the last prompt position (all positions [1, T, V] with all_logits)."""
         t0 = time.perf_counter()
-        logits = guarded(self.decoder, self.what, self.decoder.forward, self.ids, 0, self.cache, pad=self.pad,
-                         all_logits=all_logits)
+        logits = guarded(self.decoder, self.what, self.decoder.forward, self.ids, 0, self.cache, all_logits=all_logits)
         if self.decoder.device.type == "cuda":
             torch.cuda.synchronize(self.decoder.device)
         self.prefill_s = time.perf_counter() - t0
@@ -83,12 +80,10 @@ class DecodeSession:
         self.decoder.experts.set_phase("decode")
         return logits
 
-    def step(self, tokens: Sequence[int] | torch.Tensor) -> torch.Tensor:
-        """Feed one token per row at the next position; logits [B, V]. Runs `Decoder.decode`,
-        captured as a CUDA graph where it can be (`daop.runtime.decode_step`)."""
-        what = (lambda: f"decode at position {self.position}") if self.batch == 1 else \
-            (lambda: f"batch decode at position {self.position}")
+    def step(self, token: Sequence[int] | torch.Tensor) -> torch.Tensor:
+        """Feed one token ([1], on the host or the device) at the next position; logits [1, V]. Runs
+        `Decoder.decode`, captured as a CUDA graph where it can be (`daop.runtime.decode_step`)."""
         self.decoder.routing.begin(self.position, 1)
-        logits = guarded(self.decoder, what, self.stepper.run, tokens, self.position)
+        logits = guarded(self.decoder, lambda: f"decode at position {self.position}", self.stepper.run, token, self.position)
         self.position += 1
         return logits

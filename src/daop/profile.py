@@ -201,7 +201,7 @@ def summarise(rec: RoutingRecorder, provenance: dict[str, Any]) -> dict[str, Any
 
 def _run_document(engine: Any, prompt: list[int], gen_tokens: int) -> int:
     """Prefill then greedy decode one document; returns the number of decode steps run (stops at EOS)."""
-    session = engine.session([prompt], gen_tokens)
+    session = engine.session(prompt, gen_tokens)
     logits = session.prefill()
     for step in range(gen_tokens):
         token = int(logits[0].argmax())

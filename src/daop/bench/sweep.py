@@ -4,6 +4,9 @@ Each point: warm-up, then several prompts of random token ids (routing from the 
 routers), greedy decode; medians of TTFT and decode time per output token, expert counters of
 the decode phase per token, and measured/bound where the bound is
 max(resident GPU expert time, bytes of non-resident experts / host memory bandwidth).
+A batch point (--batch N > 1) runs the server's batch path (`Engine.generate_batch`): the N prompts
+prefilled one after another (its TTFT: until the last one is prefilled), then decode steps of N rows
+(its ms per step; counters per token are per step / N).
 """
 from __future__ import annotations
 
@@ -18,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from daop.batching import Sequence, batch_for_prompts, drive
 from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts
 from daop.bench.trace import RoutingTrace, TraceRouting, load_traces
 from daop.engine import Engine, GenerationStats, resolve_device
@@ -99,7 +103,7 @@ def replay(engine: Engine, trace: RoutingTrace, stats: GenerationStats) -> int:
     dec = engine.decoder
     tokens, p = trace.tokens, trace.prompt_len
     with dec.routed_by(TraceRouting(trace, dec.model_routing, dec.device)):
-        session = engine.session([tokens[:p]], len(tokens) - p)
+        session = engine.session(tokens[:p], len(tokens) - p)
         session.prefill().argmax(-1).cpu()
         stats.prefill_s = session.prefill_s
         stats.extra["counters_after_prefill"] = session.counters_after_prefill
@@ -114,26 +118,53 @@ def replay(engine: Engine, trace: RoutingTrace, stats: GenerationStats) -> int:
 @torch.inference_mode()
 def syncs_per_step(engine: Engine, item, traced: bool, steps: int = 4) -> float | None:
     """Host syncs per decode step on CUDA, counted by torch's sync debug mode (each synchronizing
-    call it flags: a device->host copy, .item(), a stream synchronize) over a few steps of one
-    sequence fed tokens that stay on the device (none on a CPU device). Run after the timed
-    sequences, so counting perturbs none of them."""
+    call it flags: a device->host copy, .item(), a stream synchronize) over a few steps (none on a
+    CPU device). One sequence (a trace, or a batch-1 point) is fed tokens that stay on the device; a
+    batch runs its batch path's iterations, which read the rows' sampled tokens back once per step
+    (for EOS, stops, budgets). Run after the timed sequences, so counting perturbs none of them."""
     if engine.device.type != "cuda":
         return None
     dec = engine.decoder
+    if not traced and len(item) > 1:
+        return batch_syncs(engine, item, steps)
     routing = TraceRouting(item, dec.model_routing, dec.device) if traced else dec.routing
-    prompts = [item.tokens[: item.prompt_len]] if traced else item
+    prompt = item.tokens[: item.prompt_len] if traced else item[0]
     with dec.routed_by(routing):
-        session = engine.session(prompts, steps + 1)
+        session = engine.session(prompt, steps + 1)
         tokens = session.prefill().argmax(-1)
-        torch.cuda.synchronize()
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            torch.cuda.set_sync_debug_mode("warn")
-            try:
-                for _ in range(steps):
-                    tokens = session.step(tokens).argmax(-1)
-            finally:
-                torch.cuda.set_sync_debug_mode("default")
+
+        def step() -> None:
+            nonlocal tokens
+            tokens = session.step(tokens).argmax(-1)
+
+        return count_syncs(step, steps)
+
+
+def batch_syncs(engine: Engine, prompts: list[list[int]], steps: int) -> float:
+    """Host syncs per decode step of a batch on the batch path (`daop.batching`), all rows decoding."""
+    batcher = batch_for_prompts(engine, prompts, steps + 2)
+    errors: list = []
+    for p in prompts:
+        batcher.add(Sequence(p, SamplingParams(max_new_tokens=steps + 2), lambda kind, payload: errors.append(payload)
+                             if kind == "error" else None))
+    try:
+        drive(batcher, batcher.prefilling_phase, errors)
+        return count_syncs(batcher.step, steps)
+    finally:
+        batcher.cancel_all()
+
+
+def count_syncs(step, steps: int) -> float:
+    """Synchronizing calls per call of step(), over `steps` calls."""
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for _ in range(steps):
+                step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
     return len([w for w in caught if "synchroniz" in str(w.message)]) / steps
 
 

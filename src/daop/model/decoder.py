@@ -112,29 +112,24 @@ class Decoder:
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.device, self.dtype)
 
-    def begin(self, input_ids: torch.Tensor, start: int, cache: KVCache, pad: torch.Tensor | None = None) -> tuple[torch.Tensor, Step]:
+    def begin(self, input_ids: torch.Tensor, start: int, cache: KVCache) -> tuple[torch.Tensor, Step]:
         """Embed input_ids [B, T] at cache position `start`; returns hidden [B, T, D] and the step context."""
         B, T = input_ids.shape
         positions = torch.arange(start, start + T, device=self.device).expand(B, T)
-        if pad is not None:
-            positions = (positions - pad.to(self.device)[:, None]).clamp(min=0)
         cos, sin = self.rotary.cos_sin(positions, self.rotary_dtype, cache.max_len)
-        step = Step(cos, sin, attention_mask(start, T, pad, self.device), start, cache)
+        step = Step(cos, sin, attention_mask(start, T, self.device), start, cache)
         self.routing.begin(start, T)
         return F.embedding(input_ids.to(self.device), self.embed), step
 
-    def begin_decode(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache,
-                     pad: torch.Tensor | None = None) -> tuple[torch.Tensor, Step]:
+    def begin_decode(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> tuple[torch.Tensor, Step]:
         """Embed one token per row, input_ids [B, 1] on the device, at position pos [1] (every row) or
         pos [B] (a position per row: sequences of different lengths in one batch), a device tensor.
 
         Fixed shapes and no host values: rotary rows are gathered from a table, the cache is written
         at pos and read whole under a mask. Every decode step runs this, captured or not."""
         positions = pos.view(-1, 1).expand(input_ids.shape[0], 1)
-        if pad is not None:
-            positions = (positions - pad[:, None]).clamp(min=0)
         cos, sin = self.rotary.table(self.rotary_dtype, cache.max_len)
-        step = Step(cos[positions], sin[positions], decode_mask(pos, pad, cache.max_len), pos, cache)
+        step = Step(cos[positions], sin[positions], decode_mask(pos, cache.max_len), pos, cache)
         return F.embedding(input_ids, self.embed), step
 
     def attention_block(self, layer: DecoderLayer, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,14 +162,14 @@ class Decoder:
         return self.head(x if all_logits else x[:, -1])
 
     @torch.inference_mode()
-    def decode(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, pad: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """One decode step, everything on the device (see begin_decode): logits [B, V].
         The caller tells the routing the step's position (routing.begin) beforehand."""
-        x, step = self.begin_decode(input_ids, pos, cache, pad)
+        x, step = self.begin_decode(input_ids, pos, cache)
         return self.layers_and_head(x, step)
 
     @torch.inference_mode()
-    def forward(self, input_ids: torch.Tensor, start: int, cache: KVCache, pad: torch.Tensor | None = None, all_logits: bool = False) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, start: int, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Run T new tokens through the model; logits [B, T, V] or for the last position [B, V]."""
-        x, step = self.begin(input_ids, start, cache, pad)
+        x, step = self.begin(input_ids, start, cache)
         return self.layers_and_head(x, step, all_logits)

@@ -263,34 +263,19 @@ class Attention:
         return F.linear(out, self.o_proj, self.o_bias)
 
 
-def attention_mask(
-    start: int, num_new: int, pad: torch.Tensor | None, device: torch.device
-) -> torch.Tensor | None:
-    """Boolean mask [B or 1, 1, T, S] (True = attend): causal over the cache, left padding excluded.
-
-    pad [B] holds each row's number of left-padding positions. Returns None when plain causal
-    attention of a single token needs no mask.
-    """
+def attention_mask(start: int, num_new: int, device: torch.device) -> torch.Tensor | None:
+    """Boolean mask [1, 1, T, S] (True = attend): causal over the cache. Returns None when plain
+    causal attention of a single token needs no mask."""
     total = start + num_new
-    if pad is None and num_new == 1:
+    if num_new == 1:
         return None
     q_pos = torch.arange(start, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
-    mask = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
-    if pad is not None:
-        valid = k_pos[None] >= pad.to(device)[:, None, None]  # [B, 1, S]
-        mask = mask & valid[:, None]
-        # A padding query row would attend to nothing; let it see itself to avoid NaN.
-        mask = mask | (k_pos == q_pos)[None, None]
-    return mask
+    return (k_pos <= q_pos)[None, None]
 
 
-def decode_mask(pos: torch.Tensor, pad: torch.Tensor | None, max_len: int) -> torch.Tensor:
+def decode_mask(pos: torch.Tensor, max_len: int) -> torch.Tensor:
     """Boolean mask [B or 1, 1, 1, S_max] (True = attend) for one new token at position pos [1] or,
-    one per row, pos [B] (a device tensor): every written position up to pos, less each row's left
-    padding pad [B]."""
+    one per row, pos [B] (a device tensor): every written position up to pos."""
     k_pos = torch.arange(max_len, device=pos.device)
-    mask = (k_pos[None] <= pos[:, None])[:, None, None]
-    if pad is not None:
-        mask = mask & (k_pos[None] >= pad[:, None])[:, None, None]
-    return mask
+    return (k_pos[None] <= pos[:, None])[:, None, None]

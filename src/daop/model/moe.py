@@ -114,8 +114,8 @@ class ExpertRunner(Protocol):
     A runner may keep per-sequence state (placement changes, next-layer preparations): `reset`
     starts a new sequence, `set_phase` switches between "prefill" and "decode", `totals` returns
     its counters since load (empty when it keeps none) and `close` stops its worker threads. Only
-    DecodeSession calls the first two, so every generation, evaluation, benchmark and profile runs
-    the same sequence.
+    DecodeSession (one sequence) and the Batcher (`daop.batching`) call the first two, so every
+    generation, evaluation, benchmark and profile runs the same sequence.
     """
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,9 @@ Offloaded policies need the routing on the host each layer: the device work betw
 is captured instead, and the runner serves each MoE layer eagerly between the pieces
 (`PiecewiseStep`).
 
-A captured graph is bound to the addresses of its cache and inputs, so caches of captured steps
-are pooled per (batch, length): the next sequence of the same shape reuses the cache and the graph.
+A captured graph is bound to the addresses of its cache and inputs, so a sequence's cache and
+captured step are pooled per cache length: the next sequence of that length reuses both. (A batch's
+rows and captured steps are kept by its `daop.batching.Batcher`.)
 Cache lengths are rounded up to a power of two (`cache_length`) for every sequence, captured or
 not, so a step reads the same cache shape under every policy and exact policies stay equal.
 """
@@ -79,17 +80,17 @@ class StepInputs:
 class CapturedStep:
     """One decode step of a (batch, cache) captured as a CUDA graph; `replay` runs it again."""
 
-    def __init__(self, decoder: Decoder, cache: KVCache, inputs: StepInputs, pad: torch.Tensor | None) -> None:
+    def __init__(self, decoder: Decoder, cache: KVCache, inputs: StepInputs) -> None:
         # Warm up on a side stream (compiles kernels, fills lazy tables, settles the allocator): a
         # real step on the loaded inputs; the replay that follows writes the same cache entries.
         side = torch.cuda.Stream(decoder.device)
         side.wait_stream(torch.cuda.current_stream(decoder.device))
         with torch.cuda.stream(side):
-            decoder.decode(inputs.ids, inputs.pos, cache, pad)
+            decoder.decode(inputs.ids, inputs.pos, cache)
         torch.cuda.current_stream(decoder.device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
-            self.logits = decoder.decode(inputs.ids, inputs.pos, cache, pad)
+            self.logits = decoder.decode(inputs.ids, inputs.pos, cache)
 
     def replay(self) -> torch.Tensor:
         self.graph.replay()
@@ -108,9 +109,8 @@ class PiecewiseStep:
     shared memory pool that later pieces never overwrite; the runner's output goes into one static
     buffer the next piece reads."""
 
-    def __init__(self, decoder: Decoder, cache: KVCache, inputs: StepInputs, pad: torch.Tensor | None,
-                 graphs: bool = True) -> None:
-        self.decoder, self.cache, self.inputs, self.pad = decoder, cache, inputs, pad
+    def __init__(self, decoder: Decoder, cache: KVCache, inputs: StepInputs, graphs: bool = True) -> None:
+        self.decoder, self.cache, self.inputs = decoder, cache, inputs
         self.moe_layers = [layer.layer_idx for layer in decoder.layers if layer.router is not None]
         c = decoder.config
         self.moe_out = torch.zeros(inputs.batch, c.hidden_size, device=decoder.device, dtype=decoder.dtype)
@@ -141,7 +141,7 @@ class PiecewiseStep:
         """Piece k's device work; returns (residual, MoE input [N, D], ids, weights), or (logits,) last."""
         d = self.decoder
         if k == 0:
-            x, self.step = d.begin_decode(self.inputs.ids, self.inputs.pos, self.cache, self.pad)
+            x, self.step = d.begin_decode(self.inputs.ids, self.inputs.pos, self.cache)
             first = 0
         else:
             prev = self.moe_layers[k - 1]
@@ -176,21 +176,20 @@ class PiecewiseStep:
         return self.run_piece(len(self.moe_layers))[0]
 
 
-def capture_step(decoder: Decoder, cache: KVCache, inputs: StepInputs, pad: torch.Tensor | None) -> CapturedStep | PiecewiseStep:
+def capture_step(decoder: Decoder, cache: KVCache, inputs: StepInputs) -> CapturedStep | PiecewiseStep:
     """The whole step as one graph where the experts are routed on the device, else in pieces."""
     if whole_step(decoder, inputs.batch):
-        return CapturedStep(decoder, cache, inputs, pad)
-    return PiecewiseStep(decoder, cache, inputs, pad)
+        return CapturedStep(decoder, cache, inputs)
+    return PiecewiseStep(decoder, cache, inputs)
 
 
 class PooledStep:
-    """A cache, its step inputs and padding buffer, and the captured step, kept for the next
-    sequence of the same shape; `owner` is the session using it now."""
+    """A sequence's cache, its step inputs and the captured step, kept for the next sequence of the
+    same cache length; `owner` is the session using it now."""
 
-    def __init__(self, decoder: Decoder, batch: int, length: int) -> None:
-        self.cache = decoder.new_cache(batch, length)
-        self.inputs = StepInputs(batch, decoder.device)
-        self.pad = torch.zeros(batch, dtype=torch.long, device=decoder.device) if batch > 1 else None
+    def __init__(self, decoder: Decoder, length: int) -> None:
+        self.cache = decoder.new_cache(1, length)
+        self.inputs = StepInputs(1, decoder.device)
         self.graph: CapturedStep | PiecewiseStep | None = None
         self.owner: weakref.ref | None = None
         self.experts = weakref.ref(decoder.experts)  # the graph reads these experts' tensors
@@ -205,7 +204,7 @@ class PooledStep:
         return self.experts() is not decoder.experts or self.routing_key != decoder.routing.graph_key
 
 
-_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> {(batch, length): PooledStep}
+_POOLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # decoder -> {length: PooledStep}
 
 
 def captures(decoder: Decoder, batch: int) -> bool:
@@ -229,56 +228,53 @@ def capture_kind(decoder: Decoder, batch: int) -> str:
 
 
 class Stepper:
-    """Runs one session's decode steps: captured (a pooled cache and graph) or eager (its own cache)."""
+    """Runs one sequence's decode steps: captured (a pooled cache and graph) or eager (its own cache)."""
 
-    def __init__(self, decoder: Decoder, owner: Any, batch: int, needed: int, pad: torch.Tensor | None) -> None:
+    def __init__(self, decoder: Decoder, owner: Any, needed: int) -> None:
         self.decoder = decoder
         length = cache_length(decoder, needed)
         self.pooled: PooledStep | None = None
-        if captures(decoder, batch):
-            self.pooled = self.claim(owner, batch, length)
+        if captures(decoder, 1):
+            self.pooled = self.claim(owner, length)
         if self.pooled is not None:
-            self.cache, self.inputs, self.pad = self.pooled.cache, self.pooled.inputs, self.pooled.pad
-            if pad is not None:
-                self.pad.copy_(pad)
+            self.cache, self.inputs = self.pooled.cache, self.pooled.inputs
         else:
-            self.cache = decoder.new_cache(batch, length)
-            self.inputs = StepInputs(batch, decoder.device)
-            self.pad = pad.to(decoder.device) if pad is not None else None
+            self.cache = decoder.new_cache(1, length)
+            self.inputs = StepInputs(1, decoder.device)
         bind = getattr(decoder.routing, "bind_position", None)
         if bind is not None:  # a routing that reads per-position tables (a replayed trace) reads them at the step's position
             bind(self.inputs.pos)
 
-    def claim(self, owner: Any, batch: int, length: int) -> PooledStep | None:
+    def claim(self, owner: Any, length: int) -> PooledStep | None:
         pool = _POOLS.setdefault(self.decoder, {})
         for key in [k for k, e in pool.items() if e.stale(self.decoder)]:
             del pool[key]
-        entry = pool.get((batch, length))
+        entry = pool.get(length)
         if entry is not None and entry.busy():
             return None  # another live session holds it: this one runs uncaptured on its own cache
         if entry is None:
             for key in [k for k, e in pool.items() if not e.busy()]:
-                del pool[key]  # one shape at a time: idle caches of other shapes are freed first
+                del pool[key]  # one shape at a time: idle caches of other lengths are freed first
             if self.decoder.device.type == "cuda":
                 torch.cuda.empty_cache()
-            entry = pool[(batch, length)] = PooledStep(self.decoder, batch, length)
+            entry = pool[length] = PooledStep(self.decoder, length)
         entry.owner = weakref.ref(owner)
         return entry
 
     def run(self, tokens: Sequence[int] | torch.Tensor, position: int) -> torch.Tensor:
-        """Logits [B, V] of one decode step at `position` (a fresh tensor: the graph's own is reused)."""
+        """Logits [1, V] of one decode step at `position` (a fresh tensor: the graph's own is reused)."""
         self.inputs.load(tokens, position)
         if self.pooled is None:
-            return self.decoder.decode(self.inputs.ids, self.inputs.pos, self.cache, self.pad)
+            return self.decoder.decode(self.inputs.ids, self.inputs.pos, self.cache)
         if self.pooled.graph is None:
             try:
-                self.pooled.graph = capture_step(self.decoder, self.cache, self.inputs, self.pad)
+                self.pooled.graph = capture_step(self.decoder, self.cache, self.inputs)
             except (torch.cuda.OutOfMemoryError, MemoryError):
                 raise
             except Exception as exc:  # noqa: BLE001 - a step that cannot be captured still runs, eagerly
                 log.warning("decode steps run uncaptured from now on: capture failed (%s: %s)", type(exc).__name__, exc)
                 self.decoder.cuda_graphs, self.pooled = False, None
-                return self.decoder.decode(self.inputs.ids, self.inputs.pos, self.cache, self.pad)
+                return self.decoder.decode(self.inputs.ids, self.inputs.pos, self.cache)
         return self.pooled.graph.replay().clone()
 
     @property
