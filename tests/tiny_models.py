@@ -18,7 +18,15 @@ DEEPSEEK = dict(COMMON, num_key_value_heads=4, intermediate_size=96, moe_interme
                 num_experts_per_tok=4, n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=24,
                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_group=4, topk_group=2)
 
-FAMILIES = ["mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+# four layers sliding (window 4, so a 12-token prompt outgrows it) and full in turn, a clamp low enough
+# that random weights reach it on both sides, attention sinks and every bias random (set by hf_model)
+GPT_OSS = dict(COMMON, num_hidden_layers=4, head_dim=16, intermediate_size=64, num_local_experts=8,
+               num_experts_per_tok=2, sliding_window=4, swiglu_limit=1.5,
+               layer_types=["sliding_attention", "full_attention"] * 2,
+               rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                "original_max_position_embeddings": 32, "rope_theta": 150000.0})
+
+FAMILIES = ["mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
 
 
 def hf_config(family: str, **overrides):
@@ -43,6 +51,8 @@ def hf_config(family: str, **overrides):
     elif family == "deepseek_v3":
         # the sigmoid router: each group ranked by its two best scores plus the score bias (random, set by hf_model)
         cfg = tf.DeepseekV3Config(**DEEPSEEK, routed_scaling_factor=2.5)
+    elif family == "gpt_oss":
+        cfg = tf.GptOssConfig(**GPT_OSS)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
