@@ -124,3 +124,40 @@ def fail_long_prefills(engine, limit: int, error=torch.OutOfMemoryError):
         return inner(layer, x, step)
 
     engine.decoder.attention_block = attention_block
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., K] (K a multiple of 32) in MXFP4 as gpt-oss publishes it: (blocks uint8 [..., K/32, 16], two
+    FP4 codes a byte, low nibble first; scales uint8 [..., K/32], exponents biased by 127). Each block's
+    scale is the smallest power of two that keeps its largest magnitude within 6, each value the nearest
+    FP4 value under it."""
+    from daop.weights.mxfp4 import FP4_VALUES
+
+    *lead, K = w.shape
+    blocks = w.float().reshape(*lead, K // 32, 32)
+    exponent = torch.ceil(torch.log2(blocks.abs().amax(dim=-1).clamp_min(2.0 ** -100) / 6.0))
+    scaled = blocks / torch.exp2(exponent)[..., None]
+    codes = (scaled[..., None] - torch.tensor(FP4_VALUES)).abs().argmin(dim=-1).to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), (exponent.int() + 127).to(torch.uint8)
+
+
+def save_mxfp4_checkpoint(model, path: Path) -> Path:
+    """A gpt-oss checkpoint in the published layout: its routed experts in MXFP4 (`*_blocks`, `*_scales`,
+    rows as nn.Linear orders them: [E, out, in/32, 16]), everything else, biases included, as saved."""
+    from safetensors.torch import save_file
+
+    save_checkpoint(model, path)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = quantize_mxfp4(t.transpose(1, 2))
+        else:
+            tensors[name] = t.contiguous()
+    for old in path.glob("*.safetensors"):
+        old.unlink()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    raw = json.loads((path / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    return path
