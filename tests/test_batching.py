@@ -45,7 +45,7 @@ def test_seeded_sampling_is_per_request(shipped):
 
 
 @pytest.mark.parametrize("policy", ["lru", "daop-exact", "static"])
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "deepseek_v3"])  # grouped-query and latent-attention caches
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss"])  # grouped-query and latent-attention caches, sliding windows
 def test_offloaded_policies_batch_exactly(tiny_dir, family, policy):
     _, path = tiny_dir(family)
     ref = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False)

@@ -4,6 +4,8 @@ import math
 import subprocess
 import sys
 
+import torch
+
 POINT_KEYS = {"policy", "expert_ratio", "ttft_ms", "decode_ms_per_token", "tokens_per_s_incl_prefill", "gpu_hit_rate",
               "cpu_calls_per_token", "copy_calls_per_token", "resident_calls_per_token", "h2d_bytes_per_token",
               "cpu_wait_share", "bound_ms", "measured_over_bound", "cpu_ms_per_expert_token", "universal_bound_ms",
@@ -72,3 +74,22 @@ def test_every_geometry_maps_to_a_config():
     assert lite.latent_attention.kv_lora_rank == 512 and lite.rope.kind == "yarn"
     yarn_mscale = 0.1 * 0.707 * math.log(40) + 1  # squared into the softmax scale, as transformers does
     assert abs(lite.latent_attention.softmax_scale - 192 ** -0.5 * yarn_mscale ** 2) < 1e-9
+
+
+def test_gpt_oss_20b_geometry_and_its_synthetic_experts():
+    from dataclasses import replace
+
+    from daop.bench.geometry import geometry_config, synthetic_host_experts
+
+    oss, spec = geometry_config("gpt-oss-20b")
+    assert spec.model_type == "gpt_oss" and (oss.num_layers, oss.num_experts, oss.top_k) == (24, 32, 4)
+    assert (oss.hidden_size, oss.expert_intermediate_size, oss.num_heads, oss.num_kv_heads, oss.head_dim) == (2880, 2880, 64, 8, 64)
+    assert oss.layer_windows == (128, 0) * 12 and oss.context_length == 131072 and oss.vocab_size == 201088
+    assert oss.attention_sinks and oss.expert_bias and oss.expert_glu == (1.702, 7.0)
+    assert oss.rope.kind == "yarn" and not oss.rope.truncate and oss.rope.factor == 32.0
+    assert geometry_config("gpt-oss-20b", 3)[0].layer_windows == (128, 0, 128)
+    small = replace(geometry_config("gpt-oss-20b", 2)[0], hidden_size=64, expert_intermediate_size=32, num_experts=4)
+    host = synthetic_host_experts(small, torch.float32, pin=False)
+    w = host.weights(1, 3)
+    assert host.fmt.biased and [tuple(t.shape) for t in w] == [(64, 64), (64, 32), (64,), (64,)]
+    assert all(t.abs().sum() > 0 for t in w)

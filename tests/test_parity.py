@@ -50,7 +50,7 @@ def test_kv_cached_decode_equals_full_recompute(tiny_dir, family):
     assert (stepped - full[3:]).abs().max().item() < 1e-4
 
 
-@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "deepseek_v3"])
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss"])
 def test_sharded_checkpoint_equals_single_file(tiny_dir, family):
     _, single = tiny_dir(family)
     _, sharded = tiny_dir(family, shard_mb=1)

@@ -18,7 +18,15 @@ DEEPSEEK = dict(COMMON, num_key_value_heads=4, intermediate_size=96, moe_interme
                 num_experts_per_tok=4, n_shared_experts=2, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=24,
                 qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, n_group=4, topk_group=2)
 
-FAMILIES = ["mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3"]
+# four layers sliding (window 4, so a 12-token prompt outgrows it) and full in turn, a clamp low enough
+# that random weights reach it on both sides, attention sinks and every bias random (set by hf_model)
+GPT_OSS = dict(COMMON, num_hidden_layers=4, head_dim=16, intermediate_size=64, num_local_experts=8,
+               num_experts_per_tok=2, sliding_window=4, swiglu_limit=1.5,
+               layer_types=["sliding_attention", "full_attention"] * 2,
+               rope_parameters={"rope_type": "yarn", "factor": 8.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                                "original_max_position_embeddings": 32, "rope_theta": 150000.0})
+
+FAMILIES = ["mixtral", "phimoe", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss"]
 
 
 def hf_config(family: str, **overrides):
@@ -43,6 +51,8 @@ def hf_config(family: str, **overrides):
     elif family == "deepseek_v3":
         # the sigmoid router: each group ranked by its two best scores plus the score bias (random, set by hf_model)
         cfg = tf.DeepseekV3Config(**DEEPSEEK, routed_scaling_factor=2.5)
+    elif family == "gpt_oss":
+        cfg = tf.GptOssConfig(**GPT_OSS)
     else:
         raise ValueError(family)
     for k, v in overrides.items():
@@ -114,3 +124,40 @@ def fail_long_prefills(engine, limit: int, error=torch.OutOfMemoryError):
         return inner(layer, x, step)
 
     engine.decoder.attention_block = attention_block
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w [..., K] (K a multiple of 32) in MXFP4 as gpt-oss publishes it: (blocks uint8 [..., K/32, 16], two
+    FP4 codes a byte, low nibble first; scales uint8 [..., K/32], exponents biased by 127). Each block's
+    scale is the smallest power of two that keeps its largest magnitude within 6, each value the nearest
+    FP4 value under it."""
+    from daop.weights.mxfp4 import FP4_VALUES
+
+    *lead, K = w.shape
+    blocks = w.float().reshape(*lead, K // 32, 32)
+    exponent = torch.ceil(torch.log2(blocks.abs().amax(dim=-1).clamp_min(2.0 ** -100) / 6.0))
+    scaled = blocks / torch.exp2(exponent)[..., None]
+    codes = (scaled[..., None] - torch.tensor(FP4_VALUES)).abs().argmin(dim=-1).to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), (exponent.int() + 127).to(torch.uint8)
+
+
+def save_mxfp4_checkpoint(model, path: Path) -> Path:
+    """A gpt-oss checkpoint in the published layout: its routed experts in MXFP4 (`*_blocks`, `*_scales`,
+    rows as nn.Linear orders them: [E, out, in/32, 16]), everything else, biases included, as saved."""
+    from safetensors.torch import save_file
+
+    save_checkpoint(model, path)
+    tensors = {}
+    for name, t in model.state_dict().items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = quantize_mxfp4(t.transpose(1, 2))
+        else:
+            tensors[name] = t.contiguous()
+    for old in path.glob("*.safetensors"):
+        old.unlink()
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    raw = json.loads((path / "config.json").read_text())
+    raw["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    return path

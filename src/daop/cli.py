@@ -448,7 +448,7 @@ def add_eval_parser(sub) -> None:
 def add_bench_parser(sub) -> None:
     bench = sub.add_parser("bench", help="sweep policies x expert ratios on a model geometry; JSON last")
     bench.add_argument("--geometry", default="mixtral-8x7b",
-                       help="mixtral-8x7b, phi-3.5-moe, qwen3-30b-a3b, deepseek-v2-lite, tiny-mixtral (default: mixtral-8x7b; "
+                       help="mixtral-8x7b, phi-3.5-moe, qwen3-30b-a3b, deepseek-v2-lite, gpt-oss-20b, tiny-mixtral (default: mixtral-8x7b; "
                             "its experts need ~90 GB of host memory at 32 layers, see --layers)")
     bench.add_argument("--layers", type=int, default=None,
                        help="cut depth when host memory is short, stated on the card (default: all layers)")

@@ -65,7 +65,8 @@ class ModelConfig:
     norm_eps: float
     rope: RopeConfig = field(default_factory=RopeConfig)
     norm_kind: str = "rms"  # "rms" or "layer" (LayerNorm with bias)
-    router_kind: str = "softmax_topk"  # or "sparsemixer", "group_limited" (DeepSeek-V2), "sigmoid_group_limited" (V3)
+    router_kind: str = "softmax_topk"  # or "sparsemixer", "group_limited" (DeepSeek-V2), "sigmoid_group_limited" (V3),
+    # "topk_softmax" (gpt-oss: softmax over the top-k logits)
     norm_topk_prob: bool = True
     router_weights_in_hidden_dtype: bool = False
     router_in_float32: bool = False  # router weight kept and applied in float32 at every model dtype
@@ -84,7 +85,12 @@ class ModelConfig:
     shared_expert_gated: bool = True  # Qwen2-MoE's sigmoid gate on the shared expert
     dense_intermediate_size: int = 0
     moe_layers: tuple[bool, ...] = ()
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # a window the engine does not mask: it caps the context instead
+    layer_windows: tuple[int, ...] = ()  # per layer, keys within this many positions (0: all); masked, not capped
+    attention_sinks: bool = False  # a learned logit per query head in every softmax denominator (gpt-oss)
+    router_logit_bias: bool = False  # the router is a linear layer with a bias (gpt-oss)
+    expert_bias: bool = False  # routed experts' gate_up and down products have biases (gpt-oss)
+    expert_glu: tuple[float, float] | None = None  # (alpha, limit): gpt-oss's clamped SwiGLU; None: silu(gate) * up
     latent_attention: LatentAttentionConfig | None = None
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
@@ -96,6 +102,10 @@ class ModelConfig:
         if self.sliding_window and self.sliding_window < self.max_positions:
             return int(self.sliding_window)
         return self.max_positions
+
+    def layer_window(self, layer_idx: int) -> int:
+        """Keys a query of this layer attends to, counting itself (0: every earlier position)."""
+        return self.layer_windows[layer_idx] if self.layer_windows else 0
 
     def is_moe_layer(self, layer_idx: int) -> bool:
         return self.moe_layers[layer_idx] if self.moe_layers else True

@@ -21,8 +21,8 @@ few rows, torch's products for more rows, and torch's int4 kernel.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, List
+from dataclasses import dataclass, replace
+from typing import Callable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from daop import int4_layout
 from daop.errors import DaopError
 from daop.kernels import expert_gemv
-from daop.model.moe import swiglu
+from daop.model.moe import gated, swiglu
 
 EXPERT_DTYPES = ("auto", "int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -236,12 +236,17 @@ def linear_q(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     return torch._weight_int4pack_mm(x, q, x.shape[1] // s.shape[0], s)
 
 
-def expert_forward(x: torch.Tensor, w: List[torch.Tensor]) -> torch.Tensor:
-    """One SwiGLU expert, down(silu(gate x) * up x), for an expert in any format (TorchScript-compatible).
+def expert_forward(x: torch.Tensor, w: List[torch.Tensor], glu: Optional[Tuple[float, float]] = None) -> torch.Tensor:
+    """One gated expert, down(act(gate x, up x)), for an expert in any format (TorchScript-compatible).
 
     Float experts run `daop.model.moe.swiglu` (one product over the stacked gate_up) on the CPU and
-    the same sequence through `float_linear_cuda` on CUDA; low-bit ones through `linear_q`."""
-    if len(w) == 2:
+    the same sequence through `float_linear_cuda` on CUDA; low-bit ones through `linear_q`. A biased
+    expert (gpt-oss) or one with another activation (glu, see `daop.model.moe.gated`) runs
+    `biased_expert_forward`."""
+    quantized = not w[0].is_floating_point()
+    if len(w) != (4 if quantized else 2) or glu is not None:
+        return biased_expert_forward(x, w, glu)
+    if not quantized:
         if not x.is_cuda:
             return swiglu(x, w[0], w[1])
         gate, up = float_linear_cuda(x, w[0]).chunk(2, dim=-1)
@@ -250,10 +255,34 @@ def expert_forward(x: torch.Tensor, w: List[torch.Tensor]) -> torch.Tensor:
     return linear_q(F.silu(gate) * up, w[2], w[3])
 
 
+def expert_product(x: torch.Tensor, w: List[torch.Tensor], part: int, quantized: bool) -> torch.Tensor:
+    """x times an expert's gate_up (part 0) or down (part 1) matrix, in the expert's format."""
+    if quantized:
+        return linear_q(x, w[2 * part], w[2 * part + 1])
+    if x.is_cuda:
+        return float_linear_cuda(x, w[part])
+    return F.linear(x, w[part])
+
+
+def biased_expert_forward(x: torch.Tensor, w: List[torch.Tensor], glu: Optional[Tuple[float, float]]) -> torch.Tensor:
+    """An expert whose tensors (format's weights, then optionally the gate_up bias [2I] and the down
+    bias [D]) are applied as transformers' gpt-oss experts do: each product, then its bias."""
+    quantized = not w[0].is_floating_point()
+    k = 4 if quantized else 2
+    gate_up = expert_product(x, w, 0, quantized)
+    if len(w) > k:
+        gate_up = gate_up + w[k]
+    gate, up = gate_up.chunk(2, dim=-1)
+    y = expert_product(gated(gate, up, glu), w, 1, quantized)
+    if len(w) > k:
+        y = y + w[k + 1]
+    return y
+
+
 def routes_on_device(fmt: "ExpertFormat", device: torch.device, num_tokens: int) -> bool:
     """Whether `routed_experts` serves these tokens: CUDA with the GEMV kernel, float or int8
     experts (int4 runs torch's kernel per expert), and few enough tokens for the kernel."""
-    return (device.type == "cuda" and expert_gemv.AVAILABLE and fmt.kind != "int4"
+    return (device.type == "cuda" and expert_gemv.AVAILABLE and fmt.kind != "int4" and fmt.plain
             and num_tokens <= GEMV_MAX_ROWS)
 
 
@@ -293,11 +322,29 @@ def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, st
 @dataclass(frozen=True)
 class ExpertFormat:
     """How routed experts are stored: kind 'auto' (the model's float dtype), 'int8' or 'int4';
-    dtype is the model's dtype (activations, scales, float weights)."""
+    dtype is the model's dtype (activations, scales, float weights). biased: each expert also holds
+    its gate_up bias [2I] and down bias [D] (model dtype, never quantized), after its weights; glu:
+    (alpha, limit) of gpt-oss's clamped SwiGLU, None for silu(gate) * up (`for_model` sets both)."""
 
     kind: str = "auto"
     dtype: torch.dtype = torch.bfloat16
     group_size: int = DEFAULT_GROUP_SIZE
+    biased: bool = False
+    glu: tuple[float, float] | None = None
+
+    def for_model(self, config) -> "ExpertFormat":
+        """This format with the expert function of a model (its ModelConfig)."""
+        return replace(self, biased=config.expert_bias, glu=config.expert_glu)
+
+    @property
+    def plain(self) -> bool:
+        """A SwiGLU expert without biases: what daop's GEMV routing and CPU kernel compute."""
+        return not self.biased and self.glu is None
+
+    @property
+    def num_weights(self) -> int:
+        """Tensors before the biases: 2 float, 4 low-bit (weights and scales)."""
+        return 4 if self.quantized else 2
 
     @staticmethod
     def of(fmt: "ExpertFormat | torch.dtype") -> "ExpertFormat":
@@ -320,10 +367,24 @@ class ExpertFormat:
         return self.kind if self.quantized else str(self.dtype).replace("torch.", "")
 
     def shapes(self, hidden: int, inter: int) -> list[tuple[tuple[int, ...], torch.dtype]]:
-        return expert_shapes(hidden, inter, self.kind, self.group_size, self.dtype)
+        shapes = expert_shapes(hidden, inter, self.kind, self.group_size, self.dtype)
+        if self.biased:
+            shapes += [((2 * self.padded_inter(inter),), self.dtype), ((hidden,), self.dtype)]
+        return shapes
 
     def bytes(self, hidden: int, inter: int) -> int:
-        return expert_bytes(hidden, inter, torch.empty((), dtype=self.dtype).element_size(), self.kind, self.group_size)
+        size = torch.empty((), dtype=self.dtype).element_size()
+        biases = (2 * self.padded_inter(inter) + hidden) * size if self.biased else 0
+        return expert_bytes(hidden, inter, size, self.kind, self.group_size) + biases
+
+    def bias_views(self, w: tuple[torch.Tensor, ...], inter: int) -> tuple[torch.Tensor, ...]:
+        """(gate bias [I], up bias [I], down bias [D]) destinations in an expert's tensors w; () unbiased.
+        The padding of int4's gate_up bias stays zero (zero activations, as for its weights)."""
+        if not self.biased:
+            return ()
+        gate_up, down = w[self.num_weights], w[self.num_weights + 1]
+        padded = gate_up.shape[0] // 2
+        return gate_up[:inter], gate_up[padded:padded + inter], down
 
     def check(self, hidden: int, inter: int) -> None:
         check_geometry(self.kind, hidden, inter, self.group_size)
@@ -364,7 +425,7 @@ class Staged:
         return self.buffer.shape
 
     def commit(self) -> None:
-        gu_q, gu_s, dn_q, dn_s = self.target()
+        gu_q, gu_s, dn_q, dn_s = self.target()[:4]
         q_dst, s_dst = (dn_q, dn_s) if self.part == "down" else (gu_q, gu_s)
         q, s = self.fmt.quantize_part(self.buffer, self.part)
         n = q.shape[0]

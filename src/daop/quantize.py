@@ -208,6 +208,9 @@ def quantize_checkpoint(model: Path, output: Path, expert_dtype: str, group_size
     if expert_dtype not in ("int8", "int4"):
         raise DaopError(f"--expert-dtype must be int8 or int4, got {expert_dtype!r}")
     config, spec = load_config(model), spec_for(raw)
+    if spec.stacked_experts:
+        raise DaopError(f"{model}: daop quantize does not write {spec.name} folders (experts stored stacked); "
+                        "quantize at load with --expert-dtype int8 or int4 instead")
     wanted = None if dtype is None or dtype.lower() == "auto" else parse_dtype(dtype, config.torch_dtype)
     fmt = ExpertFormat(expert_dtype, parse_dtype(dtype, config.torch_dtype), group_size or DEFAULT_GROUP_SIZE)
     fmt.check(config.hidden_size, config.expert_intermediate_size)

@@ -41,6 +41,15 @@ GEOMETRIES: dict[str, dict] = {
                              rms_norm_eps=1e-6, rope_theta=10000.0,
                              rope_scaling=dict(type="yarn", factor=40, beta_fast=32, beta_slow=1, mscale=0.707,
                                                mscale_all_dim=0.707, original_max_position_embeddings=4096)),
+    # gpt-oss-20b's config.json: 32 experts (top 4) with biases and the clamped SwiGLU, attention sinks,
+    # 128-token sliding windows on every other layer, yarn rope without truncation
+    "gpt-oss-20b": dict(model_type="gpt_oss", vocab_size=201088, hidden_size=2880, intermediate_size=2880,
+                        num_hidden_layers=24, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                        num_local_experts=32, num_experts_per_tok=4, sliding_window=128,
+                        layer_types=["sliding_attention", "full_attention"] * 12, attention_bias=True,
+                        max_position_embeddings=131072, rms_norm_eps=1e-5, rope_theta=150000.0, swiglu_limit=7.0,
+                        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0, truncate=False,
+                                          original_max_position_embeddings=4096)),
 }
 
 
@@ -52,6 +61,8 @@ def geometry_config(name: str, layers: int | None = None) -> tuple[ModelConfig, 
         if not 1 <= layers <= raw["num_hidden_layers"]:
             raise DaopError(f"--layers {layers} must be between 1 and {raw['num_hidden_layers']} for {name}")
         raw["num_hidden_layers"] = layers
+        if "layer_types" in raw:
+            raw["layer_types"] = raw["layer_types"][:layers]
     spec = spec_by_name(raw["model_type"])
     return spec.config_from_hf(raw), spec
 
@@ -73,12 +84,14 @@ def synthetic_decoder(config: ModelConfig, spec, device: torch.device, dtype: to
 def synthetic_host_experts(config: ModelConfig, fmt: ExpertFormat | torch.dtype, pin: bool, seed: int = 0,
                            prototypes: int = 4) -> HostExperts:
     """Host store filled from a few random prototype experts (fast even for ~100 GB of experts),
-    in the given stored format (prototypes quantized once)."""
-    fmt = ExpertFormat.of(fmt)
+    in the given stored format (prototypes quantized once), with the model's expert biases if it has them."""
+    fmt = ExpertFormat.of(fmt).for_model(config)
     host = HostExperts(config, fmt, pin)
     gen = torch.Generator().manual_seed(seed)
     I, D = config.expert_intermediate_size, config.hidden_size
-    protos = [fmt.from_float(*(torch.randn(*shape, generator=gen) * 0.02 for shape in ((2 * I, D), (D, I))))
+    biases = fmt.shapes(D, I)[fmt.num_weights:]
+    protos = [(*fmt.from_float(*(torch.randn(*shape, generator=gen) * 0.02 for shape in ((2 * I, D), (D, I)))),
+               *(torch.randn(*shape, generator=gen).to(dtype) * 0.02 for shape, dtype in biases))
               for _ in range(prototypes)]
     for n, layer_idx in enumerate(host.layers):
         for e in range(config.num_experts):

@@ -32,7 +32,7 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, List
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -98,11 +98,12 @@ class SwitchInterval:
 SWITCH = SwitchInterval()
 
 
-def run_jobs_eager(h: torch.Tensor, rows: List[torch.Tensor], weights: List[List[torch.Tensor]]) -> List[torch.Tensor]:
-    """Every job's expert output [n, D] for its token rows of h [T, D], in job order."""
+def run_jobs_eager(h: torch.Tensor, rows: List[torch.Tensor], weights: List[List[torch.Tensor]],
+                   glu: Optional[Tuple[float, float]] = None) -> List[torch.Tensor]:
+    """Every job's expert output [n, D] for its token rows of h [T, D], in job order (glu: see `expert_forward`)."""
     out: List[torch.Tensor] = []
     for i in range(len(rows)):
-        out.append(expert_forward(h.index_select(0, rows[i]), weights[i]))
+        out.append(expert_forward(h.index_select(0, rows[i]), weights[i], glu))
     return out
 
 
@@ -182,13 +183,15 @@ class CpuExecutor:
     """Runs lists of CPU expert jobs; `busy_s` is compute time, `expert_tokens` the (expert, token) pairs done."""
 
     def __init__(self, threads: int | None = None, mode: str = "worker", scripted: bool = True,
-                 native: bool = False) -> None:
+                 native: bool = False, glu: tuple[float, float] | None = None) -> None:
+        """glu: the experts' activation (`daop.model.moe.gated`); the C kernel computes only silu(gate) * up."""
         if mode not in MODES:
             raise ValueError(f"CPU executor mode must be one of {MODES}, got {mode!r}")
         self.threads = threads or physical_cores()
         self.mode = mode
         self.kernel = job_kernel() if scripted else run_jobs_eager
-        self.native = native and cpu_expert.available()
+        self.native = native and glu is None and cpu_expert.available()
+        self.glu = glu
         self.busy_s = 0.0
         self.expert_tokens = 0
         self.pool = None
@@ -232,7 +235,7 @@ class CpuExecutor:
                 else:  # per job: the C kernel where it serves, the rest in one scripted call
                     served = [self.native and cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights)]
                     rest = [i for i, s in enumerate(served) if not s]
-                    by_torch = iter(self.kernel(h_host, [rows[i] for i in rest], [weights[i] for i in rest]) if rest else [])
+                    by_torch = iter(self.kernel(h_host, [rows[i] for i in rest], [weights[i] for i in rest], self.glu) if rest else [])
                     ys = [cpu_expert.expert(h_host.index_select(0, r), w[0], w[1], self.threads) if s else next(by_torch)
                           for r, w, s in zip(rows, weights, served)]
             t1 = time.perf_counter()

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,8 @@ class DecoderLayer:
         self.router = torch.empty(c.num_experts, c.hidden_size, device=device, dtype=router_dtype) if self.is_moe else None
         has_bias = self.is_moe and c.router_score_bias
         self.router_bias = torch.empty(c.num_experts, device=device, dtype=torch.float32) if has_bias else None
+        has_logit_bias = self.is_moe and c.router_logit_bias
+        self.router_logit_bias = torch.empty(c.num_experts, device=device, dtype=router_dtype) if has_logit_bias else None
         self.shared: SharedExpert | None = None
         if self.is_moe and c.shared_expert_intermediate_size:
             self.shared = SharedExpert(c.hidden_size, c.shared_expert_intermediate_size, c.shared_expert_gated, device, dtype)
@@ -48,6 +50,8 @@ class DecoderLayer:
             out[spec.router_name(self.layer_idx)] = self.router
         if self.router_bias is not None:
             out[spec.router_bias_name(self.layer_idx)] = self.router_bias
+        if self.router_logit_bias is not None:
+            out[spec.router_logit_bias_name(self.layer_idx)] = self.router_logit_bias
         if self.shared is not None and self.is_moe:
             shared = f"{p}.mlp.{spec.shared_expert_prefix}"
             out.update(self.shared.tensors(shared, f"{shared}_gate.weight"))
@@ -66,6 +70,10 @@ class Step:
     mask: torch.Tensor | None
     start: int | torch.Tensor
     cache: KVCache
+    window_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # by window, for sliding layers
+
+    def mask_for(self, window: int) -> torch.Tensor | None:
+        return self.window_masks[window] if window else self.mask
 
 
 class Decoder:
@@ -80,13 +88,16 @@ class Decoder:
         self.lm_head = self.embed if c.tie_word_embeddings else torch.empty(c.vocab_size, c.hidden_size, device=device, dtype=dtype)
         self.lm_head_bias = torch.empty(c.vocab_size, device=device, dtype=dtype) if c.lm_head_bias else None
         self.rotary = Rotary(c.rope, c.head_dim, c.max_positions, device)
+        self.windows = sorted({w for w in c.layer_windows if w})  # sliding layers' windows, masked per step
         # transformers rotates DeepSeek-V2's (not V3's) query and key parts in float32
         self.rotary_dtype = torch.float32 if c.latent_attention and c.latent_attention.rope_in_float32 else dtype
         self.experts: ExpertRunner | None = None
         self.cuda_graphs = True  # decode steps that stay on the device are captured (daop.runtime.decode_step)
         routers = {layer.layer_idx: layer.router for layer in self.layers if layer.router is not None}
         biases = {layer.layer_idx: layer.router_bias for layer in self.layers if layer.router_bias is not None}
-        self.model_routing = ModelRouting(c, routers, biases)
+        logit_biases = {layer.layer_idx: layer.router_logit_bias for layer in self.layers
+                        if layer.router_logit_bias is not None}
+        self.model_routing = ModelRouting(c, routers, biases, logit_biases)
         self.routing: Routing = self.model_routing  # replaced to replay or observe routing
 
     @contextmanager
@@ -117,7 +128,8 @@ class Decoder:
         B, T = input_ids.shape
         positions = torch.arange(start, start + T, device=self.device).expand(B, T)
         cos, sin = self.rotary.cos_sin(positions, self.rotary_dtype, cache.max_len)
-        step = Step(cos, sin, attention_mask(start, T, self.device), start, cache)
+        windows = {w: attention_mask(start, T, self.device, w) for w in self.windows}
+        step = Step(cos, sin, attention_mask(start, T, self.device), start, cache, windows)
         self.routing.begin(start, T)
         return F.embedding(input_ids.to(self.device), self.embed), step
 
@@ -129,12 +141,14 @@ class Decoder:
         at pos and read whole under a mask. Every decode step runs this, captured or not."""
         positions = pos.view(-1, 1).expand(input_ids.shape[0], 1)
         cos, sin = self.rotary.table(self.rotary_dtype, cache.max_len)
-        step = Step(cos[positions], sin[positions], decode_mask(pos, cache.max_len), pos, cache)
+        windows = {w: decode_mask(pos, cache.max_len, w) for w in self.windows}
+        step = Step(cos[positions], sin[positions], decode_mask(pos, cache.max_len), pos, cache, windows)
         return F.embedding(input_ids, self.embed), step
 
     def attention_block(self, layer: DecoderLayer, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
         """Residual stream after attention [B, T, D] and its post-attention norm (the MoE input)."""
-        h = x + layer.attn(layer.input_norm(x), step.cos, step.sin, step.cache, layer.layer_idx, step.start, step.mask)
+        mask = step.mask_for(self.config.layer_window(layer.layer_idx))
+        h = x + layer.attn(layer.input_norm(x), step.cos, step.sin, step.cache, layer.layer_idx, step.start, mask)
         return h, layer.post_norm(h)
 
     def ffn_block(self, layer: DecoderLayer, normed: torch.Tensor) -> torch.Tensor:

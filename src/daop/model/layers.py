@@ -207,6 +207,7 @@ class Attention:
         self.q_bias, self.k_bias, self.v_bias = self.qkv_bias.split(self.split) if c.qkv_bias else (None, None, None)
         self.o_proj = empty(c.hidden_size, q_out)
         self.o_bias = empty(c.hidden_size) if c.o_bias else None
+        self.sinks = empty(c.num_heads) if c.attention_sinks else None
         rms = ModelConfig(**{**c.__dict__, "norm_kind": "rms"})
         norm_size = {"head": (c.head_dim, c.head_dim), "full": (q_out, kv_out)}.get(c.qk_norm)
         self.q_norm = Norm(norm_size[0], rms, device, dtype) if norm_size else None
@@ -222,6 +223,8 @@ class Attention:
         if self.q_norm is not None and self.k_norm is not None:
             out.update(self.q_norm.tensors(f"{prefix}.q_norm"))
             out.update(self.k_norm.tensors(f"{prefix}.k_norm"))
+        if self.sinks is not None:
+            out[f"{prefix}.sinks"] = self.sinks
         return out
 
     def __call__(
@@ -257,25 +260,53 @@ class Attention:
         q, k = qk[:, :, :H].transpose(1, 2), qk[:, :, H:].transpose(1, 2)
         v = v.reshape(B, T, G, d).transpose(1, 2)
         keys, values = cache.write(layer_idx, start, k, v)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.head_dim**-0.5,
-                                             enable_gqa=c.num_kv_heads != c.num_heads)
+        if self.sinks is not None:
+            out = sink_attention(q, keys, values, mask, self.sinks, c.head_dim**-0.5)
+        else:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=c.head_dim**-0.5,
+                                                 enable_gqa=c.num_kv_heads != c.num_heads)
         out = out.transpose(1, 2).reshape(B, T, c.num_heads * c.head_dim)
         return F.linear(out, self.o_proj, self.o_bias)
 
 
-def attention_mask(start: int, num_new: int, device: torch.device) -> torch.Tensor | None:
-    """Boolean mask [1, 1, T, S] (True = attend): causal over the cache. Returns None when plain
-    causal attention of a single token needs no mask."""
+def sink_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None,
+                   sinks: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention whose softmax has one more logit per head, sinks [H], that takes a share of the weight
+    and no value (gpt-oss), as transformers' eager attention computes it. q [B, H, T, d], keys and
+    values [B, G, S, d], mask [B or 1, 1, T, S] (True = attend) or None; returns [B, H, T, d]."""
+    B, H, T, d = q.shape
+    G, S = keys.shape[1], keys.shape[2]
+    grouped = q.reshape(B, G, H // G * T, d)  # query heads sharing a kv head side by side
+    scores = (grouped @ keys.transpose(-1, -2) * scale).view(B, H, T, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    logits = torch.cat((scores, sinks.view(1, H, 1, 1).expand(B, H, T, 1).to(scores.dtype)), dim=-1)
+    logits = logits - logits.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(logits, dim=-1)[..., :-1].to(values.dtype)
+    return (probs.reshape(B, G, H // G * T, S) @ values).view(B, H, T, d)
+
+
+def attention_mask(start: int, num_new: int, device: torch.device, window: int = 0) -> torch.Tensor | None:
+    """Boolean mask [1, 1, T, S] (True = attend): causal over the cache and, with a window, only the
+    last `window` positions up to each query's own. Returns None when plain causal attention of a
+    single token needs no mask."""
     total = start + num_new
-    if num_new == 1:
+    if num_new == 1 and not window:
         return None
     q_pos = torch.arange(start, total, device=device)[:, None]
     k_pos = torch.arange(total, device=device)[None, :]
-    return (k_pos <= q_pos)[None, None]
+    mask = (k_pos <= q_pos)[None, None]  # [1, 1, T, S]
+    if window:
+        mask = mask & (k_pos > q_pos - window)[None, None]
+    return mask
 
 
-def decode_mask(pos: torch.Tensor, max_len: int) -> torch.Tensor:
+def decode_mask(pos: torch.Tensor, max_len: int, window: int = 0) -> torch.Tensor:
     """Boolean mask [B or 1, 1, 1, S_max] (True = attend) for one new token at position pos [1] or,
-    one per row, pos [B] (a device tensor): every written position up to pos."""
+    one per row, pos [B] (a device tensor): every written position up to pos (with a window, the
+    last `window` of them)."""
     k_pos = torch.arange(max_len, device=pos.device)
-    return (k_pos[None] <= pos[:, None])[:, None, None]
+    mask = (k_pos[None] <= pos[:, None])[:, None, None]
+    if window:
+        mask = mask & (k_pos[None] > pos[:, None] - window)[:, None, None]
+    return mask

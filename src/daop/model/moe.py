@@ -7,7 +7,7 @@ Shapes: N tokens, D hidden, E experts, K top-k, I expert intermediate size.
 from __future__ import annotations
 
 import functools
-from typing import Protocol
+from typing import Optional, Protocol, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,8 +68,14 @@ def biased_sigmoid_topk(config: ModelConfig, logits: torch.Tensor, bias: torch.T
     return sigmoid_group_limited(logits.float().sigmoid(), bias, config.expert_groups, config.top_groups, config.top_k)
 
 
+def topk_softmax(config: ModelConfig, logits: torch.Tensor, bias: torch.Tensor | None) -> Routed:
+    """gpt-oss: the top-k logits, then a softmax over those alone (in the logits' dtype)."""
+    top, ids = torch.topk(logits, config.top_k, dim=-1)
+    return torch.softmax(top, dim=-1), ids
+
+
 ROUTERS = {"softmax_topk": softmax_topk, "group_limited": group_limited_topk,
-           "sigmoid_group_limited": biased_sigmoid_topk}
+           "sigmoid_group_limited": biased_sigmoid_topk, "topk_softmax": topk_softmax}
 
 
 def select_experts(config: ModelConfig, logits: torch.Tensor,
@@ -100,6 +106,17 @@ def swiglu(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.
     """
     gate, up = F.linear(x, gate_up).chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, down)
+
+
+def gated(gate: torch.Tensor, up: torch.Tensor, glu: Optional[Tuple[float, float]]) -> torch.Tensor:
+    """An expert's activation: silu(gate) * up, or for glu = (alpha, limit) gpt-oss's clamped SwiGLU,
+    (clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit) (TorchScript-compatible)."""
+    if glu is None:
+        return F.silu(gate) * up
+    alpha, limit = glu
+    gate = gate.clamp(max=limit)
+    up = up.clamp(min=-limit, max=limit)
+    return (up + 1) * (gate * torch.sigmoid(gate * alpha))
 
 
 def split_gate_up(gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

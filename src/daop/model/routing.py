@@ -39,9 +39,12 @@ class ModelRouting:
     graph_key = ("model routers",)  # a captured step reads the decoder's own router tensors
 
     def __init__(self, config: ModelConfig, routers: dict[int, torch.Tensor],
-                 biases: dict[int, torch.Tensor] | None = None) -> None:
-        """routers: each MoE layer's router weight [E, D]; biases: its score bias [E], for routers with one."""
+                 biases: dict[int, torch.Tensor] | None = None,
+                 logit_biases: dict[int, torch.Tensor] | None = None) -> None:
+        """routers: each MoE layer's router weight [E, D]; biases: its score bias [E], for routers with one;
+        logit_biases: the bias [E] of a linear router (added to the logits)."""
         self.config, self.routers, self.biases = config, routers, biases or {}
+        self.logit_biases = logit_biases or {}
 
     def begin(self, start: int, num_new: int) -> None:
         pass
@@ -49,7 +52,7 @@ class ModelRouting:
     def logits(self, layer_idx: int, h: torch.Tensor) -> torch.Tensor:
         """Router logits [N, E], in the router's dtype (float32 where the family keeps it so)."""
         router = self.routers[layer_idx]
-        return F.linear(h.to(router.dtype), router)
+        return F.linear(h.to(router.dtype), router, self.logit_biases.get(layer_idx))
 
     def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return select_experts(self.config, self.logits(layer_idx, h), self.biases.get(layer_idx))

@@ -138,7 +138,7 @@ class OffloadedExperts:
             if n >= len(gpu_items) and event is None:
                 event = self.copy(layer_idx, e, slot)
             self.transfer.wait(event)
-            ys[e] = expert_forward(expert_input(h, rows, e), self.store.slot_weights(slot))
+            ys[e] = expert_forward(expert_input(h, rows, e), self.store.slot_weights(slot), self.store.fmt.glu)
             self.transfer.release_slot(slot)
         self.mark(layer_idx, "gpu_launched")
         t0 = time.perf_counter()

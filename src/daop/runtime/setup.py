@@ -70,7 +70,7 @@ class RuntimeOptions:
 def resolve_expert_format(config, dtype: torch.dtype, device: torch.device, expert_dtype: str | None,
                   group_size: int | None = None) -> ExpertFormat:
     """--expert-dtype and --group-size as a checked ExpertFormat (one clear line when they cannot work)."""
-    fmt = ExpertFormat(parse_expert_dtype(expert_dtype, dtype), dtype, group_size or DEFAULT_GROUP_SIZE)
+    fmt = ExpertFormat(parse_expert_dtype(expert_dtype, dtype), dtype, group_size or DEFAULT_GROUP_SIZE).for_model(config)
     fmt.check(config.hidden_size, config.expert_intermediate_size)
     if fmt.kind == "int4" and device.type == "cuda" and dtype != torch.bfloat16:
         raise DaopError(f"int4 experts on CUDA need --dtype bf16 (torch's CUDA int4 kernel), not {str(dtype).removeprefix('torch.')}")
@@ -182,8 +182,8 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
 
     def start() -> ExpertRunner:
         if policy_name in PRESETS:
-            return DaopRunner(store, policy, CpuExecutor(threads, mode, native=native), Transfer(dev), c.num_layers,
+            return DaopRunner(store, policy, CpuExecutor(threads, mode, native=native, glu=fmt.glu), Transfer(dev), c.num_layers,
                               routing=lambda: decoder.routing)
-        return OffloadedExperts(store, policy, CpuExecutor(threads, mode, native=native), Transfer(dev), c.num_layers)
+        return OffloadedExperts(store, policy, CpuExecutor(threads, mode, native=native, glu=fmt.glu), Transfer(dev), c.num_layers)
 
     return PreparedRuntime(budget, policy_name, fmt, store.load_views, store.stored_views, start, rows)

@@ -30,6 +30,7 @@ class HostExperts:
         shapes = self.fmt.shapes(self.hidden, self.inter)
         self.tensors = {l: [torch.empty(E, *shape, dtype=dtype, pin_memory=pin) for shape, dtype in shapes]
                         for l in config.moe_layer_ids()}
+        zero_biases(self.fmt, self.tensors)
         self.pinned = pin
         self.scratch = ScratchBuffers(self.fmt.dtype)
         self.stored_scratch: dict = {}  # host buffers for stored tensors converted as they are committed
@@ -43,11 +44,13 @@ class HostExperts:
         return tuple(t[expert_idx] for t in self.tensors[layer_idx])
 
     def load_views(self, layer_idx: int, expert_idx: int) -> tuple:
-        """(gate, up, down) destinations for the checkpoint's three tensors of one expert."""
+        """(gate, up, down) destinations for the checkpoint's three tensors of one expert, then for a
+        biased format (gate bias, up bias, down bias)."""
         w = self.weights(layer_idx, expert_idx)
+        biases = self.fmt.bias_views(w, self.inter)
         if not self.fmt.quantized:
-            return (*split_gate_up(w[0]), w[1])
-        return staged_views(self.fmt, lambda: w, self.scratch, self.hidden, self.inter)
+            return (*split_gate_up(w[0]), w[1], *biases)
+        return (*staged_views(self.fmt, lambda: w, self.scratch, self.hidden, self.inter), *biases)
 
     def stored_views(self, layer_idx: int, expert_idx: int) -> tuple:
         """Destinations for one expert's stored tensors (a quantized folder): the expert's own tensors,
@@ -56,6 +59,14 @@ class HostExperts:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for ts in self.tensors.values() for t in ts)
+
+
+def zero_biases(fmt: ExpertFormat, tensors: dict[int, list[torch.Tensor]]) -> None:
+    """Biases start at zero: int4's padded rows are never loaded and must stay zero."""
+    if fmt.biased:
+        for stacked in tensors.values():
+            for t in stacked[fmt.num_weights:]:
+                t.zero_()
 
 
 class ExpertStore:
@@ -95,6 +106,7 @@ class ResidentExperts:
         shapes = slot_shapes(self.fmt, self.hidden, self.inter, device)
         self.tensors = {l: [torch.empty(E, *shape, dtype=dtype, device=device) for shape, dtype in shapes]
                         for l in config.moe_layer_ids()}
+        zero_biases(self.fmt, self.tensors)
         self.scratch = ScratchBuffers(self.fmt.dtype)
         self.stored_scratch: dict = {}
 
@@ -121,18 +133,21 @@ class ResidentExperts:
                     copy_into_slot(dst, src)
 
     def load_views(self, layer_idx: int, expert_idx: int) -> tuple:
-        """(gate, up, down) destinations for the checkpoint's three tensors of one expert."""
+        """(gate, up, down) destinations for the checkpoint's three tensors of one expert, then for a
+        biased format (gate bias, up bias, down bias), which are written in place."""
         w = self.weights_of(layer_idx, expert_idx)
+        biases = self.fmt.bias_views(w, self.inter)
         if not self.fmt.quantized:
-            return (*split_gate_up(w[0]), w[1])
+            return (*split_gate_up(w[0]), w[1], *biases)
         if self.device.type == "cpu":
-            return staged_views(self.fmt, lambda: w, self.scratch, self.hidden, self.inter)
+            return (*staged_views(self.fmt, lambda: w, self.scratch, self.hidden, self.inter), *biases)
         pending: list[tuple[torch.Tensor, ...]] = []
         parts = [0]
+        weight_shapes = self.fmt.shapes(self.hidden, self.inter)[:self.fmt.num_weights]
 
         def host_copy() -> tuple[torch.Tensor, ...]:
             if not pending:
-                pending.append(tuple(torch.empty(shape, dtype=dtype) for shape, dtype in self.fmt.shapes(self.hidden, self.inter)))
+                pending.append(tuple(torch.empty(shape, dtype=dtype) for shape, dtype in weight_shapes))
             return pending[0]
 
         def done() -> None:
@@ -141,7 +156,7 @@ class ResidentExperts:
                 for dst, src in zip(w, pending.pop()):
                     copy_into_slot(dst, src)
 
-        return staged_views(self.fmt, host_copy, self.scratch, self.hidden, self.inter, done)
+        return (*staged_views(self.fmt, host_copy, self.scratch, self.hidden, self.inter, done), *biases)
 
     def stored_views(self, layer_idx: int, expert_idx: int) -> tuple:
         """Destinations for one expert's stored tensors (a quantized folder): read straight into the
@@ -160,5 +175,5 @@ class ResidentExperts:
             return routed_experts(h, ids, weights, self.tensors[layer_idx])
         rows_host = group_by_expert(ids.cpu())  # prefill: one sync per layer, grouping on the host
         rows = token_rows(h, rows_host)
-        ys = {e: expert_forward(expert_input(h, rows, e), self.weights_of(layer_idx, e)) for e in rows_host}
+        ys = {e: expert_forward(expert_input(h, rows, e), self.weights_of(layer_idx, e), self.fmt.glu) for e in rows_host}
         return weighted_sum(h, ys, weights, rows_host, rows)

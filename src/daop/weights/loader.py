@@ -18,6 +18,7 @@ from daop.model.decoder import Decoder
 from daop.model.specs import FamilySpec
 from daop.quant import DEFERRED, Staged, SlotCopy
 from daop.weights.safetensors_io import Checkpoint
+from daop.weights.stacked_experts import StackedPart, stacked_expert_tensors
 
 DTYPE_NAMES = {
     "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
@@ -37,7 +38,7 @@ def parse_dtype(name: str | torch.dtype | None, default: str) -> torch.dtype:
     return DTYPE_NAMES[key]
 
 
-Destination = torch.Tensor | Staged | SlotCopy
+Destination = torch.Tensor | Staged | SlotCopy | StackedPart
 
 
 def expert_tensors(spec: FamilySpec, config: ModelConfig, dest: Callable[[int, int], tuple],
@@ -55,7 +56,14 @@ def expert_tensors(spec: FamilySpec, config: ModelConfig, dest: Callable[[int, i
 
 
 def dtype_of(dest: Destination) -> torch.dtype:
-    return dest.buffer.dtype if isinstance(dest, DEFERRED) else dest.dtype
+    return dest.buffer.dtype if isinstance(dest, DEFERRED) else dest.dtype  # type: ignore[return-value]
+
+
+def exact_dtype(name: str, dest: Destination, exact: frozenset[str]) -> torch.dtype | None:
+    """The dtype a checkpoint tensor must have (stored quantized experts, MXFP4 blocks), or None for any float."""
+    if isinstance(dest, StackedPart):
+        return dest.dtype
+    return dtype_of(dest) if name in exact else None
 
 
 def check_tensors(ckpt: Checkpoint, targets: dict[str, Destination], exact: frozenset[str] = frozenset()) -> None:
@@ -77,10 +85,11 @@ def check_tensors(ckpt: Checkpoint, targets: dict[str, Destination], exact: froz
                 f"{ckpt.file_of(name)}: tensor {name!r} has shape {list(entry.shape)}, "
                 f"but config.json implies {list(dest.shape)}"
             )
-        if name in exact and entry.dtype != dtype_of(dest):
-            raise DaopError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {entry.dtype}, but config.json's "
-                            f"daop_quantization implies {dtype_of(dest)}")
-        if name not in exact and entry.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        want = exact_dtype(name, dest, exact)
+        if want is not None and entry.dtype != want:
+            source = "config.json's daop_quantization" if name in exact else "config.json"
+            raise DaopError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {entry.dtype}, but {source} implies {want}")
+        if want is None and entry.dtype not in (torch.bfloat16, torch.float16, torch.float32):
             raise DaopError(f"{ckpt.file_of(name)}: tensor {name!r} has dtype {entry.dtype}, expected a float type")
 
 
@@ -114,6 +123,10 @@ def read_tensors(ckpt: Checkpoint, targets: dict[str, Destination], progress: bo
     pending: list[tuple[str, torch.Tensor]] = []  # (name, suspect flag) of tensors on an accelerator
     with tqdm(total=total, unit="B", unit_scale=True, desc="loading weights", disable=not progress, file=sys.stderr, leave=False) as bar:
         for name in order:
+            if isinstance(targets[name], StackedPart):  # every expert's slice, read and converted in turn
+                targets[name].load(ckpt, name)  # type: ignore[union-attr]
+                bar.update(ckpt.entry(name).nbytes)  # type: ignore[union-attr]
+                continue
             staged = targets[name] if isinstance(targets[name], DEFERRED) else None
             dest = staged.buffer if staged is not None else targets[name]
             ckpt.read_into(name, dest)
@@ -159,7 +172,12 @@ def load_weights(
     """
     try:
         targets: dict[str, Destination] = dict(decoder.dense_tensors())
-        experts = expert_tensors(decoder.spec, decoder.config, expert_dest, stored_names)
+        if decoder.spec.stacked_experts and stored_names:
+            raise DaopError(f"{ckpt.model_dir}: quantized folders of {decoder.spec.name} are not supported")
+        if decoder.spec.stacked_experts:
+            experts = stacked_expert_tensors(ckpt, decoder.spec, decoder.config, expert_dest)
+        else:
+            experts = expert_tensors(decoder.spec, decoder.config, expert_dest, stored_names)
         targets.update(experts)
         check_tensors(ckpt, targets, frozenset(experts) if stored_names else frozenset())
         read_tensors(ckpt, targets, progress)

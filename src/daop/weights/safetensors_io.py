@@ -116,17 +116,22 @@ class SafetensorsFile:
             self._map = mmap.mmap(self._fd, 0, access=mmap.ACCESS_COPY)
         return self._map
 
-    def read_into(self, name: str, dest: torch.Tensor) -> None:
-        """Copy tensor `name` into `dest` (same shape; dtype and device converted), then release pages."""
+    def read_into(self, name: str, dest: torch.Tensor, index: int | None = None) -> None:
+        """Copy tensor `name` into `dest` (same shape; dtype and device converted), then release pages.
+        With `index`, only its slice [index] along the first dimension (one expert of a stacked tensor)."""
         entry = self.entries[name]
         mapping = self._mapping()
-        numel = dest.numel()
-        if entry.nbytes:
-            src = torch.frombuffer(mapping, dtype=entry.dtype, count=numel, offset=entry.start)
-            dest.copy_(src.view(entry.shape))
+        shape, start, end = entry.shape, entry.start, entry.end
+        if index is not None:
+            row = entry.nbytes // entry.shape[0]
+            shape, start = entry.shape[1:], entry.start + index * row
+            end = start + row
+        if end > start:
+            src = torch.frombuffer(mapping, dtype=entry.dtype, count=dest.numel(), offset=start)
+            dest.copy_(src.view(shape))
         page = mmap.PAGESIZE
-        lo = entry.start // page * page
-        hi = min(len(mapping), (entry.end + page - 1) // page * page)
+        lo = start // page * page
+        hi = min(len(mapping), (end + page - 1) // page * page)
         if hasattr(mapping, "madvise") and hi > lo:
             mapping.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
@@ -178,8 +183,8 @@ class Checkpoint:
     def file_of(self, name: str) -> Path:
         return self.where[name].path
 
-    def read_into(self, name: str, dest: torch.Tensor) -> None:
-        self.where[name].read_into(name, dest)
+    def read_into(self, name: str, dest: torch.Tensor, index: int | None = None) -> None:
+        self.where[name].read_into(name, dest, index)
 
     def close(self) -> None:
         for f in self.files:

@@ -23,12 +23,18 @@ class FamilySpec:
     moe_prefix: str = "mlp"
     expert_proj: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj")
     shared_expert_prefix: str = "shared_expert"
+    router_prefix: str = "gate"
+    stacked_experts: bool = False  # experts stored as per-layer tensors over all experts (gpt-oss)
 
     def layer(self, layer_idx: int) -> str:
         return f"model.layers.{layer_idx}"
 
     def router_name(self, layer_idx: int) -> str:
-        return f"{self.layer(layer_idx)}.{self.moe_prefix}.gate.weight"
+        return f"{self.layer(layer_idx)}.{self.moe_prefix}.{self.router_prefix}.weight"
+
+    def router_logit_bias_name(self, layer_idx: int) -> str:
+        """The bias of a linear router (gpt-oss's)."""
+        return f"{self.layer(layer_idx)}.{self.moe_prefix}.{self.router_prefix}.bias"
 
     def router_bias_name(self, layer_idx: int) -> str:
         """The router's score bias (DeepSeek-V3's e_score_correction_bias)."""
@@ -41,9 +47,10 @@ class FamilySpec:
 
 
 def _registry() -> dict[str, FamilySpec]:
-    from daop.model.specs import deepseek_v2, deepseek_v3, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
+    from daop.model.specs import deepseek_v2, deepseek_v3, gpt_oss, mixtral, olmoe, phimoe, qwen2_moe, qwen3_moe
 
-    specs = [mixtral.SPEC, phimoe.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC, olmoe.SPEC, deepseek_v2.SPEC, deepseek_v3.SPEC]
+    specs = [mixtral.SPEC, phimoe.SPEC, qwen2_moe.SPEC, qwen3_moe.SPEC, olmoe.SPEC, deepseek_v2.SPEC, deepseek_v3.SPEC,
+             gpt_oss.SPEC]
     return {s.model_type: s for s in specs}
 
 
