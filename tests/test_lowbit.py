@@ -108,6 +108,24 @@ def test_expert_forward_with_padding_computes_the_dequantized_expert(kind, group
     assert rel(expert_forward(x, list(w)), full) < (0.02 if kind == "int8" else 0.3)
 
 
+@pytest.mark.parametrize("kind,group", FORMATS + [("int4", 128)])
+def test_a_biased_clamped_expert_computes_its_dequantized_weights(kind, group):
+    """gpt-oss's experts (biases after the weights, clamped SwiGLU) in a low-bit format compute the
+    function of their dequantized weights, padding included, as float experts do."""
+    D, I, glu = 128, 176, (1.702, 0.5)  # a low limit: the clamp is reached
+    gen = torch.Generator().manual_seed(6)
+    gate_up, down = torch.randn(2 * I, D, generator=gen) * 0.05, torch.randn(D, I, generator=gen) * 0.05
+    fmt = ExpertFormat(kind, torch.float32, group)
+    w = list(fmt.from_float(gate_up, down))
+    Ip = fmt.padded_inter(I)
+    gu_bias = torch.zeros(2 * Ip)
+    gu_bias[:I], gu_bias[Ip:Ip + I] = torch.randn(I, generator=gen), torch.randn(I, generator=gen)
+    dn_bias = torch.randn(D, generator=gen)
+    x = torch.randn(3, D, generator=gen)
+    ref = expert_forward(x, [dequantize(w[:2]), dequantize(w[2:]), gu_bias, dn_bias], glu)
+    assert rel(expert_forward(x, w + [gu_bias, dn_bias], glu), ref) < 1e-5
+
+
 @pytest.mark.parametrize("kind,group", FORMATS)
 def test_loading_part_by_part_equals_quantizing_the_whole_expert(kind, group):
     D, I = 64, 96
@@ -189,7 +207,11 @@ def test_exact_policies_equal_gpu_with_lowbit_experts(tiny_dir, lowbit_reference
 def test_lowbit_logits_stay_near_the_float_model(tiny_dir, lowbit_reference, family, kind, group, tol):
     """Every family runs with low-bit experts; the logits move, by an amount that fits the bits (random
     tiny models are sensitive: a small change can flip a routing choice; the shipped trained model's
-    perplexity change is measured by `daop eval`, in README)."""
+    perplexity change is measured by `daop eval`, in README). gpt-oss's tiny model, whose clamp is set
+    low so that it is reached, moves most: 0.54 with int4 (mixtral's 0.38); that its experts compute
+    their dequantized weights is tested on its own above."""
+    if family == "gpt_oss" and kind == "int4":
+        tol = 0.65
     _, path = tiny_dir(family)
     engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False)
     float_logits = engine.logits(PROMPT)
