@@ -14,10 +14,11 @@ from daop.config import load_config
 from daop.engine import Engine
 from daop.errors import DaopError
 from daop.hardware import HardwareProfile
-from daop.quant import (ExpertFormat, ScratchBuffers, dequantize, expert_forward, int4_codes, linear_q, pack_int4,
-                        quantize, staged_views, unpack_int4)
+from daop.quant import (ExpertFormat, dequantize, expert_forward, int4_codes, linear_q, pack_int4, quantize,
+                        unpack_int4)
 from daop.runtime.setup import resolve_expert_format
 from daop.sampling import SamplingParams
+from daop.weights.expert_views import ScratchBuffers, staged_views
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 77, 200, 9, 11]
 FORMATS = [("int8", 128), ("int4", 64)]  # the tiny models' hidden size is 64: int4 groups of 64

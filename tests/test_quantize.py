@@ -228,7 +228,8 @@ def test_cli_quantizes_then_generates_from_the_folder(tiny_dir, tmp_path, capsys
 def test_stored_int4_bound_for_cuda_goes_through_a_host_buffer():
     """CUDA slots hold int4 weights in the CUDA kernel's layout: the loader reads those into a host
     buffer (converted on commit), and the scales, whose layout is the host's, straight into the slot."""
-    from daop.quant import SlotCopy, slot_shapes, stored_views
+    from daop.quant import slot_shapes
+    from daop.weights.expert_views import SlotCopy, stored_views
 
     fmt, D, I = ExpertFormat("int4", torch.bfloat16, 64), 128, 176
     slots = tuple(torch.empty(shape, dtype=dtype, device="meta")

@@ -15,8 +15,8 @@ import torch
 
 from daop.config import ModelConfig
 from daop.model.moe import split_gate_up
-from daop.quant import (ExpertFormat, ScratchBuffers, copy_into_slot, routed_experts, routes_on_device, slot_shapes,
-                        staged_views, stored_views)
+from daop.quant import ExpertFormat, copy_into_slot, routed_experts, routes_on_device, slot_shapes
+from daop.weights.expert_views import ScratchBuffers, staged_views, stored_views
 
 
 class HostExperts:

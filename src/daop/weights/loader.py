@@ -16,7 +16,7 @@ from daop.config import ModelConfig
 from daop.errors import DaopError
 from daop.model.decoder import Decoder
 from daop.model.specs import FamilySpec
-from daop.quant import DEFERRED, Staged, SlotCopy
+from daop.weights.expert_views import DEFERRED, Staged, SlotCopy
 from daop.weights.safetensors_io import Checkpoint
 from daop.weights.stacked_experts import StackedPart, stacked_expert_tensors
 

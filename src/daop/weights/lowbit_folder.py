@@ -22,7 +22,7 @@ from daop.weights.loader import parse_dtype
 
 SECTION = "daop_quantization"
 METHOD = "rtn"  # round to nearest, the only method of daop.quant
-LAYOUT = "daop-host-v1"  # the host layout of daop.quant's module docstring
+LAYOUT = "daop-host-v1"  # daop.quant's expert layout, int4 in 64-row blocks (daop.int4_layout.DISK_BLOCK_N)
 STORED_PARTS = ("gate_up.qweight", "gate_up.scales", "down.qweight", "down.scales")
 SCALE_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 

@@ -24,7 +24,7 @@ import torch
 
 from daop.config import ModelConfig
 from daop.model.specs import FamilySpec
-from daop.quant import DEFERRED
+from daop.weights.expert_views import DEFERRED
 from daop.weights.mxfp4 import BLOCK, dequantize_mxfp4
 from daop.weights.safetensors_io import Checkpoint
 
