@@ -35,7 +35,7 @@ def oracle(hf, model_dir, docs, prompt_tokens, gen_tokens):
     layers = hf.model.layers
     L, E = len(layers), hf.config.num_local_experts
     r = {k: np.zeros((L, E), dtype=np.int64) for k in ("prefill", "decode")}
-    r.update({k: np.zeros(L) for k in ("overlap", "top1", "set", "predicted")})
+    r.update({k: np.zeros(L) for k in ("overlap", "top1", "set", "predicted", "set2", "predicted2")})
     normed = {}
     hooks = [layer.post_attention_layernorm.register_forward_hook(lambda m, i, o, l=l: normed.__setitem__(l, o[0]))
              for l, layer in enumerate(layers)]
@@ -62,6 +62,11 @@ def oracle(hf, model_dir, docs, prompt_tokens, gen_tokens):
                         r["top1"][l + 1] += int((pred[:, 0] == true[:, 0]).sum())
                         r["set"][l + 1] += int((pred[:, :, None] == true[:, None, :]).any(-1).sum())
                         r["predicted"][l + 1] += len(fed)
+                    if l + 2 < L:
+                        pred = topk_ids(normed[l][P:] @ layers[l + 2].mlp.gate.weight.T)
+                        true = topk_ids(router[l + 2])[P:]
+                        r["set2"][l + 2] += int((pred[:, :, None] == true[:, None, :]).any(-1).sum())
+                        r["predicted2"][l + 2] += len(fed)
     finally:
         for h in hooks:
             h.remove()
@@ -85,6 +90,9 @@ def test_profile_matches_transformers_routing(tiny_dir, tmp_path):
     assert stats["next_layer_top1"]["per_layer"][1:] == pytest.approx((ref["top1"][1:] / ref["predicted"][1:]).tolist())
     assert stats["next_layer_set_overlap"]["per_layer"][1:] == pytest.approx(
         (ref["set"][1:] / (2 * ref["predicted"][1:])).tolist())
+    assert stats["two_layers_ahead_set_overlap"]["per_layer"][:2] == [None, None]
+    assert stats["two_layers_ahead_set_overlap"]["per_layer"][2:] == pytest.approx(
+        (ref["set2"][2:] / (2 * ref["predicted2"][2:])).tolist())
 
 
 def test_profile_cli_fields_and_counts(tiny_dir, tmp_path, capsys):
@@ -103,7 +111,8 @@ def test_profile_cli_fields_and_counts(tiny_dir, tmp_path, capsys):
     for l in range(3):
         assert sum(stats["prefill_counts"][l]) == prov["prompt_tokens"] * 2
         assert sum(stats["decode_counts"][l]) == prov["decode_tokens"] * 2
-    for key in ("prefill_decode_overlap", "next_layer_top1", "next_layer_set_overlap", "load_entropy"):
+    for key in ("prefill_decode_overlap", "next_layer_top1", "next_layer_set_overlap", "two_layers_ahead_set_overlap",
+                "load_entropy"):
         known = [v for v in stats[key]["per_layer"] if v is not None]
         assert known and all(0.0 <= v <= 1.0 for v in known)
         assert stats[key]["mean"] == pytest.approx(sum(known) / len(known))

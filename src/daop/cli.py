@@ -287,7 +287,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                         args.device, args.dtype)
     prov, parts = stats["provenance"], []
     for key, label in (("prefill_decode_overlap", "prefill->decode overlap"), ("next_layer_top1", "next-layer top-1"),
-                       ("next_layer_set_overlap", "set overlap")):
+                       ("next_layer_set_overlap", "set overlap"), ("two_layers_ahead_set_overlap", "two layers ahead")):
         mean = stats[key]["mean"]
         parts.append(f"{label} " + ("n/a" if mean is None else f"{100 * mean:.1f} %"))
     print(f"[daop] {prov['docs']} documents, {prov['prompt_tokens']} prompt + {prov['decode_tokens']} decode tokens: "

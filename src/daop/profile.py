@@ -10,6 +10,8 @@ reads its `decode_counts`. Fields, per layer (null where a layer has no experts 
 - prefill_decode_overlap: share of decode selections whose expert the same document's prompt used;
 - next_layer_top1, next_layer_set_overlap: decode-phase prediction of layer l from layer l-1's
   state (only where both layers have experts), best expert equal / share of the top-k set found;
+- two_layers_ahead_set_overlap: the same share for layer l predicted from layer l-2's state (layer
+  l's router on it), the lead a copy needs to land before its layer;
 - load_entropy: entropy of the decode counts over log E (1 = perfectly balanced).
 Shapes: N tokens, D hidden, E experts, K top-k, L layers.
 """
@@ -123,7 +125,10 @@ class RoutingRecorder:
         self.top1_hits = np.zeros(L, dtype=np.int64)
         self.set_hits = np.zeros(L, dtype=np.int64)  # predicted experts that were right, over all tokens
         self.predicted_tokens = np.zeros(L, dtype=np.int64)
+        self.ahead2_hits = np.zeros(L, dtype=np.int64)  # the same, predicted two layers ahead
+        self.ahead2_tokens = np.zeros(L, dtype=np.int64)
         self.pending: dict[int, torch.Tensor] = {}
+        self.pending2: dict[int, torch.Tensor] = {}
 
     def begin(self, start: int, num_new: int) -> None:
         self.inner.begin(start, num_new)
@@ -131,6 +136,7 @@ class RoutingRecorder:
         if start == 0:
             self.in_prompt[:] = False
             self.pending.clear()
+            self.pending2.clear()
 
     def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids, weights = self.inner.route(layer_idx, h)
@@ -145,20 +151,26 @@ class RoutingRecorder:
             self.score_prediction(layer_idx, ids)
             if layer_idx + 1 in self.moe_layers:
                 self.pending[layer_idx + 1] = self.inner.predict(layer_idx + 1, h)[1]
+            if layer_idx + 2 in self.moe_layers:
+                self.pending2[layer_idx + 2] = self.inner.predict(layer_idx + 2, h)[1]
         return ids, weights
 
     def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.inner.predict(layer_idx, h)
 
     def score_prediction(self, layer_idx: int, ids: torch.Tensor) -> None:
-        predicted = self.pending.pop(layer_idx, None)
-        if predicted is None:
-            return
+        """Score what layers l-1 and l-2 predicted for this layer against its routing ids [N, K]."""
         n, k = ids.shape
-        top1, overlap = prediction_accuracy(predicted, ids)
-        self.top1_hits[layer_idx] += round(top1 * n)
-        self.set_hits[layer_idx] += round(overlap * n * k)
-        self.predicted_tokens[layer_idx] += n
+        predicted = self.pending.pop(layer_idx, None)
+        if predicted is not None:
+            top1, overlap = prediction_accuracy(predicted, ids)
+            self.top1_hits[layer_idx] += round(top1 * n)
+            self.set_hits[layer_idx] += round(overlap * n * k)
+            self.predicted_tokens[layer_idx] += n
+        ahead2 = self.pending2.pop(layer_idx, None)
+        if ahead2 is not None:
+            self.ahead2_hits[layer_idx] += round(prediction_accuracy(ahead2, ids)[1] * n * k)
+            self.ahead2_tokens[layer_idx] += n
 
 
 def _per_layer(values: Sequence[float | None]) -> dict[str, Any]:
@@ -195,6 +207,7 @@ def summarise(rec: RoutingRecorder, provenance: dict[str, Any]) -> dict[str, Any
         "prefill_decode_overlap": _fractions(rec.overlap_hits, decode_selections),
         "next_layer_top1": _fractions(rec.top1_hits, rec.predicted_tokens),
         "next_layer_set_overlap": _fractions(rec.set_hits, rec.predicted_tokens * c.top_k),
+        "two_layers_ahead_set_overlap": _fractions(rec.ahead2_hits, rec.ahead2_tokens * c.top_k),
         "load_entropy": _per_layer([_entropy(rec.decode_counts[l]) if moe[l] else None for l in range(c.num_layers)]),
     }
 
