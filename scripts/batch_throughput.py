@@ -24,9 +24,9 @@ import torch
 
 from daop.batching import DEFAULT_CHUNK, Batcher, Sequence
 from daop.bench.geometry import synthetic_model
-from daop.bench.sweep import git_sha
+from daop.bench.sweep import git_sha, synthetic_engine
 from daop.engine import Engine, resolve_device
-from daop.runtime.setup import RuntimeOptions, prepare_runtime
+from daop.runtime.setup import RuntimeOptions
 from daop.sampling import SamplingParams
 from daop.weights.loader import parse_dtype
 
@@ -38,13 +38,9 @@ def build_engine(args) -> Engine:
         return Engine.from_pretrained(args.model, device=device, dtype=args.dtype, progress=False,
                                       policy=args.policy, expert_ratio=args.ratio, hardware_profile=args.hardware_profile)
     dtype = parse_dtype(args.dtype, "bf16")
-    config, decoder, host = synthetic_model(args.geometry, args.layers, device, dtype)
-    runtime = prepare_runtime(decoder, RuntimeOptions(policy=args.policy, expert_ratio=args.ratio,
-                                                      hardware_profile=args.hardware_profile), host=host)
-    decoder.experts = runtime.start()
-    engine = Engine(None, config, decoder.spec, decoder, None, 0.0)
-    engine.budget, engine.policy, engine.expert_format = runtime.budget, runtime.policy_name, runtime.fmt
-    return engine
+    _, decoder, host = synthetic_model(args.geometry, args.layers, device, dtype)
+    opts = RuntimeOptions(policy=args.policy, expert_ratio=args.ratio, hardware_profile=args.hardware_profile)
+    return synthetic_engine(decoder, opts, host)
 
 
 def prompts(engine: Engine, count: int, length: int, seed: int) -> list[list[int]]:

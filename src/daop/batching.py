@@ -79,6 +79,7 @@ class Batcher:
             raise DaopError(f"--max-batch must be >= 1, got {max_batch}")
         self.engine, self.decoder = engine, engine.decoder
         self.max_batch, self.chunk, self.prefill_first = max_batch, max(1, chunk), prefill_first
+        self.runner_key: tuple | None = None  # the expert runner and routing its captured steps read (batch_for)
         self.max_len = min(max_len or engine.config.context_length, engine.config.context_length)
         self.cache = guarded(self.decoder, "allocation of the batch KV cache", KVCache, engine.config, max_batch,
                              self.max_len, self.decoder.device, self.decoder.dtype)

@@ -115,6 +115,16 @@ def replay(engine: Engine, trace: RoutingTrace, stats: GenerationStats) -> int:
     return stats.generated_tokens
 
 
+def synthetic_engine(decoder, opts: RuntimeOptions, host) -> Engine:
+    """An Engine over a synthetic decoder (no checkpoint, no tokenizer) whose experts, from `host`,
+    run as `opts` say."""
+    runtime = prepare_runtime(decoder, opts, host=host)
+    decoder.experts = runtime.start()
+    engine = Engine(None, decoder.config, decoder.spec, decoder, None, 0.0)
+    engine.budget, engine.policy, engine.expert_format = runtime.budget, runtime.policy_name, runtime.fmt
+    return engine
+
+
 @torch.inference_mode()
 def syncs_per_step(engine: Engine, item, traced: bool, steps: int = 4) -> float | None:
     """Host syncs per decode step on CUDA, counted by torch's sync debug mode (each synchronizing
@@ -310,11 +320,7 @@ class Subject:
             self.decoder = None  # free the previous copy before loading the next
             return Engine.from_pretrained(self.args.model, device=self.device, dtype=self.dtype, progress=False,
                                           policy=policy, expert_ratio=ratio, **opts)
-        runtime = prepare_runtime(self.decoder, RuntimeOptions(policy=policy, expert_ratio=ratio, **opts), host=self.host)
-        self.decoder.experts = runtime.start()
-        engine = Engine(None, self.config, self.spec, self.decoder, None, 0.0)
-        engine.budget, engine.policy, engine.expert_format = runtime.budget, runtime.policy_name, runtime.fmt
-        return engine
+        return synthetic_engine(self.decoder, RuntimeOptions(policy=policy, expert_ratio=ratio, **opts), self.host)
 
     def stored_ratio(self, ratio: float) -> float:
         """With --ratio-in-float-bytes: the share of experts in their stored format that fits the GPU
