@@ -28,19 +28,22 @@ def prompt_of(n: int, seed: int) -> list[int]:
     return torch.randint(1, 1000, (n,), generator=g).tolist()
 
 
-def top_kernels(decoder, prompt: list[int]) -> list[tuple[str, float, int]]:
-    """(kernel, total device ms, calls) of one prefill under torch's profiler, longest first."""
+def top_kernels(decoder, prompt: list[int]) -> tuple[list, list]:
+    """Of one prefill under torch's profiler: (kernel, total device ms, calls), longest first, and
+    (host operator, self host ms, calls), longest first."""
     from torch.profiler import ProfilerActivity, profile
 
     session = DecodeSession(decoder, prompt, 4)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         session.prefill()
-    rows = []
+    rows, host = [], []
     for ev in prof.key_averages():
         device_us = getattr(ev, "device_time_total", None) or getattr(ev, "cuda_time_total", 0)
         if ev.device_type == torch.autograd.DeviceType.CUDA and device_us:
             rows.append((ev.key[:90], round(device_us / 1000, 3), ev.count))
-    return sorted(rows, key=lambda r: -r[1])[:10]
+        elif ev.device_type == torch.autograd.DeviceType.CPU:
+            host.append((ev.key[:60], round(ev.self_cpu_time_total / 1000, 3), ev.count))
+    return sorted(rows, key=lambda r: -r[1])[:10], sorted(host, key=lambda r: -r[1])[:15]
 
 
 def main() -> None:
@@ -82,7 +85,7 @@ def main() -> None:
                 row["timeline"] = tl.raw(tl.steps[-1])
                 row["totals"] = {k: v for k, v in runner.totals().items() if not k.startswith("cpu_busy")}
             if args.profile and policy == "gpu" and dev.type == "cuda":
-                row["top_kernels"] = top_kernels(decoder, prompt_of(args.prompt_tokens, 99))
+                row["top_kernels"], row["top_host_ops"] = top_kernels(decoder, prompt_of(args.prompt_tokens, 99))
             print(json.dumps(row), flush=True)
             runner.close()
             decoder.experts = None

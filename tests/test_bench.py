@@ -9,7 +9,7 @@ import torch
 POINT_KEYS = {"policy", "expert_ratio", "ttft_ms", "decode_ms_per_token", "tokens_per_s_incl_prefill", "gpu_hit_rate",
               "cpu_calls_per_token", "copy_calls_per_token", "resident_calls_per_token", "h2d_bytes_per_token",
               "cpu_wait_share", "bound_ms", "measured_over_bound", "cpu_ms_per_expert_token", "universal_bound_ms",
-              "measured_over_universal", "cuda_graph", "host_syncs_per_step"}
+              "measured_over_universal", "cuda_graph", "host_syncs_per_step", "prefill_bound_ms", "ttft_over_prefill_bound"}
 CARD_KEYS = {"geometry", "layers", "dtype", "gpu", "cpu", "cpu_capability", "cpu_threads", "cpu_mode", "cpu_threads_reason",
              "torch", "git_sha", "expert_bytes", "hardware_profile", "routing_source"}
 
@@ -38,6 +38,12 @@ def test_bench_smoke(tmp_path):
     for point in summary["points"]:
         if point["policy"] == "static":  # computes its host layers on the CPU at every ratio
             assert point["cpu_calls_per_token"] > 0 and point["cpu_ms_per_expert_token"] > 0
+    for point in summary["points"]:  # offloaded prefills have a bound over the all-GPU prefill's TTFT
+        if point["policy"] == "gpu":
+            assert point["prefill_bound_ms"] is None
+        else:
+            assert point["prefill_gpu_source"] == "gpu policy TTFT" and point["prefill_bound_ms"] > gpu["ttft_ms"]
+            assert point["ttft_over_prefill_bound"] > 0
     card = summary["card"]
     assert card["cpu_threads_reason"].startswith(f"{card['cpu_mode']} x{card['cpu_threads']} ")
     lines = out.read_text().splitlines()
@@ -48,7 +54,7 @@ def test_bench_smoke(tmp_path):
 
 
 def test_universal_bound_splits_host_experts_between_the_channels():
-    from daop.bench.sweep import universal_bound_ms
+    from daop.bench.sweep import prefill_bound_ms, universal_bound_ms
     from daop.hardware import HardwareProfile
     from daop.placement.cost import CostModel
 
@@ -61,6 +67,9 @@ def test_universal_bound_splits_host_experts_between_the_channels():
     assert abs(universal_bound_ms(16, 16, 1.0, cost) - 16 * 0.1) < 1e-9  # all resident: GPU time only
     assert universal_bound_ms(0, 0, 0.5, cost) == 0.0
     assert abs(universal_bound_ms(4, 4, 0.0, CostModel()) - 4 * 1.0) < 1e-9  # no profile: the CPU alone
+    # a prefill: 8 calls of 8 tokens, half on the host (2 ms each over both channels), plus the GPU's 5 ms
+    assert abs(prefill_bound_ms(8, 64, 0.5, cost, 5.0) - (4 * 2.0 + 5.0)) < 1e-9
+    assert prefill_bound_ms(0, 0, 0.5, cost, 5.0) == 5.0
 
 
 def test_every_geometry_maps_to_a_config():

@@ -7,6 +7,7 @@ round differently from the GPU's: there only daop-strict must give the reference
 import os
 
 import pytest
+import torch
 
 from daop.engine import Engine
 from daop.sampling import SamplingParams
@@ -69,3 +70,34 @@ def test_results_do_not_depend_on_prompt_order(policy):
     forward = {p: run(engine, p, 16) for p in PROMPTS}
     backward = {p: run(engine, p, 16) for p in reversed(PROMPTS)}
     assert forward == backward
+
+
+def test_each_prefill_settles_its_own_placement_without_restoring_the_last_one_first():
+    """A new sequence copies nothing when it starts: its prefill computes what the slots hold, then
+    brings every layer's slots to the placement it wants (its own prefill swaps on the calibrated
+    placement), moving on the device what it copied for the layer anyway."""
+    from pathlib import Path
+
+    engine = load(policy="daop-exact", expert_ratio=0.25)
+    runner = engine.decoder.experts
+    text = (Path(__file__).parents[1] / "README.md").read_text()
+    prompts = [text[:1200], PROMPTS[1], text[3000:4000], text[:1200]]
+    outputs = []
+    for prompt in prompts:
+        held = dict(runner.slot_contents)
+        runner.reset()
+        assert runner.slot_contents == held  # nothing restored up front
+        outputs.append(run(engine, prompt, 4))
+        placement = runner.policy.placement
+        for layer_idx in runner.policy.ctx.moe_layers:
+            for e in placement.resident_experts(layer_idx):
+                slot = placement.slot(layer_idx, e)
+                assert runner.slot_contents[slot] == (layer_idx, e)
+                for got, want in zip(runner.store.slot_weights(slot), runner.store.host_weights(layer_idx, e)):
+                    assert torch.equal(got.cpu(), want), (layer_idx, e, slot)
+    totals = engine.counters()
+    assert totals["settle_moves"] > 0 and totals["settle_copies"] > 0
+    assert outputs[0] == outputs[3]  # the same prompt after others: the same tokens
+    reference = load()
+    if DEVICE == "cpu":
+        assert outputs == [run(reference, p, 4) for p in prompts]

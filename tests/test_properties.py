@@ -77,9 +77,10 @@ def precondition(name: str, ctx: PolicyContext) -> str | None:
 def daop_plan(policy, layer_idx: int, counts: dict[int, int], prefill: bool) -> LayerPlan:
     """The plan DaopRunner executes for this call (nothing prepared by an earlier layer)."""
     cpu_experts = policy.config.cpu_experts
-    if prefill:
-        swaps = policy.prefill_swaps(layer_idx, counts)
-        return plan_prefill_layer(counts, swaps, resident_slots(policy, layer_idx), policy.scratch(), policy.split, cpu_experts)
+    if prefill:  # the slots hold the placement before the swaps until the layer is settled
+        held = resident_slots(policy, layer_idx)
+        policy.prefill_swaps(layer_idx, counts)
+        return plan_prefill_layer(counts, held, policy.scratch(), None, policy.split, cpu_experts).layer
     return plan_decode_layer(counts, {}, resident_slots(policy, layer_idx), policy.scratch(), None, policy.split,
                              cpu_experts).layer
 

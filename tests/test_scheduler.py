@@ -5,8 +5,8 @@ import pytest
 
 from daop.placement.policies import LayerPlan
 from daop.predict.split import SplitPlan, makespan_split
-from daop.runtime.scheduler import (Clock, Prepared, SpeculationPlan, plan_decode_layer, plan_layer,
-                                    plan_prefill_layer, plan_speculation)
+from daop.runtime.scheduler import (Clock, Prepared, SettlePlan, SpeculationPlan, plan_decode_layer, plan_layer,
+                                    plan_prefill_layer, plan_settle, plan_speculation)
 
 
 @dataclass(frozen=True)
@@ -57,13 +57,32 @@ def test_a_split_rule_that_copies_more_than_the_free_slots_is_refused():
         plan_layer({1: 1, 2: 1}, {}, [8], greedy)
 
 
-def test_prefill_copies_swapped_experts_into_their_new_slots_first():
-    # expert 3 (hot on the host) was swapped into expert 0's slot 5; 0 is a miss now
-    plan = plan_prefill_layer({0: 4, 1: 1, 3: 9}, [(3, 5)], {3: 5, 1: 6}, [8], split_with(COPY_WINS))
-    assert plan == LayerPlan(gpu=((1, 6),), copy=((3, 5), (0, 8)))
-    # a swap of an expert this call does not route still happened (placement), but is not copied here
-    plan = plan_prefill_layer({1: 1}, [(3, 5)], {3: 5, 1: 6}, [8], split_with(CPU_WINS))
-    assert plan == LayerPlan(gpu=((1, 6),))
+def test_prefill_computes_what_the_slots_hold_and_uses_what_was_prefetched():
+    # slots hold experts 3 and 1 (the previous sequence's placement); 2 was prefetched into 8; 5 was
+    # promised to the CPU; 0 is split (the copy wins, into the free scratch slot 9)
+    prepared = Prepared(prefetched={2: 8}, cpu_assigned=frozenset({5}))
+    plan = plan_prefill_layer({0: 4, 1: 1, 2: 3, 3: 9, 5: 2}, {3: 5, 1: 6}, [8, 9], prepared, split_with(COPY_WINS))
+    assert plan.ready == ((2, 8),)
+    assert plan.layer == LayerPlan(gpu=((1, 6), (3, 5)), cpu=(5,), copy=((0, 9),))
+    # nothing prepared (the first MoE layer): misses split over every scratch slot
+    plan = plan_prefill_layer({0: 4, 1: 1}, {1: 6}, [8, 9], None, split_with(CPU_WINS))
+    assert plan.layer == LayerPlan(gpu=((1, 6),), cpu=(0,))
+
+
+def test_without_cpu_experts_a_prefill_copies_into_prefetched_slots_once_they_are_read():
+    prepared = Prepared(prefetched={2: 8, 4: 9})
+    plan = plan_prefill_layer({0: 1, 2: 1, 4: 1, 6: 1}, {}, [8, 9], prepared, split_with(CPU_WINS), cpu_experts=False)
+    assert plan.ready == ((2, 8), (4, 9))
+    assert plan.layer == LayerPlan(copy=((0, 8), (6, 9)))
+
+
+def test_settling_moves_what_the_call_copied_and_copies_the_rest_from_the_host():
+    wanted = {3: 5, 1: 6, 4: 7}  # expert -> slot the sequence wants
+    holds = {5: 0, 6: 1, 7: 2}  # slot -> expert it holds now
+    # 3 was copied to scratch slot 9 by this call: moved on the device; 4 was not: copied from the host
+    assert plan_settle(wanted, holds, {3: 9, 2: 8}) == SettlePlan(moves=((3, 9, 5),), copies=((4, 7),))
+    assert plan_settle(wanted, {5: 3, 6: 1, 7: 4}, {3: 9}) == SettlePlan()  # already settled
+    assert plan_settle({0: 2}, {}, {}) == SettlePlan(copies=((0, 2),))  # the slot held another layer's expert
 
 
 def test_decode_uses_prefetches_promised_cpu_work_and_matching_precalculations():

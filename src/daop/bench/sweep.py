@@ -204,17 +204,31 @@ def run_once(engine: Engine, item, params: SamplingParams, batch: int, traced: b
     return stats.generated_tokens, stats
 
 
+def host_expert_ms(rows: float, cost: CostModel) -> float:
+    """One host-resident expert call of `rows` tokens, read once and split between the CPU and the
+    copy channel in proportion to their calibrated rates (both finish together)."""
+    cpu, copy = cost.cpu_ms(rows), cost.copy_ms()
+    return cpu * copy / (cpu + copy) if copy != float("inf") else cpu
+
+
 def universal_bound_ms(expert_calls: float, picks: float, ratio: float, cost: CostModel) -> float:
     """A decode step's bound that no policy's choices move (benchmark protocol): the step's expert
     calls (one per routed expert and layer, `picks` token picks among them), of which the share
-    1 - ratio live on the host, each read once and split between the CPU and the PCIe copy channel
-    in proportion to their calibrated rates (both finish together), plus every call's GPU time."""
+    1 - ratio live on the host, each read once over both channels (`host_expert_ms`), plus every
+    call's GPU time."""
     if not expert_calls:
         return 0.0
     rows = max(1.0, picks / expert_calls)  # tokens per expert call
-    cpu, copy = cost.cpu_ms(rows), cost.copy_ms()
-    per_host_expert = cpu * copy / (cpu + copy) if copy != float("inf") else cpu
-    return expert_calls * (1 - ratio) * per_host_expert + expert_calls * cost.gpu_ms(rows)
+    return expert_calls * (1 - ratio) * host_expert_ms(rows, cost) + expert_calls * cost.gpu_ms(rows)
+
+
+def prefill_bound_ms(expert_calls: float, picks: float, ratio: float, cost: CostModel, gpu_ms: float) -> float:
+    """A prefill's bound (each host-resident expert read once, plus GPU time): the prompt's expert
+    calls (`picks` token picks among them), of which the share 1 - ratio live on the host, each read
+    once over both channels, plus `gpu_ms` (the all-GPU prefill's time)."""
+    if not expert_calls:
+        return gpu_ms
+    return expert_calls * (1 - ratio) * host_expert_ms(max(1.0, picks / expert_calls), cost) + gpu_ms
 
 
 def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes: int,
@@ -228,11 +242,14 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     else:
         run_once(engine, groups[0], SamplingParams(max_new_tokens=4), len(groups[0]), False)
     engine.eos_ids = frozenset()  # every run decodes exactly gen_tokens steps
-    ttft, tpot, totals = [], [], []
+    ttft, tpot, totals, prefills = [], [], [], []
     for item in (args.traces if traced else groups[1:]):
+        before = engine.counters()
         t0 = time.perf_counter()
         n, stats = run_once(engine, item, params, batch, traced)
         wall = time.perf_counter() - t0
+        after = stats.extra.get("counters_after_prefill", {})
+        prefills.append({k: after[k] - before.get(k, 0.0) for k in after})
         ttft.append(stats.prefill_s * 1000)
         tpot.append(stats.decode_s / max(n - 1, 1) * 1000)
         totals.append((n * batch, wall, decode_counters(engine, stats), max(n - 1, 1)))
@@ -247,6 +264,19 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     calls = resident + missing
     universal = universal_bound_ms(calls, batch * engine.config.top_k * moe_layers, ratio, cost)
     med_tpot = statistics.median(tpot)
+    # the prefill's bound: its expert calls as counted by the runner; the all-GPU prefill's TTFT of this
+    # run (same prompt length and batch) as its GPU time where the run has one, else the experts' GPU time
+    med_ttft = statistics.median(ttft)
+    gpu_ttft = args.__dict__.setdefault("gpu_ttft_ms", {})
+    if getattr(engine, "policy", None) == "gpu":
+        gpu_ttft[(prompt_tokens, batch)] = med_ttft
+    pre = {k: statistics.mean(p.get(k, 0.0) for p in prefills) for k in prefills[0]} if prefills and prefills[0] else {}
+    pre_calls = pre.get("resident_calls", 0.0) + pre.get("cpu_calls", 0.0) + pre.get("copy_calls", 0.0)
+    pre_picks = prompt_tokens * batch * engine.config.top_k * moe_layers
+    pre_gpu = gpu_ttft.get((prompt_tokens, batch))
+    if pre_gpu is None and pre_calls:
+        pre_gpu = pre_calls * cost.gpu_ms(max(1.0, pre_picks / pre_calls))
+    pre_bound = prefill_bound_ms(pre_calls, pre_picks, ratio, cost, pre_gpu) if pre_calls else None
     busy = agg.get("cpu_busy_s")
     cpu_tokens = agg.get("cpu_expert_tokens")
     cpu_ms = busy * 1000 / cpu_tokens if busy is not None and cpu_tokens else None
@@ -255,7 +285,11 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "batch": batch,
         "cuda_graph": capture_kind(engine.decoder, batch),  # step, pieces or eager (a replayed trace is read on the device too)
         "host_syncs_per_step": syncs,
-        "ttft_ms": round(statistics.median(ttft), 2), "decode_ms_per_token": round(med_tpot, 3),
+        "ttft_ms": round(med_ttft, 2), "decode_ms_per_token": round(med_tpot, 3),
+        "prefill_bound_ms": round(pre_bound, 3) if pre_bound else None,
+        "prefill_gpu_ms": round(pre_gpu, 3) if pre_bound else None,
+        "prefill_gpu_source": ("gpu policy TTFT" if (prompt_tokens, batch) in gpu_ttft else "experts' GPU time") if pre_bound else None,
+        "ttft_over_prefill_bound": round(med_ttft / pre_bound, 2) if pre_bound else None,
         "decode_ms_spread": [round(min(tpot), 3), round(max(tpot), 3)],
         "decode_tokens_per_s": round(1000 * batch / med_tpot, 3),
         "tokens_per_s_incl_prefill": round(statistics.median(n / w for n, w, _, _ in totals), 3),

@@ -5,7 +5,12 @@ GPU work starts, the predicted host experts of l+1 are either copied into scratc
 (speculative copies, exact) or computed on the CPU from layer l's input (stale input, A2). At
 layer l+1 the routing is the true router's (exact) or the prediction (A1), optionally with host
 experts capped per token (A3); work that turns out not to be needed is discarded.
-Prefill is exact: per-sequence swaps, then a cost-model split of the misses (2.2, 2.3).
+Prefill is exact: per-sequence swaps, then a cost-model split of the misses (2.2, 2.3). The swaps
+only say which placement the sequence wants: each layer first computes the experts its slots hold
+(what the previous sequence left there; a new sequence restores nothing up front), then settles its
+slots to the wanted placement, moving on the device what it has just copied to a scratch slot. While
+a layer runs, the next layer's predicted host experts are copied ahead into the scratch slots (or
+promised to the CPU), as in decode, so the copy stream never waits for a layer to start.
 Every decision is made by the pure planners of runtime/scheduler.py; this class only carries
 them out. Shapes: N tokens, K top-k, E experts, D hidden.
 """
@@ -23,7 +28,8 @@ from daop.model.routing import Routing
 from daop.placement.daop import Daop
 from daop.predict.degrade import degrade
 from daop.runtime.offload import OffloadedExperts
-from daop.runtime.scheduler import Clock, Prepared, plan_decode_layer, plan_prefill_layer, plan_speculation
+from daop.runtime.scheduler import (Clock, Prepared, plan_decode_layer, plan_prefill_layer, plan_settle,
+                                    plan_speculation)
 
 
 GAP_MS = 0.5  # the gap from a layer's finish to the next layer's plan, before any is measured (ms)
@@ -34,8 +40,8 @@ GAP_WEIGHT = 0.2  # weight of each new measurement in its moving average
 class Pending:
     """What layer l started for layer l+1: the plan's data and the handles that carry it out."""
 
-    ids: torch.Tensor  # routing [N, K] predicted for l+1 (after substitution) on the device
-    weights: torch.Tensor
+    ids: torch.Tensor | None  # routing [N, K] predicted for l+1 (after substitution) on the device (None: prefill)
+    weights: torch.Tensor | None
     raw_host: torch.Tensor  # the router's prediction before substitution [N, K], for scoring
     prepared: Prepared
     copy_events: dict[int, Any] = field(default_factory=dict)  # expert -> copy completion event
@@ -69,11 +75,14 @@ class DaopRunner(OffloadedExperts):
         self.lands: dict[tuple[int, int], float] = {}
 
     def set_phase(self, phase: str) -> None:
+        if self.phase != "decode" and phase == "decode":
+            self.settle_all()  # layers a prefill did not settle (an error part way) get the wanted experts
         self.phase = phase
         self.forget_pending()
 
     def reset(self) -> None:
-        super().reset()
+        """A new sequence wants the calibrated placement; its prefill settles the slots layer by layer."""
+        self.policy.reset()
         self.forget_pending()
 
     def forget_pending(self) -> None:
@@ -82,22 +91,81 @@ class DaopRunner(OffloadedExperts):
         self.lands.clear()
         self.finish_at = None
 
-    def resident_slots(self, layer_idx: int) -> dict[int, int]:
-        placement = self.policy.placement
-        return {e: placement.slot(layer_idx, e) for e in placement.resident_experts(layer_idx)}
-
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         if self.phase != "decode":
             return self.prefill_layer(layer_idx, h, ids, weights)
         return self.decode_layer(layer_idx, h, ids, weights)
 
     def prefill_layer(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        rows_host = group_by_expert(ids.cpu())
+        cfg = self.policy.config
+        self.mark(layer_idx, "enter")
+        pend = self.pending.pop(layer_idx, None)
+        nxt = self.next_moe.get(layer_idx)
+        ahead = nxt is not None and cfg.speculative_copies and bool(self.policy.scratch())
+        parts = [ids] + ([self.routing().predict(nxt, h)[1]] if ahead else [])
+        host = torch.cat([p.long() for p in parts], dim=1).cpu().split(ids.shape[1], dim=1)
+        self.mark(layer_idx, "routed")
+        rows_host = group_by_expert(host[0])
         counts = {e: len(r[0]) for e, r in rows_host.items()}
-        swap_copies = self.policy.prefill_swaps(layer_idx, counts)
-        plan = plan_prefill_layer(counts, swap_copies, self.resident_slots(layer_idx), self.policy.scratch(),
-                                  self.policy.split, self.policy.config.cpu_experts)
-        return self.execute(layer_idx, h, weights, rows_host, plan)
+        self.policy.prefill_swaps(layer_idx, counts)  # the placement this sequence wants, settled below
+        clock = Clock(*self.channel_clock(time.perf_counter()))
+        plan = plan_prefill_layer(counts, self.held_slots(layer_idx), self.policy.scratch(),
+                                  pend.prepared if pend else None, self.policy.split, cfg.cpu_experts, clock)
+        ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
+        last_in: dict[int, int] = {}  # scratch slot -> the expert this call read from it last
+        for e, slot in (*plan.ready, *plan.layer.copy):
+            last_in[slot] = e
+
+        def after_launch() -> None:
+            settle = plan_settle(self.wanted_slots(layer_idx), self.holds(layer_idx), {e: s for s, e in last_in.items()})
+            for e, src, dst in settle.moves:
+                self.move(layer_idx, e, src, dst)
+                self.counters.add("settle_moves", layer_idx, 1)
+            if ahead:  # the next layer's copies go ahead of this layer's host copies: it needs them first
+                self.pending[nxt] = self.prefetch(nxt, host[1])
+            for e, slot in settle.copies:
+                self.landing[slot] = self.copy(layer_idx, e, slot, "settle")
+                self.counters.add("settle_copies", layer_idx, 1)
+                self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes)
+
+        return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, after_launch=after_launch)
+
+    def prefetch(self, nxt: int, predicted_ids: torch.Tensor) -> Pending:
+        """Prefill: copy layer nxt's predicted host experts into the scratch slots now (each copy
+        waits until this layer's reads of its slot are done), or promise them to the CPU, whichever
+        lets nxt finish sooner (plan_speculation, with this layer's queued work as the lead)."""
+        cfg = self.policy.config
+        predicted = group_by_expert(predicted_ids)
+        cpu_free, copy_free = self.channel_clock(time.perf_counter())
+        spec = plan_speculation({e: len(r[0]) for e, r in predicted.items()}, set(self.held_slots(nxt)),
+                                self.policy.scratch(), Clock(cpu_free, copy_free, max(cpu_free, copy_free)),
+                                self.policy.ctx.cost, stale_input=False, speculative_copies=True,
+                                balance_channels=cfg.balance_channels, cpu_experts=cfg.cpu_experts)
+        pend = Pending(None, None, predicted_ids, Prepared(prefetched=dict(spec.copies), cpu_assigned=frozenset(spec.cpu_assigned)))
+        for e, slot in spec.copies:
+            pend.copy_events[e] = self.copy(nxt, e, slot, "ahead")
+            self.counters.add("speculative_copies", nxt, 1)
+            self.counters.add("copied_bytes", nxt, self.store.expert_bytes)
+        return pend
+
+    def held_slots(self, layer_idx: int) -> dict[int, int]:
+        """Expert -> slot for the layer's experts the resident slots hold now."""
+        return {e: s for s, e in self.holds(layer_idx).items()}
+
+    def holds(self, layer_idx: int) -> dict[int, int]:
+        """Resident slot -> the layer's expert it holds now (slots holding another layer's are left out)."""
+        capacity = self.policy.resident_capacity()
+        return {s: e for s, e in self.layer_slots.get(layer_idx, {}).items() if s < capacity}
+
+    def wanted_slots(self, layer_idx: int) -> dict[int, int]:
+        placement = self.policy.placement
+        return {e: placement.slot(layer_idx, e) for e in placement.resident_experts(layer_idx)}
+
+    def settle_all(self) -> None:
+        """Copy from the host every wanted expert a slot does not hold yet (nothing after a full prefill)."""
+        for layer_idx in self.policy.ctx.moe_layers:
+            for e, slot in plan_settle(self.wanted_slots(layer_idx), self.holds(layer_idx), {}).copies:
+                self.landing[slot] = self.copy(layer_idx, e, slot, "settle")
 
     def predict(self, layer_idx: int, h: torch.Tensor) -> Prediction | None:
         """Layer l+1's routing predicted from layer l's input, or None outside prediction."""
@@ -135,7 +203,7 @@ class DaopRunner(OffloadedExperts):
         if self.finish_at is not None and layer_idx != self.first_moe:
             self.gap_ms += GAP_WEIGHT * (max(0.0, (now - self.finish_at) * 1000) - self.gap_ms)
         cpu_free, copy_free = self.channel_clock(now)
-        plan = plan_decode_layer(counts, rows, self.resident_slots(layer_idx), self.policy.scratch(), prepared,
+        plan = plan_decode_layer(counts, rows, self.wanted_slots(layer_idx), self.policy.scratch(), prepared,
                                  self.policy.split, cfg.cpu_experts, Clock(cpu_free, copy_free))
         self.finish_at = self.estimate_finish(layer_idx, now, Clock(cpu_free, copy_free), counts, plan.layer.cpu,
                                               plan.layer.copy, plan.ready)

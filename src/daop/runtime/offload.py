@@ -31,7 +31,9 @@ class OffloadedExperts:
     def __init__(self, store: ExpertStore, policy: Policy, cpu: CpuExecutor, transfer: Transfer, num_layers: int) -> None:
         self.store, self.policy, self.cpu, self.transfer = store, policy, cpu, transfer
         self.counters = Counters(num_layers)
-        self.slot_contents: dict[int, tuple[int, int]] = {}
+        self.slot_contents: dict[int, tuple[int, int]] = {}  # slot -> (layer, expert) it holds
+        self.layer_slots: dict[int, dict[int, int]] = {}  # layer -> {slot: expert} (the same, by layer)
+        self.landing: dict[int, Any] = {}  # resident slot -> the event of a copy into it that no read has waited for
         self.timeline: Timeline | None = None  # set to record a measured timeline of decode steps
         # Host estimates (perf_counter seconds, from the cost model) of when each channel is through
         # the work queued on it so far, corrected when the work is seen finished (channel_clock).
@@ -51,7 +53,7 @@ class OffloadedExperts:
 
     def copy(self, layer_idx: int, expert_idx: int, slot: int, kind: str = "copy"):
         """Queue a host->slot copy and remember what the slot holds; returns the completion event."""
-        self.slot_contents[slot] = (layer_idx, expert_idx)
+        self.hold(slot, layer_idx, expert_idx)
         self.copy_free_at = max(time.perf_counter(), self.copy_free_at) + self.copy_s
         timing = self.timeline.copy_events() if self.timeline else None
         done = self.transfer.copy_expert(self.store.host_weights(layer_idx, expert_idx), self.store.slot_weights(slot), slot,
@@ -59,6 +61,24 @@ class OffloadedExperts:
         if timing is not None:
             self.timeline.copy_span(layer_idx, expert_idx, kind, timing)
         return done
+
+    def hold(self, slot: int, layer_idx: int, expert_idx: int) -> None:
+        old = self.slot_contents.get(slot)
+        if old is not None:
+            self.layer_slots[old[0]].pop(slot, None)
+        self.slot_contents[slot] = (layer_idx, expert_idx)
+        self.layer_slots.setdefault(layer_idx, {})[slot] = expert_idx
+
+    def move(self, layer_idx: int, expert_idx: int, src: int, dst: int) -> None:
+        """Copy an expert from slot src to slot dst on the device, in compute order (after every read
+        of dst queued so far, and after a host copy into dst still landing); src may be overwritten
+        once it is done."""
+        self.transfer.wait(self.landing.pop(dst, None))
+        for d, s in zip(self.store.slot_weights(dst), self.store.slot_weights(src)):
+            d.copy_(s)
+        self.hold(dst, layer_idx, expert_idx)
+        self.transfer.release_slot(src)
+        self.transfer.release_slot(dst)
 
     def mark(self, layer_idx: int, name: str) -> None:
         if self.timeline is not None:
@@ -105,13 +125,15 @@ class OffloadedExperts:
 
     def execute(self, layer_idx: int, h: torch.Tensor, weights: torch.Tensor, rows_host: dict, plan: LayerPlan,
                 ready: dict[int, tuple[int, Any]] | None = None, precalc: tuple[Future, tuple[int, ...]] | None = None,
-                before_compute: Callable[[], None] | None = None) -> torch.Tensor:
+                before_compute: Callable[[], None] | None = None,
+                after_launch: Callable[[], None] | None = None) -> torch.Tensor:
         """Carry out a plan: CPU jobs first, then copies, then GPU work; sum outputs in expert order.
 
         ready: experts already copied into scratch slots (expert -> (slot, copy event)); precalc: a
         CPU job started earlier and the experts of its results to use (collected last, with this
         layer's own CPU results); before_compute: a callback run once this layer's copies and CPU
-        jobs are queued (speculation for the next layer).
+        jobs are queued (speculation for the next layer); after_launch: one run once the GPU work is
+        launched, before the CPU results are awaited (prefill settles slots and prefetches here).
         """
         ready = ready or {}
         used = precalc[1] if precalc else ()
@@ -132,7 +154,8 @@ class OffloadedExperts:
             self.mark(layer_idx, "speculated")
         rows = token_rows(h, rows_host)
         ys: dict[int, torch.Tensor] = {}
-        gpu_items = [(e, slot, None) for e, slot in plan.gpu] + [(e, s, ev) for e, (s, ev) in ready.items()]
+        gpu_items = ([(e, slot, self.landing.pop(slot, None)) for e, slot in plan.gpu]
+                     + [(e, s, ev) for e, (s, ev) in ready.items()])
         copy_items = [(e, slot, first_use.get(i)) for i, (e, slot) in enumerate(plan.copy)]
         for n, (e, slot, event) in enumerate(gpu_items + copy_items):
             if n >= len(gpu_items) and event is None:
@@ -141,6 +164,8 @@ class OffloadedExperts:
             ys[e] = expert_forward(expert_input(h, rows, e), self.store.slot_weights(slot), self.store.fmt.glu)
             self.transfer.release_slot(slot)
         self.mark(layer_idx, "gpu_launched")
+        if after_launch is not None:
+            after_launch()
         t0 = time.perf_counter()
         for job, experts in ((future, plan.cpu), *((precalc,) if precalc else ())):
             if job is not None:

@@ -84,17 +84,40 @@ def plan_layer(counts: Mapping[int, int], resident_slots: Mapping[int, int], fre
     return LayerPlan(gpu=gpu, copy=tuple((e, free_scratch[i % len(free_scratch)]) for i, e in enumerate(misses)))
 
 
-def plan_prefill_layer(counts: Mapping[int, int], swap_copies: Sequence[tuple[int, int]],
-                       resident_slots: Mapping[int, int], scratch: Sequence[int], split: SplitRule,
-                       cpu_experts: bool = True) -> LayerPlan:
-    """Prefill: experts swapped in for this sequence are copied into their new slots first, then
-    the rest is planned as any layer call (resident_slots is the placement after the swaps)."""
-    swapped = {e for e, _ in swap_copies}
-    rest = {e: n for e, n in counts.items() if e not in swapped}
-    others = {e: s for e, s in resident_slots.items() if e not in swapped}
-    plan = plan_layer(rest, others, scratch, split, cpu_experts)
-    swaps = tuple((e, s) for e, s in swap_copies if e in counts)
-    return LayerPlan(gpu=plan.gpu, cpu=plan.cpu, copy=swaps + plan.copy)
+def plan_prefill_layer(counts: Mapping[int, int], held_slots: Mapping[int, int], scratch: Sequence[int],
+                       prepared: Prepared | None, split: SplitRule, cpu_experts: bool = True,
+                       clock: Clock | None = None) -> DecodeLayerPlan:
+    """Prefill: every expert the layer's slots hold now (held_slots: expert -> slot; the previous
+    sequence's placement until this one's is settled, `plan_settle`) is computed in place, every
+    expert the previous layer prefetched from its scratch slot, a miss it promised to the CPU on the
+    CPU; the rest is split between the CPU and the free scratch slots, as in decode. A prompt's
+    tokens have no pre-calculated outputs."""
+    return plan_decode_layer(counts, {}, held_slots, scratch, prepared, split, cpu_experts, clock)
+
+
+@dataclass(frozen=True)
+class SettlePlan:
+    """How a layer's slots come to hold the placement a sequence wants, once its prefill has read them."""
+
+    moves: tuple[tuple[int, int, int], ...] = ()  # (expert, scratch slot, slot): device-to-device copies
+    copies: tuple[tuple[int, int], ...] = ()  # (expert, slot): copies from the host
+
+
+def plan_settle(wanted: Mapping[int, int], holds: Mapping[int, int], on_device: Mapping[int, int]) -> SettlePlan:
+    """wanted: expert -> slot of the placement the sequence wants for one layer; holds: slot -> the
+    layer's expert the slot holds now (absent: anything else); on_device: expert -> the scratch slot
+    this layer call read it from. An expert already in its slot stays; one this call copied to a
+    scratch slot moves there on the device (no second read of host memory); any other is copied from
+    the host. Ascending slot order."""
+    moves, copies = [], []
+    for e, slot in sorted(wanted.items(), key=lambda item: item[1]):
+        if holds.get(slot) == e:
+            continue
+        if e in on_device:
+            moves.append((e, on_device[e], slot))
+        else:
+            copies.append((e, slot))
+    return SettlePlan(tuple(moves), tuple(copies))
 
 
 def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, ...]], resident_slots: Mapping[int, int],
@@ -104,7 +127,8 @@ def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, .
 
     A prefetched expert is read from its scratch slot; a pre-calculated output is used only when
     the routing sends exactly the rows it was computed for; a miss promised to the CPU goes to the
-    CPU; every other expert is planned by plan_layer over the scratch slots not holding prefetches.
+    CPU; every other expert is planned by plan_layer over the scratch slots not holding prefetches
+    (without CPU experts, over those too after them: a copy into a slot waits for the slot's read).
     """
     prepared = prepared or Prepared()
     ready = {e: s for e, s in prepared.prefetched.items() if e in counts}
@@ -114,6 +138,8 @@ def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, .
     taken = set(ready) | set(used) | set(forced)
     todo = {e: n for e, n in counts.items() if e not in taken}
     free = [s for s in scratch if s not in ready.values()]
+    if not cpu_experts:  # every miss is copied: into a prefetched slot too, once its expert has been read
+        free += [s for s in scratch if s in ready.values()]
     plan = plan_layer(todo, resident_slots, free, split, cpu_experts, clock)
     layer = LayerPlan(gpu=plan.gpu, cpu=forced + plan.cpu, copy=plan.copy)
     return DecodeLayerPlan(layer, tuple(sorted(ready.items())), used, len(prepared.precalc_rows) - len(used))

@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 FIELDS = ("resident_calls", "cpu_calls", "copy_calls", "copied_bytes", "cpu_wait_s", "layer_calls", "tokens",
-          "predicted_hits", "predicted_total", "degraded_tokens", "speculative_copies", "precalc_used", "precalc_wasted")
+          "predicted_hits", "predicted_total", "degraded_tokens", "speculative_copies", "precalc_used", "precalc_wasted",
+          "settle_moves", "settle_copies")
 
 
 @dataclass
