@@ -97,6 +97,29 @@ def test_batch_generation_matches_single_rows(tiny_dir):
 # --- CUDA: experts routed on the device, captured steps ---
 
 @needs_cuda
+@pytest.mark.parametrize("pinned", [True, False])
+def test_cpu_results_reach_the_gpu_exactly_past_a_queued_copy(pinned):
+    """A CPU result of any size comes to the device bit for bit, in compute order, while an expert
+    copy is queued on the copy stream; a pinned source is kept until the kernel read it."""
+    from daop.executors.transfer import Transfer
+    from daop.kernels import host_read
+
+    transfer = Transfer(torch.device("cuda"))
+    big = torch.randn(64 << 20 >> 1).bfloat16().pin_memory()
+    slot = torch.empty_like(big, device="cuda")
+    transfer.copy_expert((big,), (slot,), 0)
+    for tokens in (1, 3, 64, 257):
+        y = torch.randn(tokens, 4096).bfloat16()
+        y = y.pin_memory() if pinned else y
+        z = transfer.to_device(y)
+        assert z.device.type == "cuda" and torch.equal(z.cpu(), y)
+    if host_read.available():
+        assert transfer.host_reader.in_flight  # the larger ones went through the kernel
+    torch.cuda.synchronize()
+    assert torch.equal(slot[:1024].cpu(), big[:1024])
+
+
+@needs_cuda
 @pytest.mark.parametrize("expert_dtype", ["auto", "int8"])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 def test_routed_experts_equal_experts_computed_alone(tokens, expert_dtype):

@@ -11,6 +11,7 @@ from concurrent.futures import Future
 
 import torch
 
+from daop.kernels import host_read
 from daop.quant import copy_into_slot
 
 
@@ -25,6 +26,7 @@ class Transfer:
         # only once that job has finished (the pool grows if every buffer is still being read).
         self.staging: list[torch.Tensor] = []
         self.readers: list[Future | None] = []
+        self.host_reader = host_read.HostReader(device) if self.cuda and host_read.available() else None
 
     def copy_expert(self, src: tuple[torch.Tensor, ...], dst: tuple[torch.Tensor, ...], slot: int,
                     timing: tuple | None = None) -> "torch.cuda.Event | None":
@@ -97,8 +99,12 @@ class Transfer:
         return len(self.staging) - 1
 
     def to_device(self, y: torch.Tensor) -> torch.Tensor:
-        """A CPU result on the device: from pinned memory an asynchronous copy on the compute stream
-        (torch's pinned-memory cache keeps the buffer until the copy has read it), else a blocking one."""
+        """A CPU result on the device, in compute order. Past a few KB (`host_read.MIN_BYTES`) a kernel
+        reads it from pinned memory: a copy would wait behind every expert copy queued on the copy
+        stream. Smaller ones: from pinned memory an asynchronous copy on the compute stream (torch's
+        pinned-memory cache keeps the buffer until the copy has read it), else a blocking one."""
         if not self.cuda:
             return y
+        if self.host_reader is not None and y.numel() * y.element_size() >= host_read.MIN_BYTES:
+            return self.host_reader.upload(y)
         return y.to(self.device, non_blocking=y.is_pinned())
