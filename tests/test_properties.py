@@ -80,7 +80,8 @@ def daop_plan(policy, layer_idx: int, counts: dict[int, int], prefill: bool) -> 
     if prefill:  # the slots hold the placement before the swaps until the layer is settled
         held = resident_slots(policy, layer_idx)
         policy.prefill_swaps(layer_idx, counts)
-        return plan_prefill_layer(counts, held, policy.scratch(), None, policy.split, cpu_experts).layer
+        return plan_prefill_layer(counts, held, policy.scratch(), None, policy.split, cpu_experts,
+                                  wanted=resident_slots(policy, layer_idx)).layer
     return plan_decode_layer(counts, {}, resident_slots(policy, layer_idx), policy.scratch(), None, policy.split,
                              cpu_experts).layer
 
@@ -130,8 +131,11 @@ def test_policy_plans_serve_every_routed_expert_once_within_budget(name, data):
         if name == "static" or ctx.cost.profile is None and name == "fiddler":
             assert not plan.copy  # nothing to copy into, or copies never pay off without a profile
         if name == "daop-exact" and ctx.cost.profile is None:
-            # only prefill swaps copy then (hot host experts into cold experts' slots, never scratch)
-            assert all(slot < policy.resident_capacity() for _, slot in plan.copy) and (prefill or not plan.copy)
+            # copies never pay off then: only a prefill copies, the experts its swaps want resident
+            # (into scratch slots, from where they move to the slots they want)
+            wanted = set(policy.placement.resident_experts(layer_idx))
+            assert (prefill or not plan.copy) and all(e in wanted for e, _ in plan.copy)
+            assert all(slot >= policy.resident_capacity() for _, slot in plan.copy)
         if name in ("ondemand", "lru", "daop-strict"):
             assert not plan.cpu
         check_placement(policy)

@@ -69,6 +69,20 @@ def test_prefill_computes_what_the_slots_hold_and_uses_what_was_prefetched():
     assert plan.layer == LayerPlan(gpu=((1, 6),), cpu=(0,))
 
 
+def test_a_prefill_copies_the_experts_it_wants_resident_rather_than_leaving_them_to_the_cpu():
+    # 4 and 6 are wanted in the layer's slots (swapped in); 4 was promised to the CPU, 6 would be
+    # split to it: both are copied (the settle needs them on the GPU anyway), 0 stays on the CPU
+    prepared = Prepared(cpu_assigned=frozenset({4}))
+    plan = plan_prefill_layer({0: 1, 1: 1, 4: 3, 6: 3}, {1: 5}, [8, 9], prepared, split_with(CPU_WINS), wanted={1, 4, 6})
+    assert plan.layer == LayerPlan(gpu=((1, 5),), cpu=(0,), copy=((4, 8), (6, 9)))
+    # more wanted than free slots: the first ones by expert index
+    plan = plan_prefill_layer({4: 3, 6: 3}, {}, [8], None, split_with(CPU_WINS), wanted={4, 6})
+    assert plan.layer == LayerPlan(cpu=(6,), copy=((4, 8),))
+    # without CPU experts the rest reuses those slots after their reads
+    plan = plan_prefill_layer({4: 3, 6: 3}, {}, [8], None, split_with(CPU_WINS), cpu_experts=False, wanted={4})
+    assert plan.layer == LayerPlan(copy=((4, 8), (6, 8)))
+
+
 def test_without_cpu_experts_a_prefill_copies_into_prefetched_slots_once_they_are_read():
     prepared = Prepared(prefetched={2: 8, 4: 9})
     plan = plan_prefill_layer({0: 1, 2: 1, 4: 1, 6: 1}, {}, [8, 9], prepared, split_with(CPU_WINS), cpu_experts=False)

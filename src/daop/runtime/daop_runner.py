@@ -109,8 +109,8 @@ class DaopRunner(OffloadedExperts):
         counts = {e: len(r[0]) for e, r in rows_host.items()}
         self.policy.prefill_swaps(layer_idx, counts)  # the placement this sequence wants, settled below
         clock = Clock(*self.channel_clock(time.perf_counter()))
-        plan = plan_prefill_layer(counts, self.held_slots(layer_idx), self.policy.scratch(),
-                                  pend.prepared if pend else None, self.policy.split, cfg.cpu_experts, clock)
+        plan = plan_prefill_layer(counts, self.held_slots(layer_idx), self.policy.scratch(), pend.prepared if pend else None,
+                                  self.policy.split, cfg.cpu_experts, clock, self.wanted_slots(layer_idx))
         ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
         last_in: dict[int, int] = {}  # scratch slot -> the expert this call read from it last
         for e, slot in (*plan.ready, *plan.layer.copy):

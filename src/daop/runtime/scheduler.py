@@ -86,13 +86,25 @@ def plan_layer(counts: Mapping[int, int], resident_slots: Mapping[int, int], fre
 
 def plan_prefill_layer(counts: Mapping[int, int], held_slots: Mapping[int, int], scratch: Sequence[int],
                        prepared: Prepared | None, split: SplitRule, cpu_experts: bool = True,
-                       clock: Clock | None = None) -> DecodeLayerPlan:
+                       clock: Clock | None = None, wanted: Collection[int] = ()) -> DecodeLayerPlan:
     """Prefill: every expert the layer's slots hold now (held_slots: expert -> slot; the previous
     sequence's placement until this one's is settled, `plan_settle`) is computed in place, every
-    expert the previous layer prefetched from its scratch slot, a miss it promised to the CPU on the
-    CPU; the rest is split between the CPU and the free scratch slots, as in decode. A prompt's
-    tokens have no pre-calculated outputs."""
-    return plan_decode_layer(counts, {}, held_slots, scratch, prepared, split, cpu_experts, clock)
+    expert the previous layer prefetched from its scratch slot. A routed expert the sequence wants
+    resident (`wanted`) that is neither is copied into a free scratch slot first: settling the slots
+    brings it to the GPU anyway, and from there it moves on the device. Then a miss the previous
+    layer promised to the CPU goes to the CPU, and the rest is split between the CPU and the free
+    scratch slots, as in decode. A prompt's tokens have no pre-calculated outputs."""
+    prepared = prepared or Prepared()
+    ready = {e: s for e, s in prepared.prefetched.items() if e in counts}
+    free = [s for s in scratch if s not in ready.values()]
+    first = [e for e in sorted(counts) if e in set(wanted) and e not in held_slots and e not in ready][:len(free)]
+    rest = {e: n for e, n in counts.items() if e not in first}
+    taken = free[:len(first)]
+    # without CPU experts the rest may be copied into those slots too, once they have been read
+    others = [s for s in scratch if s not in taken] + (taken if not cpu_experts else [])
+    plan = plan_decode_layer(rest, {}, held_slots, others, prepared, split, cpu_experts, clock)
+    layer = LayerPlan(gpu=plan.layer.gpu, cpu=plan.layer.cpu, copy=tuple(zip(first, free)) + plan.layer.copy)
+    return DecodeLayerPlan(layer, plan.ready)
 
 
 @dataclass(frozen=True)
