@@ -69,6 +69,18 @@ def test_prefill_computes_what_the_slots_hold_and_uses_what_was_prefetched():
     assert plan.layer == LayerPlan(gpu=((1, 6),), cpu=(0,))
 
 
+def test_a_prefill_copies_into_the_slots_it_read_when_copies_win():
+    prepared = Prepared(prefetched={2: 8})
+    plan = plan_prefill_layer({0: 5, 2: 1}, {}, [8], prepared, split_with(COPY_WINS))
+    assert plan.ready == ((2, 8),) and plan.layer == LayerPlan(copy=((0, 8),))
+    # not a slot whose expert the sequence wants resident: it moves there from the slot after the call
+    plan = plan_prefill_layer({0: 5, 2: 1}, {}, [8], prepared, split_with(COPY_WINS), wanted={2})
+    assert plan.layer == LayerPlan(cpu=(0,))
+    # decode keeps prefetched slots for the next layer's copies
+    plan = plan_decode_layer({0: 5, 2: 1}, {}, {}, [8], prepared, split_with(COPY_WINS))
+    assert plan.layer == LayerPlan(cpu=(0,))
+
+
 def test_a_prefill_copies_the_experts_it_wants_resident_rather_than_leaving_them_to_the_cpu():
     # 4 and 6 are wanted in the layer's slots (swapped in); 4 was promised to the CPU, 6 would be
     # split to it: both are copied (the settle needs them on the GPU anyway), 0 stays on the CPU

@@ -93,18 +93,24 @@ def plan_prefill_layer(counts: Mapping[int, int], held_slots: Mapping[int, int],
     resident (`wanted`) that is neither is copied into a free scratch slot first: settling the slots
     brings it to the GPU anyway, and from there it moves on the device. Then a miss the previous
     layer promised to the CPU goes to the CPU, and the rest is split between the CPU and the free
-    scratch slots, as in decode. A prompt's tokens have no pre-calculated outputs."""
-    prepared = prepared or Prepared()
+    scratch slots, as in decode, the slots read before included (a copy into one waits for its read:
+    a prompt's experts are read as soon as they land). A prompt's tokens have no pre-calculated outputs."""
+    prepared, wanted = prepared or Prepared(), set(wanted)
     ready = {e: s for e, s in prepared.prefetched.items() if e in counts}
     free = [s for s in scratch if s not in ready.values()]
-    first = [e for e in sorted(counts) if e in set(wanted) and e not in held_slots and e not in ready][:len(free)]
-    rest = {e: n for e, n in counts.items() if e not in first}
+    first = [e for e in sorted(counts) if e in wanted and e not in held_slots and e not in ready][:len(free)]
     taken = free[:len(first)]
-    # without CPU experts the rest may be copied into those slots too, once they have been read
-    others = [s for s in scratch if s not in taken] + (taken if not cpu_experts else [])
-    plan = plan_decode_layer(rest, {}, held_slots, others, prepared, split, cpu_experts, clock)
-    layer = LayerPlan(gpu=plan.layer.gpu, cpu=plan.layer.cpu, copy=tuple(zip(first, free)) + plan.layer.copy)
-    return DecodeLayerPlan(layer, plan.ready)
+    forced = tuple(e for e in sorted(prepared.cpu_assigned)
+                   if e in counts and e not in held_slots and e not in ready and e not in first)
+    todo = {e: n for e, n in counts.items() if e not in ready and e not in forced and e not in first}
+    # Reused slots: a prompt's experts are read as soon as they land, so a slot read before may take a
+    # copy after that read; not one whose expert moves to its wanted slot after the call (but without
+    # CPU experts every miss needs a slot: those last, the expert is then copied to its slot instead).
+    moving = [s for e, s in sorted(ready.items()) if e in wanted] + taken
+    slots = [s for s in free if s not in taken] + [s for e, s in sorted(ready.items()) if e not in wanted]
+    plan = plan_layer(todo, held_slots, slots + (moving if not cpu_experts else []), split, cpu_experts, clock)
+    layer = LayerPlan(gpu=plan.gpu, cpu=forced + plan.cpu, copy=tuple(zip(first, taken)) + plan.copy)
+    return DecodeLayerPlan(layer, tuple(sorted(ready.items())))
 
 
 @dataclass(frozen=True)
