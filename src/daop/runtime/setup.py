@@ -159,7 +159,11 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
         experts = ResidentExperts(c, dev, fmt)
         if host is not None:
             experts.fill_from(host)
-        return PreparedRuntime(budget, policy_name, fmt, experts.load_views, experts.stored_views, lambda: experts, rows)
+        def start_resident() -> ExpertRunner:
+            experts.release_load_buffers()
+            return experts
+
+        return PreparedRuntime(budget, policy_name, fmt, experts.load_views, experts.stored_views, start_resident, rows)
     moe_layers = c.moe_layer_ids()
     if dev.type == "cpu" and opts.cpu_threads is None:
         # CPU experts use the "GPU" work's thread count, so exact policies stay bitwise equal, and
@@ -181,6 +185,7 @@ def prepare_runtime(decoder: Decoder, opts: RuntimeOptions, kv_batch: int = 1, h
     native = dev.type == "cuda"  # CPU experts of a GPU model may use daop's CPU kernel (see executors/cpu.py)
 
     def start() -> ExpertRunner:
+        store.release_load_buffers()
         if policy_name in PRESETS:
             return DaopRunner(store, policy, CpuExecutor(threads, mode, native=native, glu=fmt.glu), Transfer(dev), c.num_layers,
                               routing=lambda: decoder.routing)

@@ -35,6 +35,10 @@ class HostExperts:
         self.scratch = ScratchBuffers(self.fmt.dtype)
         self.stored_scratch: dict = {}  # host buffers for stored tensors converted as they are committed
 
+    def release_load_buffers(self) -> None:
+        """Free the loader's scratch once every expert is in (a quantizing load keeps one expert's float tensors)."""
+        self.scratch, self.stored_scratch = ScratchBuffers(self.fmt.dtype), {}
+
     @property
     def layers(self) -> list[int]:
         return list(self.tensors)
@@ -92,6 +96,9 @@ class ExpertStore:
     def slot_weights(self, slot: int) -> tuple[torch.Tensor, ...]:
         return tuple(t[slot] for t in self.slots)
 
+    def release_load_buffers(self) -> None:
+        self.host.release_load_buffers()
+
 
 class ResidentExperts:
     """All routed experts of every layer held as stacked tensors on one device (the all-GPU path).
@@ -112,6 +119,10 @@ class ResidentExperts:
 
     def reset(self) -> None:
         pass
+
+    def release_load_buffers(self) -> None:
+        """Free the loader's scratch once every expert is in."""
+        self.scratch, self.stored_scratch = ScratchBuffers(self.fmt.dtype), {}
 
     def set_phase(self, phase: str) -> None:
         pass
