@@ -84,7 +84,8 @@ class Daop(Policy):
         return list(range(first, first + self.ctx.scratch_slots))
 
     def prefill_swaps(self, layer_idx: int, counts: dict[int, int]) -> list[tuple[int, int]]:
-        """Swap hot host experts into cold experts' slots for this sequence; returns the copies."""
+        """Swap hot host experts into cold experts' slots of the placement this sequence wants; returns
+        the (expert, slot) pairs it moved (the runner brings the slots there after the layer's prefill)."""
         c = self.config
         swaps = plan_swaps(counts, self.placement.resident_experts(layer_idx), c.swap_fraction, c.swap_ratio,
                            num_experts=self.ctx.num_experts)
