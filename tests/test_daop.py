@@ -101,3 +101,27 @@ def test_each_prefill_settles_its_own_placement_without_restoring_the_last_one_f
     reference = load()
     if DEVICE == "cpu":
         assert outputs == [run(reference, p, 4) for p in prompts]
+
+
+def test_a_prefill_cut_short_settles_every_layer_when_decode_starts():
+    """A prefill that stops after its first MoE layer (an error in the next) leaves the other layers
+    holding the last sequence's experts; entering decode copies in what the placement wants."""
+    engine = load(policy="daop-exact", expert_ratio=0.25)
+    runner = engine.decoder.experts
+    run(engine, PROMPTS[0] * 8, 2)  # a placement with this prompt's swaps
+    runner.reset()
+    runner.set_phase("prefill")
+    first = runner.policy.ctx.moe_layers[0]
+    h = torch.randn(40, engine.config.hidden_size, dtype=engine.decoder.dtype, device=engine.decoder.device)
+    ids, weights = engine.decoder.routing.route(first, h)
+    runner(first, h, ids, weights)
+    unsettled = [l for l in runner.policy.ctx.moe_layers if runner.held_slots(l) != runner.wanted_slots(l)]
+    assert unsettled  # the last sequence's swaps are still in place there
+    runner.set_phase("decode")
+    placement = runner.policy.placement
+    for layer_idx in runner.policy.ctx.moe_layers:
+        for e in placement.resident_experts(layer_idx):
+            slot = placement.slot(layer_idx, e)
+            assert runner.slot_contents[slot] == (layer_idx, e)
+            for got, want in zip(runner.store.slot_weights(slot), runner.store.host_weights(layer_idx, e)):
+                assert torch.equal(got.cpu(), want)
