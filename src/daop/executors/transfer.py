@@ -26,7 +26,7 @@ class Transfer:
         # only once that job has finished (the pool grows if every buffer is still being read).
         self.staging: list[torch.Tensor] = []
         self.readers: list[Future | None] = []
-        self.host_reader = host_read.HostReader(device) if self.cuda and host_read.available() else None
+        self.host_reader = host_read.checked_reader(device) if self.cuda and host_read.available() else None
 
     def copy_expert(self, src: tuple[torch.Tensor, ...], dst: tuple[torch.Tensor, ...], slot: int,
                     timing: tuple | None = None) -> "torch.cuda.Event | None":

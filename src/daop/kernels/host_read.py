@@ -8,11 +8,14 @@ for 64 tokens behind four Mixtral experts, against 0.3 ms alone (`scripts/upload
 the pinned buffer through unified addressing (zero-copy) is not queued behind them: it was done in
 0.4-0.7 ms with the copies running.
 
-Used only on CUDA with Triton installed (`available()`); elsewhere callers copy as before.
+Used only on CUDA with Triton installed (`available()`), once one small upload has come through bit
+for bit (`checked_reader`, when a runner starts; it also compiles the kernel there rather than in the
+first request); elsewhere callers copy as before.
 """
 from __future__ import annotations
 
 import os
+import warnings
 from collections import deque
 
 import torch
@@ -62,3 +65,19 @@ class HostReader:
         done.record(torch.cuda.current_stream(self.device))
         self.in_flight.append((done, src))
         return out
+
+
+def checked_reader(device: torch.device) -> HostReader | None:
+    """A HostReader once one small upload came through bit for bit, else None (said once): where the
+    kernel cannot read pinned host memory, CPU results are copied as before."""
+    try:
+        reader = HostReader(device)
+        probe = torch.randn(MIN_BYTES // 2).to(torch.bfloat16)
+        if torch.equal(reader.upload(probe).cpu(), probe):
+            return reader
+        problem = "it read other values"
+    except Exception as exc:  # noqa: BLE001 - any failure means: copy instead
+        problem = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"daop: CPU expert results are copied to the GPU: the host-read kernel does not work here ({problem})",
+                  RuntimeWarning, stacklevel=2)
+    return None
