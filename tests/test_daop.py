@@ -72,6 +72,17 @@ def test_results_do_not_depend_on_prompt_order(policy):
     assert forward == backward
 
 
+def assert_slots_hold_the_wanted_experts(runner) -> None:
+    """Every expert the placement wants resident is in its slot, bit for bit the host store's."""
+    placement = runner.policy.placement
+    for layer_idx in runner.policy.ctx.moe_layers:
+        for e in placement.resident_experts(layer_idx):
+            slot = placement.slot(layer_idx, e)
+            assert runner.slot_contents[slot] == (layer_idx, e)
+            for got, want in zip(runner.store.slot_weights(slot), runner.store.host_weights(layer_idx, e)):
+                assert torch.equal(got.cpu(), want), (layer_idx, e, slot)
+
+
 def test_each_prefill_settles_its_own_placement_without_restoring_the_last_one_first():
     """A new sequence copies nothing when it starts: its prefill computes what the slots hold, then
     brings every layer's slots to the placement it wants (its own prefill swaps on the calibrated
@@ -88,13 +99,7 @@ def test_each_prefill_settles_its_own_placement_without_restoring_the_last_one_f
         runner.reset()
         assert runner.slot_contents == held  # nothing restored up front
         outputs.append(run(engine, prompt, 4))
-        placement = runner.policy.placement
-        for layer_idx in runner.policy.ctx.moe_layers:
-            for e in placement.resident_experts(layer_idx):
-                slot = placement.slot(layer_idx, e)
-                assert runner.slot_contents[slot] == (layer_idx, e)
-                for got, want in zip(runner.store.slot_weights(slot), runner.store.host_weights(layer_idx, e)):
-                    assert torch.equal(got.cpu(), want), (layer_idx, e, slot)
+        assert_slots_hold_the_wanted_experts(runner)
     totals = engine.counters()
     assert totals["settle_moves"] > 0 and totals["settle_copies"] > 0
     assert outputs[0] == outputs[3]  # the same prompt after others: the same tokens
@@ -118,10 +123,4 @@ def test_a_prefill_cut_short_settles_every_layer_when_decode_starts():
     unsettled = [l for l in runner.policy.ctx.moe_layers if runner.held_slots(l) != runner.wanted_slots(l)]
     assert unsettled  # the last sequence's swaps are still in place there
     runner.set_phase("decode")
-    placement = runner.policy.placement
-    for layer_idx in runner.policy.ctx.moe_layers:
-        for e in placement.resident_experts(layer_idx):
-            slot = placement.slot(layer_idx, e)
-            assert runner.slot_contents[slot] == (layer_idx, e)
-            for got, want in zip(runner.store.slot_weights(slot), runner.store.host_weights(layer_idx, e)):
-                assert torch.equal(got.cpu(), want)
+    assert_slots_hold_the_wanted_experts(runner)

@@ -124,9 +124,7 @@ class DaopRunner(OffloadedExperts):
             if ahead:  # the next layer's copies go ahead of this layer's host copies: it needs them first
                 self.pending[nxt] = self.prefetch(nxt, host[1])
             for e, slot in settle.copies:
-                self.landing[slot] = self.copy(layer_idx, e, slot, "settle")
-                self.counters.add("settle_copies", layer_idx, 1)
-                self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes)
+                self.settle_copy(layer_idx, e, slot)
 
         return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, after_launch=after_launch)
 
@@ -165,7 +163,13 @@ class DaopRunner(OffloadedExperts):
         """Copy from the host every wanted expert a slot does not hold yet (nothing after a full prefill)."""
         for layer_idx in self.policy.ctx.moe_layers:
             for e, slot in plan_settle(self.wanted_slots(layer_idx), self.holds(layer_idx), {}).copies:
-                self.landing[slot] = self.copy(layer_idx, e, slot, "settle")
+                self.settle_copy(layer_idx, e, slot)
+
+    def settle_copy(self, layer_idx: int, expert_idx: int, slot: int) -> None:
+        """Copy a wanted expert from the host into its resident slot; the slot's next reader waits for it."""
+        self.landing[slot] = self.copy(layer_idx, expert_idx, slot, "settle")
+        self.counters.add("settle_copies", layer_idx, 1)
+        self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes)
 
     def predict(self, layer_idx: int, h: torch.Tensor) -> Prediction | None:
         """Layer l+1's routing predicted from layer l's input, or None outside prediction."""

@@ -84,6 +84,12 @@ def plan_layer(counts: Mapping[int, int], resident_slots: Mapping[int, int], fre
     return LayerPlan(gpu=gpu, copy=tuple((e, free_scratch[i % len(free_scratch)]) for i, e in enumerate(misses)))
 
 
+def promised_to_cpu(prepared: Prepared, counts: Mapping[int, int], resident: Collection[int],
+                    served: Collection[int]) -> tuple[int, ...]:
+    """The routed misses the previous layer promised to the CPU that nothing else serves yet."""
+    return tuple(e for e in sorted(prepared.cpu_assigned) if e in counts and e not in resident and e not in served)
+
+
 def plan_prefill_layer(counts: Mapping[int, int], held_slots: Mapping[int, int], scratch: Sequence[int],
                        prepared: Prepared | None, split: SplitRule, cpu_experts: bool = True,
                        clock: Clock | None = None, wanted: Collection[int] = ()) -> DecodeLayerPlan:
@@ -100,8 +106,7 @@ def plan_prefill_layer(counts: Mapping[int, int], held_slots: Mapping[int, int],
     free = [s for s in scratch if s not in ready.values()]
     first = [e for e in sorted(counts) if e in wanted and e not in held_slots and e not in ready][:len(free)]
     taken = free[:len(first)]
-    forced = tuple(e for e in sorted(prepared.cpu_assigned)
-                   if e in counts and e not in held_slots and e not in ready and e not in first)
+    forced = promised_to_cpu(prepared, counts, held_slots, {*ready, *first})
     todo = {e: n for e, n in counts.items() if e not in ready and e not in forced and e not in first}
     # Reused slots: a prompt's experts are read as soon as they land, so a slot read before may take a
     # copy after that read; not one whose expert moves to its wanted slot after the call (but without
@@ -151,8 +156,7 @@ def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, .
     prepared = prepared or Prepared()
     ready = {e: s for e, s in prepared.prefetched.items() if e in counts}
     used = tuple(e for e in sorted(prepared.precalc_rows) if rows.get(e) == prepared.precalc_rows[e])
-    forced = tuple(e for e in sorted(prepared.cpu_assigned)
-                   if e in counts and e not in resident_slots and e not in ready and e not in used)
+    forced = promised_to_cpu(prepared, counts, resident_slots, {*ready, *used})
     taken = set(ready) | set(used) | set(forced)
     todo = {e: n for e, n in counts.items() if e not in taken}
     free = [s for s in scratch if s not in ready.values()]
