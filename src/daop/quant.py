@@ -255,6 +255,16 @@ def expert_forward(x: torch.Tensor, w: List[torch.Tensor], glu: Optional[Tuple[f
     return linear_q(F.silu(gate) * up, w[2], w[3])
 
 
+def expert_rows(x: torch.Tensor, w: List[torch.Tensor], lo: int, hi: int) -> torch.Tensor:
+    """Intermediate rows [lo, hi) of a float SwiGLU expert (w = gate_up [2I, D], down [D, I]): gate
+    rows [lo, hi), up rows [I + lo, I + hi), down columns [lo, hi). The parts of a split expert add up
+    to its output (as sums in another order: within rounding, not bit for bit); only the rows read
+    need to be in w, so a slot holding rows [lo, hi) of an expert serves this part."""
+    I = w[1].shape[1]
+    gate, up = F.linear(x, w[0][lo:hi]), F.linear(x, w[0][I + lo:I + hi])
+    return F.linear(F.silu(gate) * up, w[1][:, lo:hi])
+
+
 def expert_product(x: torch.Tensor, w: List[torch.Tensor], part: int, quantized: bool) -> torch.Tensor:
     """x times an expert's gate_up (part 0) or down (part 1) matrix, in the expert's format."""
     if quantized:

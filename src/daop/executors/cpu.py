@@ -32,12 +32,12 @@ import threading
 import time
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, Mapping, Optional, Tuple
 
 import torch
 
 from daop.kernels import cpu_expert
-from daop.quant import expert_forward
+from daop.quant import expert_forward, expert_rows
 
 MODES = ("worker", "inline")
 SWITCH_INTERVAL_S = 5e-5  # while CPU experts run: a GIL take-back waits at most about this long
@@ -201,7 +201,8 @@ class CpuExecutor:
 
     def submit(self, jobs: list[Job], h_host: torch.Tensor, ready: "torch.cuda.Event | None",
                compute: Callable | None = None, ahead: bool = False,
-               span: Callable[[float, float, float], None] | None = None) -> Future:
+               span: Callable[[float, float, float], None] | None = None,
+               parts: Mapping[int, int] | None = None) -> Future:
         """Compute experts on the CPU: jobs are (expert, token rows [n], host weights); returns {expert: y}.
 
         ready: the event of the activations' device->host copy, waited on before reading h_host.
@@ -210,19 +211,24 @@ class CpuExecutor:
         for a later layer), so the job runs on a worker thread even in inline mode.
         span: called with the perf_counter times the job was submitted, began computing (its input
         ready) and ended (for a measured timeline).
+        parts: expert -> K for experts split with the GPU: the CPU computes only their intermediate
+        rows [0, K) (float SwiGLU experts, `daop.quant.expert_rows`), the GPU adds the rest.
         """
         # Lists built here, on the driving thread: the worker runs as little Python as possible.
         experts = [e for e, _, _ in jobs]
         rows = [r for _, r, _ in jobs]
         weights = [list(w) for _, _, w in jobs]
         tokens = sum(len(r) for r in rows)
+        heads = [(parts or {}).get(e) for e in experts]
+        if compute is not None and any(k is not None for k in heads):
+            raise ValueError("a compute function serves whole experts only, not the CPU's part of a split one")
         submitted = time.perf_counter()
         if (compute is None and self.native and rows
                 and all(cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights))):
             if ready is not None:
                 ready.synchronize()  # the activations' copy (the caller has just read the routing: it is quick)
             queued = cpu_expert.Queued([h_host.index_select(0, r) for r in rows], weights, self.threads,
-                                       pin=h_host.is_pinned())
+                                       pin=h_host.is_pinned(), rows=heads)
             return QueuedFuture(self, queued, experts, tokens, submitted, span)
 
         def run() -> dict[int, torch.Tensor]:
@@ -234,10 +240,11 @@ class CpuExecutor:
                     ys = [compute(h_host.index_select(0, r), *w) for r, w in zip(rows, weights)]
                 else:  # per job: the C kernel where it serves, the rest in one scripted call
                     served = [self.native and cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights)]
-                    rest = [i for i, s in enumerate(served) if not s]
+                    rest = [i for i, s in enumerate(served) if not s and heads[i] is None]
                     by_torch = iter(self.kernel(h_host, [rows[i] for i in rest], [weights[i] for i in rest], self.glu) if rest else [])
-                    ys = [cpu_expert.expert(h_host.index_select(0, r), w[0], w[1], self.threads) if s else next(by_torch)
-                          for r, w, s in zip(rows, weights, served)]
+                    ys = [cpu_expert.expert(h_host.index_select(0, r), w[0], w[1], self.threads, rows=k) if s
+                          else next(by_torch) if k is None else expert_rows(h_host.index_select(0, r), w, 0, k)
+                          for r, w, s, k in zip(rows, weights, served, heads)]
             t1 = time.perf_counter()
             self.busy_s += t1 - t0
             self.expert_tokens += tokens

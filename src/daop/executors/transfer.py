@@ -11,6 +11,7 @@ from concurrent.futures import Future
 
 import torch
 
+from daop.executors import copy2d
 from daop.kernels import host_read
 from daop.quant import copy_into_slot
 
@@ -32,9 +33,31 @@ class Transfer:
                     timing: tuple | None = None) -> "torch.cuda.Event | None":
         """Copy host expert weights into a GPU slot on the copy stream; returns the completion event.
         timing: two timing events recorded around the copy itself (for a measured timeline)."""
-        if not self.cuda:
+        def body() -> None:
             for d, s in zip(dst, src):
-                copy_into_slot(d, s)
+                copy_into_slot(d, s, non_blocking=self.cuda)  # int4 is converted here, on the copy stream
+        return self.on_copy_stream(slot, body, timing)
+
+    def copy_expert_rows(self, src: tuple[torch.Tensor, ...], dst: tuple[torch.Tensor, ...], slot: int, lo: int,
+                         hi: int, timing: tuple | None = None) -> "torch.cuda.Event | None":
+        """Copy intermediate rows [lo, hi) of a float expert (gate_up [2I, D], down [D, I]; what
+        `daop.quant.expert_rows` reads) into the same rows of a slot; returns the completion event.
+        The down columns are a strided block: one 2D copy (`copy2d`)."""
+        I = src[1].shape[1]
+
+        def body() -> None:
+            for a, b in ((lo, hi), (I + lo, I + hi)):
+                dst[0][a:b].copy_(src[0][a:b], non_blocking=self.cuda)
+            if self.cuda:
+                copy2d.copy_2d(dst[1][:, lo:hi], src[1][:, lo:hi], self.stream)
+            else:
+                dst[1][:, lo:hi].copy_(src[1][:, lo:hi])
+        return self.on_copy_stream(slot, body, timing)
+
+    def on_copy_stream(self, slot: int, body: Callable[[], None], timing: tuple | None) -> "torch.cuda.Event | None":
+        """Run body's copies on the copy stream once the slot's last read is done; their event."""
+        if not self.cuda:
+            body()
             return None
         with torch.cuda.stream(self.stream):
             released = self.slot_released.get(slot)
@@ -42,8 +65,7 @@ class Transfer:
                 self.stream.wait_event(released)
             if timing is not None:
                 timing[0].record(self.stream)
-            for d, s in zip(dst, src):
-                copy_into_slot(d, s, non_blocking=True)  # int4 is converted here, on the copy stream
+            body()
             if timing is not None:
                 timing[1].record(self.stream)
             done = torch.cuda.Event()

@@ -44,10 +44,12 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
-/* out[t * ldo + r] = sum_k W[r, k] * x[t * K + k] for rows r in [r0, r1), tokens t < n */
-static void rows_plain(const uint16_t *W, long K, long r0, long r1, const float *x, int n, float *out, long ldo) {
+/* out[t * ldo + r] = sum_k W[r, k] * x[t * K + k] for rows r in [r0, r1), tokens t < n; row r of W
+   starts at W + r * ldw (ldw >= K: the first K columns of a wider matrix) */
+static void rows_plain(const uint16_t *W, long K, long ldw, long r0, long r1, const float *x, int n, float *out,
+                       long ldo) {
     for (long r = r0; r < r1; r++) {
-        const uint16_t *w = W + r * K;
+        const uint16_t *w = W + r * ldw;
         for (int t = 0; t < n; t++) {
             float s = 0.f;
             const float *xt = x + t * K;
@@ -80,10 +82,10 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
 }
 
 #define GROUP(NAME, TARGET, VEC, LANES, LOAD, FMA, XLOAD, ZERO, HSUM, G, NT)                           \
-    __attribute__((target(TARGET))) static void NAME##_##NT(const uint16_t *W, long K, long r,         \
+    __attribute__((target(TARGET))) static void NAME##_##NT(const uint16_t *W, long K, long ldw, long r, \
                                                                   const float *x, float *out, long ldo) { \
         const uint16_t *w[G];                                                                          \
-        for (int i = 0; i < G; i++) w[i] = W + (r + i) * K;                                             \
+        for (int i = 0; i < G; i++) w[i] = W + (r + i) * ldw;                                           \
         VEC a[G][NT];                                                                                  \
         for (int i = 0; i < G; i++)                                                                    \
             for (int t = 0; t < NT; t++) a[i][t] = ZERO();                                             \
@@ -113,19 +115,19 @@ AVX512_GROUP(avx512_g, GROUP_ROWS, 1) AVX512_GROUP(avx512_g, GROUP_ROWS, 2) AVX5
 AVX512_GROUP(avx512_1, 1, 1) AVX512_GROUP(avx512_1, 1, 2) AVX512_GROUP(avx512_1, 1, 3) AVX512_GROUP(avx512_1, 1, 4)
 AVX2_GROUP(avx2_g, GROUP_ROWS, 1) AVX2_GROUP(avx2_g, GROUP_ROWS, 2) AVX2_GROUP(avx2_1, 1, 1) AVX2_GROUP(avx2_1, 1, 2)
 
-typedef void (*group_fn)(const uint16_t *, long, long, const float *, float *, long);
+typedef void (*group_fn)(const uint16_t *, long, long, long, const float *, float *, long);
 static const group_fn AVX512_G[4] = {avx512_g_1, avx512_g_2, avx512_g_3, avx512_g_4};
 static const group_fn AVX512_1[4] = {avx512_1_1, avx512_1_2, avx512_1_3, avx512_1_4};
 static const group_fn AVX2_G[2] = {avx2_g_1, avx2_g_2};
 static const group_fn AVX2_1[2] = {avx2_1_1, avx2_1_2};
 
-static void rows_vector(const group_fn *group, const group_fn *one, int chunk, const uint16_t *W, long K, long r0,
-                        long r1, const float *x, int n, float *out, long ldo) {
+static void rows_vector(const group_fn *group, const group_fn *one, int chunk, const uint16_t *W, long K, long ldw,
+                        long r0, long r1, const float *x, int n, float *out, long ldo) {
     for (long r = r0; r < r1;) {
         int g = r + GROUP_ROWS <= r1 ? GROUP_ROWS : 1;
         for (int t0 = 0; t0 < n; t0 += chunk) {
             int nt = n - t0 < chunk ? n - t0 : chunk;
-            (g == GROUP_ROWS ? group : one)[nt - 1](W, K, r, x + t0 * K, out + t0 * ldo, ldo);
+            (g == GROUP_ROWS ? group : one)[nt - 1](W, K, ldw, r, x + t0 * K, out + t0 * ldo, ldo);
         }
         r += g;
     }
@@ -142,12 +144,13 @@ int daop_cpu_isa(void) {
     return 0;
 }
 
-static void rows(int isa, const uint16_t *W, long K, long r0, long r1, const float *x, int n, float *out, long ldo) {
+static void rows(int isa, const uint16_t *W, long K, long ldw, long r0, long r1, const float *x, int n, float *out,
+                 long ldo) {
 #ifdef DAOP_X86
-    if (isa == 2) { rows_vector(AVX512_G, AVX512_1, TOKENS_AVX512, W, K, r0, r1, x, n, out, ldo); return; }
-    if (isa == 1) { rows_vector(AVX2_G, AVX2_1, TOKENS_AVX2, W, K, r0, r1, x, n, out, ldo); return; }
+    if (isa == 2) { rows_vector(AVX512_G, AVX512_1, TOKENS_AVX512, W, K, ldw, r0, r1, x, n, out, ldo); return; }
+    if (isa == 1) { rows_vector(AVX2_G, AVX2_1, TOKENS_AVX2, W, K, ldw, r0, r1, x, n, out, ldo); return; }
 #endif
-    rows_plain(W, K, r0, r1, x, n, out, ldo);
+    rows_plain(W, K, ldw, r0, r1, x, n, out, ldo);
 }
 
 /* Rows [r0, r1) of `total` that thread `id` of `count` owns: equal shares, in blocks of 16 rows. */
@@ -165,37 +168,40 @@ static void share(long total, int id, int count, long *r0, long *r1) {
 #ifndef CHUNK_ROWS
 #define CHUNK_ROWS 16
 #endif
-static void take_rows(int isa, const uint16_t *W, long K, long total, long *next, const float *x, int n, float *out,
-                      long ldo) {
+static void take_rows(int isa, const uint16_t *W, long K, long ldw, long total, long *next, const float *x, int n,
+                      float *out, long ldo) {
     for (;;) {
         long r0 = __atomic_fetch_add(next, CHUNK_ROWS, __ATOMIC_RELAXED);
         if (r0 >= total) return;
-        rows(isa, W, K, r0, r0 + CHUNK_ROWS < total ? r0 + CHUNK_ROWS : total, x, n, out, ldo);
+        rows(isa, W, K, ldw, r0, r0 + CHUNK_ROWS < total ? r0 + CHUNK_ROWS : total, x, n, out, ldo);
     }
 }
 
-/* x [n, D] bf16 -> y [n, D] bf16; scratch holds n * (D + 3I) floats. isa: daop_cpu_isa() or lower.
-   Returns 0, or -1 when n is out of range. */
+/* x [n, D] bf16 -> y [n, D] bf16 over the first K of the expert's I intermediate rows (K = I: the whole
+   expert; K < I: the CPU's part of an expert split with the GPU, which computes rows K..I and adds its
+   output): gate rows [0, K) and up rows [I, I + K) of gate_up, columns [0, K) of down. scratch holds
+   n * (D + 3K) floats. isa: daop_cpu_isa() or lower. Returns 0, or -1 when n or K is out of range. */
 int daop_expert_bf16(const uint16_t *x, int n, const uint16_t *gate_up, const uint16_t *down, uint16_t *y,
-                     long D, long I, int threads, int isa, float *scratch) {
-    if (n < 1 || n > MAX_TOKENS) return -1;
-    float *xf = scratch, *h = xf + n * D, *a = h + n * 2 * I, *yf = xf; /* yf reuses xf once it is read */
+                     long D, long I, long K, int threads, int isa, float *scratch) {
+    if (n < 1 || n > MAX_TOKENS || K < 1 || K > I) return -1;
+    float *xf = scratch, *h = xf + n * D, *a = h + n * 2 * K, *yf = xf; /* yf reuses xf once it is read */
     for (long i = 0; i < n * D; i++) xf[i] = bf16_to_f32(x[i]);
-    long next_gate_up = 0, next_down = 0; /* the next chunk of rows to take, shared by the team */
+    long next_gate = 0, next_up = 0, next_down = 0; /* the next chunk of rows to take, shared by the team */
 #pragma omp parallel num_threads(threads)
     {
         int id = omp_get_thread_num(), count = omp_get_num_threads();
         long r0, r1;
-        take_rows(isa, gate_up, D, 2 * I, &next_gate_up, xf, n, h, 2 * I);
+        take_rows(isa, gate_up, D, D, K, &next_gate, xf, n, h, 2 * K);
+        take_rows(isa, gate_up + I * D, D, D, K, &next_up, xf, n, h + K, 2 * K);
 #pragma omp barrier
-        share(I, id, count, &r0, &r1);
+        share(K, id, count, &r0, &r1);
         for (int t = 0; t < n; t++)
             for (long i = r0; i < r1; i++) { /* rounded to bf16 where torch's bf16 products round */
-                float g = round_bf16(h[t * 2 * I + i]), u = round_bf16(h[t * 2 * I + I + i]);
-                a[t * I + i] = round_bf16(round_bf16(g / (1.f + expf(-g))) * u);
+                float g = round_bf16(h[t * 2 * K + i]), u = round_bf16(h[t * 2 * K + K + i]);
+                a[t * K + i] = round_bf16(round_bf16(g / (1.f + expf(-g))) * u);
             }
 #pragma omp barrier
-        take_rows(isa, down, I, D, &next_down, a, n, yf, D);
+        take_rows(isa, down, K, I, D, &next_down, a, n, yf, D);
 #pragma omp barrier
         share(n * D, id, count, &r0, &r1);
         for (long i = r0; i < r1; i++) y[i] = f32_to_bf16(yf[i]);
@@ -209,7 +215,7 @@ int daop_expert_bf16(const uint16_t *x, int n, const uint16_t *gate_up, const ui
    when it started and ended (CLOCK_MONOTONIC seconds, the clock of Python's perf_counter). */
 typedef struct {
     const uint16_t *x; int n; const uint16_t *gate_up, *down; uint16_t *y;
-    long D, I; int threads, isa; float *scratch;
+    long D, I, K; int threads, isa; float *scratch;
     int rc; double start, end;
 } daop_job;
 
@@ -243,8 +249,8 @@ static void *serve(void *arg) {
         daop_job *job = queue[finished % QUEUE];
         pthread_mutex_unlock(&mu);
         job->start = now_s();
-        job->rc = daop_expert_bf16(job->x, job->n, job->gate_up, job->down, job->y, job->D, job->I, job->threads,
-                                   job->isa, job->scratch);
+        job->rc = daop_expert_bf16(job->x, job->n, job->gate_up, job->down, job->y, job->D, job->I, job->K,
+                                   job->threads, job->isa, job->scratch);
         job->end = now_s();
         pthread_mutex_lock(&mu);
         finished++;

@@ -80,7 +80,7 @@ class JobStruct(ctypes.Structure):
     """One queued expert (`daop_job` in the source); start and end are filled in by the serving thread."""
 
     _fields_ = [("x", ctypes.c_void_p), ("n", ctypes.c_int), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
-                ("y", ctypes.c_void_p), ("D", ctypes.c_long), ("I", ctypes.c_long), ("threads", ctypes.c_int),
+                ("y", ctypes.c_void_p), ("D", ctypes.c_long), ("I", ctypes.c_long), ("K", ctypes.c_long), ("threads", ctypes.c_int),
                 ("isa", ctypes.c_int), ("scratch", ctypes.c_void_p), ("rc", ctypes.c_int), ("start", ctypes.c_double),
                 ("end", ctypes.c_double)]
 
@@ -89,7 +89,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib = ctypes.CDLL(str(path))
     lib.daop_expert_bf16.restype = ctypes.c_int
     lib.daop_expert_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                     ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+                                     ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int,
+                                     ctypes.c_void_p]
     lib.daop_cpu_isa.restype = ctypes.c_int
     lib.daop_submit.restype = ctypes.c_long
     lib.daop_submit.argtypes = [ctypes.POINTER(ctypes.POINTER(JobStruct)), ctypes.c_int]
@@ -137,12 +138,17 @@ def serves(dtype: torch.dtype, tokens: int, w: list) -> bool:
             and dtype == torch.bfloat16 and 1 <= tokens <= SERVES_TOKENS)
 
 
-def check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+def check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, rows: int | None = None) -> int:
+    """The intermediate rows the job computes (rows, or all of them), once the shapes fit."""
     D, I = x.shape[1], down.shape[1]
     if gate_up.shape != (2 * I, D) or down.shape != (D, I):
         raise ValueError(f"expert shapes gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)} do not fit x {tuple(x.shape)}")
     if not 1 <= x.shape[0] <= MAX_TOKENS:
         raise ValueError(f"the CPU expert kernel takes 1-{MAX_TOKENS} tokens, got {x.shape[0]}")
+    K = I if rows is None else int(rows)
+    if not 1 <= K <= I:
+        raise ValueError(f"an expert part of {K} intermediate rows does not fit an expert of {I}")
+    return K
 
 
 _IN_FLIGHT: list["Queued"] = []  # queued jobs whose buffers the serving thread may still use
@@ -152,26 +158,27 @@ class Queued:
     """Experts queued on the library's own serving thread (`daop_submit`): it starts at once,
     needs no GIL, and `wait()` blocks without it. Jobs of every Queued run in submission order.
     pin: outputs in pinned memory (for a GPU model: their upload is an asynchronous copy).
+    rows: per job, the intermediate rows [0, K) it computes (None: the whole expert; see `expert`).
     The buffers stay referenced here until the serving thread is done with them."""
 
     def __init__(self, xs: list[torch.Tensor], weights: list, threads: int, lib: ctypes.CDLL | None = None,
-                 pin: bool = False) -> None:
+                 pin: bool = False, rows: list[int | None] | None = None) -> None:
         lib = self.lib = lib or library()
         if lib is None:
             raise RuntimeError("the CPU expert kernel is not available")
         self.keep: list[torch.Tensor] = []
         self.ys: list[torch.Tensor] = []
         self.jobs: list[JobStruct] = []
-        for x, (gate_up, down) in zip(xs, weights):
-            check_shapes(x, gate_up, down)
+        for x, (gate_up, down), part in zip(xs, weights, rows or [None] * len(xs), strict=True):
+            K = check_shapes(x, gate_up, down, part)
             x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
             n, D = x.shape
             I = down.shape[1]
             y = torch.empty(n, D, dtype=torch.bfloat16, pin_memory=pin)  # pinned: uploaded without a host sync
-            scratch = torch.empty(n * (D + 3 * I), dtype=torch.float32)
+            scratch = torch.empty(n * (D + 3 * K), dtype=torch.float32)
             self.keep += [x, gate_up, down, scratch]
             self.ys.append(y)
-            self.jobs.append(JobStruct(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I,
+            self.jobs.append(JobStruct(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I, K,
                                        max(1, int(threads)), lib.isa, scratch.data_ptr(), 0, 0.0, 0.0))
         ptrs = (ctypes.POINTER(JobStruct) * len(self.jobs))(*[ctypes.pointer(j) for j in self.jobs])
         _IN_FLIGHT[:] = [q for q in _IN_FLIGHT if not q.done()]
@@ -203,23 +210,25 @@ def _drain() -> None:
 
 
 def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: int,
-           isa_level: int | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+           isa_level: int | None = None, lib: ctypes.CDLL | None = None, rows: int | None = None) -> torch.Tensor:
     """down(silu(gate x) * up x) for x [n, D] bf16 (n <= 8); gate_up [2I, D], down [D, I] bf16, on the host.
 
+    rows: only intermediate rows [0, rows) (gate rows [0, rows), up rows [I, I + rows), down columns
+    [0, rows)), the CPU's part of an expert split with the GPU; default all of them.
     isa_level: force a lower path (0 plain C, 1 AVX2) for tests; default the best this CPU has.
     lib: a library built with other tunables (`load(build(cc, defines))`), for probes."""
     lib = lib or library()
     if lib is None:
         raise RuntimeError("the CPU expert kernel is not available")
-    check_shapes(x, gate_up, down)
+    K = check_shapes(x, gate_up, down, rows)
     n, D = x.shape
     I = down.shape[1]
     x = x.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     y = torch.empty(n, D, dtype=torch.bfloat16)
-    scratch = torch.empty(n * (D + 3 * I), dtype=torch.float32)
+    scratch = torch.empty(n * (D + 3 * K), dtype=torch.float32)
     level = lib.isa if isa_level is None else min(isa_level, lib.isa)
-    rc = lib.daop_expert_bf16(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I,
+    rc = lib.daop_expert_bf16(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I, K,
                               max(1, int(threads)), level, scratch.data_ptr())
     if rc != 0:
         raise ValueError(f"the CPU expert kernel takes 1-{MAX_TOKENS} tokens, got {n}")

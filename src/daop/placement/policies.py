@@ -25,6 +25,9 @@ class LayerPlan:
     gpu: tuple[tuple[int, int], ...] = ()  # (expert, slot) already resident
     cpu: tuple[int, ...] = ()
     copy: tuple[tuple[int, int], ...] = ()  # (expert, slot) copied in this order, each computed after its copy
+    # (expert, scratch slot, K): split experts, whose intermediate rows [0, K) the CPU computes while the
+    # slot holds rows [K, I) (copied ahead of need) for the GPU; their two outputs are added
+    split: tuple[tuple[int, int, int], ...] = ()
 
 
 @dataclass

@@ -16,6 +16,7 @@ them out. Shapes: N tokens, K top-k, E experts, D hidden.
 """
 from __future__ import annotations
 
+import os
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -28,7 +29,7 @@ from daop.model.routing import Routing
 from daop.placement.daop import Daop
 from daop.predict.degrade import degrade
 from daop.runtime.offload import OffloadedExperts
-from daop.runtime.scheduler import (Clock, Prepared, plan_decode_layer, plan_prefill_layer, plan_settle,
+from daop.runtime.scheduler import (Clock, DecodeLayerPlan, Prepared, SplitRows, plan_decode_layer, plan_prefill_layer, plan_settle,
                                     plan_speculation)
 
 
@@ -73,6 +74,7 @@ class DaopRunner(OffloadedExperts):
         self.finish_at: float | None = None
         self.gap_ms = GAP_MS
         self.lands: dict[tuple[int, int], float] = {}
+        self.split_rows = split_rows(self.policy.config, self.store, self.transfer.cuda)
 
     def set_phase(self, phase: str) -> None:
         if self.phase != "decode" and phase == "decode":
@@ -209,11 +211,11 @@ class DaopRunner(OffloadedExperts):
         cpu_free, copy_free = self.channel_clock(now)
         plan = plan_decode_layer(counts, rows, self.wanted_slots(layer_idx), self.policy.scratch(), prepared,
                                  self.policy.split, cfg.cpu_experts, Clock(cpu_free, copy_free))
-        self.finish_at = self.estimate_finish(layer_idx, now, Clock(cpu_free, copy_free), counts, plan.layer.cpu,
-                                              plan.layer.copy, plan.ready)
+        self.finish_at = self.estimate_finish(layer_idx, now, Clock(cpu_free, copy_free), counts, plan)
         ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
+        halves = {e: pend.copy_events[e] for e, _, _ in plan.layer.split} if pend else {}
         precalc = (pend.precalc, plan.precalc_used) if pend and pend.precalc else None
-        taken = {s for _, s in plan.ready} | {s for _, s in plan.layer.copy}
+        taken = {s for _, s in plan.ready} | {s for _, s in plan.layer.copy} | {s for _, s, _ in plan.layer.split}
 
         def speculate() -> None:  # once this layer's CPU work and copies are queued
             self.counters.add("precalc_used", layer_idx, len(plan.precalc_used))
@@ -226,17 +228,18 @@ class DaopRunner(OffloadedExperts):
                 clock = Clock(cpu_free, copy_free, max(0.0, (self.finish_at - at) * 1000) + self.gap_ms)
                 self.pending[pred.layer_idx] = self.prepare(pred, h, host[-2], host[-1], taken, clock, at)
 
-        return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate)
+        return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate, halves=halves)
 
-    def estimate_finish(self, layer_idx: int, now: float, clock: Clock, counts: dict[int, int], cpu: tuple[int, ...],
-                        copies: tuple[tuple[int, int], ...], ready: tuple[tuple[int, int], ...]) -> float:
-        """When this layer call should be through (perf_counter s): its CPU experts run after the CPU's
-        backlog, its copies land behind the copy stream's, its prefetched copies where they were due."""
-        cost = self.policy.ctx.cost
-        end = now + (clock.cpu_free + sum(cost.cpu_ms(counts[e]) for e in cpu)) / 1000 if cpu else now
-        if copies:
-            end = max(end, now + (clock.copy_free + len(copies) * cost.copy_ms()) / 1000)
-        for e, _ in ready:
+    def estimate_finish(self, layer_idx: int, now: float, clock: Clock, counts: dict[int, int], plan: DecodeLayerPlan) -> float:
+        """When this layer call should be through (perf_counter s): its CPU experts (and the CPU's rows
+        of split ones) run after the CPU's backlog, its copies land behind the copy stream's, its
+        prefetched copies where they were due."""
+        cost, layer, inter = self.policy.ctx.cost, plan.layer, self.store.inter
+        work = [cost.cpu_ms(counts[e]) for e in layer.cpu] + [cost.cpu_ms(counts[e]) * k / inter for e, _, k in layer.split]
+        end = now + (clock.cpu_free + sum(work)) / 1000 if work else now
+        if layer.copy:
+            end = max(end, now + (clock.copy_free + len(layer.copy) * cost.copy_ms()) / 1000)
+        for e in (*(e for e, _ in plan.ready), *(e for e, _, _ in layer.split)):
             end = max(end, self.lands.pop((layer_idx, e), now))
         return end
 
@@ -250,9 +253,10 @@ class DaopRunner(OffloadedExperts):
         spec = plan_speculation({e: len(r[0]) for e, r in predicted.items()}, set(self.policy.placement.resident_experts(nxt)),
                                 free, clock, self.policy.ctx.cost, stale_input=cfg.stale_input,
                                 speculative_copies=cfg.speculative_copies, balance_channels=cfg.balance_channels,
-                                cpu_experts=cfg.cpu_experts)
+                                cpu_experts=cfg.cpu_experts, rows=self.split_rows)
         prepared = Prepared(prefetched=dict(spec.copies), cpu_assigned=frozenset(spec.cpu_assigned),
-                            precalc_rows={e: tuple(predicted[e][0].tolist()) for e in spec.precalc})
+                            precalc_rows={e: tuple(predicted[e][0].tolist()) for e in spec.precalc},
+                            split={e: (slot, k) for e, slot, k in spec.split})
         pend = Pending(pred.ids, pred.weights, raw_host, prepared)
         if spec.precalc:
             pend.precalc = self.cpu_job(nxt, h, predicted, spec.precalc, ahead=True)
@@ -261,6 +265,10 @@ class DaopRunner(OffloadedExperts):
             self.lands[(nxt, e)] = at + land / 1000
             self.counters.add("speculative_copies", nxt, 1)
             self.counters.add("copied_bytes", nxt, self.store.expert_bytes)
+        for (e, slot, k), land in zip(spec.split, spec.split_lands):
+            pend.copy_events[e] = self.copy_rows(nxt, e, slot, k)
+            self.lands[(nxt, e)] = at + land / 1000
+            self.counters.add("speculative_splits", nxt, 1)
         return pend
 
     def score_prediction(self, layer_idx: int, predicted: torch.Tensor, true: torch.Tensor) -> None:
@@ -268,3 +276,16 @@ class DaopRunner(OffloadedExperts):
         shared = sum(len(set(p) & set(t)) for p, t in zip(predicted.tolist(), true.tolist()))
         self.counters.add("predicted_hits", layer_idx, shared)
         self.counters.add("predicted_total", layer_idx, true.numel())
+
+
+def split_rows(config, store, cuda: bool) -> SplitRows | None:
+    """Where predicted misses may be split between the channels (`plan_speculation`): a preset that
+    wants it (`split_experts`, with CPU experts and speculative copies on the true input), float SwiGLU
+    experts (what `daop.quant.expert_rows` computes), and a GPU: on a CPU device both parts would run
+    on the same processor. DAOP_SPLIT_EXPERTS=0 turns it off, =1 on for a CPU device too (tests)."""
+    env = os.environ.get("DAOP_SPLIT_EXPERTS", "")
+    wanted = (config.split_experts and config.cpu_experts and config.speculative_copies and not config.stale_input
+              and not store.fmt.quantized and store.fmt.plain)
+    if not wanted or env == "0" or not (cuda or env == "1"):
+        return None
+    return SplitRows.for_inter(store.inter)

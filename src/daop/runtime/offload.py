@@ -19,7 +19,7 @@ from daop.executors.cpu import CpuExecutor
 from daop.executors.transfer import Transfer
 from daop.model.moe import expert_input, group_by_expert, token_rows, weighted_sum
 from daop.placement.policies import LayerPlan, Policy
-from daop.quant import expert_forward
+from daop.quant import expert_forward, expert_rows
 from daop.runtime.stats import Counters
 from daop.runtime.timeline import Timeline
 from daop.weights.expert_store import ExpertStore
@@ -62,10 +62,28 @@ class OffloadedExperts:
             self.timeline.copy_span(layer_idx, expert_idx, kind, timing)
         return done
 
-    def hold(self, slot: int, layer_idx: int, expert_idx: int) -> None:
-        old = self.slot_contents.get(slot)
+    def copy_rows(self, layer_idx: int, expert_idx: int, slot: int, k: int, kind: str = "split"):
+        """Queue a copy of an expert's intermediate rows [k, I) into a scratch slot (the GPU's part of a
+        split expert, `daop.quant.expert_rows`); returns the completion event. The slot then holds no
+        whole expert."""
+        self.forget(slot)
+        inter = self.store.inter
+        self.copy_free_at = max(time.perf_counter(), self.copy_free_at) + self.copy_s * (inter - k) / inter
+        timing = self.timeline.copy_events() if self.timeline else None
+        done = self.transfer.copy_expert_rows(self.store.host_weights(layer_idx, expert_idx), self.store.slot_weights(slot),
+                                              slot, k, inter, timing)
+        if timing is not None:
+            self.timeline.copy_span(layer_idx, expert_idx, kind, timing)
+        self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes * (inter - k) / inter)
+        return done
+
+    def forget(self, slot: int) -> None:
+        old = self.slot_contents.pop(slot, None)
         if old is not None:
             self.layer_slots[old[0]].pop(slot, None)
+
+    def hold(self, slot: int, layer_idx: int, expert_idx: int) -> None:
+        self.forget(slot)
         self.slot_contents[slot] = (layer_idx, expert_idx)
         self.layer_slots.setdefault(layer_idx, {})[slot] = expert_idx
 
@@ -105,14 +123,18 @@ class OffloadedExperts:
         plan = self.policy.plan(layer_idx, {e: len(r[0]) for e, r in rows_host.items()})
         return self.execute(layer_idx, h, weights, rows_host, plan)
 
-    def cpu_job(self, layer_idx: int, h: torch.Tensor, rows_host: dict, experts: Sequence[int], ahead: bool = False) -> Future:
-        """Start computing `experts` of layer_idx for their rows of h on the CPU (ahead: for a later layer)."""
+    def cpu_job(self, layer_idx: int, h: torch.Tensor, rows_host: dict, experts: Sequence[int], ahead: bool = False,
+                parts: dict[int, int] | None = None) -> Future:
+        """Start computing `experts` of layer_idx for their rows of h on the CPU (ahead: for a later
+        layer; parts: expert -> K, only the intermediate rows [0, K) of a split expert)."""
         jobs = [(e, rows_host[e][0], self.store.host_weights(layer_idx, e)) for e in experts]
         tl = self.timeline
         span = (lambda *t: tl.cpu_span(layer_idx, "ahead" if ahead else "cpu", *t)) if tl else None
-        cost = self.policy.ctx.cost
-        self.cpu_free_at = max(time.perf_counter(), self.cpu_free_at) + sum(cost.cpu_ms(len(r)) for _, r, _ in jobs) / 1000
-        self.cpu_last = self.transfer.host_job(h, lambda h_host, ready: self.cpu.submit(jobs, h_host, ready, ahead=ahead, span=span))
+        cost, parts, inter = self.policy.ctx.cost, parts or {}, self.store.inter
+        work = sum(cost.cpu_ms(len(r)) * parts.get(e, inter) / inter for e, r, _ in jobs)
+        self.cpu_free_at = max(time.perf_counter(), self.cpu_free_at) + work / 1000
+        self.cpu_last = self.transfer.host_job(
+            h, lambda h_host, ready: self.cpu.submit(jobs, h_host, ready, ahead=ahead, span=span, parts=parts))
         return self.cpu_last
 
     def channel_clock(self, now: float) -> tuple[float, float]:
@@ -126,19 +148,24 @@ class OffloadedExperts:
     def execute(self, layer_idx: int, h: torch.Tensor, weights: torch.Tensor, rows_host: dict, plan: LayerPlan,
                 ready: dict[int, tuple[int, Any]] | None = None, precalc: tuple[Future, tuple[int, ...]] | None = None,
                 before_compute: Callable[[], None] | None = None,
-                after_launch: Callable[[], None] | None = None) -> torch.Tensor:
+                after_launch: Callable[[], None] | None = None, halves: dict[int, Any] | None = None) -> torch.Tensor:
         """Carry out a plan: CPU jobs first, then copies, then GPU work; sum outputs in expert order.
 
         ready: experts already copied into scratch slots (expert -> (slot, copy event)); precalc: a
         CPU job started earlier and the experts of its results to use (collected last, with this
         layer's own CPU results); before_compute: a callback run once this layer's copies and CPU
         jobs are queued (speculation for the next layer); after_launch: one run once the GPU work is
-        launched, before the CPU results are awaited (prefill settles slots and prefetches here).
+        launched, before the CPU results are awaited (prefill settles slots and prefetches here);
+        halves: the copy events of the split experts' GPU parts (plan.split), by expert: the CPU
+        computes each one's first rows with this layer's CPU experts, the GPU the rest from its slot,
+        and the two outputs are added in float32.
         """
-        ready = ready or {}
+        ready, halves = ready or {}, halves or {}
         used = precalc[1] if precalc else ()
         check_served(layer_idx, rows_host, plan, ready, used)
-        future = self.cpu_job(layer_idx, h, rows_host, plan.cpu) if plan.cpu else None
+        cpu_experts = (*plan.cpu, *(e for e, _, _ in plan.split))
+        future = (self.cpu_job(layer_idx, h, rows_host, cpu_experts, parts={e: k for e, _, k in plan.split})
+                  if cpu_experts else None)
         self.mark(layer_idx, "cpu_submitted")
         # A slot that this plan reads before (a resident expert, an earlier copy) is refilled only
         # after that read has been queued; the others are copied right away.
@@ -163,15 +190,22 @@ class OffloadedExperts:
             self.transfer.wait(event)
             ys[e] = expert_forward(expert_input(h, rows, e), self.store.slot_weights(slot), self.store.fmt.glu)
             self.transfer.release_slot(slot)
+        tails: dict[int, torch.Tensor] = {}
+        for e, slot, k in plan.split:
+            self.transfer.wait(halves.get(e))
+            tails[e] = expert_rows(expert_input(h, rows, e), self.store.slot_weights(slot), k, self.store.inter)
+            self.transfer.release_slot(slot)
         self.mark(layer_idx, "gpu_launched")
         if after_launch is not None:
             after_launch()
         t0 = time.perf_counter()
-        for job, experts in ((future, plan.cpu), *((precalc,) if precalc else ())):
+        for job, experts in ((future, cpu_experts), *((precalc,) if precalc else ())):
             if job is not None:
                 results = job.result()
                 for e in experts:
                     ys[e] = self.transfer.to_device(results[e])
+        for e, tail in tails.items():
+            ys[e] = (ys[e].float() + tail.float()).to(tail.dtype)
         self.mark(layer_idx, "cpu_collected")
         self.count(layer_idx, h.shape[0], plan, len(ready), len(used), time.perf_counter() - t0)
         out = weighted_sum(h, ys, weights, rows_host, rows)
@@ -184,6 +218,7 @@ class OffloadedExperts:
         c.add("resident_calls", layer_idx, len(plan.gpu) + ready)
         c.add("cpu_calls", layer_idx, len(plan.cpu) + precalc)
         c.add("copy_calls", layer_idx, len(plan.copy))
+        c.add("split_calls", layer_idx, len(plan.split))
         c.add("copied_bytes", layer_idx, len(plan.copy) * self.store.expert_bytes)
         c.add("layer_calls", layer_idx, 1)
         c.add("tokens", layer_idx, num_tokens)
@@ -191,6 +226,7 @@ class OffloadedExperts:
 
 def check_served(layer_idx: int, rows_host: dict, plan: LayerPlan, ready: dict, precalc: tuple[int, ...]) -> None:
     """Every routed expert of the layer is served exactly once, and nothing else is."""
-    served = sorted([e for e, _ in plan.gpu] + list(plan.cpu) + [e for e, _ in plan.copy] + list(ready) + list(precalc))
+    served = sorted([e for e, _ in plan.gpu] + list(plan.cpu) + [e for e, _ in plan.copy] + [e for e, _, _ in plan.split]
+                    + list(ready) + list(precalc))
     if served != sorted(rows_host):
         raise RuntimeError(f"layer {layer_idx}: the plan serves experts {served}, the routing needs {sorted(rows_host)}")

@@ -25,6 +25,9 @@ class Prepared:
     prefetched: Mapping[int, int] = field(default_factory=dict)  # expert -> scratch slot being filled
     precalc_rows: Mapping[int, tuple[int, ...]] = field(default_factory=dict)  # pre-calculated expert -> its token rows
     cpu_assigned: frozenset[int] = frozenset()  # predicted misses the CPU takes at l+1, on the true input
+    # predicted misses split between the channels: expert -> (scratch slot filled with its rows [K, I), K);
+    # the CPU computes rows [0, K) at l+1, on the true input
+    split: Mapping[int, tuple[int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,23 @@ class SpeculationPlan:
     cpu_assigned: tuple[int, ...] = ()  # left to the CPU at layer l+1, on the true input
     precalc: tuple[int, ...] = ()  # computed on the CPU now from layer l's input (approximate)
     lands: tuple[float, ...] = ()  # when each copy should land, ms from now (the clock's copy queue)
+    split: tuple[tuple[int, int, int], ...] = ()  # (expert, scratch slot, K): rows [K, I) copied now, [0, K) to the CPU at l+1
+    split_lands: tuple[float, ...] = ()  # when each split copy should land
+
+
+@dataclass(frozen=True)
+class SplitRows:
+    """How experts may be split between the channels: `inter` intermediate rows, the CPU's share
+    [0, K) for K in `grid` (ascending, each 0 < K < inter)."""
+
+    inter: int
+    grid: tuple[int, ...]
+
+    @staticmethod
+    def for_inter(inter: int, steps: int = 16, align: int = 16) -> "SplitRows":
+        """At most steps - 1 split points, multiples of `align` rows (the CPU kernel's row chunk)."""
+        step = align * max(1, -(-inter // (steps * align)))
+        return SplitRows(inter, tuple(range(step, inter, step)))
 
 
 def plan_layer(counts: Mapping[int, int], resident_slots: Mapping[int, int], free_scratch: Sequence[int],
@@ -148,28 +168,32 @@ def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, .
                       cpu_experts: bool = True, clock: Clock | None = None) -> DecodeLayerPlan:
     """Decode: use what the previous layer prepared where the routing asks for it, plan the rest.
 
-    A prefetched expert is read from its scratch slot; a pre-calculated output is used only when
-    the routing sends exactly the rows it was computed for; a miss promised to the CPU goes to the
-    CPU; every other expert is planned by plan_layer over the scratch slots not holding prefetches
-    (without CPU experts, over those too after them: a copy into a slot waits for the slot's read).
+    A prefetched expert is read from its scratch slot; a split expert is computed by the CPU (its
+    first rows, on the true input) and from its scratch slot (the rest); a pre-calculated output is
+    used only when the routing sends exactly the rows it was computed for; a miss promised to the
+    CPU goes to the CPU; every other expert is planned by plan_layer over the scratch slots not
+    holding prefetches (without CPU experts, over those too after them: a copy into a slot waits
+    for the slot's read).
     """
     prepared = prepared or Prepared()
     ready = {e: s for e, s in prepared.prefetched.items() if e in counts}
+    halves = tuple((e, s, k) for e, (s, k) in sorted(prepared.split.items()) if e in counts)
     used = tuple(e for e in sorted(prepared.precalc_rows) if rows.get(e) == prepared.precalc_rows[e])
-    forced = promised_to_cpu(prepared, counts, resident_slots, {*ready, *used})
-    taken = set(ready) | set(used) | set(forced)
+    forced = promised_to_cpu(prepared, counts, resident_slots, {*ready, *used, *(e for e, _, _ in halves)})
+    taken = set(ready) | set(used) | set(forced) | {e for e, _, _ in halves}
     todo = {e: n for e, n in counts.items() if e not in taken}
-    free = [s for s in scratch if s not in ready.values()]
+    held = set(ready.values()) | {s for _, s, _ in halves}
+    free = [s for s in scratch if s not in held]
     if not cpu_experts:  # every miss is copied: into a prefetched slot too, once its expert has been read
-        free += [s for s in scratch if s in ready.values()]
+        free += [s for s in scratch if s in held]
     plan = plan_layer(todo, resident_slots, free, split, cpu_experts, clock)
-    layer = LayerPlan(gpu=plan.gpu, cpu=forced + plan.cpu, copy=plan.copy)
+    layer = LayerPlan(gpu=plan.gpu, cpu=forced + plan.cpu, copy=plan.copy, split=halves)
     return DecodeLayerPlan(layer, tuple(sorted(ready.items())), used, len(prepared.precalc_rows) - len(used))
 
 
 def plan_speculation(predicted_counts: Mapping[int, int], resident: Collection[int], free_scratch: Sequence[int],
                      clock: Clock, cost: ExpertCosts, *, stale_input: bool, speculative_copies: bool,
-                     balance_channels: bool, cpu_experts: bool = True) -> SpeculationPlan:
+                     balance_channels: bool, cpu_experts: bool = True, rows: SplitRows | None = None) -> SpeculationPlan:
     """Start layer l+1's predicted misses during layer l (paper 2.4), on the clock's timeline.
 
     stale_input: the CPU pre-calculates every predicted miss now, on layer l's input. Otherwise,
@@ -177,9 +201,12 @@ def plan_speculation(predicted_counts: Mapping[int, int], resident: Collection[i
     slot or left to the CPU at layer l+1 (on the true input), whichever lets layer l+1 finish
     sooner (balance_channels): a copy lands behind the copies queued before it, and layer l+1
     waits for what lands after `clock.lead`; the CPU's share runs one expert after another from
-    l+1's start (or from when the CPU is free, if later). Ties go to the copy. Without balance,
-    copies while slots last; without a free slot, the CPU. Without CPU experts (strict) misses
-    only ever go to free slots; the rest is copied when layer l+1 runs.
+    l+1's start (or from when the CPU is free, if later). With `rows`, an expert may also be split:
+    its rows [K, I) copied now into a free slot, rows [0, K) left to the CPU at l+1, for the K of
+    the grid that lets l+1 finish soonest (a part costs its share of the rows on either channel), so
+    one expert keeps both channels busy. Ties go to the whole copy, then to the split. Without
+    balance, copies while slots last; without a free slot, the CPU. Without CPU experts (strict)
+    misses only ever go to free slots; the rest is copied when layer l+1 runs.
     """
     host = [e for e in sorted(predicted_counts) if e not in resident]
     if not host:
@@ -188,19 +215,38 @@ def plan_speculation(predicted_counts: Mapping[int, int], resident: Collection[i
         return SpeculationPlan(precalc=tuple(host))
     if not speculative_copies:
         return SpeculationPlan()
-    free, copies, cpu, lands = list(free_scratch), [], [], []
+    free, copies, cpu, lands, split, split_lands = list(free_scratch), [], [], [], [], []
     copy_free = max(0.0, clock.copy_free)
     cpu_side = max(0.0, clock.cpu_free - clock.lead)  # CPU work of l+1, counted from l+1's start
     wait = 0.0  # how long l+1 waits past its start for the copies given to it
+    grid = rows.grid if rows is not None and cpu_experts and balance_channels else ()
     for e in sorted(host, key=lambda e: (-predicted_counts[e], e)):
-        land = copy_free + cost.copy_ms()
-        late = max(wait, land - clock.lead)
-        on_cpu = cpu_side + cost.cpu_ms(predicted_counts[e])
-        if cpu_experts and (not free or (balance_channels and max(on_cpu, wait) < max(cpu_side, late))):
-            cpu_side = on_cpu
+        c = cost.cpu_ms(predicted_counts[e])
+        # (finish of l+1, rank, K): K = None the whole copy, 0 the CPU, else the CPU's rows of a split
+        options = [(max(cpu_side + c, wait), 3, 0)] if cpu_experts else []
+        if free:
+            options.append((max(cpu_side, wait, copy_free + cost.copy_ms() - clock.lead), 1, None))
+            for k in grid:
+                f = k / rows.inter
+                options.append((max(cpu_side + f * c, wait, copy_free + (1 - f) * cost.copy_ms() - clock.lead), 2, k))
+        if free and not balance_channels:
+            options = [o for o in options if o[2] is None]
+        if not options:  # strict, no free slot: copied when l+1 runs
+            continue
+        _, _, k = min(options, key=lambda o: o[:2])
+        if k == 0:
+            cpu_side += c
             cpu.append(e)
-        elif free:
-            copy_free, wait = land, late
+        elif k is None:
+            copy_free += cost.copy_ms()
+            wait = max(wait, copy_free - clock.lead)
             copies.append((e, free.pop(0)))
-            lands.append(land)
-    return SpeculationPlan(tuple(copies), tuple(cpu), (), tuple(lands))
+            lands.append(copy_free)
+        else:
+            f = k / rows.inter
+            cpu_side += f * c
+            copy_free += (1 - f) * cost.copy_ms()
+            wait = max(wait, copy_free - clock.lead)
+            split.append((e, free.pop(0), k))
+            split_lands.append(copy_free)
+    return SpeculationPlan(tuple(copies), tuple(cpu), (), tuple(lands), tuple(split), tuple(split_lands))

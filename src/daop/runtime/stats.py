@@ -7,7 +7,7 @@ import numpy as np
 
 FIELDS = ("resident_calls", "cpu_calls", "copy_calls", "copied_bytes", "cpu_wait_s", "layer_calls", "tokens",
           "predicted_hits", "predicted_total", "degraded_tokens", "speculative_copies", "precalc_used", "precalc_wasted",
-          "settle_moves", "settle_copies")
+          "settle_moves", "settle_copies", "split_calls", "speculative_splits")
 
 
 @dataclass
@@ -30,13 +30,14 @@ class Counters:
 
 def per_token(t: dict[str, float], generated_tokens: int) -> dict[str, float]:
     """Per-token rates over the whole model from a runner's totals (what --stats prints)."""
-    calls = t["resident_calls"] + t["cpu_calls"] + t["copy_calls"]
+    calls = t["resident_calls"] + t["cpu_calls"] + t["copy_calls"] + t.get("split_calls", 0.0)
     per = max(generated_tokens, 1)
     return {
         "gpu_hit_rate": t["resident_calls"] / calls if calls else 1.0,
         "resident_calls_per_token": t["resident_calls"] / per,
         "cpu_calls_per_token": t["cpu_calls"] / per,
         "copy_calls_per_token": t["copy_calls"] / per,
+        "split_calls_per_token": t.get("split_calls", 0.0) / per,
         "h2d_bytes_per_token": t["copied_bytes"] / per,
         "cpu_wait_s": t["cpu_wait_s"],
         "prediction_precision": t["predicted_hits"] / t["predicted_total"] if t["predicted_total"] else float("nan"),

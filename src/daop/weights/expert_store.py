@@ -82,6 +82,7 @@ class ExpertStore:
         self.slots = [torch.empty(num_slots, *shape, dtype=dtype, device=device)
                       for shape, dtype in slot_shapes(self.fmt, D, I, device)]
         self.num_slots = num_slots
+        self.inter = I
         self.expert_bytes = self.fmt.bytes(D, I)
 
     def host_weights(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, ...]:
