@@ -4,11 +4,14 @@ the copy stream brings the rest to a scratch slot for the GPU (`plan_speculation
 
 On a CPU device the split is off by default (both parts would run on one processor);
 DAOP_SPLIT_EXPERTS=1 turns it on there, which is how the runner's split path is exercised here."""
+import os
+
 import pytest
 import torch
 
 from daop.config import load_config
 from daop.engine import Engine, default_model_dir
+from daop.executors import copy2d
 from daop.executors.cpu import CpuExecutor
 from daop.executors.transfer import Transfer
 from daop.hardware import HardwareProfile
@@ -20,6 +23,8 @@ from daop.sampling import SamplingParams
 from test_scheduler import Costs, split_with
 
 needs_kernel = pytest.mark.skipif(not cpu_expert.available(), reason="no C compiler: the kernel cannot be built")
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+DEVICE = os.environ.get("DAOP_TEST_DEVICE", "cpu")
 ROWS = SplitRows(160, tuple(range(16, 160, 16)))  # an expert of 160 rows: K = 16, 32, .. 144
 
 
@@ -93,6 +98,18 @@ def test_a_rows_copy_fills_only_those_rows_of_the_slot():
     assert dst[0][:96].abs().sum() == 0 and dst[0][160:256].abs().sum() == 0 and dst[1][:, :96].abs().sum() == 0
 
 
+@needs_cuda
+def test_a_rows_copy_on_cuda_lands_exactly_through_the_drivers_2d_copy():
+    src = tuple(t.pin_memory() for t in expert(64, 160))
+    dst = tuple(torch.zeros(t.shape, dtype=t.dtype, device="cuda") for t in src)
+    done = Transfer(torch.device("cuda")).copy_expert_rows(src, dst, 0, 96, 160)
+    done.synchronize()
+    got = tuple(t.cpu() for t in dst)
+    assert torch.equal(got[0][96:160], src[0][96:160]) and torch.equal(got[0][256:], src[0][256:])
+    assert torch.equal(got[1][:, 96:], src[1][:, 96:]) and got[1][:, :96].abs().sum() == 0
+    assert not copy2d._STATE.get("warned")  # the driver's copy ran, not the fallback
+
+
 def speculate(counts, slots, clock, cost, **kw):
     return plan_speculation(counts, set(), slots, clock, cost, stale_input=False, speculative_copies=True,
                             balance_channels=kw.pop("balance", True), rows=kw.pop("rows", ROWS), **kw)
@@ -147,10 +164,12 @@ def shipped_profile(tmp_path, copy_ms: float, cpu_ms: float) -> str:
 
 
 def test_daop_exact_with_split_experts_gives_the_gpu_policys_tokens(tmp_path, monkeypatch):
+    """In float32 (on the CPU, or on CUDA with DAOP_TEST_DEVICE=cuda, where the parts' copies go
+    through the driver's 2D copy) the added parts give the all-GPU path's greedy tokens."""
     prompt, params = "And God said unto Moses,", SamplingParams(max_new_tokens=24)
 
     def tokens(**options):
-        engine = Engine.from_pretrained(None, device="cpu", dtype="fp32", progress=False, **options)
+        engine = Engine.from_pretrained(None, device=DEVICE, dtype="fp32", progress=False, **options)
         engine.eos_ids = frozenset()
         out = list(engine.generate_ids(engine.tokenizer.encode(prompt), params))
         return out, engine.counters()

@@ -258,8 +258,9 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     agg = {k: sum(c[k] for _, _, c, _ in totals) / steps for k in totals[0][2]} if totals[0][2] else {}
     moe_layers = len(engine.config.moe_layer_ids())
     resident = agg.get("resident_calls", engine.config.top_k * moe_layers)
-    missing = agg.get("cpu_calls", 0.0) + agg.get("copy_calls", 0.0)
-    host_bytes = agg.get("cpu_calls", 0.0) * expert_bytes + agg.get("copied_bytes", 0.0)
+    missing = agg.get("cpu_calls", 0.0) + agg.get("copy_calls", 0.0) + agg.get("split_calls", 0.0)
+    # a split expert's rows: the CPU's share read on the host, the rest in copied_bytes
+    host_bytes = (agg.get("cpu_calls", 0.0) + agg.get("split_cpu_share", 0.0)) * expert_bytes + agg.get("copied_bytes", 0.0)
     bound_ms = max(resident * cost.gpu_ms(batch), host_bytes / (bw * 1e9) * 1000)
     calls = resident + missing
     universal = universal_bound_ms(calls, batch * engine.config.top_k * moe_layers, ratio, cost)
@@ -296,6 +297,9 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "gpu_hit_rate": round(resident / calls, 4) if calls else 1.0,
         "resident_calls_per_token": round(resident / batch, 3), "cpu_calls_per_token": round(agg.get("cpu_calls", 0.0) / batch, 3),
         "copy_calls_per_token": round(agg.get("copy_calls", 0.0) / batch, 3),
+        # experts split between the channels (their CPU rows' share, then their count)
+        "split_calls_per_token": round(agg.get("split_calls", 0.0) / batch, 3),
+        "split_cpu_share": round(agg["split_cpu_share"] / agg["split_calls"], 3) if agg.get("split_calls") else None,
         "h2d_bytes_per_token": round(agg.get("copied_bytes", 0.0) / batch),
         "cpu_wait_share": round(agg.get("cpu_wait_s", 0.0) * 1000 / med_tpot, 3) if med_tpot else 0.0,
         "cpu_busy_share": round(busy * 1000 / med_tpot, 3) if busy is not None and med_tpot else None,

@@ -218,8 +218,9 @@ class CpuExecutor:
         experts = [e for e, _, _ in jobs]
         rows = [r for _, r, _ in jobs]
         weights = [list(w) for _, _, w in jobs]
-        tokens = sum(len(r) for r in rows)
         heads = [(parts or {}).get(e) for e in experts]
+        # expert-tokens done: a split expert's part counts its share of the rows
+        tokens = sum(len(r) * (1.0 if k is None else k / w[-1].shape[-1]) for r, w, k in zip(rows, weights, heads))
         if compute is not None and any(k is not None for k in heads):
             raise ValueError("a compute function serves whole experts only, not the CPU's part of a split one")
         submitted = time.perf_counter()

@@ -219,6 +219,7 @@ class OffloadedExperts:
         c.add("cpu_calls", layer_idx, len(plan.cpu) + precalc)
         c.add("copy_calls", layer_idx, len(plan.copy))
         c.add("split_calls", layer_idx, len(plan.split))
+        c.add("split_cpu_share", layer_idx, sum(k for _, _, k in plan.split) / self.store.inter)
         c.add("copied_bytes", layer_idx, len(plan.copy) * self.store.expert_bytes)
         c.add("layer_calls", layer_idx, 1)
         c.add("tokens", layer_idx, num_tokens)
