@@ -102,9 +102,9 @@ def test_each_prefill_settles_its_own_placement_without_restoring_the_last_one_f
         assert_slots_hold_the_wanted_experts(runner)
     totals = engine.counters()
     assert totals["settle_moves"] > 0 and totals["settle_copies"] > 0
-    assert outputs[0] == outputs[3]  # the same prompt after others: the same tokens
     reference = load()
-    if DEVICE == "cpu":
+    if DEVICE == "cpu":  # on a GPU, which misses the CPU computes (rounding differently) depends on timing
+        assert outputs[0] == outputs[3]  # the same prompt after others: the same tokens
         assert outputs == [run(reference, p, 4) for p in prompts]
 
 

@@ -2,8 +2,9 @@
 the copy stream brings the rest to a scratch slot for the GPU (`plan_speculation` with `SplitRows`,
 `daop.quant.expert_rows`, the C kernel's row limit, `Transfer.copy_expert_rows`).
 
-On a CPU device the split is off by default (both parts would run on one processor);
-DAOP_SPLIT_EXPERTS=1 turns it on there, which is how the runner's split path is exercised here."""
+The split is off by default (on the H200 host it made decode slower: the copy and the CPU share host
+memory bandwidth); DAOP_SPLIT_EXPERTS=1 turns it on, on a CPU device too, which is how the runner's
+split path is exercised here."""
 import os
 
 import pytest

@@ -40,7 +40,10 @@ class DaopConfig:
     balance_channels: bool = True  # a predicted miss is copied only if that lets the next layer finish sooner than the CPU would
     scratch_per_layer: int = 0  # scratch slots for copies, per layer in flight (0 = top_k)
     cpu_experts: bool = True  # off: every miss is copied to the GPU (bitwise equal to the all-GPU path)
-    split_experts: bool = True  # a predicted miss may be split: its first rows on the CPU, the rest copied ahead
+    # a predicted miss may be split: its first rows on the CPU, the rest copied ahead. Off: on the H200
+    # host the copy and the CPU share host memory bandwidth, and the split made decode slower
+    # (README, "Split experts"); DAOP_SPLIT_EXPERTS=1 turns it on for every preset that can split
+    split_experts: bool = False
 
     @property
     def exact(self) -> bool:

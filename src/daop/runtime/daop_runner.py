@@ -279,13 +279,14 @@ class DaopRunner(OffloadedExperts):
 
 
 def split_rows(config, store, cuda: bool) -> SplitRows | None:
-    """Where predicted misses may be split between the channels (`plan_speculation`): a preset that
-    wants it (`split_experts`, with CPU experts and speculative copies on the true input), float SwiGLU
-    experts (what `daop.quant.expert_rows` computes), and a GPU: on a CPU device both parts would run
-    on the same processor. DAOP_SPLIT_EXPERTS=0 turns it off, =1 on for a CPU device too (tests)."""
+    """Where predicted misses may be split between the channels (`plan_speculation`): asked for (the
+    preset's `split_experts`, or DAOP_SPLIT_EXPERTS=1, which also allows it on a CPU device, for
+    tests), a preset with CPU experts and speculative copies on the true input, float SwiGLU experts
+    (what `daop.quant.expert_rows` computes), and a GPU: on a CPU device both parts would run on the
+    same processor. DAOP_SPLIT_EXPERTS=0 turns it off."""
     env = os.environ.get("DAOP_SPLIT_EXPERTS", "")
-    wanted = (config.split_experts and config.cpu_experts and config.speculative_copies and not config.stale_input
-              and not store.fmt.quantized and store.fmt.plain)
-    if not wanted or env == "0" or not (cuda or env == "1"):
+    able = (config.cpu_experts and config.speculative_copies and not config.stale_input
+            and not store.fmt.quantized and store.fmt.plain)
+    if not able or env == "0" or not (config.split_experts or env == "1") or not (cuda or env == "1"):
         return None
     return SplitRows.for_inter(store.inter)
