@@ -12,7 +12,7 @@ from concurrent.futures import Future
 import torch
 
 from daop.executors import copy2d
-from daop.kernels import host_read
+from daop.kernels import device_wait, host_read
 from daop.quant import copy_into_slot
 
 
@@ -28,6 +28,8 @@ class Transfer:
         self.staging: list[torch.Tensor] = []
         self.readers: list[Future | None] = []
         self.host_reader = host_read.checked_reader(device) if self.cuda and host_read.available() else None
+        # the GPU waits for CPU experts queued on the C kernel's thread and reads their results itself
+        self.device_wait = device_wait.checked(device) if self.host_reader is not None else None
 
     def copy_expert(self, src: tuple[torch.Tensor, ...], dst: tuple[torch.Tensor, ...], slot: int,
                     timing: tuple | None = None) -> "torch.cuda.Event | None":

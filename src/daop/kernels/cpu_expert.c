@@ -225,6 +225,9 @@ static long submitted = 0, finished = 0;
 static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t work = PTHREAD_COND_INITIALIZER, done = PTHREAD_COND_INITIALIZER;
 static int started = 0, registered = 0;
+/* Where the serving thread also publishes `finished` (low 32 bits) after each job, for a GPU stream
+   that waits on it (pinned host memory; daop_set_flag). The job's output is written before. */
+static uint32_t *done_flag = NULL;
 
 static double now_s(void) {
     struct timespec ts;
@@ -239,6 +242,7 @@ static void child_reset(void) {
     pthread_cond_init(&done, NULL);
     submitted = finished = 0;
     started = 0;
+    done_flag = NULL;
 }
 
 static void *serve(void *arg) {
@@ -254,6 +258,7 @@ static void *serve(void *arg) {
         job->end = now_s();
         pthread_mutex_lock(&mu);
         finished++;
+        if (done_flag) __atomic_store_n(done_flag, (uint32_t)finished, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&done);
         pthread_mutex_unlock(&mu);
     }
@@ -291,6 +296,16 @@ void daop_wait(long ticket) {
     pthread_mutex_lock(&mu);
     while (finished < ticket) pthread_cond_wait(&done, &mu);
     pthread_mutex_unlock(&mu);
+}
+
+/* Publish the count of finished jobs at `flag` from now on (NULL: stop); returns that count now. */
+long daop_set_flag(uint32_t *flag) {
+    pthread_mutex_lock(&mu);
+    done_flag = flag;
+    if (flag) __atomic_store_n(flag, (uint32_t)finished, __ATOMIC_RELEASE);
+    long f = finished;
+    pthread_mutex_unlock(&mu);
+    return f;
 }
 
 long daop_finished(void) {

@@ -97,6 +97,8 @@ def load(path: Path) -> ctypes.CDLL:
     lib.daop_wait.restype = None
     lib.daop_wait.argtypes = [ctypes.c_long]
     lib.daop_finished.restype = ctypes.c_long
+    lib.daop_set_flag.restype = ctypes.c_long
+    lib.daop_set_flag.argtypes = [ctypes.c_void_p]
     lib.isa = lib.daop_cpu_isa()  # the best path this CPU has, asked once
     return lib
 

@@ -35,7 +35,8 @@ if triton is not None:
     def _read_host(src, dst, n, BLOCK: tl.constexpr):
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         mask = offs < n
-        tl.store(dst + offs, tl.load(src + offs, mask=mask), mask=mask)
+        # .cv: fetched again from host memory, never an earlier kernel's cached copy of a reused buffer
+        tl.store(dst + offs, tl.load(src + offs, mask=mask, cache_modifier=".cv"), mask=mask)
 
 
 def available() -> bool:

@@ -84,6 +84,7 @@ class DaopRunner(OffloadedExperts):
 
     def reset(self) -> None:
         """A new sequence wants the calibrated placement; its prefill settles the slots layer by layer."""
+        self.collect(wait=True)
         self.policy.reset()
         self.forget_pending()
 

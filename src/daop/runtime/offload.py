@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from daop.executors.cpu import CpuExecutor
+from daop.executors.cpu import CpuExecutor, QueuedFuture
 from daop.executors.transfer import Transfer
 from daop.model.moe import expert_input, group_by_expert, token_rows, weighted_sum
 from daop.placement.policies import LayerPlan, Policy
@@ -39,6 +39,7 @@ class OffloadedExperts:
         # the work queued on it so far, corrected when the work is seen finished (channel_clock).
         self.copy_free_at = self.cpu_free_at = 0.0
         self.cpu_last: Future | None = None
+        self.deferred: list[QueuedFuture] = []  # CPU jobs the GPU consumed without the host waiting
         cost = policy.ctx.cost
         self.copy_s = cost.copy_ms() / 1000 if math.isfinite(cost.copy_ms()) else 0.0
         self.apply_placement(policy.placement, force=True)
@@ -104,6 +105,7 @@ class OffloadedExperts:
 
     def reset(self) -> None:
         """Start a new sequence from the policy's calibrated placement (copies back what moved)."""
+        self.collect(wait=True)
         self.policy.reset()
         self.apply_placement(self.policy.placement)
 
@@ -111,9 +113,11 @@ class OffloadedExperts:
         """Baseline policies plan prefill and decode alike."""
 
     def totals(self) -> dict[str, float]:
+        self.collect(wait=True)  # the busy time of CPU jobs the GPU consumed
         return {**self.counters.totals(), "cpu_busy_s": self.cpu.busy_s, "cpu_expert_tokens": float(self.cpu.expert_tokens)}
 
     def close(self) -> None:
+        self.collect(wait=True)
         self.cpu.close()
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -161,6 +165,7 @@ class OffloadedExperts:
         and the two outputs are added in float32.
         """
         ready, halves = ready or {}, halves or {}
+        self.collect()
         used = precalc[1] if precalc else ()
         check_served(layer_idx, rows_host, plan, ready, used)
         cpu_experts = (*plan.cpu, *(e for e, _, _ in plan.split))
@@ -200,7 +205,9 @@ class OffloadedExperts:
             after_launch()
         t0 = time.perf_counter()
         for job, experts in ((future, cpu_experts), *((precalc,) if precalc else ())):
-            if job is not None:
+            if job is not None and self.waits_on_device(job):
+                ys.update(self.read_on_device(job, experts))
+            elif job is not None:
                 results = job.result()
                 for e in experts:
                     ys[e] = self.transfer.to_device(results[e])
@@ -211,6 +218,28 @@ class OffloadedExperts:
         out = weighted_sum(h, ys, weights, rows_host, rows)
         self.mark(layer_idx, "exit")
         return out
+
+    def waits_on_device(self, job: Future) -> bool:
+        """Whether the GPU can wait for this CPU job itself: queued on the C kernel's thread, with
+        pinned outputs, stream waits that work here, and no graph being captured."""
+        return (isinstance(job, QueuedFuture) and self.transfer.device_wait is not None
+                and all(y.is_pinned() for y in job.queued.ys) and not torch.cuda.is_current_stream_capturing())
+
+    def read_on_device(self, job: QueuedFuture, experts: Sequence[int]) -> dict[int, torch.Tensor]:
+        """The compute stream waits for the job's ticket, then reads its outputs from pinned memory;
+        the host goes on (the job is collected later, `collect`, for its counters and any error)."""
+        self.transfer.device_wait.wait(job.queued.ticket)
+        outs = dict(zip(job.experts, job.queued.ys))
+        self.deferred.append(job)
+        return {e: self.transfer.host_reader.upload(outs[e]) for e in experts}
+
+    def collect(self, wait: bool = False) -> None:
+        """Take the results of CPU jobs the GPU consumed (their busy time, spans and errors): the
+        finished ones, or all of them with `wait`."""
+        done = [job for job in self.deferred if wait or job.done()]
+        self.deferred = [job for job in self.deferred if job not in done]
+        for job in done:  # an error is raised once, and leaves nothing behind for the next call
+            job.result()
 
     def count(self, layer_idx: int, num_tokens: int, plan: LayerPlan, ready: int, precalc: int, cpu_wait_s: float) -> None:
         c = self.counters

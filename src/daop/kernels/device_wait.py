@@ -1,0 +1,105 @@
+"""CPU experts' results consumed by the GPU without the host waiting for them.
+
+Without this, the thread that drives the GPU waits for a layer's CPU experts, then launches their
+upload, the weighted sum and the next layer's dense work: on an H200 host 0.5 ms per layer passed
+between the CPU's last write and the next layer's routing on the host (`scripts/step_timeline.py`).
+Here the C kernel's serving thread (`cpu_expert.c`) publishes its count of finished jobs in pinned
+host memory; the compute stream waits for a job's ticket with the CUDA driver's
+`cuStreamWaitValue32` (called through ctypes on `libcuda.so.1`), then a kernel reads the results from
+pinned memory (`host_read`). The host queues all of that at once and goes on; it next waits when it
+reads the next layer's routing, by then computed on the GPU right after the CPU's results.
+
+Used on CUDA for jobs queued on the C kernel's thread, once `checked` has seen a stream held by the
+wait and released by a job (else CPU results are awaited on the host, as before, with a warning).
+"""
+from __future__ import annotations
+
+import ctypes
+import time
+import warnings
+
+import torch
+
+from daop.kernels import cpu_expert
+
+_WAIT_GEQ = 0  # CU_STREAM_WAIT_VALUE_GEQ: (int32)(*addr - value) >= 0
+
+
+def _driver():
+    lib = ctypes.CDLL("libcuda.so.1")
+    wait = getattr(lib, "cuStreamWaitValue32_v2", None) or lib.cuStreamWaitValue32
+    wait.restype = ctypes.c_int
+    wait.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+    pointer = lib.cuMemHostGetDevicePointer_v2
+    pointer.restype = ctypes.c_int
+    pointer.argtypes = [ctypes.POINTER(ctypes.c_uint64), ctypes.c_void_p, ctypes.c_uint]
+    return wait, pointer
+
+
+class DeviceWait:
+    """The C kernel's finished-job count in pinned memory, and stream waits on it."""
+
+    def __init__(self, lib: ctypes.CDLL, device: torch.device) -> None:
+        self.lib, self.device = lib, device
+        self.fn, pointer = _driver()
+        self.flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
+        dptr = ctypes.c_uint64()
+        rc = pointer(ctypes.byref(dptr), ctypes.c_void_p(self.flag.data_ptr()), 0)
+        if rc != 0:
+            raise RuntimeError(f"cuMemHostGetDevicePointer returned CUDA error {rc}")
+        self.dptr = dptr.value
+        lib.daop_set_flag(ctypes.c_void_p(self.flag.data_ptr()))
+
+    def wait(self, ticket: int, stream: "torch.cuda.Stream | None" = None) -> None:
+        """Work queued on the stream after this starts once job `ticket` (a Queued's) has finished."""
+        stream = stream or torch.cuda.current_stream(self.device)
+        rc = self.fn(ctypes.c_void_p(stream.cuda_stream), self.dptr, ticket & 0xFFFFFFFF, _WAIT_GEQ)
+        if rc != 0:
+            raise RuntimeError(f"cuStreamWaitValue32 returned CUDA error {rc}")
+
+    def close(self) -> None:
+        self.lib.daop_set_flag(None)
+
+
+_CHECKED: dict = {}
+
+
+def checked(device: torch.device) -> DeviceWait | None:
+    """A DeviceWait once a side stream was seen held by a wait and released by one small job, else
+    None (said once): where stream waits do not work, CPU results are awaited on the host. One per
+    process and device (the C kernel publishes its count at one place), checked once."""
+    key = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _CHECKED:
+        _CHECKED[key] = _probe(key)
+    return _CHECKED[key]
+
+
+def _probe(device: torch.device) -> DeviceWait | None:
+    lib = cpu_expert.library()
+    if lib is None:
+        return None
+    waiter = None
+    try:
+        waiter = DeviceWait(lib, device)
+        stream, passed = torch.cuda.Stream(device), torch.cuda.Event()
+        ticket = lib.daop_finished() + 1
+        waiter.wait(ticket, stream)
+        passed.record(stream)
+        time.sleep(0.002)
+        held = not passed.query()
+        x, gate_up, down = (torch.zeros(*s, dtype=torch.bfloat16) for s in ((1, 16), (32, 16), (16, 16)))
+        cpu_expert.Queued([x], [(gate_up, down)], threads=1).wait()
+        deadline = time.perf_counter() + 2.0
+        while not passed.query() and time.perf_counter() < deadline:
+            time.sleep(0.001)
+        if held and passed.query():
+            return waiter
+        problem = "the stream was not held" if not held else "the stream was not released"
+        waiter.flag.fill_(ticket)  # let the probe's stream go whatever happened
+    except Exception as exc:  # noqa: BLE001 - any failure means: wait on the host
+        problem = f"{type(exc).__name__}: {exc}"
+    if waiter is not None:
+        waiter.close()
+    warnings.warn(f"daop: the host waits for CPU experts: GPU stream waits do not work here ({problem})",
+                  RuntimeWarning, stacklevel=2)
+    return None
