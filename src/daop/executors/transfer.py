@@ -25,6 +25,8 @@ class Transfer:
         self.slot_released: dict[int, torch.cuda.Event] = {}
         # Pinned staging buffers, each with the CPU job that reads it: a buffer is handed out again
         # only once that job has finished (the pool grows if every buffer is still being read).
+        self.routing_buf: dict[torch.dtype, torch.Tensor] = {}  # pinned, for `read_on_host`
+        self.routing_ready = torch.cuda.Event(blocking=True) if self.cuda else None
         self.staging: list[torch.Tensor] = []
         self.readers: list[Future | None] = []
         self.host_reader = host_read.checked_reader(device) if self.cuda and host_read.available() else None
@@ -74,6 +76,22 @@ class Transfer:
             done.record(self.stream)
         self.last_copy = done
         return done
+
+    def read_on_host(self, x: torch.Tensor) -> torch.Tensor:
+        """A small device tensor (a layer's routing) on the host, once the compute stream has made it:
+        copied into pinned memory and awaited on a blocking event, so the host thread sleeps instead of
+        spinning on a core the CPU experts need (a plain `.cpu()` spins while the GPU works)."""
+        if not self.cuda:
+            return x.cpu()
+        n = x.numel()
+        buf = self.routing_buf.get(x.dtype)
+        if buf is None or buf.numel() < n:
+            buf = self.routing_buf[x.dtype] = torch.empty(max(n, 1024), dtype=x.dtype, pin_memory=True)
+        host = buf[:n].view(x.shape)
+        host.copy_(x, non_blocking=True)
+        self.routing_ready.record(torch.cuda.current_stream(self.device))
+        self.routing_ready.synchronize()
+        return host.clone()  # the buffer is reused by the next read
 
     def copies_done(self) -> bool:
         """Whether every copy queued so far has landed (asked without blocking)."""

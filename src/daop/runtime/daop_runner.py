@@ -106,7 +106,7 @@ class DaopRunner(OffloadedExperts):
         nxt = self.next_moe.get(layer_idx)
         ahead = nxt is not None and cfg.speculative_copies and bool(self.policy.scratch())
         parts = [ids] + ([self.routing().predict(nxt, h)[1]] if ahead else [])
-        host = torch.cat([p.long() for p in parts], dim=1).cpu().split(ids.shape[1], dim=1)
+        host = self.transfer.read_on_host(torch.cat([p.long() for p in parts], dim=1)).split(ids.shape[1], dim=1)
         self.mark(layer_idx, "routed")
         rows_host = group_by_expert(host[0])
         counts = {e: len(r[0]) for e, r in rows_host.items()}
@@ -199,7 +199,7 @@ class DaopRunner(OffloadedExperts):
         pred = self.predict(layer_idx, h)
         # one device->host copy for this layer's routing, the true routing and the next prediction
         parts = [ids] + ([true_ids] if ids is not true_ids else []) + ([pred.raw_ids, pred.ids] if pred else [])
-        host = torch.cat([p.long() for p in parts], dim=1).cpu().split(ids.shape[1], dim=1)
+        host = self.transfer.read_on_host(torch.cat([p.long() for p in parts], dim=1)).split(ids.shape[1], dim=1)
         ids_host, true_host = host[0], host[1] if ids is not true_ids else host[0]
         self.mark(layer_idx, "routed")
         rows_host = group_by_expert(ids_host)

@@ -122,7 +122,7 @@ class OffloadedExperts:
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         self.mark(layer_idx, "enter")
-        rows_host = group_by_expert(ids.cpu())  # the plan needs the routing on the host
+        rows_host = group_by_expert(self.transfer.read_on_host(ids))  # the plan needs the routing on the host
         self.mark(layer_idx, "routed")
         plan = self.policy.plan(layer_idx, {e: len(r[0]) for e, r in rows_host.items()})
         return self.execute(layer_idx, h, weights, rows_host, plan)
