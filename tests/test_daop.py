@@ -74,6 +74,8 @@ def test_results_do_not_depend_on_prompt_order(policy):
 
 def assert_slots_hold_the_wanted_experts(runner) -> None:
     """Every expert the placement wants resident is in its slot, bit for bit the host store's."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()  # the copies into the slots run on the copy stream
     placement = runner.policy.placement
     for layer_idx in runner.policy.ctx.moe_layers:
         for e in placement.resident_experts(layer_idx):
