@@ -1,0 +1,99 @@
+#!/usr/bin/env python3
+"""How many decode picks a placement keeps on the GPU, replayed offline on a routing trace.
+
+For each recorded prompt of a trace (`daop.bench.trace`: the true experts of every layer and
+position), a GPU budget of `ratio` x (layers x experts) slots less the scratch slots is placed, then
+the prompt's decode steps are replayed and every (token, pick) counted as a hit when its expert is
+resident. No weights, no GPU: this isolates the placement from the scheduler. Variants:
+
+- `calibrated+swaps`: what `daop-exact` does (quota placement on uniform counts, then the prompt's
+  prefill swaps, paper 2.1-2.2);
+- `quota-on-prompt`: the quota placement computed from the prompt's own counts (slots move
+  between layers too);
+- `window N/M`: the swaps, then every M decode steps swaps again on the last N steps' counts (a
+  swap is a whole expert's copy: `swaps/token` says how many);
+- `oracle`: the quota placement on the sequence's own decode counts (known only afterwards: the
+  most a fixed per-sequence placement could keep).
+
+    python3 scripts/placement_sim.py --trace benchmarks/traces/daop-moe-mini-heldout.npz --layers 8
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+
+from daop.predict.placement import quota_placement
+from daop.predict.swaps import apply_swaps, plan_swaps
+
+
+def prompts(path: str) -> list[tuple[np.ndarray, int]]:
+    data = np.load(path)
+    keys = sorted({k.split("_")[0] for k in data.files if k.endswith("_ids")}, key=int)
+    return [(data[f"{k}_ids"], int(data[f"{k}_prompt_len"])) for k in keys]
+
+
+def counts_of(ids: np.ndarray, layers: list[int], lo: int, hi: int, num_experts: int) -> np.ndarray:
+    out = np.zeros((ids.shape[0], num_experts))
+    for l in layers:
+        out[l] = np.bincount(ids[l, lo:hi].reshape(-1), minlength=num_experts)
+    return out
+
+
+def replay(ids: np.ndarray, prompt_len: int, layers: list[int], capacity: int, variant: str,
+           window: int = 0, every: int = 0) -> tuple[int, int, int]:
+    """(hits, picks, swaps) over the decode steps of one recorded prompt."""
+    num_experts = int(ids.max()) + 1
+    prompt = counts_of(ids, layers, 0, prompt_len, num_experts)
+    if variant == "oracle":
+        placement = quota_placement(counts_of(ids, layers, prompt_len, ids.shape[1], num_experts), layers, capacity,
+                                    num_slots=capacity)
+    elif variant == "quota-on-prompt":
+        placement = quota_placement(prompt, layers, capacity, num_slots=capacity)
+    else:
+        placement = quota_placement(np.ones_like(prompt), layers, capacity, num_slots=capacity)
+        for l in layers:
+            apply_swaps(placement, l, plan_swaps(prompt[l], placement.resident_experts(l)))
+    hits = picks = swaps = 0
+    for t in range(prompt_len, ids.shape[1]):
+        if variant == "window" and t > prompt_len and (t - prompt_len) % every == 0:
+            recent = counts_of(ids, layers, max(0, t - window), t, num_experts)
+            for l in layers:
+                moved = plan_swaps(recent[l], placement.resident_experts(l))
+                swaps += len(apply_swaps(placement, l, moved))
+        for l in layers:
+            for e in ids[l, t]:
+                picks += 1
+                hits += placement.resident(l, int(e))
+    return hits, picks, swaps
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--trace", required=True)
+    ap.add_argument("--layers", type=int, default=8, help="the first N layers of the trace (the bench's depth cut)")
+    ap.add_argument("--ratios", default="0.5,0.25")
+    ap.add_argument("--scratch", type=int, default=4, help="slots kept for copies (daop-exact: 2 x top-k)")
+    args = ap.parse_args()
+    recorded = prompts(args.trace)
+    layers = list(range(args.layers))
+    num_experts = int(max(ids.max() for ids, _ in recorded)) + 1
+    variants = [("calibrated+swaps", 0, 0), ("quota-on-prompt", 0, 0), ("window", 16, 8), ("window", 32, 8),
+                ("oracle", 0, 0)]
+    for ratio in (float(r) for r in args.ratios.split(",")):
+        capacity = int(round(ratio * args.layers * num_experts)) - args.scratch
+        for variant, window, every in variants:
+            hits = picks = swaps = steps = 0
+            for ids, prompt_len in recorded:
+                h, p, s = replay(ids, prompt_len, layers, capacity, variant, window, every)
+                hits, picks, swaps, steps = hits + h, picks + p, swaps + s, steps + ids.shape[1] - prompt_len
+            name = f"window {window}/{every}" if variant == "window" else variant
+            print(json.dumps({"trace": args.trace, "layers": args.layers, "ratio": ratio, "resident_slots": capacity,
+                              "variant": name, "hit_rate": round(hits / picks, 4),
+                              "host_picks_per_token": round((picks - hits) / steps, 3),
+                              "swaps_per_token": round(swaps / steps, 3)}))
+
+
+if __name__ == "__main__":
+    main()
