@@ -275,3 +275,29 @@ def test_batch_stats_split_prefill_from_decode(tiny_dir):
     moe_layers, top_k = len(engine.config.moe_layer_ids()), engine.config.top_k
     assert calls(mid, before) >= top_k * moe_layers * len(prompts)  # three prefills, each at least top_k experts a layer
     assert top_k * moe_layers * 5 <= calls(end, mid) <= 3 * top_k * moe_layers * 5  # five decode steps of three rows
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("K", [1, 2, 8])
+def test_weighted_sum_adds_each_tokens_picks_in_expert_order_bit_for_bit(dtype, K):
+    """The batched sum equals adding the experts' scaled outputs into zeros one expert after another
+    (what it replaced), with many tokens, duplicate picks of one token (a substituted routing) and
+    more than a thread's grain of elements."""
+    from daop.model.moe import combine, group_by_expert, token_rows, weighted_sum
+
+    g = torch.Generator().manual_seed(K)
+    for N, D in ((3, 16), (40, 128), (600, 128)):
+        h = torch.randn(N, D, generator=g).to(dtype)
+        ids = torch.stack([torch.randperm(16, generator=g)[:K] for _ in range(N)])
+        if K > 1:
+            ids[::5, 1] = ids[::5, 0]  # a token routed twice to one expert
+        weights = torch.rand(N, K, generator=g).to(dtype)
+        rows_host = group_by_expert(ids)
+        rows = token_rows(h, rows_host)
+        ys = {e: (torch.randn(len(r[0]), D, generator=g) * 10).to(dtype) for e, r in rows_host.items()}
+        want = torch.zeros_like(h)
+        for e in sorted(ys):
+            tokens, k_slot = rows[e]
+            for i in range(len(tokens)):  # one pick at a time: the order is beyond doubt
+                want[tokens[i]] += combine(ys[e][i:i + 1], weights[tokens[i:i + 1], k_slot[i:i + 1]])[0]
+        assert torch.equal(weighted_sum(h, ys, weights, rows_host, rows), want)

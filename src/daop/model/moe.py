@@ -197,7 +197,11 @@ def weighted_sum(h: torch.Tensor, ys: dict[int, torch.Tensor], weights: torch.Te
                  rows_host: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: dict | None) -> torch.Tensor:
     """Every expert's output scaled by its routing weight (combine()) and added in ascending expert order.
 
-    For a single token (rows None) plain additions give bitwise what index_put_ accumulation gives."""
+    Each token's picks are summed left to right in ascending expert order, as adding them into a
+    zero tensor expert by expert (`index_put_` with accumulation) does, bit for bit; for many tokens
+    in a few batched operations: every pick scaled at once, gathered token by token (a stable sort
+    of the expert-major picks keeps each token's in expert order), then K - 1 additions. A routing
+    whose tokens do not all have K picks is added expert by expert."""
     if rows is None:
         w = weights[0].float()
         out = None
@@ -205,10 +209,21 @@ def weighted_sum(h: torch.Tensor, ys: dict[int, torch.Tensor], weights: torch.Te
             part = (ys[e].float() * w[int(rows_host[e][1][0])]).to(ys[e].dtype)
             out = part if out is None else out + part
         return out
-    out = torch.zeros_like(h)
-    for e in sorted(ys):
-        token_idx, k_slot = rows[e]
-        out.index_put_((token_idx,), combine(ys[e], weights[token_idx, k_slot]), accumulate=True)
+    order = sorted(ys)
+    token_idx = torch.cat([rows[e][0] for e in order])
+    N, K = weights.shape
+    if token_idx.numel() != N * K:
+        out = torch.zeros_like(h)
+        for e in order:
+            tokens, k_slot = rows[e]
+            out.index_put_((tokens,), combine(ys[e], weights[tokens, k_slot]), accumulate=True)
+        return out
+    k_slot = torch.cat([rows[e][1] for e in order])
+    parts = combine(torch.cat([ys[e] for e in order]), weights[token_idx, k_slot])
+    picks = parts[token_idx.argsort(stable=True)].view(N, K, -1)
+    out = picks[:, 0]
+    for k in range(1, K):
+        out = out + picks[:, k]
     return out
 
 
