@@ -23,10 +23,10 @@ class Transfer:
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.last_copy: torch.cuda.Event | None = None  # the copy stream's latest copy
         self.slot_released: dict[int, torch.cuda.Event] = {}
-        # Pinned staging buffers, each with the CPU job that reads it: a buffer is handed out again
-        # only once that job has finished (the pool grows if every buffer is still being read).
         self.routing_buf: dict[torch.dtype, torch.Tensor] = {}  # pinned, for `read_on_host`
         self.routing_ready = torch.cuda.Event(blocking=True) if self.cuda else None
+        # Pinned staging buffers, each with the CPU job that reads it: a buffer is handed out again
+        # only once that job has finished (the pool grows if every buffer is still being read).
         self.staging: list[torch.Tensor] = []
         self.readers: list[Future | None] = []
         self.host_reader = host_read.checked_reader(device) if self.cuda and host_read.available() else None
