@@ -193,6 +193,16 @@ def expert_input(h: torch.Tensor, rows: dict | None, expert_idx: int) -> torch.T
     return h if rows is None else h[rows[expert_idx][0]]
 
 
+def expert_inputs(h: torch.Tensor, rows: dict | None, experts) -> dict[int, torch.Tensor]:
+    """`expert_input` for several experts with one gather (one kernel rather than one per expert;
+    the same values)."""
+    experts = list(experts)
+    if rows is None or len(experts) < 2:
+        return {e: expert_input(h, rows, e) for e in experts}
+    gathered = h[torch.cat([rows[e][0] for e in experts])]
+    return dict(zip(experts, gathered.split([len(rows[e][0]) for e in experts])))
+
+
 def weighted_sum(h: torch.Tensor, ys: dict[int, torch.Tensor], weights: torch.Tensor,
                  rows_host: dict[int, tuple[torch.Tensor, torch.Tensor]], rows: dict | None) -> torch.Tensor:
     """Every expert's output scaled by its routing weight (combine()) and added in ascending expert order.

@@ -17,7 +17,7 @@ import torch
 
 from daop.executors.cpu import CpuExecutor, QueuedFuture
 from daop.executors.transfer import Transfer
-from daop.model.moe import expert_input, group_by_expert, token_rows, weighted_sum
+from daop.model.moe import expert_inputs, group_by_expert, token_rows, weighted_sum
 from daop.placement.policies import LayerPlan, Policy
 from daop.quant import expert_forward, expert_rows
 from daop.runtime.stats import Counters
@@ -189,16 +189,17 @@ class OffloadedExperts:
         gpu_items = ([(e, slot, self.landing.pop(slot, None)) for e, slot in plan.gpu]
                      + [(e, s, ev) for e, (s, ev) in ready.items()])
         copy_items = [(e, slot, first_use.get(i)) for i, (e, slot) in enumerate(plan.copy)]
+        xs = expert_inputs(h, rows, [e for e, _, _ in gpu_items + copy_items] + [e for e, _, _ in plan.split])
         for n, (e, slot, event) in enumerate(gpu_items + copy_items):
             if n >= len(gpu_items) and event is None:
                 event = self.copy(layer_idx, e, slot)
             self.transfer.wait(event)
-            ys[e] = expert_forward(expert_input(h, rows, e), self.store.slot_weights(slot), self.store.fmt.glu)
+            ys[e] = expert_forward(xs[e], self.store.slot_weights(slot), self.store.fmt.glu)
             self.transfer.release_slot(slot)
         tails: dict[int, torch.Tensor] = {}
         for e, slot, k in plan.split:
             self.transfer.wait(halves.get(e))
-            tails[e] = expert_rows(expert_input(h, rows, e), self.store.slot_weights(slot), k, self.store.inter)
+            tails[e] = expert_rows(xs[e], self.store.slot_weights(slot), k, self.store.inter)
             self.transfer.release_slot(slot)
         self.mark(layer_idx, "gpu_launched")
         if after_launch is not None:

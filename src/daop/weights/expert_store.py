@@ -180,12 +180,13 @@ class ResidentExperts:
         return routes_on_device(self.fmt, self.device, batch)
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        from daop.model.moe import expert_input, group_by_expert, token_rows, weighted_sum
+        from daop.model.moe import expert_inputs, group_by_expert, token_rows, weighted_sum
         from daop.quant import expert_forward
 
         if routes_on_device(self.fmt, self.device, h.shape[0]):
             return routed_experts(h, ids, weights, self.tensors[layer_idx])
         rows_host = group_by_expert(ids.cpu())  # prefill: one sync per layer, grouping on the host
         rows = token_rows(h, rows_host)
-        ys = {e: expert_forward(expert_input(h, rows, e), self.weights_of(layer_idx, e), self.fmt.glu) for e in rows_host}
+        xs = expert_inputs(h, rows, rows_host)
+        ys = {e: expert_forward(xs[e], self.weights_of(layer_idx, e), self.fmt.glu) for e in rows_host}
         return weighted_sum(h, ys, weights, rows_host, rows)
