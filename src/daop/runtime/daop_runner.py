@@ -270,6 +270,7 @@ class DaopRunner(OffloadedExperts):
             pend.copy_events[e] = self.copy_rows(nxt, e, slot, k)
             self.lands[(nxt, e)] = at + land / 1000
             self.counters.add("speculative_splits", nxt, 1)
+            self.counters.add("copied_bytes", nxt, self.store.expert_bytes * (self.store.inter - k) / self.store.inter)
         return pend
 
     def score_prediction(self, layer_idx: int, predicted: torch.Tensor, true: torch.Tensor) -> None:

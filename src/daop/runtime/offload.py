@@ -75,7 +75,6 @@ class OffloadedExperts:
                                               slot, k, inter, timing)
         if timing is not None:
             self.timeline.copy_span(layer_idx, expert_idx, kind, timing)
-        self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes * (inter - k) / inter)
         return done
 
     def forget(self, slot: int) -> None:

@@ -219,34 +219,35 @@ def plan_speculation(predicted_counts: Mapping[int, int], resident: Collection[i
     copy_free = max(0.0, clock.copy_free)
     cpu_side = max(0.0, clock.cpu_free - clock.lead)  # CPU work of l+1, counted from l+1's start
     wait = 0.0  # how long l+1 waits past its start for the copies given to it
+    inter = rows.inter if rows is not None else 1
     grid = rows.grid if rows is not None and cpu_experts and balance_channels else ()
     for e in sorted(host, key=lambda e: (-predicted_counts[e], e)):
         c = cost.cpu_ms(predicted_counts[e])
-        # (finish of l+1, rank, K): K = None the whole copy, 0 the CPU, else the CPU's rows of a split
-        options = [(max(cpu_side + c, wait), 3, 0)] if cpu_experts else []
-        if free:
-            options.append((max(cpu_side, wait, copy_free + cost.copy_ms() - clock.lead), 1, None))
-            for k in grid:
-                f = k / rows.inter
-                options.append((max(cpu_side + f * c, wait, copy_free + (1 - f) * cost.copy_ms() - clock.lead), 2, k))
-        if free and not balance_channels:
-            options = [o for o in options if o[2] is None]
-        if not options:  # strict, no free slot: copied when l+1 runs
+        # (finish of l+1, rank, K): the CPU takes rows [0, K) and the rest is copied; K = 0 the whole
+        # copy (rank 1), K = inter the whole expert on the CPU (rank 3), a split between (rank 2)
+        # without balance a free slot always takes the copy; without CPU experts the CPU takes nothing
+        shares = [0, *grid] if free else []
+        if cpu_experts and (balance_channels or not free):
+            shares.append(inter)
+        if not shares:  # strict, no free slot: copied when l+1 runs
             continue
+        options = []
+        for k in shares:
+            f = k / inter
+            copy_late = copy_free + (1 - f) * cost.copy_ms() - clock.lead if k < inter else 0.0
+            options.append((max(cpu_side + f * c, wait, copy_late), 1 if k == 0 else 3 if k == inter else 2, k))
         _, _, k = min(options, key=lambda o: o[:2])
-        if k == 0:
-            cpu_side += c
+        f = k / inter
+        cpu_side += f * c
+        if k == inter:
             cpu.append(e)
-        elif k is None:
-            copy_free += cost.copy_ms()
-            wait = max(wait, copy_free - clock.lead)
+            continue
+        copy_free += (1 - f) * cost.copy_ms()
+        wait = max(wait, copy_free - clock.lead)
+        if k == 0:
             copies.append((e, free.pop(0)))
             lands.append(copy_free)
         else:
-            f = k / rows.inter
-            cpu_side += f * c
-            copy_free += (1 - f) * cost.copy_ms()
-            wait = max(wait, copy_free - clock.lead)
             split.append((e, free.pop(0), k))
             split_lands.append(copy_free)
     return SpeculationPlan(tuple(copies), tuple(cpu), (), tuple(lands), tuple(split), tuple(split_lands))
