@@ -5,7 +5,7 @@ rows' tokens back. Times the captured step's replay (CUDA events, median) and th
 then lists the eager step's CUDA kernels by total device time (torch.profiler), with their count
 per step, so the sum of kernel time can be set against the replay time (the rest is gaps).
 
-    python3 scripts/step_profile.py [--geometry mixtral-8x7b] [--layers 8] [--batch 1]
+    python3 scripts/step_profile.py [--geometry mixtral-8x7b] [--layers 8] [--batch 1] [--expert-dtype int4]
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from daop.batching import Batcher, Sequence, drive
 from daop.bench.geometry import synthetic_model
 from daop.engine import Engine
 from daop.generate import DecodeSession
+from daop.runtime.decode_step import capture_kind
 from daop.runtime.setup import RuntimeOptions, prepare_runtime
 from daop.sampling import SamplingParams
 
@@ -78,14 +79,20 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--expert-dtype", default=None, help="auto (bf16), int8 or int4")
+    ap.add_argument("--group-size", type=int, default=None)
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
     _, decoder, host = synthetic_model(args.geometry, args.layers, dev, dtype)
-    out = {"kind": "step_profile", "geometry": args.geometry, "layers": args.layers, "batch": args.batch}
+    out = {"kind": "step_profile", "geometry": args.geometry, "layers": args.layers, "batch": args.batch,
+           "expert_dtype": args.expert_dtype or "auto"}
     prompts = [[(7 * i + j) % 1000 + 1 for j in range(256)] for i in range(args.batch)]
     for graphs in (True, False):
-        decoder.experts = prepare_runtime(decoder, RuntimeOptions(policy="gpu", expert_ratio=1.0, cuda_graphs=graphs),
+        decoder.experts = prepare_runtime(decoder, RuntimeOptions(policy="gpu", expert_ratio=1.0, cuda_graphs=graphs,
+                                                                         expert_dtype=args.expert_dtype, group_size=args.group_size),
                                           host=host).start()
+        if graphs:
+            out["capture_kind"] = capture_kind(decoder, args.batch)
         prefill = []
         for _ in range(6):  # prefill times of whole runs, each after the last one's decode steps
             run = Run(decoder, prompts, args.steps * 3 + 8)

@@ -123,7 +123,7 @@ def test_cpu_results_reach_the_gpu_exactly_past_a_queued_copy(pinned):
 
 
 @needs_cuda
-@pytest.mark.parametrize("expert_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("expert_dtype", ["auto", "int8", "int4"])
 @pytest.mark.parametrize("tokens", [1, 3, 8])
 def test_routed_experts_equal_experts_computed_alone(tokens, expert_dtype):
     from daop.model.moe import expert_input, group_by_expert, token_rows, weighted_sum
@@ -148,13 +148,20 @@ def test_routed_experts_equal_experts_computed_alone(tokens, expert_dtype):
     assert torch.equal(ours, weighted_sum(h, ys, weights, rows_host, rows))
 
 
+LOWBIT = {"auto": {}, "int8": {"expert_dtype": "int8"}, "int4": {"expert_dtype": "int4", "group_size": 64}}
+
+
 @needs_cuda
-def test_captured_step_equals_eager_step(tiny_dir):
-    """One sequence's steps (a batch's: tests/test_batching.py)."""
-    graphed = engine_for(tiny_dir, device="cuda", dtype="bf16")
+@pytest.mark.parametrize("expert_dtype", list(LOWBIT))
+def test_captured_step_equals_eager_step(tiny_dir, expert_dtype):
+    """One sequence's steps (a batch's: tests/test_batching.py), in every expert format: the whole
+    step is one graph."""
+    from daop.runtime.decode_step import CapturedStep
+
+    graphed = engine_for(tiny_dir, device="cuda", dtype="bf16", **LOWBIT[expert_dtype])
     if not captures(graphed.decoder, 1):
         pytest.skip("steps are not captured here (no Triton)")
-    eager = engine_for(tiny_dir, device="cuda", dtype="bf16", cuda_graphs=False)
+    eager = engine_for(tiny_dir, device="cuda", dtype="bf16", cuda_graphs=False, **LOWBIT[expert_dtype])
     out = []
     for engine in (graphed, eager):
         session = engine.session(PROMPT, 6)
@@ -163,6 +170,27 @@ def test_captured_step_equals_eager_step(tiny_dir):
             logits.append(session.step(logits[-1].argmax(-1)))
         out.append(torch.stack(logits))
         assert session.stepper.captured == (engine is graphed)
+        if engine is graphed:
+            assert isinstance(session.stepper.pooled.graph, CapturedStep)
+    assert torch.equal(out[0], out[1])
+
+
+@needs_cuda
+@pytest.mark.parametrize("expert_dtype", ["int8", "int4"])
+@pytest.mark.parametrize("policy", ["lru", "daop-strict"])
+def test_lowbit_copy_policies_equal_gpu_on_cuda(tiny_dir, expert_dtype, policy):
+    """Policies that only copy experts run the copies through the resident experts' kernels (int4:
+    the host's packed bytes, read as copied): on a GPU they give `gpu`'s logits bit for bit."""
+    out = []
+    for kw in ({}, {"policy": policy, "expert_ratio": 0.25}):
+        engine = engine_for(tiny_dir, device="cuda", dtype="bf16", **LOWBIT[expert_dtype], **kw)
+        session = engine.session(PROMPT, 8)
+        logits = [session.prefill()]
+        for _ in range(7):
+            logits.append(session.step(logits[-1].argmax(-1)))
+        out.append(torch.stack(logits))
+        if kw:
+            assert engine.counters()["copy_calls"] > 0
     assert torch.equal(out[0], out[1])
 
 
