@@ -84,6 +84,9 @@ if triton is not None:
                    stride_xm, stride_qe, stride_se, stride_ym,
                    INDEXED: tl.constexpr, ROW_WEIGHTED: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr,
                    BLOCK_K: tl.constexpr, SPLIT: tl.constexpr):
+        # Each weight is dequantized in float32 and multiplied into a [BLOCK_K, ROWS / 2] accumulator per
+        # nibble; the sum over K is taken once, at the end: the packed bytes are contiguous along the
+        # rows, so a sum over K at every step would cross threads.
         m = tl.program_id(0)
         block = tl.program_id(1)
         split = tl.program_id(2)
@@ -98,27 +101,25 @@ if triton is not None:
         q_base = q_ptr + e * stride_qe + block.to(tl.int64) * K * HALF
         s_base = sz_ptr + e * stride_se
         x_row = x_ptr + (m // x_div) * stride_xm
-        per_split = K // GROUP // SPLIT
-        acc_lo = tl.zeros((HALF,), dtype=tl.float32)
-        acc_hi = tl.zeros((HALF,), dtype=tl.float32)
-        for g in range(split * per_split, (split + 1) * per_split):
-            dot_lo = tl.zeros((HALF,), dtype=tl.float32)
-            dot_hi = tl.zeros((HALF,), dtype=tl.float32)
-            x_sum = tl.zeros((BLOCK_K,), dtype=tl.float32)
-            for k0 in range(0, GROUP, BLOCK_K):
-                offs_k = g * GROUP + k0 + tl.arange(0, BLOCK_K)
-                x = tl.load(x_row + offs_k).to(tl.float32)
-                b = tl.load(q_base + offs_k[:, None] * HALF + j[None, :])
-                dot_lo += tl.sum(((b & 15).to(tl.float32) - 8.0) * x[:, None], axis=0)
-                dot_hi += tl.sum(((b >> 4).to(tl.float32) - 8.0) * x[:, None], axis=0)
-                x_sum += x
-            xs = tl.sum(x_sum, axis=0)
-            sz_group = s_base + g * N * 2
-            acc_lo += tl.load(sz_group + rows_lo * 2).to(tl.float32) * dot_lo + tl.load(sz_group + rows_lo * 2 + 1).to(tl.float32) * xs
-            acc_hi += tl.load(sz_group + rows_hi * 2).to(tl.float32) * dot_hi + tl.load(sz_group + rows_hi * 2 + 1).to(tl.float32) * xs
+        per_split = K // SPLIT
+        acc_lo = tl.zeros((BLOCK_K, HALF), dtype=tl.float32)
+        acc_hi = tl.zeros((BLOCK_K, HALF), dtype=tl.float32)
+        for k0 in range(split * per_split, (split + 1) * per_split, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_row + offs_k).to(tl.float32)[:, None]
+            b = tl.load(q_base + offs_k[:, None] * HALF + j[None, :])
+            sz_group = s_base + (k0 // GROUP) * N * 2
+            s_lo = tl.load(sz_group + rows_lo * 2).to(tl.float32)[None, :]
+            z_lo = tl.load(sz_group + rows_lo * 2 + 1).to(tl.float32)[None, :]
+            s_hi = tl.load(sz_group + rows_hi * 2).to(tl.float32)[None, :]
+            z_hi = tl.load(sz_group + rows_hi * 2 + 1).to(tl.float32)[None, :]
+            acc_lo += (((b & 15).to(tl.float32) - 8.0) * s_lo + z_lo) * x
+            acc_hi += (((b >> 4).to(tl.float32) - 8.0) * s_hi + z_hi) * x
+        sum_lo = tl.sum(acc_lo, axis=0)
+        sum_hi = tl.sum(acc_hi, axis=0)
         if SPLIT == 1:
-            y_lo = acc_lo.to(y_ptr.dtype.element_ty)
-            y_hi = acc_hi.to(y_ptr.dtype.element_ty)
+            y_lo = sum_lo.to(y_ptr.dtype.element_ty)
+            y_hi = sum_hi.to(y_ptr.dtype.element_ty)
             if ROW_WEIGHTED:
                 rw = tl.load(rw_ptr + m)
                 y_lo = (y_lo.to(tl.float32) * rw).to(y_ptr.dtype.element_ty)
@@ -127,8 +128,8 @@ if triton is not None:
             tl.store(y_ptr + m * stride_ym + rows_hi, y_hi)
         else:
             part = part_ptr + (split * M + m).to(tl.int64) * N
-            tl.store(part + rows_lo, acc_lo)
-            tl.store(part + rows_hi, acc_hi)
+            tl.store(part + rows_lo, sum_lo)
+            tl.store(part + rows_hi, sum_hi)
 
     @triton.jit
     def _add_parts(part_ptr, rw_ptr, y_ptr, M, N, stride_ym, ROW_WEIGHTED: tl.constexpr, SPLIT: tl.constexpr,
@@ -203,8 +204,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, s: torch.Tensor | None = None, idx: t
 
 
 def int4_block_k(group: int) -> int:
-    """Input columns an int4 program reads per step: a whole group, at most 256."""
-    return min(group, 256)
+    """Input columns an int4 program reads per step (within one group)."""
+    return min(group, 64)
 
 
 def int4_split(N: int, K: int, group: int, rows: int, device: torch.device) -> int:
@@ -214,15 +215,17 @@ def int4_split(N: int, K: int, group: int, rows: int, device: torch.device) -> i
     if sms is None:
         sms = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
     groups, split = K // group, 1
-    while (N // rows) * split < 3 * sms and groups % (2 * split) == 0 and groups // (2 * split) >= 2:
+    while (N // rows) * split < 3 * sms and groups % (2 * split) == 0:
         split *= 2
     return split
 
 
 def gemv_int4(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, idx: torch.Tensor | None = None, x_div: int = 1,
-              row_weights: torch.Tensor | None = None, split: int | None = None) -> torch.Tensor:
+              row_weights: torch.Tensor | None = None, split: int | None = None, block_k: int | None = None,
+              warps: int = 4) -> torch.Tensor:
     """`gemv` for int4 weights: q packed uint8 [N, K/2] (or stacked [E, N, K/2]) in the host layout,
-    sz its scales and zeros [K/G, N, 2] (or [E, K/G, N, 2]). split overrides int4_split (for probes)."""
+    sz its scales and zeros [K/G, N, 2] (or [E, K/G, N, 2]). split, block_k and warps override the
+    defaults (for probes)."""
     rows = int4_layout.cpu_block_n()
     stacked = q.dim() == 3
     N, K = q.shape[-2], 2 * q.shape[-1]
@@ -235,8 +238,8 @@ def gemv_int4(x: torch.Tensor, q: torch.Tensor, sz: torch.Tensor, idx: torch.Ten
     _gemv_int4[(M, N // rows, split)](
         x, q, sz, idx if idx is not None else y, row_weights if weighted else y, y, parts, M, N, K, x_div,
         x.stride(0), q.stride(0) if stacked else 0, sz.stride(0) if stacked else 0, y.stride(0),
-        INDEXED=idx is not None, ROW_WEIGHTED=weighted, ROWS=rows, GROUP=group, BLOCK_K=int4_block_k(group),
-        SPLIT=split, num_warps=4)
+        INDEXED=idx is not None, ROW_WEIGHTED=weighted, ROWS=rows, GROUP=group, BLOCK_K=block_k or int4_block_k(group),
+        SPLIT=split, num_warps=warps)
     if split > 1:
         _add_parts[(M, triton.cdiv(N, 1024))](parts, row_weights if weighted else y, y, M, N, y.stride(0),
                                                ROW_WEIGHTED=weighted, SPLIT=split, BLOCK_N=1024, num_warps=4)
@@ -249,7 +252,7 @@ def dequantize_int4(q: torch.Tensor, sz: torch.Tensor, dtype: torch.dtype) -> to
     rows = int4_layout.cpu_block_n()
     N, K = q.shape[0], 2 * q.shape[1]
     group = K // sz.shape[0]
-    block_k = min(int4_block_k(group), 64)
+    block_k = int4_block_k(group)
     w = torch.empty(N, K, dtype=dtype, device=q.device)
     _dequantize_int4[(N // rows, K // block_k)](q, sz, w, N, K, ROWS=rows, GROUP=group, BLOCK_K=block_k, num_warps=4)
     return w
