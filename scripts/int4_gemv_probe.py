@@ -22,8 +22,8 @@ from daop import int4_layout
 from daop.kernels import expert_gemv
 from daop.quant import dequantize, int4_inner_k_tiles, quantize
 
-VARIANTS = [(64, 4, None), (32, 4, None), (128, 4, None), (64, 8, None), (32, 2, None), (64, 4, 1), (64, 4, 2),
-            (64, 4, 4), (64, 4, 16)]
+VARIANTS = [(64, 4, None), (32, 4, None), (128, 8, None), (64, 8, None), (64, 8, 1), (64, 8, 2), (64, 8, 4),
+            (64, 8, 8), (64, 8, 16), (32, 8, 16)]
 
 
 def bench(fn) -> float:

@@ -80,6 +80,12 @@ if triton is not None:
 
 
     @triton.jit
+    def _nibble_minus_8(code):
+        # q - 8 as a float32, exactly, without an integer-to-float conversion (a quarter-rate
+        # instruction): 2^23 + q has q in its low mantissa bits
+        return (code | 0x4B000000).to(tl.float32, bitcast=True) - 8388616.0
+
+    @triton.jit
     def _gemv_int4(x_ptr, q_ptr, sz_ptr, idx_ptr, rw_ptr, y_ptr, part_ptr, M, N, K, x_div,
                    stride_xm, stride_qe, stride_se, stride_ym,
                    INDEXED: tl.constexpr, ROW_WEIGHTED: tl.constexpr, ROWS: tl.constexpr, GROUP: tl.constexpr,
@@ -107,14 +113,14 @@ if triton is not None:
         for k0 in range(split * per_split, (split + 1) * per_split, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_row + offs_k).to(tl.float32)[:, None]
-            b = tl.load(q_base + offs_k[:, None] * HALF + j[None, :])
+            b = tl.load(q_base + offs_k[:, None] * HALF + j[None, :]).to(tl.int32)
             sz_group = s_base + (k0 // GROUP) * N * 2
             s_lo = tl.load(sz_group + rows_lo * 2).to(tl.float32)[None, :]
             z_lo = tl.load(sz_group + rows_lo * 2 + 1).to(tl.float32)[None, :]
             s_hi = tl.load(sz_group + rows_hi * 2).to(tl.float32)[None, :]
             z_hi = tl.load(sz_group + rows_hi * 2 + 1).to(tl.float32)[None, :]
-            acc_lo += (((b & 15).to(tl.float32) - 8.0) * s_lo + z_lo) * x
-            acc_hi += (((b >> 4).to(tl.float32) - 8.0) * s_hi + z_hi) * x
+            acc_lo += (_nibble_minus_8(b & 15) * s_lo + z_lo) * x
+            acc_hi += (_nibble_minus_8(b >> 4) * s_hi + z_hi) * x
         sum_lo = tl.sum(acc_lo, axis=0)
         sum_hi = tl.sum(acc_hi, axis=0)
         if SPLIT == 1:
@@ -153,13 +159,12 @@ if triton is not None:
         j = tl.arange(0, HALF)
         rows_lo = block * ROWS + j
         offs_k = k_block * BLOCK_K + tl.arange(0, BLOCK_K)
-        b = tl.load(q_ptr + block.to(tl.int64) * K * HALF + offs_k[:, None] * HALF + j[None, :])
+        b = tl.load(q_ptr + block.to(tl.int64) * K * HALF + offs_k[:, None] * HALF + j[None, :]).to(tl.int32)
         g = (k_block * BLOCK_K) // GROUP
         sz_group = sz_ptr + g.to(tl.int64) * N * 2
         for half in tl.static_range(2):
             rows = rows_lo + half * HALF
-            codes = (b >> (4 * half)) & 15
-            w = (codes.to(tl.float32) - 8.0) * tl.load(sz_group + rows * 2)[None, :].to(tl.float32) \
+            w = _nibble_minus_8((b >> (4 * half)) & 15) * tl.load(sz_group + rows * 2)[None, :].to(tl.float32) \
                 + tl.load(sz_group + rows * 2 + 1)[None, :].to(tl.float32)
             tl.store(w_ptr + rows[None, :].to(tl.int64) * K + offs_k[:, None], w.to(w_ptr.dtype.element_ty))
 
