@@ -225,15 +225,12 @@ def test_cli_quantizes_then_generates_from_the_folder(tiny_dir, tmp_path, capsys
     assert not (tmp_path / "g").exists()
 
 
-def test_stored_int4_bound_for_cuda_without_triton_goes_through_a_host_buffer(monkeypatch):
-    """Without Triton, CUDA slots hold int4 weights in torch's CUDA kernel's layout: the loader reads
-    those into a host buffer (converted on commit), and the scales, whose layout is the host's,
-    straight into the slot."""
-    from daop.kernels import expert_gemv
+def test_stored_int4_bound_for_cuda_goes_through_a_host_buffer():
+    """CUDA slots hold int4 weights in the CUDA kernel's layout: the loader reads those into a host
+    buffer (converted on commit), and the scales, whose layout is the host's, straight into the slot."""
     from daop.quant import slot_shapes
     from daop.weights.expert_views import SlotCopy, stored_views
 
-    monkeypatch.setattr(expert_gemv, "AVAILABLE", False)
     fmt, D, I = ExpertFormat("int4", torch.bfloat16, 64), 128, 176
     slots = tuple(torch.empty(shape, dtype=dtype, device="meta")
                   for shape, dtype in slot_shapes(fmt, D, I, torch.device("cuda")))
@@ -243,23 +240,3 @@ def test_stored_int4_bound_for_cuda_without_triton_goes_through_a_host_buffer(mo
     assert views[1] is slots[1] and views[3] is slots[3]
     assert [tuple(v.shape) for v in views] == [shape for shape, _ in fmt.shapes(D, I)]
     assert stored_views(fmt, slots, scratch, D, I)[0].buffer is views[0].buffer  # one buffer per shape, reused
-
-
-def test_stored_int4_bound_for_cuda_with_triton_is_read_into_the_slots(monkeypatch):
-    """With Triton, CUDA slots hold the host's packed int4 bytes (daop's kernels read them): a folder
-    written in this CPU's block height is read straight into them."""
-    from daop import int4_layout
-    from daop.kernels import expert_gemv
-    from daop.quant import slot_shapes
-    from daop.weights.expert_views import stored_views
-
-    monkeypatch.setattr(expert_gemv, "AVAILABLE", True)
-    fmt, D, I = ExpertFormat("int4", torch.bfloat16, 64), 128, 176
-    shapes = slot_shapes(fmt, D, I, torch.device("cuda"))
-    assert shapes == fmt.shapes(D, I)
-    slots = tuple(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in shapes)
-    views = stored_views(fmt, slots, {}, D, I)
-    if int4_layout.cpu_block_n() == int4_layout.DISK_BLOCK_N:
-        assert all(v is t for v, t in zip(views, slots))
-    else:  # this CPU packs other blocks than a folder: relaid out through a host buffer
-        assert views[1] is slots[1] and views[0] is not slots[0]

@@ -8,8 +8,7 @@ An expert is a tuple of tensors in one of three formats, told apart by its tenso
   [D, I/2], down scales and zeros [I/G, D, 2]); asymmetric, one scale and zero per group of G
   input channels: w = (q - 8) * scale + zero, q in 0..15. The packed bytes are laid out as torch's
   CPU kernel reads them on this machine, in blocks of 64 or 32 output rows (`daop.int4_layout`). A GPU
-  slot holds the same bytes, which daop's int4 kernels read as they are; without Triton it holds
-  torch's CUDA int4 layout instead, converted on the GPU after each copy (`to_slot_format`).
+  slot holds the CUDA kernel's own layout, converted on the GPU after each copy (`to_slot_format`).
   The kernels need the intermediate size I in whole blocks and groups, so int4 experts pad it with
   zeros to a multiple of max(64, G) (`padded_inter`): zero gate and up rows give exactly zero
   activations, which the padded down columns multiply, so the function is unchanged.
@@ -17,9 +16,8 @@ An expert is a tuple of tensors in one of three formats, told apart by its tenso
 Scales are in the model's dtype (the kernels take activations and scales in one dtype). Every
 expert, wherever it runs, goes through `expert_forward`, so exact runners stay bitwise equal
 to each other on one device. Kernels: on the CPU, torch's `_weight_int8pack_mm` and int4 pack/mm
-ops; on CUDA, daop's GEMV kernels (`daop.kernels.expert_gemv`) for experts with a few rows in every
-format, and for more rows torch's products (int4: on weights dequantized by daop's kernel, or
-torch's int4 kernel without Triton).
+ops; on CUDA, daop's GEMV kernel (`daop.kernels.expert_gemv`) for float and int8 experts with a
+few rows, torch's products for more rows, and torch's int4 kernel.
 """
 from __future__ import annotations
 
@@ -168,17 +166,11 @@ def int4_inner_k_tiles(K: int) -> int:
     raise DaopError(f"int4 experts on CUDA need input sizes that are multiples of 32, got {K}")
 
 
-def int4_converted(device: torch.device) -> bool:
-    """Whether int4 slots on `device` hold torch's CUDA int4 layout (CUDA without Triton) rather than
-    the host's packed bytes, which daop's int4 kernels read as they are."""
-    return device.type == "cuda" and not expert_gemv.AVAILABLE
-
-
 def to_slot_format(q: torch.Tensor) -> torch.Tensor:
     """A tensor of an expert copied to a CUDA device, in the layout that device's kernels read: int4
-    weights are converted to torch's CUDA int4 layout where daop's kernels are not available;
-    everything else is used as copied. Runs on q's device, on the current stream."""
-    if q.dtype != torch.uint8 or not int4_converted(q.device):
+    weights are converted to the CUDA int4 kernel's layout; everything else is used as copied. Runs
+    on q's device, on the current stream."""
+    if q.dtype != torch.uint8 or q.device.type != "cuda":
         return q
     codes = unpack_int4(q)
     plain = (codes[:, ::2] << 4) | codes[:, 1::2]
@@ -188,7 +180,7 @@ def to_slot_format(q: torch.Tensor) -> torch.Tensor:
 def slot_shapes(fmt: "ExpertFormat", hidden: int, inter: int, device: torch.device) -> list[tuple[tuple[int, ...], torch.dtype]]:
     """(shape, dtype) of each tensor of one expert as a device's slot holds it."""
     shapes = fmt.shapes(hidden, inter)
-    if fmt.kind != "int4" or not int4_converted(device):
+    if fmt.kind != "int4" or device.type != "cuda":
         return shapes
     out = []
     for shape, dtype in shapes:
@@ -229,30 +221,18 @@ def int8_linear_cuda(x, q, s):  # no annotations: TorchScript takes an ignored f
     return F.linear(x, q.to(x.dtype)) * s
 
 
-@torch.jit.ignore
-def int4_linear_cuda(x, q, s):  # no annotations: TorchScript takes an ignored function as Tensors -> Tensor
-    """int4 product on CUDA from the host's packed bytes: daop's GEMV kernel for a few rows (decode),
-    and for more rows (prefill) one float product on the weights dequantized by daop's kernel."""
-    if gemv_on_cuda(x):
-        return expert_gemv.gemv(x, q, s)
-    return F.linear(x, expert_gemv.dequantize_int4(q, s, x.dtype))
-
-
 def linear_q(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [M, K] times a quantized matrix's transpose -> [M, N] in x's dtype (TorchScript-compatible).
 
-    int8: torch's int8 weight-only kernel on the CPU; on CUDA `int8_linear_cuda`. int4 (packed uint8):
-    torch's kernel on the CPU, `int4_linear_cuda` on CUDA; int4 in torch's CUDA layout (int32, CUDA
-    without Triton): torch's CUDA kernel."""
+    int8: torch's int8 weight-only kernel on the CPU; on CUDA `int8_linear_cuda`. int4: torch's kernel
+    for the layout at hand (CPU layout on the CPU, the converted layout on CUDA)."""
     x = x.contiguous()
     if q.dtype == torch.int8:
         if x.device.type == "cpu":
             return torch._weight_int8pack_mm(x, q, s)
         return int8_linear_cuda(x, q, s)
     if q.dtype == torch.uint8:
-        if x.device.type == "cpu":
-            return torch._weight_int4pack_mm_for_cpu(x, q, 2 * q.shape[1] // s.shape[0], s)
-        return int4_linear_cuda(x, q, s)
+        return torch._weight_int4pack_mm_for_cpu(x, q, 2 * q.shape[1] // s.shape[0], s)
     return torch._weight_int4pack_mm(x, q, x.shape[1] // s.shape[0], s)
 
 
@@ -310,15 +290,16 @@ def biased_expert_forward(x: torch.Tensor, w: List[torch.Tensor], glu: Optional[
 
 
 def routes_on_device(fmt: "ExpertFormat", device: torch.device, num_tokens: int) -> bool:
-    """Whether `routed_experts` serves these tokens: CUDA with the GEMV kernels, experts without
-    biases or another activation, and few enough tokens for the kernels."""
-    return device.type == "cuda" and expert_gemv.AVAILABLE and fmt.plain and num_tokens <= GEMV_MAX_ROWS
+    """Whether `routed_experts` serves these tokens: CUDA with the GEMV kernel, float or int8
+    experts (int4 runs torch's kernel per expert), and few enough tokens for the kernel."""
+    return (device.type == "cuda" and expert_gemv.AVAILABLE and fmt.kind != "int4" and fmt.plain
+            and num_tokens <= GEMV_MAX_ROWS)
 
 
 def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked: List[torch.Tensor]) -> torch.Tensor:
     """The weighted sum of every token's routed experts, routed on the device: no host sync, so a
     decode step can be captured. h [N, D] contiguous; stacked: the layer's expert tensors stacked
-    over experts (float gate_up [E, 2I, D], down [E, D, I]; int8 and int4 with their scales).
+    over experts (float gate_up [E, 2I, D], down [E, D, I]; int8 with their scales).
 
     Equal, bit for bit, to running each routed expert alone through `expert_forward` and adding the
     outputs with `daop.model.moe.weighted_sum`: each (token, pick) row goes through the GEMV kernel
