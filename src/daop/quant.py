@@ -307,9 +307,12 @@ def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, st
     token's picks are added in ascending expert order.
     """
     N, K = ids.shape
-    by_expert = ids.argsort(dim=-1)
-    experts = ids.gather(-1, by_expert).reshape(-1)  # row m: token m // K, its picks in ascending expert order
-    row_weights = weights.gather(-1, by_expert).reshape(-1).float()
+    if K <= 2:  # two picks: a + b == b + a in floating point, so the picks' order is already the sum's
+        experts, row_weights = ids.reshape(-1), weights.reshape(-1).float()
+    else:
+        by_expert = ids.argsort(dim=-1)
+        experts = ids.gather(-1, by_expert).reshape(-1)  # row m: token m // K, its picks in ascending expert order
+        row_weights = weights.gather(-1, by_expert).reshape(-1).float()
     x, x_div, order = h, K, None
     if N > 1:  # several tokens: rows of one expert side by side, so they share its weight tiles in the L2 cache
         order = experts.argsort(stable=True)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from daop.config import ModelConfig, RopeConfig
+from daop.kernels import fused
 
 
 class Norm:
@@ -25,6 +26,8 @@ class Norm:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "layer":
             return F.layer_norm(x, (x.shape[-1],), self.weight, self.bias, self.eps)
+        if fused.enabled(x) and x.is_contiguous() and self.weight.dtype == x.dtype:
+            return fused.rms_norm(x, self.weight, self.eps)  # the same arithmetic in one kernel
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
@@ -112,8 +115,11 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 
     The usual x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1): rolling x by
     half a head gives cat(x2, x1), and the sign moves into the sin table, so the products (and
-    the result) are bitwise the same with two fewer kernels per call.
+    the result) are bitwise the same with two fewer kernels per call. On CUDA, one kernel
+    (`daop.kernels.fused.rotary`) computes the same products and sum.
     """
+    if fused.enabled(x) and fused.rotary_fits(x, cos, signed_sin):
+        return fused.rotary(x, cos, signed_sin)
     return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * signed_sin
 
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from daop.config import ModelConfig
+from daop.kernels import fused
 
 
 def sparsemixer_top2(logits: torch.Tensor, jitter_eps: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,6 +86,10 @@ def select_experts(config: ModelConfig, logits: torch.Tensor,
     if config.router_kind == "sparsemixer":
         weights, ids = sparsemixer_top2(logits, config.router_jitter_eps)
         return ids, weights
+    if (config.router_kind == "softmax_topk" and fused.enabled(logits) and logits.is_contiguous()
+            and logits.shape[-1] <= fused.MAX_EXPERTS and config.top_k <= fused.MAX_TOP_K):
+        out_dtype = logits.dtype if config.router_weights_in_hidden_dtype else torch.float32
+        return fused.softmax_topk(logits, config.top_k, config.norm_topk_prob, config.routed_scaling_factor, out_dtype)
     weights, ids = ROUTERS[config.router_kind](config, logits, bias)
     if config.norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
