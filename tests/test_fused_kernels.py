@@ -2,8 +2,8 @@
 
 They run on a CUDA device with Triton (scripts/gpu_checks.py --tests), or on the CPU under Triton's
 interpreter (TRITON_INTERPRET=1 set before Triton is imported, and Triton installed); otherwise
-skipped. The interpreter rounds float32 to bf16 otherwise than a GPU does, so bf16 results are held
-to bf16 rounding there, and to equality with torch on a GPU where the arithmetic is the same.
+skipped. Results are held to the rounding of the operations they replace: the interpreter rounds
+float32 to bf16 otherwise than torch does, and on a GPU the compiler may fuse a product into a sum.
 """
 from __future__ import annotations
 
@@ -58,10 +58,9 @@ def test_rotary_equals_the_reference_on_a_strided_view(dtype, B, T, heads, d):
     want = x * cos + x.roll(d // 2, dims=-1) * sin
     got = fused.rotary(x, cos, sin)
     assert got.shape == x.shape and got.is_contiguous()
-    if CUDA:
-        assert torch.equal(got, want)
-    else:
-        close(got, want, dtype)
+    # the same products and sum, but not bit for bit on a GPU: the compiler may fuse a product into
+    # the sum (one rounding less)
+    close(got, want, dtype)
 
 
 def test_rotary_refuses_shapes_it_does_not_take():
