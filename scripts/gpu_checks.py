@@ -43,14 +43,17 @@ TEST_FILES = ["tests/test_policies.py", "tests/test_daop.py", "tests/test_reliab
 
 
 def run_tests(dtype: str) -> dict:
-    env = dict(os.environ, DAOP_TEST_DEVICE="cuda", DAOP_TEST_DTYPE=dtype, PYTHONPATH=str(ROOT / "src"))
+    # wide lines: pytest drops a failure's message from its summary line when the test name fills the width
+    env = dict(os.environ, DAOP_TEST_DEVICE="cuda", DAOP_TEST_DTYPE=dtype, PYTHONPATH=str(ROOT / "src"), COLUMNS="400")
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *TEST_FILES,
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--tb=line", *TEST_FILES,
                            "-k", "not fuzzed and not ctrl_c"], cwd=ROOT, env=env, capture_output=True, text=True)
     lines = (proc.stdout + proc.stderr).strip().splitlines()
-    failures = [l for l in lines if l.startswith("FAILED") or l.startswith("ERROR")]
+    failures = [l[:600] for l in lines if l.startswith("FAILED") or l.startswith("ERROR")]
+    where = [l[:600] for l in lines if "Error" in l and l.startswith((str(ROOT), "tests/"))]  # --tb=line
     return {"kind": "tests", "dtype": dtype, "files": TEST_FILES, "returncode": proc.returncode,
-            "summary": lines[-1] if lines else "", "failures": failures[:20], "seconds": round(time.perf_counter() - t0, 1)}
+            "summary": lines[-1] if lines else "", "failures": failures[:20], "where": where[:20],
+            "seconds": round(time.perf_counter() - t0, 1)}
 
 
 def agreement(prompts: list[str], tokens: int, ratios: list[float], policies: list[str], device: str,
