@@ -69,6 +69,22 @@ def test_quantized_folder_equals_quantizing_at_load(quantized, family, kind, gro
     assert torch.equal(stored.logits(PROMPT), at_load.logits(PROMPT))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_checks.py --tests)")
+@pytest.mark.parametrize("kind,group", FORMATS)
+@pytest.mark.parametrize("policy", ["gpu", "lru"])
+def test_quantized_folder_on_cuda_equals_quantizing_at_load_there(quantized, kind, group, policy):
+    """A folder read onto a GPU (int4 converted to the CUDA layout through a host buffer) gives the
+    tokens and logits of the same model quantized at load onto that GPU."""
+    src, out = quantized("mixtral", kind, group)
+    options = {} if policy == "gpu" else {"policy": policy, "expert_ratio": 0.25}
+    at_load = Engine.from_pretrained(src, device="cuda", dtype="fp32", progress=False, expert_dtype=kind, group_size=group,
+                                     **options)
+    stored = Engine.from_pretrained(out, device="cuda", progress=False, **options)
+    assert stored.expert_format == at_load.expert_format
+    assert greedy(stored) == greedy(at_load)
+    assert torch.equal(stored.logits(PROMPT), at_load.logits(PROMPT))
+
+
 @pytest.mark.parametrize("kind,group", FORMATS)
 def test_folder_holds_the_host_layout_a_section_and_the_small_files(quantized, tiny_dir, kind, group):
     src, out = quantized("qwen2_moe", kind, group)
