@@ -91,6 +91,14 @@ def test_softmax_topk_equals_the_reference(E, K, normalize, scale, logit_dtype):
     assert w16.dtype == torch.bfloat16
 
 
+def test_softmax_topk_keeps_ids_in_range_for_a_nan_row():
+    """A broken hidden state (NaN logits) must not send an expert kernel outside the expert stack."""
+    logits = torch.randn(3, 60)
+    logits[1] = float("nan")
+    ids, _ = fused.softmax_topk(logits.to(DEVICE), 4, True, 1.0, torch.float32)
+    assert int(ids.min()) >= 0 and int(ids.max()) < 60
+
+
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA device with Triton")
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_the_model_with_fused_kernels_stays_with_torchs_operations(tiny_dir, family, monkeypatch):

@@ -80,7 +80,8 @@ if triton is not None:
         total = 0.0
         for k in tl.static_range(K):  # the largest, then the next: descending, ties to the lower expert
             best = tl.max(probs, axis=0)
-            idx = tl.min(tl.where(probs == best, offs, BLOCK_E), axis=0)
+            # (a NaN row matches nothing: its ids stay in range, so the experts' kernels read no stray memory)
+            idx = tl.minimum(tl.min(tl.where(probs == best, offs, BLOCK_E), axis=0), E - 1)
             top = tl.where(kk == k, best, top)
             picked = tl.where(kk == k, idx.to(tl.int64), picked)
             total = total + best
