@@ -304,7 +304,8 @@ def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, st
     Equal, bit for bit, to running each routed expert alone through `expert_forward` and adding the
     outputs with `daop.model.moe.weighted_sum`: each (token, pick) row goes through the GEMV kernel
     as it would alone, the down product stores it scaled by its weight as `combine` does, and a
-    token's picks are added in ascending expert order.
+    token's picks are added in ascending expert order (two picks in the order routed: their sum is
+    the same either way).
     """
     N, K = ids.shape
     if K <= 2:  # two picks: a + b == b + a in floating point, so the picks' order is already the sum's
