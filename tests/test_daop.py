@@ -85,13 +85,32 @@ def assert_slots_hold_the_wanted_experts(runner) -> None:
                 assert torch.equal(got.cpu(), want), (layer_idx, e, slot)
 
 
-def test_each_prefill_settles_its_own_placement_without_restoring_the_last_one_first():
+def cheap_copy_profile(tmp_path) -> str:
+    """A hardware profile for the shipped model on which a copy costs far less than a CPU expert (as
+    on a GPU with this small model): the planners copy most misses instead of computing them."""
+    from daop.hardware import HardwareProfile
+
+    engine = load()
+    c, dtype = engine.config, str(engine.decoder.dtype).removeprefix("torch.")
+    profile = HardwareProfile(
+        hidden_size=c.hidden_size, intermediate_size=c.expert_intermediate_size, dtype=dtype, expert_bytes=1,
+        copy_pinned_ms=0.05, copy_pageable_ms=0.05, cpu_threads=1, cpu_token_counts=(1, 64), cpu_expert_ms=(0.1, 0.8),
+        gpu_token_counts=(1, 64), gpu_expert_ms=(0.01, 0.05), expert_format=dtype)
+    out = tmp_path / "cheap-copies.json"
+    profile.save(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("costs", ["calibrated", "cheap copies"])
+def test_each_prefill_settles_its_own_placement_without_restoring_the_last_one_first(costs, tmp_path):
     """A new sequence copies nothing when it starts: its prefill computes what the slots hold, then
     brings every layer's slots to the placement it wants (its own prefill swaps on the calibrated
-    placement), moving on the device what it copied for the layer anyway."""
+    placement), moving on the device what it copied for the layer anyway. With cheap copies most
+    misses are copied into scratch slots, and settling is mostly moves."""
     from pathlib import Path
 
-    engine = load(policy="daop-exact", expert_ratio=0.25)
+    extra = {"hardware_profile": cheap_copy_profile(tmp_path)} if costs == "cheap copies" else {}
+    engine = load(policy="daop-exact", expert_ratio=0.25, **extra)
     runner = engine.decoder.experts
     text = (Path(__file__).parents[1] / "README.md").read_text()
     prompts = [text[:1200], PROMPTS[1], text[3000:4000], text[:1200]]
@@ -103,7 +122,12 @@ def test_each_prefill_settles_its_own_placement_without_restoring_the_last_one_f
         outputs.append(run(engine, prompt, 4))
         assert_slots_hold_the_wanted_experts(runner)
     totals = engine.counters()
-    assert totals["settle_moves"] > 0 and totals["settle_copies"] > 0
+    # settled by moves from scratch slots or by copies from the host, as the cost model chose: where
+    # copies are cheap (a GPU, or a CPU profile with cheap copies), every wanted expert this prefill
+    # missed may already be in a scratch slot, and no host copy is needed
+    assert totals["settle_moves"] + totals["settle_copies"] > 0
+    if costs == "cheap copies":
+        assert totals["settle_moves"] > 0
     reference = load()
     if DEVICE == "cpu":  # on a GPU, which misses the CPU computes (rounding differently) depends on timing
         assert outputs[0] == outputs[3]  # the same prompt after others: the same tokens
