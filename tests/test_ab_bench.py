@@ -1,21 +1,17 @@
 """scripts/ab_bench.py: the interleaved order, the per-point summary, and one real old-against-new run of
 the bench's smoke setup (both sides this checkout's source: the same code, so only the bookkeeping is
 checked, not a speed)."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "ab_bench.py"
+from helpers import SCRIPTS, load_script
+
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("ab_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("ab_bench")
 
 
 def test_each_side_runs_first_and_last_equally_often(script):
@@ -43,7 +39,7 @@ def test_the_summary_keeps_every_run_and_compares_medians(script):
 
 def test_a_smoke_run_writes_sides_runs_and_a_summary(script, tmp_path, capsys):
     out = tmp_path / "ab.jsonl"
-    src = str(SCRIPT.parent.parent / "src")
+    src = str(SCRIPTS.parent / "src")
     assert script.main(["--old", src, "--old-sha", "aaaaaaa", "--new-sha", "bbbbbbb", "--output", str(out), "--",
                         "--smoke", "--policies", "gpu", "--gen-tokens", "4"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]

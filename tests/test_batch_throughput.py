@@ -1,23 +1,16 @@
 """scripts/batch_throughput.py on the shipped model: its JSON line, and the tokens of both runs
 (max batch 1 and C) equal each request generated alone."""
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from daop.engine import Engine
 from daop.sampling import SamplingParams
-
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "batch_throughput.py"
-
+from helpers import load_script
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("batch_throughput", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("batch_throughput")
 
 
 def test_batch_throughput_reports_both_runs_with_the_tokens_each_request_gets_alone(script, capsys):

@@ -9,8 +9,9 @@ import os
 import pytest
 import torch
 
-from daop.engine import Engine
+from daop.engine import Engine, default_model_dir
 from daop.sampling import SamplingParams
+from helpers import write_profile
 
 PROMPTS = ["And God said unto Moses,", "def parse(self, text):\n    ", "ROMEO. But soft, what light"]
 DEVICE = os.environ.get("DAOP_TEST_DEVICE", "cpu")
@@ -85,22 +86,6 @@ def assert_slots_hold_the_wanted_experts(runner) -> None:
                 assert torch.equal(got.cpu(), want), (layer_idx, e, slot)
 
 
-def cheap_copy_profile(tmp_path) -> str:
-    """A hardware profile for the shipped model on which a copy costs far less than a CPU expert (as
-    on a GPU with this small model): the planners copy most misses instead of computing them."""
-    from daop.hardware import HardwareProfile
-
-    engine = load()
-    c, dtype = engine.config, str(engine.decoder.dtype).removeprefix("torch.")
-    profile = HardwareProfile(
-        hidden_size=c.hidden_size, intermediate_size=c.expert_intermediate_size, dtype=dtype, expert_bytes=1,
-        copy_pinned_ms=0.05, copy_pageable_ms=0.05, cpu_threads=1, cpu_token_counts=(1, 64), cpu_expert_ms=(0.1, 0.8),
-        gpu_token_counts=(1, 64), gpu_expert_ms=(0.01, 0.05), expert_format=dtype)
-    out = tmp_path / "cheap-copies.json"
-    profile.save(out)
-    return str(out)
-
-
 @pytest.mark.parametrize("costs", ["calibrated", "cheap copies"])
 def test_each_prefill_settles_its_own_placement_without_restoring_the_last_one_first(costs, tmp_path):
     """A new sequence copies nothing when it starts: its prefill computes what the slots hold, then
@@ -109,7 +94,10 @@ def test_each_prefill_settles_its_own_placement_without_restoring_the_last_one_f
     misses are copied into scratch slots, and settling is mostly moves."""
     from pathlib import Path
 
-    extra = {"hardware_profile": cheap_copy_profile(tmp_path)} if costs == "cheap copies" else {}
+    # cheap copies: a copy costs far less than a CPU expert, as on a GPU with this small model
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[DTYPE]
+    extra = ({"hardware_profile": write_profile(default_model_dir(), tmp_path, 0.05, 0.1, dtype)}
+             if costs == "cheap copies" else {})
     engine = load(policy="daop-exact", expert_ratio=0.25, **extra)
     runner = engine.decoder.experts
     text = (Path(__file__).parents[1] / "README.md").read_text()

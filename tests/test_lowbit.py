@@ -10,15 +10,14 @@ import torch
 
 from daop import int4_layout
 from daop.bench.geometry import geometry_config
-from daop.config import load_config
 from daop.engine import Engine
 from daop.errors import DaopError
-from daop.hardware import HardwareProfile
 from daop.quant import (ExpertFormat, dequantize, expert_forward, int4_codes, linear_q, pack_int4, quantize,
                         unpack_int4)
 from daop.runtime.setup import resolve_expert_format
 from daop.sampling import SamplingParams
 from daop.weights.expert_views import ScratchBuffers, staged_views
+from helpers import write_profile
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 77, 200, 9, 11]
 FORMATS = [("int8", 128), ("int4", 64)]  # the tiny models' hidden size is 64: int4 groups of 64
@@ -159,17 +158,6 @@ def greedy(engine, n=16):
     return list(engine.generate_ids(PROMPT, SamplingParams(max_new_tokens=n)))
 
 
-def profile_for(path, tmp_path, fmt: ExpertFormat) -> str:
-    c = load_config(path)
-    profile = HardwareProfile(
-        hidden_size=c.hidden_size, intermediate_size=c.expert_intermediate_size, dtype="float32", expert_bytes=1,
-        copy_pinned_ms=10.0, copy_pageable_ms=10.0, cpu_threads=1, cpu_token_counts=(1, 64), cpu_expert_ms=(1.0, 8.0),
-        gpu_token_counts=(1, 64), gpu_expert_ms=(0.05, 0.4), expert_format=fmt.name)
-    out = tmp_path / f"profile-{fmt.name}.json"
-    profile.save(out)
-    return str(out)
-
-
 @pytest.fixture(scope="module")
 def lowbit_reference(tiny_dir):
     cache = {}
@@ -192,7 +180,7 @@ def test_exact_policies_equal_gpu_with_lowbit_experts(tiny_dir, lowbit_reference
     _, path = tiny_dir("mixtral")
     ref_tokens, ref_logits = lowbit_reference("mixtral", kind, group)
     fmt = ExpertFormat(kind, torch.float32, group)
-    extra = {"hardware_profile": profile_for(path, tmp_path, fmt)} if policy == "fiddler" else {}
+    extra = {"hardware_profile": write_profile(path, tmp_path, 10.0, 1.0, expert_format=fmt.name)} if policy == "fiddler" else {}
     engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy=policy, expert_ratio=0.25,
                                     expert_dtype=kind, group_size=group, **extra)
     assert greedy(engine) == ref_tokens
@@ -275,7 +263,7 @@ def test_expert_dtype_names_are_checked():
 
 def test_profile_of_another_expert_format_is_refused(tiny_dir, tmp_path):
     _, path = tiny_dir("mixtral")
-    profile = profile_for(path, tmp_path, ExpertFormat("int8", torch.float32))
+    profile = write_profile(path, tmp_path, 10.0, 1.0, expert_format=ExpertFormat("int8", torch.float32).name)
     with pytest.raises(DaopError, match="hardware profile is for experts 64x96 int8"):
         Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy="fiddler", expert_ratio=0.25,
                                hardware_profile=profile)

@@ -12,11 +12,10 @@ import os
 import pytest
 import torch
 
-from daop.config import load_config
 from daop.engine import Engine, GenerationStats
 from daop.errors import DaopError
-from daop.hardware import HardwareProfile
 from daop.sampling import SamplingParams
+from helpers import write_profile
 
 PROMPT = [5, 17, 42, 99, 3, 250, 7, 64, 128, 31, 77, 200, 9, 11]
 POLICIES = ["ondemand", "lru", "static", "fiddler", "daop-exact", "daop-strict"]
@@ -62,7 +61,7 @@ def reference(tiny_dir):
 def test_policy_matches_gpu(tiny_dir, reference, family, policy, ratio, tmp_path):
     _, path = tiny_dir(family)
     ref_tokens, ref_logits = reference(family)
-    extra = {"hardware_profile": write_profile(path, tmp_path, 10.0, 1.0)} if policy == "fiddler" else {}
+    extra = {"hardware_profile": write_profile(path, tmp_path, 10.0, 1.0, TORCH_DTYPE)} if policy == "fiddler" else {}
     engine = Engine.from_pretrained(path, device=DEVICE, dtype=DTYPE, progress=False, policy=policy, expert_ratio=ratio, **extra)
     assert engine.policy == policy
     tokens = greedy(engine)
@@ -155,18 +154,6 @@ def test_batch_rows_equal_single_sequences(tiny_dir):
     assert engine.generate_batch(BATCH, params) == singles
 
 
-def write_profile(path, tmp_path, copy_ms: float, cpu_ms: float) -> str:
-    """An explicit hardware profile for the tiny checkpoint: copies or the CPU win by 10x."""
-    c = load_config(path)
-    profile = HardwareProfile(
-        hidden_size=c.hidden_size, intermediate_size=c.expert_intermediate_size, dtype=TORCH_DTYPE, expert_bytes=1,
-        copy_pinned_ms=copy_ms, copy_pageable_ms=copy_ms, cpu_threads=1, cpu_token_counts=(1, 64),
-        cpu_expert_ms=(cpu_ms, 8 * cpu_ms), gpu_token_counts=(1, 64), gpu_expert_ms=(0.05, 0.4))
-    out = tmp_path / f"profile-{copy_ms}-{cpu_ms}.json"
-    profile.save(out)
-    return str(out)
-
-
 # decode-phase counters each branch must show: (policy, copies win) -> predicate
 BRANCHES = {
     ("fiddler", True): lambda d: d["copy_calls"] > 0 and d["cpu_calls"] == 0,
@@ -182,7 +169,7 @@ BRANCHES = {
 def test_cost_model_decides_between_copies_and_cpu(tiny_dir, tmp_path, reference, policy, copies_win):
     """Explicit profiles force each branch; the counters show it was taken, the tokens that it is exact."""
     _, path = tiny_dir("mixtral")
-    profile = write_profile(path, tmp_path, 1.0, 10.0) if copies_win else write_profile(path, tmp_path, 10.0, 1.0)
+    profile = write_profile(path, tmp_path, 1.0, 10.0, TORCH_DTYPE) if copies_win else write_profile(path, tmp_path, 10.0, 1.0, TORCH_DTYPE)
     engine = Engine.from_pretrained(path, device=DEVICE, dtype=DTYPE, progress=False, policy=policy, expert_ratio=0.5,
                                     hardware_profile=profile)
     engine.eos_ids = frozenset()

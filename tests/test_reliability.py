@@ -7,7 +7,6 @@ mid-decode by test_policies.py::test_cpu_worker_exception_surfaces_and_engine_re
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import select
@@ -17,7 +16,6 @@ import struct
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +25,7 @@ from daop.engine import Engine
 from daop.errors import DaopError, OutOfMemory
 from daop.sampling import Sampler, SamplingParams
 from daop.weights.loader import CHECK_FINITE_ENV
+from helpers import load_script
 from tiny_models import fail_long_prefills
 
 DEVICE = os.environ.get("DAOP_TEST_DEVICE", "cpu")
@@ -300,14 +299,6 @@ def test_extreme_but_valid_sampling_values_pick_the_top_token(kw):
     """Values SamplingParams accepts (top_p > 0, temperature > 0) that fuzzing sent to the server (HTTP 500)."""
     logits = torch.tensor([[0.0, 3.0, 1.0, -2.0]])
     assert Sampler(SamplingParams(seed=0, **kw))(logits).tolist() == [1]
-
-
-def load_script(name: str):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"daop_script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_fuzzed_requests_get_no_5xx_and_openai_style_4xx(tiny_dir, tmp_path, monkeypatch):

@@ -10,17 +10,16 @@ import os
 import pytest
 import torch
 
-from daop.config import load_config
 from daop.engine import Engine, default_model_dir
 from daop.executors import copy2d
 from daop.executors.cpu import CpuExecutor
 from daop.executors.transfer import Transfer
-from daop.hardware import HardwareProfile
 from daop.kernels import cpu_expert
 from daop.quant import expert_forward, expert_rows
 from daop.runtime.scheduler import Clock, Prepared, SplitRows, plan_decode_layer, plan_speculation
 from daop.sampling import SamplingParams
 
+from helpers import write_profile
 from test_scheduler import Costs, split_with
 
 needs_kernel = pytest.mark.skipif(not cpu_expert.available(), reason="no C compiler: the kernel cannot be built")
@@ -152,18 +151,6 @@ def test_decode_serves_split_experts_and_keeps_their_slots():
     assert copied.layer.copy == ((6, 9),)  # slot 8 holds 3's rows; 9 is free again
 
 
-def shipped_profile(tmp_path, copy_ms: float, cpu_ms: float) -> str:
-    """A hardware profile for the shipped model on which neither channel alone serves a miss in time."""
-    c = load_config(default_model_dir())
-    profile = HardwareProfile(
-        hidden_size=c.hidden_size, intermediate_size=c.expert_intermediate_size, dtype="float32", expert_bytes=1,
-        copy_pinned_ms=copy_ms, copy_pageable_ms=copy_ms, cpu_threads=1, cpu_token_counts=(1, 64),
-        cpu_expert_ms=(cpu_ms, 8 * cpu_ms), gpu_token_counts=(1, 64), gpu_expert_ms=(0.05, 0.4))
-    out = tmp_path / "split-profile.json"
-    profile.save(out)
-    return str(out)
-
-
 def test_daop_exact_with_split_experts_gives_the_gpu_policys_tokens(tmp_path, monkeypatch):
     """In float32 (on the CPU, or on CUDA with DAOP_TEST_DEVICE=cuda, where the parts' copies go
     through the driver's 2D copy) the added parts give the all-GPU path's greedy tokens."""
@@ -177,7 +164,7 @@ def test_daop_exact_with_split_experts_gives_the_gpu_policys_tokens(tmp_path, mo
 
     reference, _ = tokens()
     monkeypatch.setenv("DAOP_SPLIT_EXPERTS", "1")
-    profile = shipped_profile(tmp_path, copy_ms=20.0, cpu_ms=5.0)
+    profile = write_profile(default_model_dir(), tmp_path, copy_ms=20.0, cpu_ms=5.0)  # neither channel alone serves a miss in time
     split, counters = tokens(policy="daop-exact", expert_ratio=0.25, hardware_profile=profile)
     assert counters["speculative_splits"] > 0 and counters["split_calls"] > 0
     assert split == reference  # float32 parts added: the same greedy tokens

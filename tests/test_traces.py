@@ -202,10 +202,9 @@ def test_sampled_recording_is_reproducible_and_differs_from_greedy(tiny_dir):
 
 def test_placement_replay_counts_resident_decode_picks():
     """scripts/placement_sim.py on a hand-made trace: 2 layers, 4 experts, top-1, a 2-token prompt."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("placement_sim", Path(__file__).parents[1] / "scripts" / "placement_sim.py")
-    sim = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sim)
+    from helpers import load_script
+
+    sim = load_script("placement_sim")
     # prompt: layer 0 uses expert 3, layer 1 expert 2; decode: layer 0 expert 1 twice then 3, layer 1 expert 2
     ids = np.array([[[3], [3], [1], [1], [3]], [[2], [2], [2], [2], [2]]])
     # one slot per layer: the uniform quota puts experts 0 there; the prompt's swaps bring 3 and 2

@@ -168,6 +168,7 @@ class Queued:
         lib = self.lib = lib or library()
         if lib is None:
             raise RuntimeError("the CPU expert kernel is not available")
+        self.pinned = pin
         self.keep: list[torch.Tensor] = []
         self.ys: list[torch.Tensor] = []
         self.jobs: list[JobStruct] = []

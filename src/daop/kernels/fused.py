@@ -109,7 +109,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torc
     """`daop.model.layers.apply_rotary` in one kernel: x [B, T, heads, d] with unit stride in d (a view
     of the fused qkv product is fine), cos and signed sin [B, T, 1, d] contiguous; a new contiguous tensor."""
     B, T, heads, d = x.shape
-    rows = x.reshape(B * T, heads, d) if x.stride(0) == T * x.stride(1) else x.contiguous().view(B * T, heads, d)
+    rows = x.reshape(B * T, heads, d)  # a view where B and T merge, else a copy (unit stride in d either way)
     c, s = cos.reshape(B * T, d), signed_sin.reshape(B * T, d)
     y = torch.empty(B * T, heads, d, dtype=x.dtype, device=x.device)
     _rotary[(B * T,)](rows, c, s, y, heads, rows.stride(0), rows.stride(1), c.stride(0), y.stride(0), y.stride(1),

@@ -223,7 +223,7 @@ class OffloadedExperts:
         """Whether the GPU can wait for this CPU job itself: queued on the C kernel's thread, with
         pinned outputs, stream waits that work here, and no graph being captured."""
         return (isinstance(job, QueuedFuture) and self.transfer.device_wait is not None
-                and all(y.is_pinned() for y in job.queued.ys) and not torch.cuda.is_current_stream_capturing())
+                and job.queued.pinned and not torch.cuda.is_current_stream_capturing())
 
     def read_on_device(self, job: QueuedFuture, experts: Sequence[int]) -> dict[int, torch.Tensor]:
         """The compute stream waits for the job's ticket, then reads its outputs from pinned memory;
