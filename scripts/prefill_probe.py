@@ -114,8 +114,6 @@ def experts_probe(tokens: int, out: list) -> None:
         out.append(row)
         print(row)
         del slots_gu, slots_dn, big_gu, big_dn
-    del gus, dns
-    torch.cuda.empty_cache()
 
 
 def prefill_probe(layers: int, tokens: int, out: list) -> None:
@@ -161,6 +159,7 @@ def main() -> None:
     out: list = [{"kind": "device", "gpu": torch.cuda.get_device_name(), "torch": torch.__version__}]
     if not args.skip_experts:
         experts_probe(args.tokens, out)
+        torch.cuda.empty_cache()
     prefill_probe(args.layers, args.tokens, out)
     if args.output:
         with open(args.output, "w") as f:
