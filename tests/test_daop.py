@@ -132,8 +132,9 @@ def test_a_prefill_cut_short_settles_every_layer_when_decode_starts():
     runner.set_phase("prefill")
     first = runner.policy.ctx.moe_layers[0]
     h = torch.randn(40, engine.config.hidden_size, dtype=engine.decoder.dtype, device=engine.decoder.device)
-    ids, weights = engine.decoder.routing.route(first, h)
-    runner(first, h, ids, weights)
+    with torch.inference_mode():  # as the decoder calls it (the runner's pinned buffers are inference tensors)
+        ids, weights = engine.decoder.routing.route(first, h)
+        runner(first, h, ids, weights)
     unsettled = [l for l in runner.policy.ctx.moe_layers if runner.held_slots(l) != runner.wanted_slots(l)]
     assert unsettled  # the last sequence's swaps are still in place there
     runner.set_phase("decode")

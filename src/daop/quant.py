@@ -21,6 +21,8 @@ few rows, torch's products for more rows, and torch's int4 kernel.
 """
 from __future__ import annotations
 
+import functools
+import os
 from dataclasses import dataclass, replace
 from typing import List, Optional, Tuple
 
@@ -30,7 +32,7 @@ import torch.nn.functional as F
 from daop import int4_layout
 from daop.errors import DaopError
 from daop.kernels import expert_gemv
-from daop.model.moe import gated, swiglu
+from daop.model.moe import combine, gated, swiglu
 
 EXPERT_DTYPES = ("auto", "int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -294,6 +296,69 @@ def routes_on_device(fmt: "ExpertFormat", device: torch.device, num_tokens: int)
     experts (int4 runs torch's kernel per expert), and few enough tokens for the kernel."""
     return (device.type == "cuda" and expert_gemv.AVAILABLE and fmt.kind != "int4" and fmt.plain
             and num_tokens <= GEMV_MAX_ROWS)
+
+
+# Where a layer's float experts for more rows than the GEMV kernel takes run as two grouped products
+# (`grouped_swiglu`) rather than a product pair per expert: on CUDA unless DAOP_NO_GROUPED_MM=1 (the
+# CPU keeps its per-expert products; tests turn it on there to check the bookkeeping around it).
+GROUPED = {"cuda": os.environ.get("DAOP_NO_GROUPED_MM", "") in ("", "0"), "cpu": False}
+
+
+@functools.lru_cache(maxsize=None)
+def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether torch's grouped product runs on this device and dtype and gives per-group products
+    (checked once on a small case with an empty group; torch has it for bf16 on recent GPUs)."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(24, 64, generator=gen).to(device, dtype)
+        w = torch.randn(3, 32, 64, generator=gen).to(device, dtype)
+        y = torch._grouped_mm(x, w.transpose(-2, -1), offs=torch.tensor([8, 8, 24], dtype=torch.int32, device=device))
+        ref = torch.cat([F.linear(x[:8], w[0]), F.linear(x[8:], w[2])])
+        return bool(torch.allclose(y.float(), ref.float(), rtol=2e-2, atol=2e-1))
+    except (RuntimeError, NotImplementedError, TypeError):
+        return False
+
+
+def grouped_on_device(fmt: "ExpertFormat", device: torch.device, num_tokens: int) -> bool:
+    """Whether a layer's experts for `num_tokens` rows run as grouped products (`grouped_swiglu`):
+    plain float SwiGLU experts, more rows than the GEMV kernel takes, sizes the grouped product
+    aligns, and grouped products on for the device (`GROUPED`) and working there. Every runner asks
+    this with the layer's whole token count, so resident, copied and slot experts agree."""
+    return (GROUPED.get(device.type, False) and not fmt.quantized and fmt.plain and num_tokens > GEMV_MAX_ROWS
+            and grouped_mm_works(device, fmt.dtype))
+
+
+def grouped_swiglu(x: torch.Tensor, offs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """Rows x [M, D] sorted by group through a stack of SwiGLU experts (gate_up [G, 2I, D], down
+    [G, D, I]): offs [G] int32, the end of each group's rows (a group may be empty). One product pair
+    for every group. A group's rows come out the same bit for bit whatever other groups share the
+    call and wherever its expert sits in the stack (checked on an H200 at 16, 256 and 1024 tokens,
+    `scripts/prefill_probe.py`), so the all-resident runner (the layer's experts) and the offloaded
+    one (its slots) agree; the values differ from a product pair per expert within rounding."""
+    gate, up = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
+    return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+
+
+def grouped_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked: List[torch.Tensor]) -> torch.Tensor:
+    """The weighted sum of every token's routed experts through grouped products, routed on the
+    device (no host sync): h [N, D], ids and weights [N, K], stacked float gate_up [E, 2I, D] and down
+    [E, D, I]. The picks are sorted by expert (by token and column within one, as
+    `daop.model.moe.group_by_expert` lists them), scaled as `combine` does and added per token in
+    ascending expert order, as `weighted_sum` adds the same outputs."""
+    N, K = ids.shape
+    flat = ids.reshape(-1)
+    order = flat.argsort(stable=True)
+    experts = torch.arange(stacked[0].shape[0], device=h.device, dtype=flat.dtype)
+    offs = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)
+    tokens = order // K
+    parts = combine(grouped_swiglu(h[tokens], offs, stacked[0], stacked[1]), weights.reshape(-1)[order])
+    picks = parts[tokens.argsort(stable=True)].view(N, K, -1)
+    out = picks[:, 0]
+    for k in range(1, K):
+        out = out + picks[:, k]
+    return out
 
 
 def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked: List[torch.Tensor]) -> torch.Tensor:

@@ -19,7 +19,7 @@ from daop.executors.cpu import CpuExecutor, QueuedFuture
 from daop.executors.transfer import Transfer
 from daop.model.moe import expert_inputs, group_by_expert, token_rows, weighted_sum
 from daop.placement.policies import LayerPlan, Policy
-from daop.quant import expert_forward, expert_rows
+from daop.quant import expert_forward, expert_rows, grouped_on_device, grouped_swiglu
 from daop.runtime.stats import Counters
 from daop.runtime.timeline import Timeline
 from daop.weights.expert_store import ExpertStore
@@ -188,13 +188,17 @@ class OffloadedExperts:
         gpu_items = ([(e, slot, self.landing.pop(slot, None)) for e, slot in plan.gpu]
                      + [(e, s, ev) for e, (s, ev) in ready.items()])
         copy_items = [(e, slot, first_use.get(i)) for i, (e, slot) in enumerate(plan.copy)]
-        xs = expert_inputs(h, rows, [e for e, _, _ in gpu_items + copy_items] + [e for e, _, _ in plan.split])
-        for n, (e, slot, event) in enumerate(gpu_items + copy_items):
-            if n >= len(gpu_items) and event is None:
-                event = self.copy(layer_idx, e, slot)
-            self.transfer.wait(event)
-            ys[e] = expert_forward(xs[e], self.store.slot_weights(slot), self.store.fmt.glu)
-            self.transfer.release_slot(slot)
+        if grouped_on_device(self.store.fmt, h.device, h.shape[0]):
+            ys.update(self.grouped(layer_idx, h, rows, gpu_items + copy_items, len(gpu_items)))
+            xs = expert_inputs(h, rows, [e for e, _, _ in plan.split])
+        else:
+            xs = expert_inputs(h, rows, [e for e, _, _ in gpu_items + copy_items] + [e for e, _, _ in plan.split])
+            for n, (e, slot, event) in enumerate(gpu_items + copy_items):
+                if n >= len(gpu_items) and event is None:
+                    event = self.copy(layer_idx, e, slot)
+                self.transfer.wait(event)
+                ys[e] = expert_forward(xs[e], self.store.slot_weights(slot), self.store.fmt.glu)
+                self.transfer.release_slot(slot)
         tails: dict[int, torch.Tensor] = {}
         for e, slot, k in plan.split:
             self.transfer.wait(halves.get(e))
@@ -218,6 +222,40 @@ class OffloadedExperts:
         out = weighted_sum(h, ys, weights, rows_host, rows)
         self.mark(layer_idx, "exit")
         return out
+
+    def grouped(self, layer_idx: int, h: torch.Tensor, rows: dict, items: list, copied_from: int) -> dict[int, torch.Tensor]:
+        """Outputs of the experts in slots (items: (expert, slot, copy event or None); those from
+        `copied_from` on are copies, None where the slot is read earlier in the plan) through grouped
+        products over the slot stack (`grouped_swiglu`), as the all-resident runner runs a layer's
+        experts: in waves, one product pair each, a wave ending where a copy must wait for a read
+        of its slot queued in it."""
+        ys: dict[int, torch.Tensor] = {}
+        wave: list[tuple[int, int]] = []
+
+        def launch() -> None:
+            if not wave:
+                return
+            wave.sort(key=lambda item: item[1])
+            counts = [0] * self.store.num_slots
+            for e, slot in wave:
+                counts[slot] = len(rows[e][0])
+            ends = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(h.device, non_blocking=True)
+            x = h[torch.cat([rows[e][0] for e, _ in wave])]
+            y = grouped_swiglu(x, ends, self.store.slots[0], self.store.slots[1])
+            for (e, slot), part in zip(wave, y.split([counts[slot] for _, slot in wave])):
+                ys[e] = part
+                self.transfer.release_slot(slot)
+            wave.clear()
+
+        for n, (e, slot, event) in enumerate(items):
+            if n >= copied_from and event is None:
+                if any(s == slot for _, s in wave):
+                    launch()  # the read of this slot goes first; the copy waits for it (release_slot)
+                event = self.copy(layer_idx, e, slot)
+            self.transfer.wait(event)
+            wave.append((e, slot))
+        launch()
+        return ys
 
     def waits_on_device(self, job: Future) -> bool:
         """Whether the GPU can wait for this CPU job itself: queued on the C kernel's thread, with

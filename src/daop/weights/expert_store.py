@@ -15,7 +15,8 @@ import torch
 
 from daop.config import ModelConfig
 from daop.model.moe import split_gate_up
-from daop.quant import ExpertFormat, copy_into_slot, routed_experts, routes_on_device, slot_shapes
+from daop.quant import (ExpertFormat, copy_into_slot, grouped_experts, grouped_on_device, routed_experts, routes_on_device,
+                        slot_shapes)
 from daop.weights.expert_views import ScratchBuffers, staged_views, stored_views
 
 
@@ -176,8 +177,9 @@ class ResidentExperts:
         return stored_views(self.fmt, self.weights_of(layer_idx, expert_idx), self.stored_scratch, self.hidden, self.inter)
 
     def capturable(self, batch: int) -> bool:
-        """Whether a decode step of `batch` rows routes its experts on the device (no host sync)."""
-        return routes_on_device(self.fmt, self.device, batch)
+        """Whether a decode step of `batch` rows routes its experts on the device (no host sync):
+        the GEMV kernel's few rows, or grouped products for more."""
+        return routes_on_device(self.fmt, self.device, batch) or grouped_on_device(self.fmt, self.device, batch)
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         from daop.model.moe import expert_inputs, group_by_expert, token_rows, weighted_sum
@@ -185,7 +187,9 @@ class ResidentExperts:
 
         if routes_on_device(self.fmt, self.device, h.shape[0]):
             return routed_experts(h, ids, weights, self.tensors[layer_idx])
-        rows_host = group_by_expert(ids.cpu())  # prefill: one sync per layer, grouping on the host
+        if grouped_on_device(self.fmt, self.device, h.shape[0]):  # prefill on CUDA: no host sync either
+            return grouped_experts(h, ids, weights, self.tensors[layer_idx])
+        rows_host = group_by_expert(ids.cpu())  # one sync per layer, grouping on the host
         rows = token_rows(h, rows_host)
         xs = expert_inputs(h, rows, rows_host)
         ys = {e: expert_forward(xs[e], self.weights_of(layer_idx, e), self.fmt.glu) for e in rows_host}
