@@ -45,6 +45,23 @@ def test_rms_norm_equals_the_reference(dtype, shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 4096), (3, 5, 64), (7, 96)])
+def test_add_rms_norm_gives_the_residual_sum_and_its_norm(dtype, shape):
+    gen = torch.Generator().manual_seed(2)
+    x = (torch.randn(shape, generator=gen) * 3).to(dtype).to(DEVICE)
+    delta = torch.randn(shape, generator=gen).to(dtype).to(DEVICE)
+    w = (1 + 0.1 * torch.randn(shape[-1], generator=gen)).to(dtype).to(DEVICE)
+    total, normed = fused.add_rms_norm(x, delta, w, 1e-5)
+    if CUDA or dtype == torch.float32:  # one rounding of an exact float32 sum: torch's own
+        assert torch.equal(total, x + delta)
+    else:  # the interpreter rounds to bf16 its own way
+        close(total, x + delta, dtype)
+    assert normed.shape == x.shape and normed.dtype == dtype
+    close(normed, w * F.rms_norm((x + delta).float(), (shape[-1],), eps=1e-5).to(dtype), dtype)
+    assert torch.equal(normed, fused.rms_norm(total, w, 1e-5))  # the same kernel's norm as alone
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B,T,heads,d", [(1, 1, 40, 128), (2, 3, 6, 64), (1, 4, 1, 16)])
 def test_rotary_equals_the_reference_on_a_strided_view(dtype, B, T, heads, d):
     """x is a view of a wider product (as q and k are of the fused qkv product)."""

@@ -223,10 +223,10 @@ def test_out_of_memory_in_a_batch_decode_step_is_raised_and_the_next_batch_succe
     want = [list(engine.generate_ids(p, params)) for p in prompts]
     inner = engine.decoder.attention_block
 
-    def two_rows_fail(layer, x, step):
+    def two_rows_fail(layer, x, step, delta=None):
         if layer.layer_idx == 1 and x.shape[0] > 1:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return inner(layer, x, step)
+        return inner(layer, x, step, delta)
 
     engine.decoder.attention_block = two_rows_fail
     with pytest.raises(OutOfMemory, match=r"out of .* memory during decode of a batch of 2 sequences"):

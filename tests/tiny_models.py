@@ -118,10 +118,10 @@ def fail_long_prefills(engine, limit: int, error=torch.OutOfMemoryError):
     allocator does for a prompt too long for the free memory (layer 0 has already written its KV cache)."""
     inner = engine.decoder.attention_block
 
-    def attention_block(layer, x, step):
+    def attention_block(layer, x, step, delta=None):
         if layer.layer_idx == 1 and x.shape[1] > limit:
             raise error("CUDA out of memory. Tried to allocate 20.00 GiB")
-        return inner(layer, x, step)
+        return inner(layer, x, step, delta)
 
     engine.decoder.attention_block = attention_block
 

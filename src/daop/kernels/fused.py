@@ -4,7 +4,7 @@ A captured all-GPU decode step of the Mixtral geometry spent about as much time 
 kernels per layer (and the gaps between them) as in reading the attention weights: an RMSNorm was
 four kernels (a float copy, the norm, a cast back, the weight's product), rotary embeddings four
 (two products, a roll, a sum), the router's softmax, top-k and normalisation six. Each function here
-does one of those in one kernel, with the reference's arithmetic (float32 where it computes in
+does one of those in one kernel (an RMSNorm also takes the residual sum before it), with the reference's arithmetic (float32 where it computes in
 float32, each bf16 product rounded where it rounds), so the results stay within rounding of the
 torch operations they replace, usually equal to them.
 
@@ -37,11 +37,17 @@ def enabled(x: torch.Tensor) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _rms_norm(x_ptr, w_ptr, y_ptr, D, eps, stride_x, stride_y, BLOCK_D: tl.constexpr):
+    def _rms_norm(x_ptr, d_ptr, w_ptr, s_ptr, y_ptr, D, eps, stride_x, stride_d, stride_s, stride_y,
+                  BLOCK_D: tl.constexpr, ADD: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         offs = tl.arange(0, BLOCK_D)
         mask = offs < D
-        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+        if ADD:  # the residual sum first, rounded to x's dtype and stored, as torch's add gives it
+            d = tl.load(d_ptr + row * stride_d + offs, mask=mask, other=0.0)
+            x = (x.to(tl.float32) + d.to(tl.float32)).to(s_ptr.dtype.element_ty)
+            tl.store(s_ptr + row * stride_s + offs, x, mask=mask)
+        x = x.to(tl.float32)
         rstd = 1.0 / tl.sqrt(tl.sum(x * x, axis=0) / D + eps)
         normed = (x * rstd).to(y_ptr.dtype.element_ty)  # the norm in float32, cast back, as the reference
         w = tl.load(w_ptr + offs, mask=mask, other=0.0)
@@ -96,13 +102,25 @@ if triton is not None:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """weight * rms_norm(x in float32).to(x's dtype) over the last dimension, in one kernel; x contiguous."""
+    return _norm(x, None, weight, eps)[1]
+
+
+def add_rms_norm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(s, rms_norm(s)) for the residual sum s = x + delta, in one kernel: s as torch's add rounds it,
+    the norm as `rms_norm`; x and delta contiguous, of one shape and dtype."""
+    return _norm(x, delta, weight, eps)
+
+
+def _norm(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     D = x.shape[-1]
     rows = x.reshape(-1, D)
     y = torch.empty_like(rows)
+    add = delta is not None
+    d, s = (delta.reshape(-1, D), torch.empty_like(rows)) if add else (rows, rows)
     block = triton.next_power_of_2(D)
-    _rms_norm[(rows.shape[0],)](rows, weight, y, D, eps, rows.stride(0), y.stride(0), BLOCK_D=block,
-                                num_warps=4 if block <= 2048 else 8)
-    return y.view(x.shape)
+    _rms_norm[(rows.shape[0],)](rows, d, weight, s, y, D, eps, rows.stride(0), d.stride(0), s.stride(0), y.stride(0),
+                                BLOCK_D=block, ADD=add, num_warps=4 if block <= 2048 else 8)
+    return s.view(x.shape), y.view(x.shape)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:

@@ -145,11 +145,14 @@ class Decoder:
         step = Step(cos[positions], sin[positions], decode_mask(pos, cache.max_len), pos, cache, windows)
         return F.embedding(input_ids, self.embed), step
 
-    def attention_block(self, layer: DecoderLayer, x: torch.Tensor, step: Step) -> tuple[torch.Tensor, torch.Tensor]:
-        """Residual stream after attention [B, T, D] and its post-attention norm (the MoE input)."""
+    def attention_block(self, layer: DecoderLayer, x: torch.Tensor, step: Step,
+                        delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Residual stream after attention [B, T, D] and its post-attention norm (the MoE input).
+        delta: the previous layer's FFN output, still to be added to x (with the input norm, and the
+        attention's residual with the post-attention norm: one kernel each on CUDA, `Norm.add`)."""
         mask = step.mask_for(self.config.layer_window(layer.layer_idx))
-        h = x + layer.attn(layer.input_norm(x), step.cos, step.sin, step.cache, layer.layer_idx, step.start, mask)
-        return h, layer.post_norm(h)
+        x, normed = layer.input_norm.add(x, delta) if delta is not None else (x, layer.input_norm(x))
+        return layer.post_norm.add(x, layer.attn(normed, step.cos, step.sin, step.cache, layer.layer_idx, step.start, mask))
 
     def ffn_block(self, layer: DecoderLayer, normed: torch.Tensor) -> torch.Tensor:
         """MoE (routed experts plus optional shared expert) or dense MLP output [B, T, D]."""
@@ -169,10 +172,19 @@ class Decoder:
         """Logits [..., V] in float32 from the last hidden states."""
         return F.linear(self.norm(x), self.lm_head, self.lm_head_bias).float()
 
+    def run_layers(self, layers: list[DecoderLayer], x: torch.Tensor, step: Step,
+                   delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Layers on the residual stream x plus delta (an FFN output not added yet, or None): returns
+        the stream and the last layer's FFN output, not added (the next norm adds it, `attention_block`)."""
+        for layer in layers:
+            x, normed = self.attention_block(layer, x, step, delta)
+            delta = self.ffn_block(layer, normed)
+        return x, delta
+
     def layers_and_head(self, x: torch.Tensor, step: Step, all_logits: bool = False) -> torch.Tensor:
-        for layer in self.layers:
-            h, normed = self.attention_block(layer, x, step)
-            x = h + self.ffn_block(layer, normed)
+        x, delta = self.run_layers(self.layers, x, step)
+        if delta is not None:
+            x = x + delta
         return self.head(x if all_logits else x[:, -1])
 
     @torch.inference_mode()

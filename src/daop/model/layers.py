@@ -30,6 +30,14 @@ class Norm:
             return fused.rms_norm(x, self.weight, self.eps)  # the same arithmetic in one kernel
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
+    def add(self, x: torch.Tensor, delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual sum s = x + delta and its norm: (s, self(s)), in one kernel where it can be."""
+        if (self.kind != "layer" and fused.enabled(x) and x.is_contiguous() and delta.is_contiguous()
+                and delta.shape == x.shape and delta.dtype == x.dtype == self.weight.dtype):
+            return fused.add_rms_norm(x, delta, self.weight, self.eps)
+        s = x + delta
+        return s, self(s)
+
     def tensors(self, prefix: str) -> dict[str, torch.Tensor]:
         out = {f"{prefix}.weight": self.weight}
         if self.bias is not None:

@@ -140,21 +140,20 @@ class PiecewiseStep:
     def piece(self, k: int) -> tuple[torch.Tensor, ...]:
         """Piece k's device work; returns (residual, MoE input [N, D], ids, weights), or (logits,) last."""
         d = self.decoder
+        delta = None  # an FFN output the next norm adds to the stream (as `Decoder.run_layers`)
         if k == 0:
             x, self.step = d.begin_decode(self.inputs.ids, self.inputs.pos, self.cache)
             first = 0
         else:
             prev = self.moe_layers[k - 1]
-            h, flat = self.outputs[k - 1][:2]
-            x = h + d.moe_output(d.layers[prev], flat, self.moe_out).view(h.shape)
+            x, flat = self.outputs[k - 1][:2]
+            delta = d.moe_output(d.layers[prev], flat, self.moe_out).view(x.shape)
             first = prev + 1
         last = self.moe_layers[k] if k < len(self.moe_layers) else len(d.layers)
-        for layer in d.layers[first:last]:
-            h, normed = d.attention_block(layer, x, self.step)
-            x = h + d.ffn_block(layer, normed)
+        x, delta = d.run_layers(d.layers[first:last], x, self.step, delta)
         if k == len(self.moe_layers):
-            return (d.head(x[:, -1]),)
-        h, normed = d.attention_block(d.layers[last], x, self.step)
+            return (d.head((x if delta is None else x + delta)[:, -1]),)
+        h, normed = d.attention_block(d.layers[last], x, self.step, delta)
         flat = normed.reshape(-1, normed.shape[-1])
         ids, weights = d.routing.route(last, flat)
         return h, flat, ids, weights
