@@ -33,16 +33,17 @@ def greedy(engine, n=12):
 
 @pytest.fixture(scope="module")
 def quantized(tiny_dir, tmp_path_factory):
-    """Factory: (family, kind, group) -> (float folder, quantized folder), written once per module."""
+    """Factory: (family, kind, group[, dtype]) -> (float folder, quantized folder), written once per
+    module (dtype: the folder's dense weights and scales, the checkpoint's by default)."""
     cache: dict = {}
 
-    def make(family, kind, group):
-        if (family, kind, group) not in cache:
+    def make(family, kind, group, dtype=None):
+        if (family, kind, group, dtype) not in cache:
             _, src = tiny_dir(family)
             out = tmp_path_factory.mktemp("quantized") / f"{family}-{kind}"
-            quantize_checkpoint(src, out, kind, group, progress=False, shard_bytes=SMALL_SHARDS)
-            cache[family, kind, group] = (src, out)
-        return cache[family, kind, group]
+            quantize_checkpoint(src, out, kind, group, dtype=dtype, progress=False, shard_bytes=SMALL_SHARDS)
+            cache[family, kind, group, dtype] = (src, out)
+        return cache[family, kind, group, dtype]
 
     return make
 
@@ -75,9 +76,9 @@ def test_quantized_folder_equals_quantizing_at_load(quantized, family, kind, gro
 def test_quantized_folder_on_cuda_equals_quantizing_at_load_there(quantized, kind, group, policy):
     """A folder read onto a GPU (int4 converted to the CUDA layout through a host buffer) gives the
     tokens and logits of the same model quantized at load onto that GPU."""
-    src, out = quantized("mixtral", kind, group)
+    dtype = "bf16" if kind == "int4" else "fp32"  # torch's CUDA int4 kernel takes bf16 activations and scales
+    src, out = quantized("mixtral", kind, group, dtype)
     options = {} if policy == "gpu" else {"policy": policy, "expert_ratio": 0.25}
-    dtype = "bf16" if kind == "int4" else "fp32"  # torch's CUDA int4 kernel takes bf16 activations
     at_load = Engine.from_pretrained(src, device="cuda", dtype=dtype, progress=False, expert_dtype=kind, group_size=group,
                                      **options)
     stored = Engine.from_pretrained(out, device="cuda", dtype=dtype, progress=False, **options)
