@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from daop import int4_layout
 from daop.errors import DaopError
 from daop.kernels import expert_gemv
-from daop.model.moe import combine, gated, swiglu
+from daop.model.moe import add_picks, combine, gated, swiglu
 
 EXPERT_DTYPES = ("auto", "int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -354,11 +354,7 @@ def grouped_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, s
     offs = torch.searchsorted(flat[order], experts, right=True).to(torch.int32)
     tokens = order // K
     parts = combine(grouped_swiglu(h[tokens], offs, stacked[0], stacked[1]), weights.reshape(-1)[order])
-    picks = parts[tokens.argsort(stable=True)].view(N, K, -1)
-    out = picks[:, 0]
-    for k in range(1, K):
-        out = out + picks[:, k]
-    return out
+    return add_picks(parts[tokens.argsort(stable=True)].view(N, K, -1))
 
 
 def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked: List[torch.Tensor]) -> torch.Tensor:
@@ -389,11 +385,7 @@ def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, st
     parts = expert_gemv.gemv(F.silu(gate) * up, down, down_s, idx=experts, row_weights=row_weights)
     if order is not None:
         parts = torch.empty_like(parts).index_copy_(0, order, parts)
-    parts = parts.view(N, K, -1)
-    out = parts[:, 0]
-    for k in range(1, K):
-        out = out + parts[:, k]
-    return out
+    return add_picks(parts.view(N, K, -1))
 
 
 # --- the format of a model's routed experts, and loading into it ---

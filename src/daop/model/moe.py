@@ -235,9 +235,13 @@ def weighted_sum(h: torch.Tensor, ys: dict[int, torch.Tensor], weights: torch.Te
         return out
     k_slot = torch.cat([rows[e][1] for e in order])
     parts = combine(torch.cat([ys[e] for e in order]), weights[token_idx, k_slot])
-    picks = parts[token_idx.argsort(stable=True)].view(N, K, -1)
+    return add_picks(parts[token_idx.argsort(stable=True)].view(N, K, -1))
+
+
+def add_picks(picks: torch.Tensor) -> torch.Tensor:
+    """Each token's K scaled pick outputs [N, K, D] added left to right: [N, D]."""
     out = picks[:, 0]
-    for k in range(1, K):
+    for k in range(1, picks.shape[1]):
         out = out + picks[:, k]
     return out
 
