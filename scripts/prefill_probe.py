@@ -93,8 +93,7 @@ def experts_probe(tokens: int, out: list) -> None:
         slot_offs = torch.tensor([0] * 5 + [len(rows)] * 7, device=dev, dtype=torch.int32)
         in_slots = grouped(rows, slot_offs, slots_gu, slots_dn)
         row.update({"alone_equals_grouped": bool(torch.equal(alone, y[lo:lo + len(rows)])),
-                    "in_slots_equals_grouped": bool(torch.equal(in_slots, y[lo:lo + len(rows)])),
-                    "mixed_slots_equal": None})
+                    "in_slots_equals_grouped": bool(torch.equal(in_slots, y[lo:lo + len(rows)]))})
         # all experts scattered over a 20-slot stack in another order, with empty slots between
         perm = [13, 2, 17, 7, 0, 11, 5, 19]
         big_gu = torch.zeros(20, 2 * I, D, device=dev, dtype=dt)

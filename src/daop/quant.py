@@ -323,8 +323,9 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 def grouped_on_device(fmt: "ExpertFormat", device: torch.device, num_tokens: int) -> bool:
     """Whether a layer's experts for `num_tokens` rows run as grouped products (`grouped_swiglu`):
-    plain float SwiGLU experts, more rows than the GEMV kernel takes, sizes the grouped product
-    aligns, and grouped products on for the device (`GROUPED`) and working there. Every runner asks
+    plain float SwiGLU experts, more rows than the GEMV kernel takes, and grouped products on for
+    the device (`GROUPED`) and working there (the expert sizes are not checked: torch's CUDA grouped
+    product needs rows of whole 16 bytes, which every supported checkpoint's sizes give). Every runner asks
     this with the layer's whole token count, so resident, copied and slot experts agree."""
     return (GROUPED.get(device.type, False) and not fmt.quantized and fmt.plain and num_tokens > GEMV_MAX_ROWS
             and grouped_mm_works(device, fmt.dtype))

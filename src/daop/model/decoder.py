@@ -181,11 +181,15 @@ class Decoder:
             delta = self.ffn_block(layer, normed)
         return x, delta
 
+    def head_of(self, x: torch.Tensor, delta: torch.Tensor | None, all_logits: bool = False) -> torch.Tensor:
+        """`head` of the stream x plus the last FFN output not added yet (delta, or None): every
+        position's logits, or the last position's."""
+        if not all_logits:
+            x, delta = x[:, -1], None if delta is None else delta[:, -1]
+        return self.head(x if delta is None else x + delta)
+
     def layers_and_head(self, x: torch.Tensor, step: Step, all_logits: bool = False) -> torch.Tensor:
-        x, delta = self.run_layers(self.layers, x, step)
-        if delta is not None:
-            x = x + delta
-        return self.head(x if all_logits else x[:, -1])
+        return self.head_of(*self.run_layers(self.layers, x, step), all_logits)
 
     @torch.inference_mode()
     def decode(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache) -> torch.Tensor:

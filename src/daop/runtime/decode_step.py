@@ -152,7 +152,7 @@ class PiecewiseStep:
         last = self.moe_layers[k] if k < len(self.moe_layers) else len(d.layers)
         x, delta = d.run_layers(d.layers[first:last], x, self.step, delta)
         if k == len(self.moe_layers):
-            return (d.head((x if delta is None else x + delta)[:, -1]),)
+            return (d.head_of(x, delta),)
         h, normed = d.attention_block(d.layers[last], x, self.step, delta)
         flat = normed.reshape(-1, normed.shape[-1])
         ids, weights = d.routing.route(last, flat)
