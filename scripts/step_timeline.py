@@ -13,16 +13,22 @@ driving thread's time per step split by what it waited on:
 - tail: cpu_collected -> exit (the weighted sum launched), and the dense layers between MoE layers.
 
     python3 scripts/step_timeline.py --policies static,daop-exact --ratios 0.5 [--hardware-profile P]
+    python3 scripts/step_timeline.py --trace benchmarks/traces/daop-moe-mini-heldout.npz   # recorded routing
+
+With --trace, each point replays the trace's first sequence (teacher forced, its recorded routing),
+as `daop bench --trace` does, instead of the synthetic routers on a fixed prompt.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 
 import torch
 
 from daop.bench.geometry import synthetic_model
+from daop.bench.trace import TraceRouting, load_traces
 from daop.generate import DecodeSession
 from daop.runtime.setup import RuntimeOptions, prepare_runtime
 from daop.runtime.timeline import Timeline
@@ -60,11 +66,15 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=4)
     ap.add_argument("--hardware-profile", default=None)
     ap.add_argument("--raw", type=int, default=3, help="steps given whole at the end of each row")
+    ap.add_argument("--trace", default=None, help="replay this routing trace's first sequence (.npz)")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16
     config, decoder, host = synthetic_model(args.geometry, args.layers, dev, dtype)
-    prompt = [(7 * j) % 1000 + 1 for j in range(256)]
+    trace = load_traces(args.trace)[0][0] if args.trace else None
+    prompt = trace.tokens[: trace.prompt_len] if trace else [(7 * j) % 1000 + 1 for j in range(256)]
+    if trace and len(trace.tokens) - trace.prompt_len < args.warmup + args.steps + 1:
+        raise SystemExit(f"--trace: {len(trace.tokens) - trace.prompt_len} decode tokens, fewer than --warmup + --steps + 1")
     layers = list(range(config.num_layers))
     for policy in args.policies.split(","):
         for ratio in (float(r) for r in args.ratios.split(",")):
@@ -72,14 +82,17 @@ def main() -> None:
                                                               hardware_profile=args.hardware_profile), host=host)
             decoder.experts = runner = runtime.start()
             tl = Timeline()
-            session = DecodeSession(decoder, prompt, args.steps + args.warmup + 4)
-            logits = session.prefill()
-            runner.timeline = tl
-            for _ in range(args.warmup + args.steps):
-                tl.begin_step()
-                logits = session.step(logits.argmax(-1).cpu())
-                tl.end_step()
-            row = {"policy": policy, "ratio": ratio, **tl.summary(skip=args.warmup),
+            with decoder.routed_by(TraceRouting(trace, decoder.model_routing, dev)) if trace else contextlib.nullcontext():
+                session = DecodeSession(decoder, prompt, args.steps + args.warmup + 4)
+                logits = session.prefill()
+                runner.timeline = tl
+                for i in range(args.warmup + args.steps):
+                    tl.begin_step()
+                    token = [trace.tokens[len(prompt) + i]] if trace else logits.argmax(-1).cpu()
+                    logits = session.step(token)
+                    logits.argmax(-1).cpu()
+                    tl.end_step()
+            row = {"policy": policy, "ratio": ratio, "routing": args.trace or "synthetic routers", **tl.summary(skip=args.warmup),
                    "driving_thread_ms": breakdown(tl, layers, args.warmup),
                    "last_steps": [tl.raw(s) for s in tl.steps[-args.raw:]]}
             print(json.dumps(row), flush=True)
