@@ -18,11 +18,11 @@ from collections import defaultdict
 import torch
 
 from daop.batching import Batcher, Sequence, drive
-from daop.bench.geometry import synthetic_model
+from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts
 from daop.engine import Engine
 from daop.generate import DecodeSession
 from daop.runtime.decode_step import capture_kind
-from daop.runtime.setup import RuntimeOptions, prepare_runtime
+from daop.runtime.setup import RuntimeOptions, prepare_runtime, resolve_expert_format
 from daop.sampling import SamplingParams
 
 
@@ -83,7 +83,10 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=None)
     args = ap.parse_args()
     dev, dtype = torch.device("cuda"), torch.bfloat16
-    _, decoder, host = synthetic_model(args.geometry, args.layers, dev, dtype)
+    config, spec = geometry_config(args.geometry, args.layers)
+    decoder = synthetic_decoder(config, spec, dev, dtype)
+    fmt = resolve_expert_format(config, dtype, dev, args.expert_dtype, args.group_size)
+    host = synthetic_host_experts(config, fmt, pin=True)  # stored in the asked format, as `daop bench` stores them
     out = {"kind": "step_profile", "geometry": args.geometry, "layers": args.layers, "batch": args.batch,
            "expert_dtype": args.expert_dtype or "auto"}
     prompts = [[(7 * i + j) % 1000 + 1 for j in range(256)] for i in range(args.batch)]
