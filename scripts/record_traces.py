@@ -8,6 +8,13 @@ transformers' (AutoModelForCausalLM; largest absolute difference must stay below
 and, with --heldout-tokens, the engine's held-out perplexity over non-overlapping windows of
 --ppl-seq-len tokens. Both go into the trace's provenance.
 
+--add-two-ahead IN feeds the tokens of a trace file recorded before two-ahead predictions were kept
+through the model again (teacher forced), checks that the routing comes out the same, and writes the
+trace with them to --output (provenance kept, the addition noted):
+
+    python scripts/record_traces.py --add-two-ahead benchmarks/traces/daop-moe-mini-heldout.npz \
+        --output benchmarks/traces/daop-moe-mini-heldout.npz
+
 --stats summarises saved traces (no model needed), per trace file:
   * next-layer prediction on decode steps: layer l+1's router applied to layer l's input
     (recorded with the trace) against layer l+1's true routing; top-1 match, precision of the
@@ -32,7 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from daop.bench.trace import load_traces, record, save_traces
+from daop.bench.trace import load_traces, record, rerecord, save_traces
 from daop.engine import Engine
 from daop.sampling import SamplingParams
 
@@ -141,7 +148,21 @@ def main() -> None:
     ap.add_argument("--ppl-seq-len", type=int, default=1024)
     ap.add_argument("--stats", nargs="+", type=Path, help="summarise these trace files instead of recording")
     ap.add_argument("--stats-out", type=Path, help="with --stats: write the summaries as JSON")
+    ap.add_argument("--add-two-ahead", type=Path, help="re-record this trace file's tokens, adding two-ahead predictions")
     args = ap.parse_args()
+    if args.add_two_ahead:
+        if not args.output:
+            ap.error("--add-two-ahead needs --output")
+        traces, provenance = load_traces(args.add_two_ahead)
+        engine = Engine.from_pretrained(args.model, device="cpu", dtype="fp32", progress=False)
+        again = [rerecord(engine, t) for t in traces]
+        for old, new in zip(traces, again):  # only the two-ahead predictions are new: keep the stored arrays
+            new.weights, new.pred_ids, new.pred_weights = old.weights, old.pred_ids, old.pred_weights
+        provenance["two_ahead_added"] = {"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "torch": torch.__version__,
+                                         "how": "the trace's tokens fed through the model again; its routing ids came out the same"}
+        save_traces(again, Path(args.output), provenance)
+        print(f"{len(again)} traces with two-ahead predictions -> {args.output}")
+        return
     if args.stats:
         result = {}
         for path in args.stats:

@@ -5,8 +5,8 @@ import pytest
 
 from daop.placement.policies import LayerPlan
 from daop.predict.split import SplitPlan, makespan_split
-from daop.runtime.scheduler import (Clock, Prepared, SettlePlan, SpeculationPlan, plan_decode_layer, plan_layer,
-                                    plan_prefill_layer, plan_settle, plan_speculation)
+from daop.runtime.scheduler import (Clock, Prepared, SettlePlan, SpeculationPlan, plan_decode_layer, plan_early_copies,
+                                    plan_layer, plan_prefill_layer, plan_settle, plan_speculation)
 
 
 @dataclass(frozen=True)
@@ -120,6 +120,29 @@ def test_decode_uses_prefetches_promised_cpu_work_and_matching_precalculations()
     assert plan.layer.cpu == (3,)  # promised to the CPU by the previous layer
     assert plan.layer.gpu == ((0, 1),)
     assert plan.layer.copy == ((5, 9),)  # slot 8 holds the prefetch in use; 9 is free again
+
+
+def test_decode_never_copies_into_slots_reserved_for_a_later_layer():
+    # slot 8 is being filled for layer l+1 (a copy started two layers ahead): l's misses use 9, then 10
+    plan = plan_decode_layer({5: 1, 6: 1}, {}, {}, [8, 9, 10], None, split_with(COPY_WINS), reserved={8})
+    assert plan.layer.copy == ((5, 9), (6, 10))
+    strict = plan_decode_layer({5: 1}, {}, {}, [8, 9], Prepared(prefetched={7: 9}), split_with(COPY_WINS),
+                               cpu_experts=False, reserved={8})
+    assert strict.layer.copy == ((5, 9),)  # the prefetched slot once read, never the reserved one
+
+
+def test_two_ahead_copies_are_made_where_they_land_before_the_cpu_would_be_through():
+    cost = Costs(cpu=3.0, copy=6.0)
+    # layer l+2 starts in 5 ms: a copy started now lands 1 ms into it, the CPU would take 3 ms there
+    early = plan_early_copies({1: 1, 2: 1, 0: 1}, {0}, [8, 9], Clock(lead=5.0), cost)
+    assert early.copies == ((1, 8),) and early.lands == (6.0,)
+    # the second copy would land 7 ms into l+2, later than the CPU's 3 + 3: it stays with layer l+1's plan
+    assert early.cpu_assigned == () and early.precalc == ()  # nothing promised to the CPU
+    # with a long lead both land in time; with no free slot nothing is copied
+    assert plan_early_copies({1: 1, 2: 1}, set(), [8, 9], Clock(lead=20.0), cost).copies == ((1, 8), (2, 9))
+    assert plan_early_copies({1: 1}, set(), [], Clock(lead=20.0), cost) == SpeculationPlan()
+    # the copy stream's backlog counts: 10 ms of queued copies make even the first one late
+    assert plan_early_copies({1: 1}, set(), [8], Clock(copy_free=10.0, lead=5.0), cost).copies == ()
 
 
 def test_decode_discards_precalculations_for_other_rows_or_experts():

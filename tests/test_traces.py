@@ -8,7 +8,7 @@ import torch
 
 from daop.bench.geometry import GEOMETRIES, geometry_config, synthetic_decoder, synthetic_host_experts
 from daop.bench.sweep import replay
-from daop.bench.trace import TraceRouting, load_traces, record, save_traces
+from daop.bench.trace import TraceRouting, load_traces, record, rerecord, save_traces
 from daop.engine import Engine, GenerationStats
 from daop.errors import DaopError
 from daop.model.routing import ModelRouting
@@ -89,6 +89,31 @@ def test_recorded_trace_shapes_and_roundtrip(recorded):
     np.testing.assert_array_equal(loaded.pred_ids, trace.pred_ids)
     assert loaded.tokens == trace.tokens
     np.testing.assert_allclose(loaded.weights, trace.weights, atol=1e-3)  # stored as float16
+
+
+def test_two_ahead_predictions_are_recorded_kept_and_replayed(recorded, tiny_dir):
+    trace, loaded, _ = recorded
+    assert (trace.pred2_ids[:2] == -1).all() and (trace.pred2_ids[2:] >= 0).all()  # layers 0, 1 have none
+    np.testing.assert_array_equal(loaded.pred2_ids, trace.pred2_ids)
+    # a trace recorded before they were kept gains them by feeding its tokens through the model again
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False)
+    again = rerecord(engine, replace(loaded, pred2_ids=None))
+    np.testing.assert_array_equal(again.pred2_ids, trace.pred2_ids)
+    np.testing.assert_array_equal(again.ids, trace.ids)
+    # ...and only from the model that recorded it
+    other = replace(loaded, ids=(loaded.ids + 1) % 8)
+    with pytest.raises(DaopError, match="re-recorded routing differs from the trace at layer 0, position 0"):
+        rerecord(engine, other)
+    # replay predicts two ahead from the trace, or not at all where it has no such predictions
+    geo = geometry_engine("tiny-mixtral", layers=3)
+    routing = TraceRouting(trace, geo.decoder.model_routing, torch.device("cpu"))
+    routing.begin(0, 4)
+    h = torch.zeros(4, geo.config.hidden_size)
+    np.testing.assert_array_equal(routing.predict_ahead(2, h).numpy(), trace.pred2_ids[2, :4])
+    old = TraceRouting(replace(trace, pred2_ids=None), geo.decoder.model_routing, torch.device("cpu"))
+    old.begin(0, 4)
+    assert old.predict_ahead(2, h) is None
 
 
 def test_replay_on_a_geometry_routes_exactly_as_recorded(recorded):

@@ -158,6 +158,10 @@ class RoutingRecorder:
     def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.inner.predict(layer_idx, h)
 
+    def predict_ahead(self, layer_idx: int, h: torch.Tensor) -> torch.Tensor | None:
+        ahead = getattr(self.inner, "predict_ahead", None)
+        return ahead(layer_idx, h) if ahead else None
+
     def score_prediction(self, layer_idx: int, ids: torch.Tensor) -> None:
         """Score what layers l-1 and l-2 predicted for this layer against its routing ids [N, K]."""
         n, k = ids.shape

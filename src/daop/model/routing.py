@@ -2,7 +2,7 @@
 
 The decoder asks its `Routing` for every MoE layer's experts; offloading runners that look ahead
 ask the same object for the next layer's prediction (layer l+1's router on layer l's normed
-input, paper section 2.4). Benchmarks replay a trained model's routing and observers (routing
+input, paper section 2.4), and for the one after it (layer l+2's router on the same input). Benchmarks replay a trained model's routing and observers (routing
 statistics, trace recording) wrap the model's routing; none of them is a field the model checks
 in its hot path. Shapes: N tokens, D hidden, E experts, K top-k.
 """
@@ -29,6 +29,12 @@ class Routing(Protocol):
     def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Router logits [N, E], ids [N, K] and weights [N, K] predicted for layer_idx from the
         previous layer's normed input h [N, D]."""
+        ...
+
+    def predict_ahead(self, layer_idx: int, h: torch.Tensor) -> torch.Tensor | None:
+        """Expert ids [N, K] predicted for layer_idx from the normed input h [N, D] of the MoE layer
+        two before it (copies get two layers of lead), or None where this source has no such
+        prediction (a trace recorded without it). Optional: runners treat a source without it as None."""
         ...
 
 
@@ -60,3 +66,6 @@ class ModelRouting:
     def predict(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = self.logits(layer_idx, h)
         return (logits, *select_experts(self.config, logits, self.biases.get(layer_idx)))
+
+    def predict_ahead(self, layer_idx: int, h: torch.Tensor) -> torch.Tensor:
+        return self.predict(layer_idx, h)[1]  # the same router, on an earlier layer's input

@@ -8,6 +8,7 @@ predicts l+1's experts (2.4); what is done with the prediction depends on the sw
   stale_input (A2)        pre-calculate predicted host experts on the CPU from layer l's input
   substitution (A3)       cap host experts per token, replacing the rest by resident ones (2.5)
   speculative_copies      copy predicted host experts into scratch slots ahead of need (exact)
+  two_ahead_copies        also copy layer l+2's predicted misses from layer l (two layers of lead)
   cpu_experts             off: no expert ever runs on the CPU, every miss is copied (strict)
 All switches off except speculative copies is `daop-exact`: the all-GPU path's routing, with
 outputs equal to it up to CPU-vs-GPU rounding of CPU-computed experts (bitwise on a CPU-only
@@ -44,6 +45,10 @@ class DaopConfig:
     # host the copy and the CPU share host memory bandwidth, and the split made decode slower
     # (README, "Split experts"); DAOP_SPLIT_EXPERTS=1 turns it on for every preset that can split
     split_experts: bool = False
+    # layer l also copies layer l+2's predicted misses (l+2's router on l's input) where the copy lands
+    # before the CPU would be through with them; needs speculative copies on the true input and CPU
+    # experts. DAOP_TWO_AHEAD=0 turns it off
+    two_ahead_copies: bool = True
 
     @property
     def exact(self) -> bool:

@@ -4,7 +4,11 @@ At decode layer l: layer l+1's router on layer l's input predicts l+1's experts.
 GPU work starts, the predicted host experts of l+1 are either copied into scratch slots
 (speculative copies, exact) or computed on the CPU from layer l's input (stale input, A2). At
 layer l+1 the routing is the true router's (exact) or the prediction (A1), optionally with host
-experts capped per token (A3); work that turns out not to be needed is discarded.
+experts capped per token (A3); work that turns out not to be needed is discarded. With speculative
+copies on the true input, layer l also copies layer l+2's predicted host experts (layer l+2's router
+on layer l's input) where a copy started now lands before the CPU would be through with them: a copy
+takes longer than a layer, so one started a layer ahead often lands late. Layer l+1 then plans
+l+2's other predicted misses as before.
 Prefill is exact: per-sequence swaps, then a cost-model split of the misses (2.2, 2.3). The swaps
 only say which placement the sequence wants: each layer first computes the experts its slots hold
 (what the previous sequence left there; a new sequence restores nothing up front), then settles its
@@ -29,8 +33,8 @@ from daop.model.routing import Routing
 from daop.placement.daop import Daop
 from daop.predict.degrade import degrade
 from daop.runtime.offload import OffloadedExperts
-from daop.runtime.scheduler import (Clock, DecodeLayerPlan, Prepared, SplitRows, plan_decode_layer, plan_prefill_layer, plan_settle,
-                                    plan_speculation)
+from daop.runtime.scheduler import (Clock, DecodeLayerPlan, Prepared, SplitRows, plan_decode_layer, plan_early_copies,
+                                    plan_prefill_layer, plan_settle, plan_speculation)
 
 
 GAP_MS = 0.5  # the gap from a layer's finish to the next layer's plan, before any is measured (ms)
@@ -47,6 +51,16 @@ class Pending:
     prepared: Prepared
     copy_events: dict[int, Any] = field(default_factory=dict)  # expert -> copy completion event
     precalc: Future | None = None  # expert -> y computed on layer l's input
+    cpu_ms: float = 0.0  # the CPU work promised to l+1, by the cost model
+    early: frozenset[int] = frozenset()  # prefetched experts whose copies layer l-1 started (two ahead)
+
+
+@dataclass
+class Early:
+    """Copies layer l started for layer l+2's predicted misses (two layers ahead)."""
+
+    slots: dict[int, int] = field(default_factory=dict)  # expert -> scratch slot being filled
+    events: dict[int, Any] = field(default_factory=dict)  # expert -> copy completion event
 
 
 @dataclass
@@ -68,6 +82,7 @@ class DaopRunner(OffloadedExperts):
         self.first_moe = layers[0] if layers else 0
         self.phase = "prefill"
         self.pending: dict[int, Pending] = {}
+        self.early: dict[int, Early] = {}  # layer -> copies started two layers before it
         # The decode timeline: when the current layer should finish (perf_counter s, estimated when it
         # is planned), the measured gap from one layer's estimated finish to the next layer's plan
         # (ms, a moving average), and when each prefetched copy should land.
@@ -91,6 +106,7 @@ class DaopRunner(OffloadedExperts):
     def forget_pending(self) -> None:
         """Drop what was started for later layers and the timeline estimates that go with it."""
         self.pending.clear()
+        self.early.clear()
         self.lands.clear()
         self.finish_at = None
 
@@ -193,14 +209,18 @@ class DaopRunner(OffloadedExperts):
         cfg = self.policy.config
         self.mark(layer_idx, "enter")
         pend = self.pending.pop(layer_idx, None)
+        self.early.pop(layer_idx, None)  # copies for this layer that the layer before did not take over
         true_ids = ids
         if pend is not None and cfg.predicted_routing:
             ids, weights = pend.ids, pend.weights.to(weights.dtype)
         pred = self.predict(layer_idx, h)
-        # one device->host copy for this layer's routing, the true routing and the next prediction
-        parts = [ids] + ([true_ids] if ids is not true_ids else []) + ([pred.raw_ids, pred.ids] if pred else [])
+        ahead = self.predict_ahead(pred, h)
+        # one device->host copy for this layer's routing, the true routing and the predictions
+        parts = ([ids] + ([true_ids] if ids is not true_ids else []) + ([pred.raw_ids, pred.ids] if pred else [])
+                 + ([ahead[1]] if ahead else []))
         host = self.transfer.read_on_host(torch.cat([p.long() for p in parts], dim=1)).split(ids.shape[1], dim=1)
         ids_host, true_host = host[0], host[1] if ids is not true_ids else host[0]
+        pred_host = host[len(host) - 2 - bool(ahead):len(host) - bool(ahead)] if pred else ()
         self.mark(layer_idx, "routed")
         rows_host = group_by_expert(ids_host)
         counts = {e: len(r[0]) for e, r in rows_host.items()}
@@ -210,8 +230,9 @@ class DaopRunner(OffloadedExperts):
         if self.finish_at is not None and layer_idx != self.first_moe:
             self.gap_ms += GAP_WEIGHT * (max(0.0, (now - self.finish_at) * 1000) - self.gap_ms)
         cpu_free, copy_free = self.channel_clock(now)
+        reserved = {s for early in self.early.values() for s in early.slots.values()}
         plan = plan_decode_layer(counts, rows, self.wanted_slots(layer_idx), self.policy.scratch(), prepared,
-                                 self.policy.split, cfg.cpu_experts, Clock(cpu_free, copy_free))
+                                 self.policy.split, cfg.cpu_experts, Clock(cpu_free, copy_free), reserved)
         self.finish_at = self.estimate_finish(layer_idx, now, Clock(cpu_free, copy_free), counts, plan)
         ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
         halves = {e: pend.copy_events[e] for e, _, _ in plan.layer.split} if pend else {}
@@ -220,6 +241,8 @@ class DaopRunner(OffloadedExperts):
 
         def speculate() -> None:  # once this layer's CPU work and copies are queued
             self.counters.add("precalc_used", layer_idx, len(plan.precalc_used))
+            if pend is not None and pend.early:
+                self.counters.add("two_ahead_used", layer_idx, sum(e in pend.early for e, _ in plan.ready))
             self.counters.add("precalc_wasted", layer_idx, plan.precalc_wasted)
             if pend is not None:
                 self.score_prediction(layer_idx, pend.raw_host, true_host)
@@ -227,7 +250,10 @@ class DaopRunner(OffloadedExperts):
                 at = time.perf_counter()
                 cpu_free, copy_free = self.channel_clock(at)
                 clock = Clock(cpu_free, copy_free, max(0.0, (self.finish_at - at) * 1000) + self.gap_ms)
-                self.pending[pred.layer_idx] = self.prepare(pred, h, host[-2], host[-1], taken, clock, at)
+                nxt = self.pending[pred.layer_idx] = self.prepare(pred, h, *pred_host, taken, clock, at)
+                if ahead is not None:
+                    self.copy_early(ahead[0], host[-1], taken | set(nxt.prepared.prefetched.values())
+                                    | {s for s, _ in nxt.prepared.split.values()}, clock, pred.layer_idx, nxt, at)
 
         return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate, halves=halves)
 
@@ -247,18 +273,23 @@ class DaopRunner(OffloadedExperts):
     def prepare(self, pred: Prediction, h: torch.Tensor, raw_host: torch.Tensor, ids_host: torch.Tensor,
                 taken: set[int], clock: Clock, at: float) -> Pending:
         """Start the next layer's predicted host experts early, as plan_speculation says (on the
-        clock read at perf_counter time `at`)."""
+        clock read at perf_counter time `at`); the copies the layer before started for it count as
+        prefetched, their slots as taken."""
         cfg, nxt = self.policy.config, pred.layer_idx
         predicted = group_by_expert(ids_host)
-        free = [s for s in self.policy.scratch() if s not in taken]
-        spec = plan_speculation({e: len(r[0]) for e, r in predicted.items()}, set(self.policy.placement.resident_experts(nxt)),
-                                free, clock, self.policy.ctx.cost, stale_input=cfg.stale_input,
+        early = self.early.pop(nxt, None) or Early()
+        free = [s for s in self.policy.scratch() if s not in taken and s not in early.slots.values()]
+        cost = self.policy.ctx.cost
+        spec = plan_speculation({e: len(r[0]) for e, r in predicted.items()},
+                                set(self.policy.placement.resident_experts(nxt)) | set(early.slots),
+                                free, clock, cost, stale_input=cfg.stale_input,
                                 speculative_copies=cfg.speculative_copies, balance_channels=cfg.balance_channels,
                                 cpu_experts=cfg.cpu_experts, rows=self.split_rows)
-        prepared = Prepared(prefetched=dict(spec.copies), cpu_assigned=frozenset(spec.cpu_assigned),
+        prepared = Prepared(prefetched={**early.slots, **dict(spec.copies)}, cpu_assigned=frozenset(spec.cpu_assigned),
                             precalc_rows={e: tuple(predicted[e][0].tolist()) for e in spec.precalc},
                             split={e: (slot, k) for e, slot, k in spec.split})
-        pend = Pending(pred.ids, pred.weights, raw_host, prepared)
+        pend = Pending(pred.ids, pred.weights, raw_host, prepared, dict(early.events),
+                       cpu_ms=sum(cost.cpu_ms(len(predicted[e][0])) for e in spec.cpu_assigned), early=frozenset(early.slots))
         if spec.precalc:
             pend.precalc = self.cpu_job(nxt, h, predicted, spec.precalc, ahead=True)
         for (e, slot), land in zip(spec.copies, spec.lands):
@@ -272,6 +303,42 @@ class DaopRunner(OffloadedExperts):
             self.counters.add("speculative_splits", nxt, 1)
             self.counters.add("copied_bytes", nxt, self.store.expert_bytes * (self.store.inter - k) / self.store.inter)
         return pend
+
+    def predict_ahead(self, pred: Prediction | None, h: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+        """(layer l+2, its experts [N, K] predicted from layer l's input) where this layer copies two
+        ahead: speculative copies on the true input with CPU experts (`two_ahead_copies`), a layer
+        after the predicted one, and a routing source that predicts that far."""
+        cfg = self.policy.config
+        if pred is None or not two_ahead(cfg) or not self.policy.scratch():
+            return None
+        nxt2 = self.next_moe.get(pred.layer_idx)
+        source = getattr(self.routing(), "predict_ahead", None)
+        ids = source(nxt2, h) if nxt2 is not None and source is not None else None
+        return (nxt2, ids) if ids is not None else None
+
+    def copy_early(self, nxt2: int, ids_host: torch.Tensor, busy: set[int], clock: Clock, nxt_layer: int, nxt: Pending,
+                   at: float) -> None:
+        """Copy layer nxt2's (l+2's) predicted host experts into scratch slots no earlier layer needs
+        (`busy`: this layer's and l+1's), where they land before the CPU would be through with them
+        at l+2 (`plan_early_copies`, l+2 starting after l+1's promised CPU work and copies)."""
+        free = [s for s in self.policy.scratch() if s not in busy]
+        if not free:
+            return
+        predicted = group_by_expert(ids_host)
+        lands = [(self.lands[(nxt_layer, e)] - at) * 1000 for e in nxt.prepared.prefetched if (nxt_layer, e) in self.lands]
+        lead = max(clock.lead + nxt.cpu_ms, *lands, 0.0) + self.gap_ms
+        cpu_free, copy_free = self.channel_clock(time.perf_counter())
+        spec = plan_early_copies({e: len(r[0]) for e, r in predicted.items()}, set(self.policy.placement.resident_experts(nxt2)),
+                                 free, Clock(cpu_free, copy_free, lead), self.policy.ctx.cost)
+        early = Early()
+        for (e, slot), land in zip(spec.copies, spec.lands):
+            early.slots[e], early.events[e] = slot, self.copy(nxt2, e, slot, "ahead2")
+            self.lands[(nxt2, e)] = at + land / 1000
+            self.counters.add("speculative_copies", nxt2, 1)
+            self.counters.add("two_ahead_copies", nxt2, 1)
+            self.counters.add("copied_bytes", nxt2, self.store.expert_bytes)
+        if early.slots:
+            self.early[nxt2] = early
 
     def score_prediction(self, layer_idx: int, predicted: torch.Tensor, true: torch.Tensor) -> None:
         """Predicted experts that the true router also chose, over the true choices."""
@@ -292,3 +359,11 @@ def split_rows(config, store, cuda: bool) -> SplitRows | None:
     if not able or env == "0" or not (config.split_experts or env == "1") or not (cuda or env == "1"):
         return None
     return SplitRows.for_inter(store.inter)
+
+
+def two_ahead(config) -> bool:
+    """Whether layer l copies l+2's predicted misses: the preset's `two_ahead_copies` with speculative
+    copies on the true input and CPU experts; DAOP_TWO_AHEAD=0 turns it off, =1 on for such presets."""
+    env = os.environ.get("DAOP_TWO_AHEAD", "")
+    able = config.speculative_copies and config.cpu_experts and not config.stale_input and not config.predicted_routing
+    return able and env != "0" and (config.two_ahead_copies or env == "1")

@@ -165,7 +165,7 @@ def plan_settle(wanted: Mapping[int, int], holds: Mapping[int, int], on_device: 
 
 def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, ...]], resident_slots: Mapping[int, int],
                       scratch: Sequence[int], prepared: Prepared | None, split: SplitRule,
-                      cpu_experts: bool = True, clock: Clock | None = None) -> DecodeLayerPlan:
+                      cpu_experts: bool = True, clock: Clock | None = None, reserved: Collection[int] = ()) -> DecodeLayerPlan:
     """Decode: use what the previous layer prepared where the routing asks for it, plan the rest.
 
     A prefetched expert is read from its scratch slot; a split expert is computed by the CPU (its
@@ -173,7 +173,7 @@ def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, .
     used only when the routing sends exactly the rows it was computed for; a miss promised to the
     CPU goes to the CPU; every other expert is planned by plan_layer over the scratch slots not
     holding prefetches (without CPU experts, over those too after them: a copy into a slot waits
-    for the slot's read).
+    for the slot's read). `reserved` scratch slots (copies started for a later layer) are never used.
     """
     prepared = prepared or Prepared()
     ready = {e: s for e, s in prepared.prefetched.items() if e in counts}
@@ -183,12 +183,23 @@ def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, .
     taken = set(ready) | set(used) | set(forced) | {e for e, _, _ in halves}
     todo = {e: n for e, n in counts.items() if e not in taken}
     held = set(ready.values()) | {s for _, s, _ in halves}
-    free = [s for s in scratch if s not in held]
+    free = [s for s in scratch if s not in held and s not in reserved]
     if not cpu_experts:  # every miss is copied: into a prefetched slot too, once its expert has been read
-        free += [s for s in scratch if s in held]
+        free += [s for s in scratch if s in held and s not in reserved]
     plan = plan_layer(todo, resident_slots, free, split, cpu_experts, clock)
     layer = LayerPlan(gpu=plan.gpu, cpu=forced + plan.cpu, copy=plan.copy, split=halves)
     return DecodeLayerPlan(layer, tuple(sorted(ready.items())), used, len(prepared.precalc_rows) - len(used))
+
+
+def plan_early_copies(predicted_counts: Mapping[int, int], resident: Collection[int], free_scratch: Sequence[int],
+                      clock: Clock, cost: ExpertCosts) -> SpeculationPlan:
+    """Copies layer l starts for layer l+2's predicted misses (predicted from layer l's input, two
+    layers of lead): the misses that `plan_speculation` would copy rather than leave to the CPU, on a
+    clock whose lead reaches l+2's start. Nothing is promised to the CPU: layer l+1 plans l+2's other
+    misses again from its own, closer, prediction. Copies only, with when each should land."""
+    spec = plan_speculation(predicted_counts, resident, free_scratch, clock, cost, stale_input=False,
+                            speculative_copies=True, balance_channels=True)
+    return SpeculationPlan(copies=spec.copies, lands=spec.lands)
 
 
 def plan_speculation(predicted_counts: Mapping[int, int], resident: Collection[int], free_scratch: Sequence[int],
