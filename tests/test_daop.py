@@ -44,20 +44,28 @@ def test_exact_presets_equal_gpu_on_trained_model(reference, policy, ratio):
     assert totals["predicted_total"] > 0
     assert totals["predicted_hits"] / totals["predicted_total"] > 0.8  # a trained model is predictable
     assert totals["degraded_tokens"] == 0 and totals["precalc_used"] == 0  # no approximation ran
-    if policy == "daop-exact":  # layer l copies l+2's predicted misses too, and most are used
-        assert totals["two_ahead_used"] > 0.5 * totals["two_ahead_copies"] > 0
-    else:  # strict: every miss is copied when its layer runs or one layer ahead
-        assert totals["two_ahead_copies"] == 0
+    assert totals["two_ahead_copies"] == 0  # off by default: every miss is copied one layer ahead at most
 
 
-def test_two_ahead_copies_off_gives_the_same_tokens(reference, monkeypatch):
-    monkeypatch.setenv("DAOP_TWO_AHEAD", "0")
-    engine = load(policy="daop-exact", expert_ratio=0.25)
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_two_ahead_copies_give_the_same_tokens(reference, monkeypatch, ratio):
+    """DAOP_TWO_AHEAD=1: layer l copies l+2's predicted misses too, most are used, the tokens are gpu's."""
+    monkeypatch.setenv("DAOP_TWO_AHEAD", "1")
+    engine = load(policy="daop-exact", expert_ratio=ratio)
     outputs = {prompt: run(engine, prompt) for prompt in PROMPTS}
     if DEVICE == "cpu":
         assert outputs == reference
     totals = engine.counters()
-    assert totals["two_ahead_copies"] == 0 and totals["speculative_copies"] > 0
+    assert totals["two_ahead_used"] > 0.5 * totals["two_ahead_copies"] > 0
+    assert totals["degraded_tokens"] == 0 and totals["precalc_used"] == 0
+
+
+def test_two_ahead_copies_are_refused_by_strict(monkeypatch):
+    """strict has no CPU experts: every miss is copied when its layer runs, so there is nothing to copy earlier."""
+    monkeypatch.setenv("DAOP_TWO_AHEAD", "1")
+    engine = load(policy="daop-strict", expert_ratio=0.25)
+    run(engine, PROMPTS[0], n=8)
+    assert engine.counters()["two_ahead_copies"] == 0
 
 
 def test_paper_preset_predicts_and_degrades(reference):

@@ -47,8 +47,10 @@ class DaopConfig:
     split_experts: bool = False
     # layer l also copies layer l+2's predicted misses (l+2's router on l's input) where the copy lands
     # before the CPU would be through with them; needs speculative copies on the true input and CPU
-    # experts. DAOP_TWO_AHEAD=0 turns it off
-    two_ahead_copies: bool = True
+    # experts. Off: on the H200 the copy queue is already busy most of the step, so two layers of lead
+    # only reorder the same copies, with a less precise prediction, and decode was 5 % slower
+    # (README, "Two-ahead copies"); DAOP_TWO_AHEAD=1 turns it on for every preset that can use it
+    two_ahead_copies: bool = False
 
     @property
     def exact(self) -> bool:
