@@ -53,12 +53,29 @@ def test_grouped_products_are_used_only_where_they_apply(monkeypatch):
     cpu = torch.device("cpu")
     fmt = quant.ExpertFormat("auto", torch.float32)
     monkeypatch.setitem(quant.GROUPED, "cpu", True)
-    assert quant.grouped_on_device(fmt, cpu, quant.GEMV_MAX_ROWS + 1)
-    assert not quant.grouped_on_device(fmt, cpu, quant.GEMV_MAX_ROWS)  # decode rows: the GEMV kernel's
-    assert not quant.grouped_on_device(quant.ExpertFormat("int8", torch.float32), cpu, 64)
-    assert not quant.grouped_on_device(quant.ExpertFormat("auto", torch.float32, glu=(1.7, 7.0)), cpu, 64)
+    assert quant.grouped_on_device(fmt, cpu, quant.GEMV_MAX_ROWS + 1, 64, 32)
+    assert not quant.grouped_on_device(fmt, cpu, quant.GEMV_MAX_ROWS, 64, 32)  # decode rows: the GEMV kernel's
+    assert not quant.grouped_on_device(quant.ExpertFormat("int8", torch.float32), cpu, 64, 64, 32)
+    assert not quant.grouped_on_device(quant.ExpertFormat("auto", torch.float32, glu=(1.7, 7.0)), cpu, 64, 64, 32)
     monkeypatch.setitem(quant.GROUPED, "cpu", False)
-    assert not quant.grouped_on_device(fmt, cpu, 64)
+    assert not quant.grouped_on_device(fmt, cpu, 64, 64, 32)
+
+
+def test_grouped_products_need_rows_of_whole_16_bytes_on_cuda(monkeypatch):
+    """torch's CUDA grouped product refuses rows that are not whole 16 bytes: such sizes keep a product
+    pair per expert (decided before the one-time device check, so this runs without a GPU)."""
+    cuda = torch.device("cuda")
+    assert quant.grouped_sizes_ok(cuda, torch.bfloat16, 4096, 14336)
+    assert not quant.grouped_sizes_ok(cuda, torch.bfloat16, 100, 14336)  # 200-byte rows
+    assert not quant.grouped_sizes_ok(cuda, torch.bfloat16, 4096, 1404)
+    assert quant.grouped_sizes_ok(cuda, torch.float32, 100, 36)  # 400 and 144 bytes
+    assert quant.grouped_sizes_ok(torch.device("cpu"), torch.bfloat16, 100, 1404)
+    monkeypatch.setitem(quant.GROUPED, "cuda", True)
+    checked = []
+    monkeypatch.setattr(quant, "grouped_mm_works", lambda device, dtype: checked.append(device) or True)
+    fmt = quant.ExpertFormat("auto", torch.bfloat16)
+    assert not quant.grouped_on_device(fmt, cuda, 64, 100, 1404) and checked == []
+    assert quant.grouped_on_device(fmt, cuda, 64, 4096, 14336) and checked == [cuda]
 
 
 @pytest.fixture

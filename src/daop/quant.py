@@ -321,14 +321,23 @@ def grouped_mm_works(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
-def grouped_on_device(fmt: "ExpertFormat", device: torch.device, num_tokens: int) -> bool:
+def grouped_on_device(fmt: "ExpertFormat", device: torch.device, num_tokens: int, hidden: int, inter: int) -> bool:
     """Whether a layer's experts for `num_tokens` rows run as grouped products (`grouped_swiglu`):
-    plain float SwiGLU experts, more rows than the GEMV kernel takes, and grouped products on for
-    the device (`GROUPED`) and working there (the expert sizes are not checked: torch's CUDA grouped
-    product needs rows of whole 16 bytes, which every supported checkpoint's sizes give). Every runner asks
-    this with the layer's whole token count, so resident, copied and slot experts agree."""
+    plain float SwiGLU experts of sizes the device's grouped product takes (`grouped_sizes_ok`), more
+    rows than the GEMV kernel takes, and grouped products on for the device (`GROUPED`) and working
+    there. Every runner asks this with the layer's whole token count, so resident, copied and slot
+    experts agree."""
     return (GROUPED.get(device.type, False) and not fmt.quantized and fmt.plain and num_tokens > GEMV_MAX_ROWS
-            and grouped_mm_works(device, fmt.dtype))
+            and grouped_sizes_ok(device, fmt.dtype, hidden, inter) and grouped_mm_works(device, fmt.dtype))
+
+
+def grouped_sizes_ok(device: torch.device, dtype: torch.dtype, hidden: int, inter: int) -> bool:
+    """torch's CUDA grouped product needs every row of its operands to be whole 16 bytes: a hidden or
+    expert size that is not (e.g. a custom checkpoint 100 wide in bf16) keeps a product pair per expert."""
+    if device.type != "cuda":
+        return True
+    size = torch.empty((), dtype=dtype).element_size()
+    return (hidden * size) % 16 == 0 and (inter * size) % 16 == 0
 
 
 def grouped_swiglu(x: torch.Tensor, offs: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:

@@ -188,7 +188,7 @@ class OffloadedExperts:
         gpu_items = ([(e, slot, self.landing.pop(slot, None)) for e, slot in plan.gpu]
                      + [(e, s, ev) for e, (s, ev) in ready.items()])
         copy_items = [(e, slot, first_use.get(i)) for i, (e, slot) in enumerate(plan.copy)]
-        if grouped_on_device(self.store.fmt, h.device, h.shape[0]):
+        if grouped_on_device(self.store.fmt, h.device, h.shape[0], self.store.hidden, self.store.inter):
             ys.update(self.grouped(layer_idx, h, rows, gpu_items + copy_items, len(gpu_items)))
             xs = expert_inputs(h, rows, [e for e, _, _ in plan.split])
         else:

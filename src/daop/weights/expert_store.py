@@ -83,7 +83,7 @@ class ExpertStore:
         self.slots = [torch.empty(num_slots, *shape, dtype=dtype, device=device)
                       for shape, dtype in slot_shapes(self.fmt, D, I, device)]
         self.num_slots = num_slots
-        self.inter = I
+        self.hidden, self.inter = D, I
         self.expert_bytes = self.fmt.bytes(D, I)
 
     def host_weights(self, layer_idx: int, expert_idx: int) -> tuple[torch.Tensor, ...]:
@@ -179,7 +179,7 @@ class ResidentExperts:
     def capturable(self, batch: int) -> bool:
         """Whether a decode step of `batch` rows routes its experts on the device (no host sync):
         the GEMV kernel's few rows, or grouped products for more."""
-        return routes_on_device(self.fmt, self.device, batch) or grouped_on_device(self.fmt, self.device, batch)
+        return routes_on_device(self.fmt, self.device, batch) or grouped_on_device(self.fmt, self.device, batch, self.hidden, self.inter)
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         from daop.model.moe import expert_inputs, group_by_expert, token_rows, weighted_sum
@@ -187,7 +187,7 @@ class ResidentExperts:
 
         if routes_on_device(self.fmt, self.device, h.shape[0]):
             return routed_experts(h, ids, weights, self.tensors[layer_idx])
-        if grouped_on_device(self.fmt, self.device, h.shape[0]):  # prefill on CUDA: no host sync either
+        if grouped_on_device(self.fmt, self.device, h.shape[0], self.hidden, self.inter):  # prefill on CUDA: no host sync either
             return grouped_experts(h, ids, weights, self.tensors[layer_idx])
         rows_host = group_by_expert(ids.cpu())  # one sync per layer, grouping on the host
         rows = token_rows(h, rows_host)
