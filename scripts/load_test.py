@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import re
+import shlex
 import sys
 import threading
 import time
@@ -31,6 +33,12 @@ PROMPTS = [
     "Thou art more lovely and more temperate",
     "The model was with the word",
 ]
+
+
+def server_threads(log_path: str) -> int | None:
+    """The dense-path thread count a CPU server says it uses in its start line (None on CUDA)."""
+    match = re.search(r"(\d+) dense-path thread", Path(log_path).read_text(errors="replace"))
+    return int(match.group(1)) if match else None
 
 
 def percentile(sorted_values: list[float], q: float) -> float:
@@ -99,6 +107,9 @@ def main() -> int:
     ap.add_argument("--serve", metavar="CHECKPOINT", default=None, help="start `daop serve` on this checkpoint first")
     ap.add_argument("--device", default=None, help="with --serve: cpu or cuda")
     ap.add_argument("--max-batch", type=int, default=None, help="with --serve: the server's --max-batch")
+    ap.add_argument("--threads", type=int, default=None, help="with --serve: the server's --threads (default: its own choice)")
+    ap.add_argument("--server-args", default="", help="with --serve: more `daop serve` options, one string "
+                    "(e.g. \"--policy daop-exact --expert-ratio 0.5\")")
     ap.add_argument("-n", "--requests", type=int, default=50)
     ap.add_argument("-c", "--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -110,12 +121,16 @@ def main() -> int:
     if not 1 <= args.requests <= 100_000 or not 1 <= args.concurrency <= 256:
         ap.error("need 1 <= --requests <= 100000 and 1 <= --concurrency <= 256")
 
-    proc = None
+    proc, server = None, None
     if args.serve:
         port = free_port()
         host = "127.0.0.1"
         extra = ["--max-batch", str(args.max_batch)] if args.max_batch else []
-        proc, _ = start_server(args.serve, args.device, port, timeout=300, label="load", extra=extra)
+        extra += ["--threads", str(args.threads)] if args.threads else []
+        extra += shlex.split(args.server_args)
+        proc, log_path = start_server(args.serve, args.device, port, timeout=300, label="load", extra=extra)
+        server = {"max_batch": args.max_batch, "threads": server_threads(log_path), "threads_asked": args.threads,
+                  "args": extra}
     else:
         url = urlsplit(args.base_url)
         host, port = url.hostname or "", url.port or 80
@@ -166,6 +181,8 @@ def main() -> int:
         "completion_tokens": tokens, "tokens_per_s": round(tokens / wall, 1) if wall > 0 else 0.0,
         "requests_per_s": round(len(ok) / wall, 2) if wall > 0 else 0.0,
     }
+    if server is not None:
+        report["server"] = server
     for e in errors[:5]:
         print(f"error: {e}", file=sys.stderr)
     print(json.dumps(report))

@@ -130,6 +130,48 @@ def test_choose_threads(monkeypatch):
             choose_threads(bad, cpu)
 
 
+def test_reserved_cores_come_out_of_the_automatic_count(monkeypatch):
+    import daop.threads as threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cpu = torch.device("cpu")
+    for idle, reserved, expected in ((2, 1, 1), (1, 1, 1), (16, 1, 15), (4, 0, 4), (3, 5, 1)):
+        monkeypatch.setattr(threads, "_AUTOMATIC", [idle])
+        assert choose_threads(None, cpu, reserved) == expected
+    assert choose_threads(2, cpu, 1) == 2  # the user's count is kept
+    assert choose_threads(None, torch.device("cuda"), 1) is None
+
+
+def test_serve_leaves_a_core_to_its_event_loop(tiny_dir, monkeypatch):
+    """`daop serve` on a CPU device loads with one core fewer than the automatic count (the server
+    itself, up to the point where uvicorn would start listening)."""
+    pytest.importorskip("fastapi")
+    import daop.threads as threads
+    from daop.cli import build_parser
+    from daop.server import app as server_app
+
+    _, ckpt = tiny_dir("mixtral")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(threads, "_AUTOMATIC", [2])
+    engines = []
+
+    class NotListening:
+        def __init__(self, config, worker):
+            engines.append(config.app.state.worker.engine)  # its worker thread is never started
+
+        def run(self):
+            return None
+
+    monkeypatch.setattr(server_app, "_server", NotListening)
+    args = build_parser().parse_args(["serve", "--model", str(ckpt), "--device", "cpu", "--no-progress"])
+    before = torch.get_num_threads()
+    try:
+        assert server_app.serve(args) == 0
+    finally:
+        torch.set_num_threads(before)
+    assert engines[0].threads == 1
+
+
 def test_engine_threads(tiny_dir):
     from daop.engine import Engine
 

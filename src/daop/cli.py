@@ -40,7 +40,8 @@ def add_graph_arg(g) -> None:
 
 
 THREADS_HELP = ("torch threads for the dense path (attention, resident experts), like llama.cpp's -t "
-                "(default: on a CPU device the cores other processes leave idle, or OMP_NUM_THREADS if set; "
+                "(default: on a CPU device the cores other processes leave idle, one fewer for serve, "
+                "or OMP_NUM_THREADS if set; "
                 "on CUDA torch's default)")
 
 
@@ -133,11 +134,14 @@ def validate_args(args: argparse.Namespace) -> None:
         check_geometry("int4", 1 << 30, 1 << 30, args.group_size or 128)  # the group size alone; shapes once loaded
 
 
-def load_engine(args: argparse.Namespace):
+def load_engine(args: argparse.Namespace, reserved_cores: int = 0):
+    """The engine the arguments ask for; reserved_cores: cores the automatic thread count leaves to
+    other threads of this process (see daop.threads.choose_threads)."""
     from daop.engine import Engine
 
     return Engine.from_pretrained(
         args.model, device=args.device, dtype=args.dtype, progress=not args.no_progress, threads=args.threads,
+        reserved_cores=reserved_cores,
         policy=args.policy, gpu_memory=args.gpu_memory, expert_ratio=args.expert_ratio, cpu_threads=args.cpu_threads,
         cpu_mode=args.cpu_mode, hardware_profile=args.hardware_profile, routing_stats=args.routing_stats,
         max_context=args.max_context, expert_dtype=args.expert_dtype, group_size=args.group_size,

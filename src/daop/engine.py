@@ -84,13 +84,15 @@ class Engine:
         dtype: str | torch.dtype | None = None,
         progress: bool = True,
         threads: int | None = None,
+        reserved_cores: int = 0,
         **options: Any,
     ) -> "Engine":
         """Load a Hugging Face-layout checkpoint folder (the shipped default model when path is None).
 
         A folder written by `daop quantize` loads with the expert format it stores (its stored
         tensors are read as they are); options asking for another format are a DaopError.
-        threads: torch's intra-op threads for the dense path; None picks them (see daop.threads).
+        threads: torch's intra-op threads for the dense path; None picks them (see daop.threads),
+        leaving out `reserved_cores` that other threads of the process keep busy (a server's event loop).
         """
         check_threads(threads, "threads")
         try:
@@ -110,7 +112,7 @@ class Engine:
         tokenizer = Tokenizer.from_dir(model_dir)
         dev = resolve_device(device)
         defaults = generation_defaults(model_dir)
-        chosen_threads = choose_threads(threads, dev)
+        chosen_threads = choose_threads(threads, dev, reserved_cores)
         apply_threads(chosen_threads)
         ckpt = Checkpoint(model_dir)
         decoder = Decoder(config, spec, dev, torch_dtype)

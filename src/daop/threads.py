@@ -75,8 +75,14 @@ def check_threads(threads: object, flag: str = "--threads") -> None:
         raise DaopError(f"{flag} must be a positive integer, got {threads!r}")
 
 
-def choose_threads(threads: int | None, device: torch.device) -> int | None:
-    """The intra-op thread count to use: the user's, or the automatic one (None: leave torch's default)."""
+def choose_threads(threads: int | None, device: torch.device, reserved: int = 0) -> int | None:
+    """The intra-op thread count to use: the user's, or the automatic one (None: leave torch's default).
+
+    reserved: cores that other threads of this process keep busy while the model runs, left out of the
+    automatic count (at least 1 thread stays). `daop serve` reserves one for its HTTP event loop: on the
+    2-core machine a server whose model ran on both cores streamed 61-66 tokens/s to 8 clients against
+    118-146 on one, and 23 against 57-63 one request at a time (its event loop wakes for every streamed
+    token and stalls OpenMP's barriers; `benchmarks/results/serve-threads-2core-cpu.jsonl`)."""
     check_threads(threads)
     if threads is not None:
         return threads
@@ -84,7 +90,7 @@ def choose_threads(threads: int | None, device: torch.device) -> int | None:
         return None
     if not _AUTOMATIC:  # measured once per process: engines of one process sum alike (exact policies)
         _AUTOMATIC.append(idle_cores(usable_cores(), system_load(), idle_share()))
-    return _AUTOMATIC[0]
+    return max(1, _AUTOMATIC[0] - max(0, reserved))
 
 
 _AUTOMATIC: list[int] = []

@@ -275,12 +275,13 @@ def serve(args: Any) -> int:
         raise DaopError(f"--max-body-bytes must be >= 1, got {args.max_body_bytes}")
     if args.api_key is not None and not args.api_key.strip():
         raise DaopError("--api-key must not be empty")
-    engine = load_engine(args)
+    engine = load_engine(args, reserved_cores=1)  # the HTTP event loop wakes for every streamed token
     name = args.model_name or Path(engine.model_dir).resolve().name or "daop"
     app = create_app(engine, name, args.max_body_bytes, args.api_key, args.max_batch)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
-    log.info("serving %s on http://%s:%d/v1 (device %s, loaded in %.1f s, up to %d requests at once)", name, args.host,
-             args.port, engine.device, engine.load_s, app.state.worker.max_batch)
+    threads = f", {engine.threads} dense-path thread{'s' if engine.threads != 1 else ''}" if engine.threads else ""
+    log.info("serving %s on http://%s:%d/v1 (device %s%s, loaded in %.1f s, up to %d requests at once)", name, args.host,
+             args.port, engine.device, threads, engine.load_s, app.state.worker.max_batch)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         log.warning("listening on %s without --api-key: anyone who can reach it can use it", args.host)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="info", access_log=False,
