@@ -332,3 +332,32 @@ def test_weighted_sum_adds_each_tokens_picks_in_expert_order_bit_for_bit(dtype, 
             for i in range(len(tokens)):  # one pick at a time: the order is beyond doubt
                 want[tokens[i]] += combine(ys[e][i:i + 1], weights[tokens[i:i + 1], k_slot[i:i + 1]])[0]
         assert torch.equal(weighted_sum(h, ys, weights, rows_host, rows), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_cpu_decode_attention_runs_in_float32(dtype):
+    """`attend`: one query per row in bf16/fp16 on the CPU attends in float32 on the same values (the
+    output rounded once), with a boolean or an additive mask; a prompt's queries keep the dtype."""
+    import torch.nn.functional as F
+
+    from daop.model.layers import attend
+
+    gen = torch.Generator().manual_seed(3)
+    B, H, G, S, d = 3, 4, 2, 40, 16
+    keys, values = (torch.randn(B, G, S, d, generator=gen).to(dtype) for _ in range(2))
+    allowed = torch.ones(B, 1, 1, S, dtype=torch.bool)
+    allowed[0, ..., 25:] = False
+    additive = torch.zeros(B, 1, 1, S).masked_fill(~allowed, float("-inf")).to(dtype)
+    q = torch.randn(B, H, 1, d, generator=gen).to(dtype)
+    want = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=allowed, scale=0.25,
+                                          enable_gqa=True).to(dtype)
+    for mask in (allowed, additive):
+        got = attend(q, keys, values, mask, 0.25, gqa=True)
+        assert got.dtype == dtype and torch.equal(got, want)
+    exact = F.scaled_dot_product_attention(q.double(), keys.double(), values.double(), attn_mask=allowed, scale=0.25,
+                                           enable_gqa=True)
+    assert (want.double() - exact).abs().max() <= 2 * torch.finfo(dtype).eps * exact.abs().max()
+    prompt_q = torch.randn(B, H, 5, d, generator=gen).to(dtype)
+    causal = torch.ones(5, S, dtype=torch.bool).tril(S - 5)[None, None]
+    assert torch.equal(attend(prompt_q, keys, values, causal, 0.25, gqa=True),
+                       F.scaled_dot_product_attention(prompt_q, keys, values, attn_mask=causal, scale=0.25, enable_gqa=True))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from daop.config import ModelConfig
-from daop.model.layers import KVCache, Norm, apply_rotary
+from daop.model.layers import KVCache, Norm, apply_rotary, attend
 
 
 def deinterleave(x: torch.Tensor) -> torch.Tensor:
@@ -109,5 +109,5 @@ class LatentAttention:
         kv = F.linear(latents[:, 0], self.kv_b_proj).view(B, S, H, n + m.v_head_dim).transpose(1, 2)
         k_nope, values = kv.split((n, m.v_head_dim), dim=-1)  # [B, H, S, n], [B, H, S, v]
         keys = torch.cat((k_nope, k_rots.expand(B, H, S, c.head_dim)), dim=-1)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=m.softmax_scale)
+        out = attend(q, keys, values, mask, m.softmax_scale)
         return F.linear(out.transpose(1, 2).reshape(B, T, H * m.v_head_dim), self.o_proj, self.o_bias)
