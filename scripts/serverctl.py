@@ -7,6 +7,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
 
 def free_port() -> int:
@@ -37,7 +38,8 @@ def start_server(model: str, device: str | None, port: int, timeout: float, log_
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"server exited with {proc.returncode}; log: {log_path}")
+            tail = Path(log_path).read_text(errors="replace")[-2000:]
+            raise SystemExit(f"server exited with {proc.returncode}; log: {log_path}; its end:\n{tail}")
         try:
             if http_get("127.0.0.1", port, "/health", 2)[0] == 200:
                 print(f"server up on port {port} (log: {log_path})", file=sys.stderr)
