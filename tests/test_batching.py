@@ -168,3 +168,41 @@ def test_longrope_rows_keep_the_rotary_choice_they_have_alone(tmp_path):
     for prompts, n in ((short, 20), (long, 40)):
         want = [engine.generate(p, max_new_tokens=n) for p in prompts]
         assert [g["text"] for g in generate_many(engine, prompts, SamplingParams(max_new_tokens=n))] == want
+
+
+@pytest.mark.parametrize("policy", [None, "daop-exact", "lru"])
+def test_prompt_chunks_share_the_decode_pass(tiny_dir, policy):
+    """A prompt chunk that arrives while others decode runs in one pass with their step
+    (`Decoder.decode_and_prefill`), and every request gets the tokens it gets with separate passes."""
+    _, path = tiny_dir("mixtral")
+    kw = dict(policy=policy, expert_ratio=0.5) if policy else {}
+    engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, **kw)
+    engine.eos_ids = frozenset()
+    prompts = [[5, 17, 42, 99, 3], [250, 7, 64, 128, 31, 77, 200, 9], [11, 12], [8, 9, 10, 11, 12, 13, 14]]
+    params = SamplingParams(max_new_tokens=9)
+    passes = []
+    real = engine.decoder.decode_and_prefill
+
+    def counted(*args):
+        passes.append(args[3].shape[1])
+        return real(*args)
+
+    engine.decoder.decode_and_prefill = counted
+    results = {}
+    for mix in (True, False):
+        batcher = Batcher(engine, max_batch=3, chunk=4, mix_prefill=mix)
+        for p in prompts:
+            batcher.add(Sequence(p, params, lambda kind, payload: None))
+        seqs = list(batcher.waiting)
+        with torch.inference_mode():
+            while not batcher.idle():
+                batcher.step()
+        results[mix] = [s.tokens for s in seqs]
+        assert all(len(t) == 9 for t in results[mix])
+        if mix:
+            assert passes and max(passes) <= 4  # chunks of at most 4 prompt tokens rode along with decode steps
+            shared = len(passes)
+    assert len(passes) == shared  # no shared pass with mixing off
+    assert results[True] == results[False]
+    alone = [engine.generate_ids(p, params) for p in prompts]
+    assert results[True] == [list(a) for a in alone]

@@ -6,7 +6,10 @@ sequences are kept contiguous (a finished sequence's row is refilled from the la
 decode step runs `Decoder.decode` over rows [0, R) with one position per row: no padding, and
 expert routing only for real tokens. One iteration (`Batcher.step`) runs at most one prefill
 chunk of the oldest waiting sequence (a long prompt spreads over several iterations, so running
-sequences keep decoding), then one decode step for every decoding sequence. With `prefill_first`
+sequences keep decoding), then one decode step for every decoding sequence. Where the decode step
+is not one captured graph (offloaded experts, a CPU device) the chunk and the step run as one pass
+(`Decoder.decode_and_prefill`): attention apart, each layer's experts once for both, so a
+host-resident expert that the prompt and the batch both route to is read once, not twice. With `prefill_first`
 no decode step runs while a sequence can still be admitted or is prefilling: every prompt that fits
 is prefilled, then all rows decode together (`generate_tokens`, a benchmark's batch point).
 
@@ -33,7 +36,8 @@ from daop.engine import Engine, GenerationStats, TextStream
 from daop.errors import DaopError
 from daop.generate import DEVICE_OOM, guarded, start_sequence
 from daop.model.layers import KVCache
-from daop.runtime.decode_step import CapturedStep, PiecewiseStep, StepInputs, cache_length, capture_step, captures
+from daop.runtime.decode_step import (CapturedStep, PiecewiseStep, StepInputs, cache_length, capture_step, captures,
+                                      whole_step)
 from daop.sampling import Sampler, SamplingParams
 
 DEFAULT_CHUNK = 512  # prompt tokens per prefill chunk
@@ -74,11 +78,12 @@ class Batcher:
     A step that fails (out of memory) ends its sequences with an ("error", DaopError) event."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None, chunk: int = DEFAULT_CHUNK,
-                 prefill_first: bool = False) -> None:
+                 prefill_first: bool = False, mix_prefill: bool = True) -> None:
         if max_batch < 1:
             raise DaopError(f"--max-batch must be >= 1, got {max_batch}")
         self.engine, self.decoder = engine, engine.decoder
         self.max_batch, self.chunk, self.prefill_first = max_batch, max(1, chunk), prefill_first
+        self.mix_prefill = mix_prefill  # a prompt chunk shares its FFN pass with the decode step (`mixes`)
         self.runner_key: tuple | None = None  # the expert runner and routing its captured steps read (batch_for)
         self.max_len = min(max_len or engine.config.context_length, engine.config.context_length)
         self.cache = guarded(self.decoder, "allocation of the batch KV cache", KVCache, engine.config, max_batch,
@@ -119,10 +124,22 @@ class Batcher:
         if self.prefilling is None and self.waiting and self.running < self.max_batch:
             self._admit(self.waiting.popleft())
         hold = self.prefill_first and self.prefilling_phase()
+        if self.prefilling is not None and self.decoding and not hold and self.mixes():
+            return self._decode_and_prefill()
         if self.prefilling is not None:
             self._prefill_chunk()
         if self.decoding and not hold:
             self._decode()
+
+    def mixes(self) -> bool:
+        """Whether a prompt chunk runs in one pass with the decode step (`Decoder.decode_and_prefill`):
+        wherever the decode step is not one captured graph (experts offloaded, whose host reads the two
+        then share; a CPU device), with the model's own routing (a replayed or recorded one follows
+        one pass at a time)."""
+        dec = self.decoder
+        if not self.mix_prefill or dec.routing is not dec.model_routing:
+            return False
+        return not (dec.device.type == "cuda" and captures(dec, len(self.decoding)) and whole_step(dec, len(self.decoding)))
 
     def prefilling_phase(self) -> bool:
         """A sequence is prefilling or could be admitted now (prefill_first holds decode steps meanwhile)."""
@@ -161,12 +178,46 @@ class Batcher:
         self.decoding.append(seq)
         self._take(seq, int(seq.sampler(logits)[0]))
 
-    def _decode(self) -> None:
+    def _decode_and_prefill(self) -> None:
+        """One pass for the decode step and the prefilling sequence's next prompt chunk."""
+        seq = self.prefilling
+        assert seq is not None
+        R, inputs = len(self.decoding), self._step_inputs()
+        start, end = seq.prefilled, min(len(seq.prompt), seq.prefilled + self.chunk)
+        self.decoder.experts.set_phase("prefill")
+        self.decoder.routing.begin(start, end - start)
+        length = max(s.length for s in self.decoding)
+        t0 = time.perf_counter()
+        try:
+            logits, first = guarded(self.decoder, lambda: f"decode of a batch of {R} sequences with a prefill of "
+                                    f"{len(seq.prompt)} prompt tokens", self.decoder.decode_and_prefill, inputs.ids,
+                                    inputs.pos, self.cache.rows(0, R, length), torch.tensor([seq.prompt[start:end]]),
+                                    start, self.cache.rows(seq.row, seq.row + 1, seq.length))
+        except DaopError as exc:
+            self.prefilling = None
+            self._fail_all(exc, list(self.decoding) + [seq])
+            return
+        seq.stats.prefill_s += time.perf_counter() - t0
+        seq.prefilled = end
+        self._take_rows(logits)  # while seq is prefilling: a finished row's move keeps its row after theirs
+        if end < len(seq.prompt) or self.prefilling is not seq:
+            return
+        self.prefilling = None
+        seq.first_token_at = time.perf_counter()
+        self.decoding.append(seq)
+        self._take(seq, int(seq.sampler(first)[0]))
+
+    def _step_inputs(self) -> StepInputs:
+        """The decode step's ids and positions, loaded for the decoding rows."""
         R = len(self.decoding)
         inputs = self.inputs.get(R)
         if inputs is None:
             inputs = self.inputs[R] = StepInputs(R, self.decoder.device, per_row=True)
         inputs.load([s.token for s in self.decoding], [s.position for s in self.decoding])
+        return inputs
+
+    def _decode(self) -> None:
+        R, inputs = len(self.decoding), self._step_inputs()
         self.decoder.experts.set_phase("decode")
         self.decoder.routing.begin(min(s.position for s in self.decoding), 1)
         # each row reads the cache length it would have alone (the rotary choice of a longrope model
@@ -178,6 +229,10 @@ class Batcher:
         except DaopError as exc:
             self._fail_all(exc, list(self.decoding))
             return
+        self._take_rows(logits)
+
+    def _take_rows(self, logits: torch.Tensor) -> None:
+        """Each decoding row's next token from its logits [R, V]."""
         seqs = list(self.decoding)
         plain = [s.params.greedy and not s.params.penalised for s in seqs]
         best = logits.argmax(-1).tolist() if any(plain) else []  # greedy rows: one read for all of them

@@ -199,6 +199,27 @@ class Decoder:
         return self.layers_and_head(x, step)
 
     @torch.inference_mode()
+    def decode_and_prefill(self, input_ids: torch.Tensor, pos: torch.Tensor, cache: KVCache, prompt_ids: torch.Tensor,
+                           start: int, prompt_cache: KVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """A decode step of rows (as `decode`) and a prompt chunk of one more sequence (as `forward`,
+        prompt_ids [1, T] at `start` of prompt_cache) in one pass: each layer's attention runs apart,
+        its FFN (routed experts and shared expert) once over the step's tokens and the chunk's, so an
+        expert that both route to is read once. Experts act per token, so every token gets what it
+        gets in a pass of its own. Returns the rows' logits [R, V] and the chunk's last position's [1, V].
+        The caller sets the expert runner's phase (a prompt's: the pass holds many tokens)."""
+        xd, sd = self.begin_decode(input_ids, pos, cache)
+        xp, sp = self.begin(prompt_ids, start, prompt_cache)
+        rows = xd.shape[0] * xd.shape[1]
+        dd = dp = None
+        for layer in self.layers:
+            xd, nd = self.attention_block(layer, xd, sd, dd)
+            xp, np_ = self.attention_block(layer, xp, sp, dp)
+            both = torch.cat([nd.reshape(rows, -1), np_.reshape(-1, np_.shape[-1])])
+            out = self.ffn_block(layer, both[None])[0]
+            dd, dp = out[:rows].view(nd.shape), out[rows:].view(np_.shape)
+        return self.head_of(xd, dd), self.head_of(xp, dp)
+
+    @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, start: int, cache: KVCache, all_logits: bool = False) -> torch.Tensor:
         """Run T new tokens through the model; logits [B, T, V] or for the last position [B, V]."""
         x, step = self.begin(input_ids, start, cache)
