@@ -206,3 +206,11 @@ def test_prompt_chunks_share_the_decode_pass(tiny_dir, policy):
     assert results[True] == results[False]
     alone = [engine.generate_ids(p, params) for p in prompts]
     assert results[True] == [list(a) for a in alone]
+
+
+def test_shared_passes_are_off_unless_asked(shipped, monkeypatch):
+    monkeypatch.delenv("DAOP_MIX_PREFILL", raising=False)
+    assert not Batcher(shipped, max_batch=2, max_len=64).mix_prefill
+    monkeypatch.setenv("DAOP_MIX_PREFILL", "1")
+    assert Batcher(shipped, max_batch=2, max_len=64).mix_prefill
+    assert not Batcher(shipped, max_batch=2, max_len=64, mix_prefill=False).mix_prefill

@@ -6,10 +6,12 @@ sequences are kept contiguous (a finished sequence's row is refilled from the la
 decode step runs `Decoder.decode` over rows [0, R) with one position per row: no padding, and
 expert routing only for real tokens. One iteration (`Batcher.step`) runs at most one prefill
 chunk of the oldest waiting sequence (a long prompt spreads over several iterations, so running
-sequences keep decoding), then one decode step for every decoding sequence. Where the decode step
-is not one captured graph (offloaded experts, a CPU device) the chunk and the step run as one pass
-(`Decoder.decode_and_prefill`): attention apart, each layer's experts once for both, so a
-host-resident expert that the prompt and the batch both route to is read once, not twice. With `prefill_first`
+sequences keep decoding), then one decode step for every decoding sequence. With `mix_prefill`
+(DAOP_MIX_PREFILL=1; off by default: no gain was measured yet, README's server section), where
+the decode step is not one captured graph (offloaded experts, a CPU device) the chunk and the step
+run as one pass (`Decoder.decode_and_prefill`): attention apart, each layer's experts once for
+both, so a host-resident expert that the prompt and the batch both route to is read once, not
+twice. With `prefill_first`
 no decode step runs while a sequence can still be admitted or is prefilling: every prompt that fits
 is prefilled, then all rows decode together (`generate_tokens`, a benchmark's batch point).
 
@@ -25,6 +27,7 @@ Shapes: R decoding rows, V vocab.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -78,12 +81,13 @@ class Batcher:
     A step that fails (out of memory) ends its sequences with an ("error", DaopError) event."""
 
     def __init__(self, engine: Engine, max_batch: int = 8, max_len: int | None = None, chunk: int = DEFAULT_CHUNK,
-                 prefill_first: bool = False, mix_prefill: bool = True) -> None:
+                 prefill_first: bool = False, mix_prefill: bool | None = None) -> None:
         if max_batch < 1:
             raise DaopError(f"--max-batch must be >= 1, got {max_batch}")
         self.engine, self.decoder = engine, engine.decoder
         self.max_batch, self.chunk, self.prefill_first = max_batch, max(1, chunk), prefill_first
-        self.mix_prefill = mix_prefill  # a prompt chunk shares its FFN pass with the decode step (`mixes`)
+        # a prompt chunk shares its FFN pass with the decode step (`mixes`); None: DAOP_MIX_PREFILL=1 turns it on
+        self.mix_prefill = os.environ.get("DAOP_MIX_PREFILL", "") == "1" if mix_prefill is None else mix_prefill
         self.runner_key: tuple | None = None  # the expert runner and routing its captured steps read (batch_for)
         self.max_len = min(max_len or engine.config.context_length, engine.config.context_length)
         self.cache = guarded(self.decoder, "allocation of the batch KV cache", KVCache, engine.config, max_batch,
