@@ -175,7 +175,12 @@ class Batcher:
             return
         seq.stats.prefill_s += time.perf_counter() - t0
         seq.prefilled = end
-        if end < len(seq.prompt):
+        self._join(seq, logits)
+
+    def _join(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """A prefilling sequence whose prompt is all in the cache starts decoding, with its first token
+        from the prompt's last logits [1, V]."""
+        if seq.prefilled < len(seq.prompt) or self.prefilling is not seq:
             return
         self.prefilling = None
         seq.first_token_at = time.perf_counter()
@@ -204,12 +209,7 @@ class Batcher:
         seq.stats.prefill_s += time.perf_counter() - t0
         seq.prefilled = end
         self._take_rows(logits)  # while seq is prefilling: a finished row's move keeps its row after theirs
-        if end < len(seq.prompt) or self.prefilling is not seq:
-            return
-        self.prefilling = None
-        seq.first_token_at = time.perf_counter()
-        self.decoding.append(seq)
-        self._take(seq, int(seq.sampler(first)[0]))
+        self._join(seq, first)
 
     def _step_inputs(self) -> StepInputs:
         """The decode step's ids and positions, loaded for the decoding rows."""
