@@ -361,3 +361,20 @@ def test_cpu_decode_attention_runs_in_float32(dtype):
     causal = torch.ones(5, S, dtype=torch.bool).tril(S - 5)[None, None]
     assert torch.equal(attend(prompt_q, keys, values, causal, 0.25, gqa=True),
                        F.scaled_dot_product_attention(prompt_q, keys, values, attn_mask=causal, scale=0.25, enable_gqa=True))
+
+
+def test_cpu_attention_probe_reports_both_dtypes():
+    """scripts/cpu_attention_probe.py (the README's attention and product costs), a few calls."""
+    from helpers import load_script
+
+    before = torch.get_num_threads()
+    try:
+        out = load_script("cpu_attention_probe").main(["--calls", "3", "--repeats", "1"])
+    finally:
+        torch.set_num_threads(before)
+    kinds = [r["kind"] for r in out["rows"]]
+    assert kinds.count("attention") == 6 and kinds.count("linear") == 4
+    for r in out["rows"]:
+        assert r["native_us"] > 0 and r["float32_us"] > 0
+        if r["kind"] == "attention":
+            assert r["float32_rel_err"] < 1e-2 and r["native_rel_err"] < 1e-2

@@ -39,8 +39,8 @@ from daop.engine import Engine, GenerationStats, TextStream
 from daop.errors import DaopError
 from daop.generate import DEVICE_OOM, guarded, start_sequence
 from daop.model.layers import KVCache
-from daop.runtime.decode_step import (CapturedStep, PiecewiseStep, StepInputs, cache_length, capture_step, captures,
-                                      whole_step)
+from daop.runtime.decode_step import (CapturedStep, PiecewiseStep, StepInputs, cache_length, capture_kind, capture_step,
+                                      captures)
 from daop.sampling import Sampler, SamplingParams
 
 DEFAULT_CHUNK = 512  # prompt tokens per prefill chunk
@@ -143,7 +143,7 @@ class Batcher:
         dec = self.decoder
         if not self.mix_prefill or dec.routing is not dec.model_routing:
             return False
-        return not (dec.device.type == "cuda" and captures(dec, len(self.decoding)) and whole_step(dec, len(self.decoding)))
+        return capture_kind(dec, len(self.decoding)) != "step"
 
     def prefilling_phase(self) -> bool:
         """A sequence is prefilling or could be admitted now (prefill_first holds decode steps meanwhile)."""

@@ -286,9 +286,9 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
            gqa: bool = False) -> torch.Tensor:
     """torch's attention (q [B, H, T, d], keys and values [B, G, S, d]). A decode step (T = 1) in bf16
     or fp16 on a CPU device attends in float32 on the same values and rounds the output once: torch's
-    reduced-precision CPU kernel takes 2.6x float32's time for one row over 512 positions and 4x for
-    eight rows (on the 2-core test machine, which has AVX512-BF16), and float32 lands closer to a float64
-    reference. A prompt (T > 1) keeps the model's dtype: both take about the same time there."""
+    bf16 CPU kernel took 1.2-4.2x float32's time (more rows and positions, more; on the 2-core test
+    machine, which has AVX512-BF16), and float32 lands closer to a float64 reference. A prompt (T > 1)
+    keeps the model's dtype: both take about the same time there (`scripts/cpu_attention_probe.py`)."""
     if q.device.type == "cpu" and q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16):
         mask = mask.float() if mask is not None and mask.dtype != torch.bool else mask
         out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, scale=scale,
