@@ -144,6 +144,27 @@ def test_each_prefill_settles_its_own_placement_without_restoring_the_last_one_f
         assert outputs == [run(reference, p, 4) for p in prompts]
 
 
+def test_host_copies_that_settle_the_slots_wait_for_decode():
+    """A prefill copies from the host only what its own layers read: the wanted experts it did not
+    route (nothing to move from a scratch slot) are copied when decode starts, behind the prompt's
+    copies, and then every slot holds what the placement wants."""
+    from daop.generate import DecodeSession
+
+    engine = load(policy="daop-exact", expert_ratio=0.5)
+    runner = engine.decoder.experts
+    run(engine, PROMPTS[0] * 8, 2)  # a placement with this prompt's swaps
+    session = DecodeSession(engine.decoder, engine.tokenizer.encode(PROMPTS[1]), 2)  # a short prompt: few experts
+    before = engine.counters().get("settle_copies", 0.0)
+    with torch.inference_mode():
+        engine.decoder.forward(session.ids, 0, session.cache)
+    assert engine.counters().get("settle_copies", 0.0) == before  # none during the prompt
+    unsettled = [l for l in runner.policy.ctx.moe_layers if runner.held_slots(l) != runner.wanted_slots(l)]
+    assert unsettled  # the new sequence wants experts no layer of its prompt copied
+    runner.set_phase("decode")
+    assert engine.counters()["settle_copies"] > before
+    assert_slots_hold_the_wanted_experts(runner)
+
+
 def test_a_prefill_cut_short_settles_every_layer_when_decode_starts():
     """A prefill that stops after its first MoE layer (an error in the next) leaves the other layers
     holding the last sequence's experts; entering decode copies in what the placement wants."""

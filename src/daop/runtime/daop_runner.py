@@ -11,8 +11,10 @@ takes longer than a layer, so one started a layer ahead often lands late. Layer 
 l+2's other predicted misses as before.
 Prefill is exact: per-sequence swaps, then a cost-model split of the misses (2.2, 2.3). The swaps
 only say which placement the sequence wants: each layer first computes the experts its slots hold
-(what the previous sequence left there; a new sequence restores nothing up front), then settles its
-slots to the wanted placement, moving on the device what it has just copied to a scratch slot. While
+(what the previous sequence left there; a new sequence restores nothing up front), then moves into
+its wanted slots on the device what it has just copied to a scratch slot; the wanted experts that
+need a copy from the host are copied when decode starts (`set_phase`), behind every copy the prompt
+itself waits for, so they do not delay the first token. While
 a layer runs, the next layer's predicted host experts are copied ahead into the scratch slots (or
 promised to the CPU), as in decode, so the copy stream never waits for a layer to start.
 Every decision is made by the pure planners of runtime/scheduler.py; this class only carries
@@ -93,7 +95,7 @@ class DaopRunner(OffloadedExperts):
 
     def set_phase(self, phase: str) -> None:
         if self.phase != "decode" and phase == "decode":
-            self.settle_all()  # layers a prefill did not settle (an error part way) get the wanted experts
+            self.settle_all()  # the wanted experts a prefill did not bring to the GPU, copied from the host
         self.phase = phase
         self.forget_pending()
 
@@ -126,7 +128,7 @@ class DaopRunner(OffloadedExperts):
         self.mark(layer_idx, "routed")
         rows_host = group_by_expert(host[0])
         counts = {e: len(r[0]) for e, r in rows_host.items()}
-        self.policy.prefill_swaps(layer_idx, counts)  # the placement this sequence wants, settled below
+        self.policy.prefill_swaps(layer_idx, counts)  # the placement this sequence wants
         clock = Clock(*self.channel_clock(time.perf_counter()))
         plan = plan_prefill_layer(counts, self.held_slots(layer_idx), self.policy.scratch(), pend.prepared if pend else None,
                                   self.policy.split, cfg.cpu_experts, clock, self.wanted_slots(layer_idx))
@@ -140,10 +142,10 @@ class DaopRunner(OffloadedExperts):
             for e, src, dst in settle.moves:
                 self.move(layer_idx, e, src, dst)
                 self.counters.add("settle_moves", layer_idx, 1)
-            if ahead:  # the next layer's copies go ahead of this layer's host copies: it needs them first
+            if ahead:
                 self.pending[nxt] = self.prefetch(nxt, host[1])
-            for e, slot in settle.copies:
-                self.settle_copy(layer_idx, e, slot)
+            # settle.copies wait for the switch to decode (settle_all): no layer of the prompt reads
+            # them, and queued now they would hold up the later layers' copies, and the first token
 
         return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, after_launch=after_launch)
 
@@ -179,7 +181,8 @@ class DaopRunner(OffloadedExperts):
         return {e: placement.slot(layer_idx, e) for e in placement.resident_experts(layer_idx)}
 
     def settle_all(self) -> None:
-        """Copy from the host every wanted expert a slot does not hold yet (nothing after a full prefill)."""
+        """Copy from the host every wanted expert a slot does not hold yet: after a prefill, those it did not
+        copy to a scratch slot and move into place itself, in layer order."""
         for layer_idx in self.policy.ctx.moe_layers:
             for e, slot in plan_settle(self.wanted_slots(layer_idx), self.holds(layer_idx), {}).copies:
                 self.settle_copy(layer_idx, e, slot)
