@@ -35,7 +35,10 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_expert.c")
 MAX_TOKENS = 8  # the most token rows the kernel takes
-SERVES_TOKENS = 4  # the most it is used for: at 8 tokens torch's products were faster on an H200 host
+# The most it is used for: on an H200 host (16 threads, one bf16 Mixtral expert) it took 3.2 / 4.1 / 5.8 ms
+# at 1 / 4 / 8 tokens against torch's 7.1-7.5 ms at each (scripts/cpu_kernel_sweep.py,
+# benchmarks/results/h200-cpu-kernel-tokens.jsonl)
+SERVES_TOKENS = MAX_TOKENS
 ISA_NAMES = {2: "avx512", 1: "avx2", 0: "plain C"}
 
 _LOCK = threading.Lock()
@@ -135,7 +138,7 @@ def isa() -> str:
 
 def serves(dtype: torch.dtype, tokens: int, w: list) -> bool:
     """Whether the executor runs a job through `expert` (where the kernel is `available()`): bf16
-    activations, a bf16 float expert (gate_up, down) and 1-4 tokens (SERVES_TOKENS)."""
+    activations, a bf16 float expert (gate_up, down) and 1-8 tokens (SERVES_TOKENS)."""
     return (len(w) == 2 and w[0].dtype == torch.bfloat16 and w[1].dtype == torch.bfloat16
             and dtype == torch.bfloat16 and 1 <= tokens <= SERVES_TOKENS)
 
