@@ -35,8 +35,8 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_expert.c")
 MAX_TOKENS = 8  # the most token rows the kernel takes
-# The most it is used for: on an H200 host (16 threads, one bf16 Mixtral expert) it took 3.2 / 4.1 / 5.8 ms
-# at 1 / 4 / 8 tokens against torch's 7.1-7.5 ms at each (scripts/cpu_kernel_sweep.py,
+# The most it is used for: on an H200 host (16 threads, one bf16 Mixtral expert) it took 3.84 / 4.00 / 4.87 /
+# 6.22 ms at 1 / 4 / 5 / 8 tokens against torch's 7.14-7.89 ms at each (scripts/cpu_kernel_sweep.py,
 # benchmarks/results/h200-cpu-kernel-tokens.jsonl)
 SERVES_TOKENS = MAX_TOKENS
 ISA_NAMES = {2: "avx512", 1: "avx2", 0: "plain C"}
