@@ -172,3 +172,17 @@ def test_switched_off_or_unbuildable_kernel_falls_back_with_one_warning(tmp_path
     assert broken.returncode == 0 and broken.stdout.split() == ["False", "False", "none", "torch"]
     assert broken.stderr.count("CPU expert kernel unavailable") == 1 and "false failed" in broken.stderr
     assert not list((tmp_path / "b").rglob("*.so"))  # no half-built library left in the cache
+
+
+def test_cpu_prefill_gemm_probe_times_each_token_count():
+    """scripts/cpu_prefill_gemm_probe.py (the CPU channel's products at a prompt's token counts), a tiny expert."""
+    from helpers import load_script
+
+    before = torch.get_num_threads()
+    try:
+        out = load_script("cpu_prefill_gemm_probe").main(["--small", "--threads", "1", "--tokens", "1,16", "--repeat", "2"])
+    finally:
+        torch.set_num_threads(before)
+    assert [r["tokens"] for r in out["rows"]] == [1, 16]
+    assert all(r["ms"] > 0 and r["weights_gbps"] > 0 for r in out["rows"])
+    assert out["expert_bytes"] == 3 * 64 * 96 * 2
