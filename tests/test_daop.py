@@ -165,6 +165,31 @@ def test_host_copies_that_settle_the_slots_wait_for_decode():
     assert_slots_hold_the_wanted_experts(runner)
 
 
+def test_prefill_prefetches_take_the_slots_the_layer_does_not_read_first(tmp_path):
+    """A prompt layer's copies for the next layer go into scratch slots it does not read before the
+    ones it does: a copy into a slot still being read holds up the copy stream behind it."""
+    dtype = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[DTYPE]
+    profile = write_profile(default_model_dir(), tmp_path, 0.05, 0.1, dtype)  # cheap copies: every miss is copied
+    engine = load(policy="daop-exact", expert_ratio=0.25, hardware_profile=profile)
+    runner = engine.decoder.experts
+    scratch = runner.policy.scratch()
+    assert len(scratch) >= 2
+    top_k = engine.config.top_k
+    nxt, misses = max(((l, [e for e in range(engine.config.num_experts) if e not in runner.held_slots(l)])
+                       for l in runner.policy.ctx.moe_layers[1:]), key=lambda item: len(item[1]))
+    assert len(misses) >= top_k
+    predicted = torch.tensor([misses[i:i + top_k] for i in range(0, len(misses) - top_k + 1, top_k)] * 2)
+    for read in ({scratch[0]}, {scratch[-1]}, set(scratch[:-1])):
+        pend = runner.prefetch(nxt, predicted, read)
+        slots = list(pend.prepared.prefetched.values())  # in the order the copies were queued
+        assert slots, "the cost model copies nothing"
+        unread = [s for s in scratch if s not in read]
+        assert slots[:len(unread)] == unread[:len(slots)]
+        runner.collect(wait=True)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+
 def test_a_prefill_cut_short_settles_every_layer_when_decode_starts():
     """A prefill that stops after its first MoE layer (an error in the next) leaves the other layers
     holding the last sequence's experts; entering decode copies in what the placement wants."""

@@ -26,6 +26,7 @@ import os
 import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from collections.abc import Collection
 from typing import Any, Callable
 
 import torch
@@ -143,21 +144,23 @@ class DaopRunner(OffloadedExperts):
                 self.move(layer_idx, e, src, dst)
                 self.counters.add("settle_moves", layer_idx, 1)
             if ahead:
-                self.pending[nxt] = self.prefetch(nxt, host[1])
+                self.pending[nxt] = self.prefetch(nxt, host[1], set(last_in))
             # settle.copies wait for the switch to decode (settle_all): no layer of the prompt reads
             # them, and queued now they would hold up the later layers' copies, and the first token
 
         return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, after_launch=after_launch)
 
-    def prefetch(self, nxt: int, predicted_ids: torch.Tensor) -> Pending:
-        """Prefill: copy layer nxt's predicted host experts into the scratch slots now (each copy
-        waits until this layer's reads of its slot are done), or promise them to the CPU, whichever
-        lets nxt finish sooner (plan_speculation, with this layer's queued work as the lead)."""
+    def prefetch(self, nxt: int, predicted_ids: torch.Tensor, read: Collection[int] = ()) -> Pending:
+        """Prefill: copy layer nxt's predicted host experts into the scratch slots now, or promise
+        them to the CPU, whichever lets nxt finish sooner (plan_speculation, with this layer's queued
+        work as the lead). Slots this layer reads (`read`) are taken last: a copy into one waits on
+        the copy stream until the read is done, and every copy queued after it waits too."""
         cfg = self.policy.config
         predicted = group_by_expert(predicted_ids)
         cpu_free, copy_free = self.channel_clock(time.perf_counter())
         spec = plan_speculation({e: len(r[0]) for e, r in predicted.items()}, set(self.held_slots(nxt)),
-                                self.policy.scratch(), Clock(cpu_free, copy_free, max(cpu_free, copy_free)),
+                                sorted(self.policy.scratch(), key=lambda slot: slot in read),
+                                Clock(cpu_free, copy_free, max(cpu_free, copy_free)),
                                 self.policy.ctx.cost, stale_input=False, speculative_copies=True,
                                 balance_channels=cfg.balance_channels, cpu_experts=cfg.cpu_experts)
         pend = Pending(None, None, predicted_ids, Prepared(prefetched=dict(spec.copies), cpu_assigned=frozenset(spec.cpu_assigned)))
