@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from collections.abc import Collection
 from typing import Any, Callable
 
 import torch
