@@ -7,8 +7,8 @@ decode step runs `Decoder.decode` over rows [0, R) with one position per row: no
 expert routing only for real tokens. One iteration (`Batcher.step`) runs at most one prefill
 chunk of the oldest waiting sequence (a long prompt spreads over several iterations, so running
 sequences keep decoding), then one decode step for every decoding sequence. With `mix_prefill`
-(DAOP_MIX_PREFILL=1; off by default: no gain was measured yet, README's server section), where
-the decode step is not one captured graph (offloaded experts, a CPU device) the chunk and the step
+(`mix_by_default`: on for a CPU device, where it was measured faster; elsewhere DAOP_MIX_PREFILL=1),
+where the decode step is not one captured graph (offloaded experts, a CPU device) the chunk and the step
 run as one pass (`Decoder.decode_and_prefill`): attention apart, each layer's experts once for
 both, so a host-resident expert that the prompt and the batch both route to is read once, not
 twice. With `prefill_first`
@@ -45,6 +45,17 @@ from daop.sampling import Sampler, SamplingParams
 
 DEFAULT_CHUNK = 512  # prompt tokens per prefill chunk
 log = logging.getLogger("daop.batching")
+
+
+def mix_by_default(device: torch.device) -> bool:
+    """Whether prompt chunks share the decode step's pass when the caller does not say: on a CPU
+    device yes (the second pass's per-operator cost is most of a short prompt's prefill there: the
+    shipped model's server ran 1.08x the tokens/s with 8 clients, README's server section), on a GPU
+    no (no gain measured). DAOP_MIX_PREFILL=1 or 0 decides instead."""
+    env = os.environ.get("DAOP_MIX_PREFILL", "")
+    if env in ("0", "1"):
+        return env == "1"
+    return device.type == "cpu"
 
 
 @dataclass
@@ -86,8 +97,8 @@ class Batcher:
             raise DaopError(f"--max-batch must be >= 1, got {max_batch}")
         self.engine, self.decoder = engine, engine.decoder
         self.max_batch, self.chunk, self.prefill_first = max_batch, max(1, chunk), prefill_first
-        # a prompt chunk shares its FFN pass with the decode step (`mixes`); None: DAOP_MIX_PREFILL=1 turns it on
-        self.mix_prefill = os.environ.get("DAOP_MIX_PREFILL", "") == "1" if mix_prefill is None else mix_prefill
+        # a prompt chunk shares its FFN pass with the decode step (`mixes`); None: `mix_by_default`
+        self.mix_prefill = mix_by_default(self.decoder.device) if mix_prefill is None else mix_prefill
         self.runner_key: tuple | None = None  # the expert runner and routing its captured steps read (batch_for)
         self.max_len = min(max_len or engine.config.context_length, engine.config.context_length)
         self.cache = guarded(self.decoder, "allocation of the batch KV cache", KVCache, engine.config, max_batch,
