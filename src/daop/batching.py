@@ -49,9 +49,10 @@ log = logging.getLogger("daop.batching")
 
 def mix_by_default(device: torch.device) -> bool:
     """Whether prompt chunks share the decode step's pass when the caller does not say: on a CPU
-    device yes (the second pass's per-operator cost is most of a short prompt's prefill there: the
-    shipped model's server ran 1.08x the tokens/s with 8 clients, README's server section), on a GPU
-    no (no gain measured). DAOP_MIX_PREFILL=1 or 0 decides instead."""
+    device yes (a short prompt's own pass costs about what a decode step does there, most of it per
+    operator: with the shipped model, 8 in flight ran 1.16x the tokens/s in-process and 1.05x through
+    the server, README's server section), on a GPU no (no gain measured). DAOP_MIX_PREFILL=1 or 0
+    decides instead."""
     env = os.environ.get("DAOP_MIX_PREFILL", "")
     if env in ("0", "1"):
         return env == "1"
