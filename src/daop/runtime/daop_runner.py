@@ -143,10 +143,10 @@ class DaopRunner(OffloadedExperts):
             for e, src, dst in settle.moves:
                 self.move(layer_idx, e, src, dst)
                 self.counters.add("settle_moves", layer_idx, 1)
+            # settle.copies wait for the switch to decode (settle_all): no layer of the prompt reads
+            # them, and queued here they would hold up the later layers' copies and the first token
             if ahead:
                 self.pending[nxt] = self.prefetch(nxt, host[1], set(last_in))
-            # settle.copies wait for the switch to decode (settle_all): no layer of the prompt reads
-            # them, and queued now they would hold up the later layers' copies, and the first token
 
         return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, after_launch=after_launch)
 
