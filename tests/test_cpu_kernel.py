@@ -60,7 +60,7 @@ def test_kernel_token_rows_are_independent_and_thread_count_does_not_change_resu
 
 @needs_kernel
 def test_kernel_refuses_what_it_cannot_run():
-    gate_up, down = expert(64, 32)
+    gate_up, down = expert(64, 40)  # I not a multiple of 32: no AMX path either, on any CPU
     with pytest.raises(ValueError, match="1-8 tokens"):
         cpu_expert.expert(torch.randn(9, 64).bfloat16(), gate_up, down, threads=1)
     with pytest.raises(ValueError, match="do not fit"):
@@ -69,6 +69,62 @@ def test_kernel_refuses_what_it_cannot_run():
     assert not cpu_expert.serves(torch.bfloat16, cpu_expert.SERVES_TOKENS + 1, [gate_up, down])
     assert not cpu_expert.serves(torch.float32, 1, [gate_up.float(), down.float()])
     assert not cpu_expert.serves(torch.bfloat16, 1, list(ExpertFormat("int8", torch.bfloat16).from_float(gate_up.float(), down.float())))
+
+
+def amx_libraries():
+    """The tile path emulated in C (any CPU with a compiler), and the real one where this CPU has AMX."""
+    cc = cpu_expert.compiler()
+    if cc is None:
+        return []
+    libs = [pytest.param(("emulated",), id="emulated")]
+    if cpu_expert.isa() == "amx":
+        libs.append(pytest.param(("native",), id="native"))
+    return libs
+
+
+def amx_library(kind):
+    if kind[0] == "native":
+        return cpu_expert.library()
+    return cpu_expert.load(cpu_expert.build(cpu_expert.compiler(), ("DAOP_AMX_EMULATE=1",), amx=False))
+
+
+@needs_kernel
+@pytest.mark.parametrize("kind", amx_libraries())
+@pytest.mark.parametrize("D,I,rows", [(64, 96, None), (96, 64, None), (64, 128, 64)])
+def test_tile_path_matches_torch_and_each_token_row_stands_alone(kind, D, I, rows):
+    lib = amx_library(kind)
+    assert lib.isa == 3 and cpu_expert.max_tokens(D, rows or I, lib=lib) == cpu_expert.AMX_MAX_TOKENS
+    gate_up, down = expert(D, I)
+    K = rows or I
+    x = torch.randn(100, D, generator=torch.Generator().manual_seed(2)).bfloat16()  # 7 blocks of 16: two passes
+    h = F.linear(x.float(), gate_up.float())
+    ref = F.linear(F.silu(h[:, :K]) * h[:, I:I + K], down[:, :K].float())
+    part = [gate_up[:K], gate_up[I:I + K]]
+    torch_bf16 = expert_forward(x, [torch.cat(part), down[:, :K].contiguous()]).float()
+    scale = ref.abs().max().item()
+    whole = cpu_expert.expert(x, gate_up, down, threads=3, lib=lib, rows=rows)
+    assert (whole.float() - ref).abs().max().item() <= 2 * (torch_bf16 - ref).abs().max().item() + scale * 2**-8
+    assert (whole.float() - torch_bf16).abs().max().item() <= scale * 2**-6
+    for n in (9, 16, 17, 33):  # a token's row does not depend on the others, the padding or the thread count
+        assert torch.equal(cpu_expert.expert(x[:n], gate_up, down, threads=2, lib=lib, rows=rows), whole[:n])
+    queued = cpu_expert.Queued([x[:20], x[:3]], [(gate_up, down)] * 2, threads=2, lib=lib, rows=[rows, rows])
+    got = queued.wait()
+    assert torch.equal(got[0], whole[:20])  # 3 tokens: the vector path, its own sums
+    assert torch.equal(got[1], cpu_expert.expert(x[:3], gate_up, down, threads=2, lib=lib, rows=rows))
+
+
+@needs_kernel
+def test_tile_path_takes_only_aligned_shapes_and_at_most_its_token_limit():
+    lib = amx_library(("emulated",))
+    assert cpu_expert.max_tokens(64, 96, lib=lib) == cpu_expert.AMX_MAX_TOKENS
+    assert cpu_expert.max_tokens(64, 40, lib=lib) == cpu_expert.MAX_TOKENS  # 40 rows: not whole 32-wide steps
+    assert cpu_expert.max_tokens(48, 96, lib=lib) == cpu_expert.MAX_TOKENS
+    assert cpu_expert.max_tokens(64, 96, lib=lib, isa_level=2) == cpu_expert.MAX_TOKENS
+    gate_up, down = expert(64, 96)
+    with pytest.raises(ValueError, match="1-1024 tokens"):
+        cpu_expert.expert(torch.randn(cpu_expert.AMX_MAX_TOKENS + 1, 64).bfloat16(), gate_up, down, threads=1, lib=lib)
+    with pytest.raises(ValueError, match="1-8 tokens"):
+        cpu_expert.expert(torch.randn(9, 64).bfloat16(), gate_up, down, threads=1, lib=lib, isa_level=2)
 
 
 @needs_kernel

@@ -17,7 +17,7 @@ An exception in a job is re-raised in the caller by `result()`.
 
 Kernels: with `native`, a job list the C kernel serves whole (`daop.kernels.cpu_expert`: bf16
 experts for 1-8 tokens, at about the host's read bandwidth where torch's products took 1.4-1.7x
-longer) is queued on the kernel's own thread, in either mode: it starts at once and never needs the
+longer; with AMX also a prompt's 9-1024 tokens) is queued on the kernel's own thread, in either mode: it starts at once and never needs the
 GIL (a Python worker waited up to half a millisecond per job for the driving thread to let go of
 it). Other lists run as above, each job the kernel serves through it, the rest through
 `expert_forward`. Only CPU experts of a model on a GPU use the kernel: on a CPU device every
@@ -145,7 +145,8 @@ class DeferredFuture(Future):
 def kernel_name(native: bool) -> str:
     """Which products CPU experts run on (for profiles and bench cards): native is asked for a model on a GPU."""
     if native and cpu_expert.available():
-        return f"daop C kernel ({cpu_expert.isa()}) for bf16 at 1-{cpu_expert.SERVES_TOKENS} tokens, else torch"
+        upto = f"1-{cpu_expert.SERVES_TOKENS}" if cpu_expert.isa() != "amx" else f"1-{cpu_expert.AMX_MAX_TOKENS}"
+        return f"daop C kernel ({cpu_expert.isa()}) for bf16 at {upto} tokens, else torch"
     return "torch"
 
 
@@ -225,7 +226,7 @@ class CpuExecutor:
             raise ValueError("a compute function serves whole experts only, not the CPU's part of a split one")
         submitted = time.perf_counter()
         if (compute is None and self.native and rows
-                and all(cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights))):
+                and all(cpu_expert.serves(h_host.dtype, len(r), w, k) for r, w, k in zip(rows, weights, heads))):
             if ready is not None:
                 ready.synchronize()  # the activations' copy (the caller has just read the routing: it is quick)
             queued = cpu_expert.Queued([h_host.index_select(0, r) for r in rows], weights, self.threads,
@@ -240,7 +241,8 @@ class CpuExecutor:
                 if compute is not None:
                     ys = [compute(h_host.index_select(0, r), *w) for r, w in zip(rows, weights)]
                 else:  # per job: the C kernel where it serves, the rest in one scripted call
-                    served = [self.native and cpu_expert.serves(h_host.dtype, len(r), w) for r, w in zip(rows, weights)]
+                    served = [self.native and cpu_expert.serves(h_host.dtype, len(r), w, k)
+                              for r, w, k in zip(rows, weights, heads)]
                     rest = [i for i, s in enumerate(served) if not s and heads[i] is None]
                     by_torch = iter(self.kernel(h_host, [rows[i] for i in rest], [weights[i] for i in rest], self.glu) if rest else [])
                     ys = [cpu_expert.expert(h_host.index_select(0, r), w[0], w[1], self.threads, rows=k) if s

@@ -12,8 +12,15 @@
    are rounded to bf16 where torch's (and the GPU's) bf16 products round them: the gate_up output,
    silu(gate), its product with up, and the output; so CPU experts stay as close to GPU experts as
    torch's own CPU products were. Vector paths for AVX-512F and AVX2+FMA are chosen at run time; a plain C loop
-   serves other CPUs. */
-#define _POSIX_C_SOURCE 200809L
+   serves other CPUs.
+
+   With AMX (built with DAOP_AMX where the compiler knows the instructions, used where the CPU has
+   them and Linux grants the tile state), a job of AMX_MIN_TOKENS or more tokens (a prompt's share of
+   an expert) runs as bf16 tile products instead: each 16-row slice of a weight is read once per 96
+   tokens, and every (row, token) sum is float32 over k in order of 32-wide steps; the same roundings
+   apply. DAOP_AMX_EMULATE builds the same path with the tile instructions written in C, so that its
+   data layout can be tested on CPUs without AMX. */
+#define _GNU_SOURCE
 #include <math.h>
 #include <pthread.h>
 #include <stdint.h>
@@ -26,6 +33,21 @@
 #endif
 
 #define MAX_TOKENS 8
+#define AMX_MAX_TOKENS 1024
+#ifndef AMX_MIN_TOKENS
+#define AMX_MIN_TOKENS 9
+#endif
+#if defined(DAOP_AMX_EMULATE) && !defined(DAOP_AMX)
+#define DAOP_AMX 1
+#endif
+#if defined(DAOP_AMX) && !defined(DAOP_AMX_EMULATE) && !defined(DAOP_X86)
+#undef DAOP_AMX
+#endif
+#if defined(DAOP_AMX) && !defined(DAOP_AMX_EMULATE)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 static inline float bf16_to_f32(uint16_t v) {
     uint32_t u = (uint32_t)v << 16;
@@ -134,8 +156,8 @@ static void rows_vector(const group_fn *group, const group_fn *one, int chunk, c
 }
 #endif
 
-/* 2: AVX-512F, 1: AVX2 with FMA, 0: plain C. */
-int daop_cpu_isa(void) {
+/* The vector path this CPU has: 2 AVX-512F, 1 AVX2 with FMA, 0 plain C. */
+static int vector_level(void) {
 #ifdef DAOP_X86
     __builtin_cpu_init();
     if (__builtin_cpu_supports("avx512f")) return 2;
@@ -144,10 +166,33 @@ int daop_cpu_isa(void) {
     return 0;
 }
 
+/* Whether AMX tile products can run: the CPU has AMX-TILE and AMX-BF16 and Linux grants this
+   process the tile state (arch_prctl ARCH_REQ_XCOMP_PERM, once per process). Emulated: always. */
+static int amx_usable(void) {
+#if defined(DAOP_AMX_EMULATE)
+    return 1;
+#elif defined(DAOP_AMX) && defined(DAOP_X86)
+    unsigned a, b, c, d;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d) || !((d >> 22) & 1u) || !((d >> 24) & 1u)) return 0;
+    return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XFEATURE_XTILEDATA */) == 0;
+#else
+    return 0;
+#endif
+}
+
+static int VECTOR_LEVEL = -1;
+
+/* 3: AMX for AMX_MIN_TOKENS or more tokens (the vector path below that), 2: AVX-512F, 1: AVX2 with FMA,
+   0: plain C. */
+int daop_cpu_isa(void) {
+    VECTOR_LEVEL = vector_level();
+    return amx_usable() ? 3 : VECTOR_LEVEL;
+}
+
 static void rows(int isa, const uint16_t *W, long K, long ldw, long r0, long r1, const float *x, int n, float *out,
                  long ldo) {
 #ifdef DAOP_X86
-    if (isa == 2) { rows_vector(AVX512_G, AVX512_1, TOKENS_AVX512, W, K, ldw, r0, r1, x, n, out, ldo); return; }
+    if (isa >= 2) { rows_vector(AVX512_G, AVX512_1, TOKENS_AVX512, W, K, ldw, r0, r1, x, n, out, ldo); return; }
     if (isa == 1) { rows_vector(AVX2_G, AVX2_1, TOKENS_AVX2, W, K, ldw, r0, r1, x, n, out, ldo); return; }
 #endif
     rows_plain(W, K, ldw, r0, r1, x, n, out, ldo);
@@ -177,13 +222,185 @@ static void take_rows(int isa, const uint16_t *W, long K, long ldw, long total, 
     }
 }
 
+#ifdef DAOP_AMX
+/* ---- AMX tile products: out[t * ldo + r] = sum_k W[r, k] * x[t, k] for 16 rows r at a time ----
+   The weight is the A operand as stored (a tile is 16 rows x 32 k of bf16, loaded with the row stride
+   ldw); the tokens are the B operand, packed once per product in AMX's pair layout: per block of 16
+   tokens, xv[block][k / 2][token][k % 2] (zero past the last token). Each C tile sums 16 rows x 16
+   tokens in float32. Tiles 0-5 are C tiles (AMX_PASS token blocks per walk over a row slice), 6 the
+   weight's tile, 7 the tokens'. */
+#define AMX_PASS 6
+#ifndef AMX_PREFETCH
+#define AMX_PREFETCH 512 /* elements ahead in each of the 16 weight rows */
+#endif
+
+#ifdef DAOP_AMX_EMULATE
+static __thread float emu_c[6][16][16];
+static __thread uint16_t emu_ab[8][16][32];
+#define AMX_FN
+static void emu_load(int t, const void *p, long stride) {
+    for (int m = 0; m < 16; m++) memcpy(emu_ab[t][m], (const char *)p + m * stride, 64);
+}
+static void emu_dp(int c, int a, int b) { /* C[m][j] += sum_i A[m][2i + q] * B[i][2j + q], q = 0, 1 */
+    for (int m = 0; m < 16; m++)
+        for (int j = 0; j < 16; j++) {
+            float s = emu_c[c][m][j];
+            for (int i = 0; i < 16; i++)
+                s += bf16_to_f32(emu_ab[a][m][2 * i]) * bf16_to_f32(emu_ab[b][i][2 * j]) +
+                     bf16_to_f32(emu_ab[a][m][2 * i + 1]) * bf16_to_f32(emu_ab[b][i][2 * j + 1]);
+            emu_c[c][m][j] = s;
+        }
+}
+#define TILE_BEGIN() ((void)0)
+#define TILE_END() ((void)0)
+#define TILE_ZERO(t) memset(emu_c[t], 0, sizeof emu_c[t])
+#define TILE_LOAD(t, p, stride) emu_load(t, p, stride)
+#define TILE_DP(c, a, b) emu_dp(c, a, b)
+#define TILE_STORE(t, p) memcpy(p, emu_c[t], sizeof emu_c[t])
+#else
+#define AMX_FN __attribute__((target("amx-tile,amx-bf16")))
+typedef struct __attribute__((aligned(64))) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} amx_config;
+AMX_FN static void tile_begin(void) { /* every tile 16 rows x 64 bytes */
+    amx_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) { cfg.colsb[t] = 64; cfg.rows[t] = 16; }
+    _tile_loadconfig(&cfg);
+}
+#define TILE_BEGIN() tile_begin()
+#define TILE_END() _tile_release()
+#define TILE_ZERO(t) _tile_zero(t)
+#define TILE_LOAD(t, p, stride) _tile_loadd(t, p, stride)
+#define TILE_DP(c, a, b) _tile_dpbf16ps(c, a, b)
+#define TILE_STORE(t, p) _tile_stored(t, p, 64)
+#endif
+
+/* Rows [r, r + 16) of W against token blocks [b0, b0 + nb) (nb <= AMX_PASS) of xv; K % 32 == 0. */
+AMX_FN static void amx_block(const uint16_t *W, long K, long ldw, long r, const uint16_t *xv, int b0, int nb, int n,
+                             float *out, long ldo) {
+    const long block = K * 16; /* uint16s per token block of xv */
+    const uint16_t *xb = xv + b0 * block;
+#define AMX_ZERO(i) if (i < nb) TILE_ZERO(i);
+    AMX_ZERO(0) AMX_ZERO(1) AMX_ZERO(2) AMX_ZERO(3) AMX_ZERO(4) AMX_ZERO(5)
+    for (long k = 0; k < K; k += 32) {
+#ifdef DAOP_X86
+        if (k + AMX_PREFETCH < K)
+            for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(W + (r + i) * ldw + k + AMX_PREFETCH), _MM_HINT_T0);
+#endif
+        TILE_LOAD(6, W + r * ldw + k, ldw * 2);
+#define AMX_STEP(i) if (i < nb) { TILE_LOAD(7, xb + i * block + k * 16, 64); TILE_DP(i, 6, 7); }
+        AMX_STEP(0) AMX_STEP(1) AMX_STEP(2) AMX_STEP(3) AMX_STEP(4) AMX_STEP(5)
+    }
+    float c[16 * 16] __attribute__((aligned(64)));
+#define AMX_OUT(i)                                                                           \
+    if (i < nb) {                                                                             \
+        TILE_STORE(i, c);                                                                     \
+        for (int j = 0; j < 16 && (b0 + i) * 16 + j < n; j++)                                 \
+            for (int m = 0; m < 16; m++) out[((b0 + i) * 16 + j) * ldo + r + m] = c[m * 16 + j]; \
+    }
+    AMX_OUT(0) AMX_OUT(1) AMX_OUT(2) AMX_OUT(3) AMX_OUT(4) AMX_OUT(5)
+#undef AMX_ZERO
+#undef AMX_STEP
+#undef AMX_OUT
+}
+
+/* As take_rows, for the tile path: 16-row chunks (total % 16 == 0), every token block of each. */
+static void amx_take_rows(const uint16_t *W, long K, long ldw, long total, long *next, const uint16_t *xv, int n,
+                          float *out, long ldo) {
+    int blocks = (n + 15) / 16;
+    for (;;) {
+        long r0 = __atomic_fetch_add(next, 16, __ATOMIC_RELAXED);
+        if (r0 >= total) return;
+        for (int b0 = 0; b0 < blocks; b0 += AMX_PASS)
+            amx_block(W, K, ldw, r0, xv, b0, blocks - b0 < AMX_PASS ? blocks - b0 : AMX_PASS, n, out, ldo);
+    }
+}
+
+/* The tile path of daop_expert_bf16 (same arguments; D % 32 == 0, K % 32 == 0). */
+AMX_FN static void expert_amx(const uint16_t *x, int n, const uint16_t *gate_up, const uint16_t *down, uint16_t *y,
+                              long D, long I, long K, int threads, float *scratch) {
+    const int blocks = (n + 15) / 16;
+    float *h = scratch, *yf = h + (long)n * 2 * K;
+    uint16_t *xv = (uint16_t *)(yf + (long)n * D), *av = xv + (long)blocks * 16 * D;
+    long next_gate = 0, next_up = 0, next_down = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int id = omp_get_thread_num(), count = omp_get_num_threads();
+        long r0, r1;
+        share(D / 2, id, count, &r0, &r1); /* the tokens in pair layout, k pairs [r0, r1) */
+        for (int b = 0; b < blocks; b++)
+            for (long p = r0; p < r1; p++)
+                for (int j = 0; j < 16; j++) {
+                    int t = b * 16 + j;
+                    uint16_t *dst = xv + ((b * (D / 2) + p) * 16 + j) * 2;
+                    dst[0] = t < n ? x[t * D + 2 * p] : 0;
+                    dst[1] = t < n ? x[t * D + 2 * p + 1] : 0;
+                }
+#pragma omp barrier
+        TILE_BEGIN();
+        amx_take_rows(gate_up, D, D, K, &next_gate, xv, n, h, 2 * K);
+        amx_take_rows(gate_up + I * D, D, D, K, &next_up, xv, n, h + K, 2 * K);
+#pragma omp barrier
+        share(K, id, count, &r0, &r1); /* 16-row blocks: whole pairs */
+        for (int t = 0; t < blocks * 16; t++)
+            for (long i = r0; i < r1; i++) { /* rounded to bf16 where torch's bf16 products round */
+                uint16_t v = 0;
+                if (t < n) {
+                    float g = round_bf16(h[t * 2 * K + i]), u = round_bf16(h[t * 2 * K + K + i]);
+                    v = f32_to_bf16(round_bf16(g / (1.f + expf(-g))) * u);
+                }
+                av[(((t / 16) * (K / 2) + i / 2) * 16 + t % 16) * 2 + i % 2] = v;
+            }
+#pragma omp barrier
+        amx_take_rows(down, K, I, D, &next_down, av, n, yf, D);
+        TILE_END();
+#pragma omp barrier
+        share((long)n * D, id, count, &r0, &r1);
+        for (long i = r0; i < r1; i++) y[i] = f32_to_bf16(yf[i]);
+    }
+}
+#endif
+
+/* Whether a job of n tokens over K intermediate rows takes the tile path. */
+static int takes_amx(int isa, int n, long D, long K) {
+#ifdef DAOP_AMX
+    return isa >= 3 && n >= AMX_MIN_TOKENS && n <= AMX_MAX_TOKENS && D % 32 == 0 && K % 32 == 0;
+#else
+    (void)isa; (void)n; (void)D; (void)K;
+    return 0;
+#endif
+}
+
+/* The most tokens a job may have for this isa and shape (the vector paths take up to MAX_TOKENS). */
+int daop_max_tokens(int isa, long D, long K) { return takes_amx(isa, AMX_MAX_TOKENS, D, K) ? AMX_MAX_TOKENS : MAX_TOKENS; }
+
+/* The float32 scratch a job needs. */
+long daop_scratch_floats(int isa, int n, long D, long K) {
+    if (takes_amx(isa, n, D, K)) return (long)n * (2 * K + D) + 8L * ((n + 15) / 16) * (D + K);
+    return (long)n * (D + 3 * K);
+}
+
 /* x [n, D] bf16 -> y [n, D] bf16 over the first K of the expert's I intermediate rows (K = I: the whole
    expert; K < I: the CPU's part of an expert split with the GPU, which computes rows K..I and adds its
    output): gate rows [0, K) and up rows [I, I + K) of gate_up, columns [0, K) of down. scratch holds
-   n * (D + 3K) floats. isa: daop_cpu_isa() or lower. Returns 0, or -1 when n or K is out of range. */
+   daop_scratch_floats(isa, n, D, K) floats. isa: daop_cpu_isa() or lower. Returns 0, or -1 when n or K
+   is out of range (more than daop_max_tokens). */
 int daop_expert_bf16(const uint16_t *x, int n, const uint16_t *gate_up, const uint16_t *down, uint16_t *y,
                      long D, long I, long K, int threads, int isa, float *scratch) {
-    if (n < 1 || n > MAX_TOKENS || K < 1 || K > I) return -1;
+    if (n < 1 || K < 1 || K > I) return -1;
+#ifdef DAOP_AMX
+    if (takes_amx(isa, n, D, K)) {
+        expert_amx(x, n, gate_up, down, y, D, I, K, threads, scratch);
+        return 0;
+    }
+#endif
+    if (n > MAX_TOKENS) return -1;
+    if (VECTOR_LEVEL < 0) VECTOR_LEVEL = vector_level();
+    if (isa > VECTOR_LEVEL) isa = VECTOR_LEVEL;
     float *xf = scratch, *h = xf + n * D, *a = h + n * 2 * K, *yf = xf; /* yf reuses xf once it is read */
     for (long i = 0; i < n * D; i++) xf[i] = bf16_to_f32(x[i]);
     long next_gate = 0, next_up = 0, next_down = 0; /* the next chunk of rows to take, shared by the team */

@@ -1,4 +1,6 @@
-"""A bf16 expert for 1-8 tokens on the CPU at memory speed (`cpu_expert.c`), for CPU experts of a GPU model.
+"""A bf16 expert on the CPU at memory speed (`cpu_expert.c`), for CPU experts of a GPU model: 1-8
+tokens with AVX-512 or AVX2 vectors, and, on CPUs with AMX, 9-1024 tokens (a prompt's share of an
+expert) with bf16 tile products.
 
 Why a kernel of our own: a decode-time expert reads every weight once, so it is bound by host memory.
 On an H200 host (16 cores, 96 GB/s read), torch's bf16 `F.linear` ran one Mixtral expert in 6.3 ms,
@@ -6,6 +8,10 @@ On an H200 host (16 cores, 96 GB/s read), torch's bf16 `F.linear` ran one Mixtra
 42 GB/s (`scripts/cpu_split_probe.py`, `benchmarks/results/h200-cpu-split-probe.jsonl`). oneDNN's
 pre-packed weights came within 1.17x but need a second, re-laid copy of every expert next to the
 one the copy channel sends to the GPU. The C kernel reads the weights as stored.
+
+Where torch's products stood on the same host (`scripts/cpu_prefill_gemm_probe.py`, benchmarks/results/
+h200-diagnostics-2026-12-03.jsonl): oneDNN's AMX kernel read one expert's weights at only 66 / 41 / 14
+GB/s at 16 / 64 / 256 tokens, where the tile path reads each 16-row slice of a weight once per 96 tokens.
 
 The source is compiled once per machine with the system C compiler (`$CC`, else `cc`) into
 `$XDG_CACHE_HOME/daop/kernels/` (default `~/.cache/daop/kernels/`) and loaded with ctypes, which
@@ -39,7 +45,8 @@ MAX_TOKENS = 8  # the most token rows the kernel takes
 # 6.22 ms at 1 / 4 / 5 / 8 tokens against torch's 7.14-7.89 ms at each (scripts/cpu_kernel_sweep.py,
 # benchmarks/results/h200-cpu-kernel-tokens.jsonl)
 SERVES_TOKENS = MAX_TOKENS
-ISA_NAMES = {2: "avx512", 1: "avx2", 0: "plain C"}
+AMX_MAX_TOKENS = 1024  # on the AMX path (AMX_MAX_TOKENS in the source)
+ISA_NAMES = {3: "amx", 2: "avx512", 1: "avx2", 0: "plain C"}
 
 _LOCK = threading.Lock()
 _STATE: dict = {}
@@ -57,9 +64,16 @@ def compiler() -> str | None:
     return None
 
 
-def build(cc: str, defines: tuple[str, ...] = ()) -> Path:
+def build(cc: str, defines: tuple[str, ...] = (), amx: bool = True) -> Path:
     """Compile the source into the cache (once per source, compiler and defines); the library's path.
-    defines: NAME=VALUE settings of the source's tunables (PREFETCH, GROUP_ROWS), for probes."""
+    defines: NAME=VALUE settings of the source's tunables (PREFETCH, GROUP_ROWS, ...), for probes.
+    amx: with the AMX tile path (DAOP_AMX) where the compiler knows AMX; a compiler that does not
+    gets the library without it."""
+    if amx:
+        try:
+            return build(cc, ("DAOP_AMX=1", *defines), amx=False)
+        except RuntimeError:
+            pass
     flags = ["-O3", "-shared", "-fPIC", "-fopenmp", "-pthread", "-std=c11", *(f"-D{d}" for d in defines)]
     digest = hashlib.sha1(SOURCE.read_bytes() + " ".join([cc, *flags, sys.platform]).encode()).hexdigest()[:12]
     target = cache_dir() / f"cpu_expert-{digest}.so"
@@ -95,6 +109,10 @@ def load(path: Path) -> ctypes.CDLL:
                                      ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int,
                                      ctypes.c_void_p]
     lib.daop_cpu_isa.restype = ctypes.c_int
+    lib.daop_max_tokens.restype = ctypes.c_int
+    lib.daop_max_tokens.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    lib.daop_scratch_floats.restype = ctypes.c_long
+    lib.daop_scratch_floats.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
     lib.daop_submit.restype = ctypes.c_long
     lib.daop_submit.argtypes = [ctypes.POINTER(ctypes.POINTER(JobStruct)), ctypes.c_int]
     lib.daop_wait.restype = None
@@ -131,28 +149,44 @@ def available() -> bool:
 
 
 def isa() -> str:
-    """The instruction set the kernel uses on this CPU ("avx512", "avx2", "plain C"), or "none"."""
+    """The best instruction set the kernel uses on this CPU ("amx", "avx512", "avx2", "plain C"), or "none"."""
     lib = library()
     return ISA_NAMES[lib.isa] if lib is not None else "none"
 
 
-def serves(dtype: torch.dtype, tokens: int, w: list) -> bool:
+def max_tokens(D: int, K: int, lib: ctypes.CDLL | None = None, isa_level: int | None = None) -> int:
+    """The most tokens a job over hidden size D and K intermediate rows may have: 1024 on the AMX
+    path (D and K multiples of 32), else MAX_TOKENS; 0 without the kernel."""
+    lib = lib or library()
+    if lib is None:
+        return 0
+    return lib.daop_max_tokens(lib.isa if isa_level is None else min(isa_level, lib.isa), D, K)
+
+
+def serves(dtype: torch.dtype, tokens: int, w: list, rows: int | None = None) -> bool:
     """Whether the executor runs a job through `expert` (where the kernel is `available()`): bf16
-    activations, a bf16 float expert (gate_up, down) and 1-8 tokens (SERVES_TOKENS)."""
-    return (len(w) == 2 and w[0].dtype == torch.bfloat16 and w[1].dtype == torch.bfloat16
-            and dtype == torch.bfloat16 and 1 <= tokens <= SERVES_TOKENS)
+    activations, a bf16 float expert (gate_up, down) and 1-SERVES_TOKENS tokens, or more where the
+    AMX path takes them (`max_tokens`). rows: the CPU's part of a split expert (see `expert`)."""
+    if not (len(w) == 2 and w[0].dtype == torch.bfloat16 and w[1].dtype == torch.bfloat16 and dtype == torch.bfloat16):
+        return False
+    if 1 <= tokens <= SERVES_TOKENS:
+        return True
+    D, I = w[1].shape
+    return tokens <= max_tokens(D, I if rows is None else int(rows))
 
 
-def check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, rows: int | None = None) -> int:
-    """The intermediate rows the job computes (rows, or all of them), once the shapes fit."""
+def check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, rows: int | None = None,
+                 limit: int = MAX_TOKENS) -> int:
+    """The intermediate rows the job computes (rows, or all of them), once the shapes fit (at most
+    `limit` tokens)."""
     D, I = x.shape[1], down.shape[1]
     if gate_up.shape != (2 * I, D) or down.shape != (D, I):
         raise ValueError(f"expert shapes gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)} do not fit x {tuple(x.shape)}")
-    if not 1 <= x.shape[0] <= MAX_TOKENS:
-        raise ValueError(f"the CPU expert kernel takes 1-{MAX_TOKENS} tokens, got {x.shape[0]}")
     K = I if rows is None else int(rows)
     if not 1 <= K <= I:
         raise ValueError(f"an expert part of {K} intermediate rows does not fit an expert of {I}")
+    if not 1 <= x.shape[0] <= limit:
+        raise ValueError(f"the CPU expert kernel takes 1-{limit} tokens for this expert shape, got {x.shape[0]}")
     return K
 
 
@@ -176,12 +210,12 @@ class Queued:
         self.ys: list[torch.Tensor] = []
         self.jobs: list[JobStruct] = []
         for x, (gate_up, down), part in zip(xs, weights, rows or [None] * len(xs), strict=True):
-            K = check_shapes(x, gate_up, down, part)
+            K = check_shapes(x, gate_up, down, part, lib.daop_max_tokens(lib.isa, x.shape[1], part or down.shape[1]))
             x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
             n, D = x.shape
             I = down.shape[1]
             y = torch.empty(n, D, dtype=torch.bfloat16, pin_memory=pin)  # pinned: uploaded without a host sync
-            scratch = torch.empty(n * (D + 3 * K), dtype=torch.float32)
+            scratch = torch.empty(lib.daop_scratch_floats(lib.isa, n, D, K), dtype=torch.float32)
             self.keep += [x, gate_up, down, scratch]
             self.ys.append(y)
             self.jobs.append(JobStruct(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I, K,
@@ -217,25 +251,25 @@ def _drain() -> None:
 
 def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: int,
            isa_level: int | None = None, lib: ctypes.CDLL | None = None, rows: int | None = None) -> torch.Tensor:
-    """down(silu(gate x) * up x) for x [n, D] bf16 (n <= 8); gate_up [2I, D], down [D, I] bf16, on the host.
+    """down(silu(gate x) * up x) for x [n, D] bf16 (n <= `max_tokens`); gate_up [2I, D], down [D, I] bf16, on the host.
 
     rows: only intermediate rows [0, rows) (gate rows [0, rows), up rows [I, I + rows), down columns
     [0, rows)), the CPU's part of an expert split with the GPU; default all of them.
-    isa_level: force a lower path (0 plain C, 1 AVX2) for tests; default the best this CPU has.
+    isa_level: force a lower path (0 plain C, 1 AVX2, 2 AVX-512) for tests; default the best this CPU has.
     lib: a library built with other tunables (`load(build(cc, defines))`), for probes."""
     lib = lib or library()
     if lib is None:
         raise RuntimeError("the CPU expert kernel is not available")
-    K = check_shapes(x, gate_up, down, rows)
+    level = lib.isa if isa_level is None else min(isa_level, lib.isa)
+    K = check_shapes(x, gate_up, down, rows, lib.daop_max_tokens(level, x.shape[1], rows or down.shape[1]))
     n, D = x.shape
     I = down.shape[1]
     x = x.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     y = torch.empty(n, D, dtype=torch.bfloat16)
-    scratch = torch.empty(n * (D + 3 * K), dtype=torch.float32)
-    level = lib.isa if isa_level is None else min(isa_level, lib.isa)
+    scratch = torch.empty(lib.daop_scratch_floats(level, n, D, K), dtype=torch.float32)
     rc = lib.daop_expert_bf16(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I, K,
                               max(1, int(threads)), level, scratch.data_ptr())
     if rc != 0:
-        raise ValueError(f"the CPU expert kernel takes 1-{MAX_TOKENS} tokens, got {n}")
+        raise ValueError(f"the CPU expert kernel refused {n} tokens")
     return y
