@@ -17,7 +17,7 @@ An exception in a job is re-raised in the caller by `result()`.
 
 Kernels: with `native`, a job list the C kernel serves whole (`daop.kernels.cpu_expert`: bf16
 experts for 1-8 tokens, at about the host's read bandwidth where torch's products took 1.4-1.7x
-longer; with AMX also a prompt's 9-1024 tokens) is queued on the kernel's own thread, in either mode: it starts at once and never needs the
+longer; with AMX up to 128 tokens, a prompt's share of an expert) is queued on the kernel's own thread, in either mode: it starts at once and never needs the
 GIL (a Python worker waited up to half a millisecond per job for the driving thread to let go of
 it). Other lists run as above, each job the kernel serves through it, the rest through
 `expert_forward`. Only CPU experts of a model on a GPU use the kernel: on a CPU device every

@@ -1,6 +1,6 @@
 """A bf16 expert on the CPU at memory speed (`cpu_expert.c`), for CPU experts of a GPU model: 1-8
-tokens with AVX-512 or AVX2 vectors, and, on CPUs with AMX, 9-1024 tokens (a prompt's share of an
-expert) with bf16 tile products.
+tokens with AVX-512 or AVX2 vectors, and, on CPUs with AMX, 4-128 tokens (a batch's or a prompt's
+share of an expert) with bf16 tile products.
 
 Why a kernel of our own: a decode-time expert reads every weight once, so it is bound by host memory.
 On an H200 host (16 cores, 96 GB/s read), torch's bf16 `F.linear` ran one Mixtral expert in 6.3 ms,
@@ -45,7 +45,7 @@ MAX_TOKENS = 8  # the most token rows the kernel takes
 # 6.22 ms at 1 / 4 / 5 / 8 tokens against torch's 7.14-7.89 ms at each (scripts/cpu_kernel_sweep.py,
 # benchmarks/results/h200-cpu-kernel-tokens.jsonl)
 SERVES_TOKENS = MAX_TOKENS
-AMX_MAX_TOKENS = 1024  # on the AMX path (AMX_MAX_TOKENS in the source)
+AMX_MAX_TOKENS = 128  # on the AMX path (AMX_MAX_TOKENS in the source, which says why)
 ISA_NAMES = {3: "amx", 2: "avx512", 1: "avx2", 0: "plain C"}
 
 _LOCK = threading.Lock()
@@ -155,8 +155,8 @@ def isa() -> str:
 
 
 def max_tokens(D: int, K: int, lib: ctypes.CDLL | None = None, isa_level: int | None = None) -> int:
-    """The most tokens a job over hidden size D and K intermediate rows may have: 1024 on the AMX
-    path (D and K multiples of 32), else MAX_TOKENS; 0 without the kernel."""
+    """The most tokens a job over hidden size D and K intermediate rows may have: AMX_MAX_TOKENS on
+    the AMX path (D and K multiples of 32), else MAX_TOKENS; 0 without the kernel."""
     lib = lib or library()
     if lib is None:
         return 0
