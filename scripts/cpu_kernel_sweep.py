@@ -7,8 +7,9 @@ cell also has the kernel's largest difference from torch's bf16 expert, over the
 magnitude (`err`). Prints a table and one JSON line.
 
     python3 scripts/cpu_kernel_sweep.py [--prefetch 0,512,1024,2048] [--rows 2,4,8] [--threads 15,16]
-        [--tokens 1,4,16,64] [--amx-min 9]   (AMX_MIN_TOKENS: on a CPU with AMX, the fewest tokens
-        that take the tile path)
+        [--tokens 1,4,16,64] [--amx-min 4]   (AMX_MIN_TOKENS: on a CPU with AMX, the fewest tokens
+        that take the tile path)  [--variants "AMX_KC=1024,AMX_MAX_TOKENS=512;AMX_KC=2048"]
+        (more builds: ';' between variants, ',' between one variant's NAME=VALUE settings)
 """
 from __future__ import annotations
 
@@ -42,7 +43,8 @@ def main() -> None:
     ap.add_argument("--rows", default="2,4,8")
     ap.add_argument("--threads", default="15,16")
     ap.add_argument("--tokens", default="1,4")
-    ap.add_argument("--amx-min", default="9", help="AMX_MIN_TOKENS values to build (the tile path from this many tokens)")
+    ap.add_argument("--amx-min", default="4", help="AMX_MIN_TOKENS values to build (the tile path from this many tokens)")
+    ap.add_argument("--variants", default="", help="builds with other settings: ';' between variants, ',' between settings")
     ap.add_argument("--repeat", type=int, default=15)
     ap.add_argument("--small", action="store_true", help="a tiny expert, to check that the script runs")
     args = ap.parse_args()
@@ -51,9 +53,10 @@ def main() -> None:
     experts = [((torch.randn(2 * I, D) * 0.02).bfloat16(), (torch.randn(D, I) * 0.02).bfloat16()) for _ in range(8)]
     nbytes = 3 * D * I * 2
     cc = cpu_expert.compiler()
-    libs = {(p, r, a): cpu_expert.load(cpu_expert.build(cc, (f"PREFETCH={p}", f"GROUP_ROWS={r}", f"AMX_MIN_TOKENS={a}")))
+    variants = [tuple(v.split(",")) for v in args.variants.split(";") if v] or [()]
+    libs = {(p, r, a, v): cpu_expert.load(cpu_expert.build(cc, (f"PREFETCH={p}", f"GROUP_ROWS={r}", f"AMX_MIN_TOKENS={a}", *v)))
             for p in map(int, args.prefetch.split(",")) for r in map(int, args.rows.split(","))
-            for a in map(int, args.amx_min.split(","))}
+            for a in map(int, args.amx_min.split(",")) for v in variants}
     rows = []
     with torch.inference_mode():
         for T in map(int, args.threads.split(",")):
@@ -70,18 +73,18 @@ def main() -> None:
 
                 want = torch_expert(0).float()
                 cells = {"torch F.linear": (median_ms(torch_expert, args.repeat), 0.0)}
-                for (p, r, a), lib in libs.items():
+                for (p, r, a, v), lib in libs.items():
                     if n > cpu_expert.max_tokens(D, I, lib=lib):
                         continue
                     err = (cpu_expert.expert(x, *experts[0], T, lib=lib).float() - want).abs().max().item() / want.abs().max().item()
-                    cells[f"kernel prefetch {p} rows {r} amx>={a}"] = (median_ms(
+                    cells[" ".join([f"kernel prefetch {p} rows {r} amx>={a}", *v])] = (median_ms(
                         lambda i, lib=lib: cpu_expert.expert(x, *experts[i % 8], T, lib=lib), args.repeat), err)
                 for name, (ms, err) in cells.items():
                     rows.append({"variant": name, "threads": T, "tokens": n, "ms": round(ms, 3), "read_gbps": round(gbps, 1),
                                  "over_floor": round(ms / floor, 2), "err": round(err, 5)})
-    print(f"{'variant':40} {'thr':>4} {'tok':>4} {'GB/s':>6} {'ms':>8} {'x floor':>8} {'err':>8}")
+    print(f"{'variant':60} {'thr':>4} {'tok':>4} {'GB/s':>6} {'ms':>8} {'x floor':>8} {'err':>8}")
     for r in rows:
-        print(f"{r['variant']:40} {r['threads']:4d} {r['tokens']:4d} {r['read_gbps']:6.1f} {r['ms']:8.3f} {r['over_floor']:8.2f} "
+        print(f"{r['variant']:60} {r['threads']:4d} {r['tokens']:4d} {r['read_gbps']:6.1f} {r['ms']:8.3f} {r['over_floor']:8.2f} "
               f"{r['err']:8.5f}")
     print(json.dumps({"kind": "cpu_kernel_sweep", "torch": torch.__version__, "expert_bytes": nbytes, "isa": cpu_expert.isa(),
                       "rows": rows}))

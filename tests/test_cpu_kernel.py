@@ -76,7 +76,8 @@ def amx_libraries():
     cc = cpu_expert.compiler()
     if cc is None:
         return []
-    libs = [pytest.param(("emulated",), id="emulated")]
+    libs = [pytest.param(("emulated",), id="emulated"),  # one k segment at these sizes; below, several
+            pytest.param(("emulated", "AMX_KC=32"), id="emulated-kc32"), pytest.param(("emulated", "AMX_KC=64"), id="emulated-kc64")]
     if cpu_expert.isa() == "amx":
         libs.append(pytest.param(("native",), id="native"))
     return libs
@@ -85,7 +86,7 @@ def amx_libraries():
 def amx_library(kind):
     if kind[0] == "native":
         return cpu_expert.library()
-    return cpu_expert.load(cpu_expert.build(cpu_expert.compiler(), ("DAOP_AMX_EMULATE=1",), amx=False))
+    return cpu_expert.load(cpu_expert.build(cpu_expert.compiler(), ("DAOP_AMX_EMULATE=1", *kind[1:]), amx=False))
 
 
 @needs_kernel
