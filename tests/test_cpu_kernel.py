@@ -76,8 +76,7 @@ def amx_libraries():
     cc = cpu_expert.compiler()
     if cc is None:
         return []
-    libs = [pytest.param(("emulated",), id="emulated"),  # one k segment at these sizes; below, several
-            pytest.param(("emulated", "AMX_KC=32"), id="emulated-kc32"), pytest.param(("emulated", "AMX_KC=64"), id="emulated-kc64")]
+    libs = [pytest.param(("emulated",), id="emulated")]
     if cpu_expert.isa() == "amx":
         libs.append(pytest.param(("native",), id="native"))
     return libs

@@ -37,7 +37,9 @@
    at 1-16 tokens, 3.2 / 4.5 / 8.3 ms at 32 / 64 / 128, against the vector path's 2.6 / 3.3 / 5.1 ms at
    1 / 4 / 8 and torch's 5.0-8.0 ms at 9-64 and 14.7 at 128; at 256 tokens, 53 ms against torch's 18.8,
    where each 16-row slice reads 16 token blocks from beyond the core's cache
-   (scripts/cpu_kernel_sweep.py, benchmarks/results/h200-cpu-kernel-amx.jsonl). */
+   (scripts/cpu_kernel_sweep.py, benchmarks/results/h200-cpu-kernel-amx.jsonl). Sweeping every row
+   chunk over one k segment before the next, with partial sums kept in memory between segments, was
+   slower on the same kind of host (5.1-8.5 ms at 64 tokens, 31-39 at 128; the same file). */
 #ifndef AMX_MAX_TOKENS
 #define AMX_MAX_TOKENS 128
 #endif
@@ -264,8 +266,6 @@ static void emu_dp(int c, int a, int b) { /* C[m][j] += sum_i A[m][2i + q] * B[i
 #define TILE_LOAD(t, p, stride) emu_load(t, p, stride)
 #define TILE_DP(c, a, b) emu_dp(c, a, b)
 #define TILE_STORE(t, p) memcpy(p, emu_c[t], sizeof emu_c[t])
-#define TILE_LOAD_C(t, p) memcpy(emu_c[t], p, sizeof emu_c[t])
-#define PAUSE() ((void)0)
 #else
 #define AMX_FN __attribute__((target("amx-tile,amx-bf16")))
 typedef struct __attribute__((aligned(64))) {
@@ -286,86 +286,56 @@ AMX_FN static void tile_begin(void) { /* every tile 16 rows x 64 bytes */
 #define TILE_LOAD(t, p, stride) _tile_loadd(t, p, stride)
 #define TILE_DP(c, a, b) _tile_dpbf16ps(c, a, b)
 #define TILE_STORE(t, p) _tile_stored(t, p, 64)
-#define TILE_LOAD_C(t, p) _tile_loadd(t, p, 64)
-#define PAUSE() _mm_pause()
 #endif
 
-#ifndef AMX_KC
-#define AMX_KC 2048 /* k per segment: a segment's token tiles (16 blocks: 1 MB) stay in the core's cache */
-#endif
-
-/* One product on the tile path, out[t * ldo + r] = sum_k W(r)[k] * x[t, k] for rows r < total (a
-   multiple of 16), where W(r) is row r of W0, or row r - split of W1 from row `split` on (gate and
-   up rows in one product). Tasks are (k segment, 16-row chunk), taken in segment-major order from a
-   shared counter: the threads sweep every chunk over one segment of k before the next, so the token
-   tiles they read (xv, of that segment) stay in their caches instead of being read again from
-   memory for every chunk. A chunk's partial sums wait between segments in acc (float32 C tiles,
-   [chunk][block][16 x 16]); done[chunk] counts its finished segments, and a task whose chunk's
-   previous segment is still running waits for it. The float32 chains are the same as one pass over
-   k: every (row, token) sum runs over k in order, whatever the thread count or the other tokens. */
-AMX_FN static void amx_product(const uint16_t *W0, const uint16_t *W1, long split, long K, long ldw, long total,
-                               long *next, uint32_t *done, float *acc, const uint16_t *xv, int n, float *out, long ldo) {
-    const int blocks = (n + 15) / 16;
-    const long chunks = total / 16, segs = (K + AMX_KC - 1) / AMX_KC, tasks = chunks * segs, block = K * 16;
-    float c[16 * 16] __attribute__((aligned(64)));
-    for (;;) {
-        long task = __atomic_fetch_add(next, 1, __ATOMIC_RELAXED);
-        if (task >= tasks) return;
-        long seg = task / chunks, chunk = task % chunks, r = chunk * 16;
-        long k0 = seg * AMX_KC, k1 = k0 + AMX_KC < K ? k0 + AMX_KC : K;
-        const uint16_t *W = r < split ? W0 + r * ldw : W1 + (r - split) * ldw;
-        while ((long)__atomic_load_n(done + chunk, __ATOMIC_ACQUIRE) < seg) PAUSE();
-        for (int b0 = 0; b0 < blocks; b0 += AMX_PASS) {
-            const int nb = blocks - b0 < AMX_PASS ? blocks - b0 : AMX_PASS;
-            const uint16_t *xb = xv + b0 * block;
-            float *part = acc + (chunk * blocks + b0) * 256;
-#define AMX_START(i) if (i < nb) { if (seg == 0) TILE_ZERO(i); else TILE_LOAD_C(i, part + i * 256); }
-            AMX_START(0) AMX_START(1) AMX_START(2) AMX_START(3) AMX_START(4) AMX_START(5)
-            for (long k = k0; k < k1; k += 32) {
+/* Rows [r, r + 16) of W against token blocks [b0, b0 + nb) (nb <= AMX_PASS) of xv; K % 32 == 0. */
+AMX_FN static void amx_block(const uint16_t *W, long K, long ldw, long r, const uint16_t *xv, int b0, int nb, int n,
+                             float *out, long ldo) {
+    const long block = K * 16; /* uint16s per token block of xv */
+    const uint16_t *xb = xv + b0 * block;
+#define AMX_ZERO(i) if (i < nb) TILE_ZERO(i);
+    AMX_ZERO(0) AMX_ZERO(1) AMX_ZERO(2) AMX_ZERO(3) AMX_ZERO(4) AMX_ZERO(5)
+    for (long k = 0; k < K; k += 32) {
 #ifdef DAOP_X86
-                if (k + AMX_PREFETCH < k1)
-                    for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(W + i * ldw + k + AMX_PREFETCH), _MM_HINT_T0);
+        if (k + AMX_PREFETCH < K)
+            for (int i = 0; i < 16; i++) _mm_prefetch((const char *)(W + (r + i) * ldw + k + AMX_PREFETCH), _MM_HINT_T0);
 #endif
-                TILE_LOAD(6, W + k, ldw * 2);
+        TILE_LOAD(6, W + r * ldw + k, ldw * 2);
 #define AMX_STEP(i) if (i < nb) { TILE_LOAD(7, xb + i * block + k * 16, 64); TILE_DP(i, 6, 7); }
-                AMX_STEP(0) AMX_STEP(1) AMX_STEP(2) AMX_STEP(3) AMX_STEP(4) AMX_STEP(5)
-            }
-#define AMX_END(i)                                                                                   \
-    if (i < nb) {                                                                                     \
-        if (seg + 1 < segs) {                                                                         \
-            TILE_STORE(i, part + i * 256);                                                            \
-        } else {                                                                                      \
-            TILE_STORE(i, c);                                                                         \
-            for (int j = 0; j < 16 && (b0 + i) * 16 + j < n; j++)                                     \
-                for (int m = 0; m < 16; m++) out[((b0 + i) * 16 + j) * ldo + r + m] = c[m * 16 + j]; \
-        }                                                                                             \
+        AMX_STEP(0) AMX_STEP(1) AMX_STEP(2) AMX_STEP(3) AMX_STEP(4) AMX_STEP(5)
     }
-            AMX_END(0) AMX_END(1) AMX_END(2) AMX_END(3) AMX_END(4) AMX_END(5)
-#undef AMX_START
+    float c[16 * 16] __attribute__((aligned(64)));
+#define AMX_OUT(i)                                                                           \
+    if (i < nb) {                                                                             \
+        TILE_STORE(i, c);                                                                     \
+        for (int j = 0; j < 16 && (b0 + i) * 16 + j < n; j++)                                 \
+            for (int m = 0; m < 16; m++) out[((b0 + i) * 16 + j) * ldo + r + m] = c[m * 16 + j]; \
+    }
+    AMX_OUT(0) AMX_OUT(1) AMX_OUT(2) AMX_OUT(3) AMX_OUT(4) AMX_OUT(5)
+#undef AMX_ZERO
 #undef AMX_STEP
-#undef AMX_END
-        }
-        __atomic_store_n(done + chunk, (uint32_t)(seg + 1), __ATOMIC_RELEASE);
-    }
+#undef AMX_OUT
 }
 
-/* Scratch of the tile path, in floats: h [n, 2K], yf [n, D], the tokens and the activations in pair
-   layout, partial sums of the larger product, and two chunk counters. */
-static long amx_scratch(int n, long D, long K) {
-    long blocks = (n + 15) / 16, rows = 2 * K > D ? 2 * K : D;
-    return (long)n * (2 * K + D) + 8 * blocks * (D + K) + rows * blocks * 16 + (2 * K + D) / 16;
+/* As take_rows, for the tile path: 16-row chunks (total % 16 == 0), every token block of each. */
+static void amx_take_rows(const uint16_t *W, long K, long ldw, long total, long *next, const uint16_t *xv, int n,
+                          float *out, long ldo) {
+    int blocks = (n + 15) / 16;
+    for (;;) {
+        long r0 = __atomic_fetch_add(next, 16, __ATOMIC_RELAXED);
+        if (r0 >= total) return;
+        for (int b0 = 0; b0 < blocks; b0 += AMX_PASS)
+            amx_block(W, K, ldw, r0, xv, b0, blocks - b0 < AMX_PASS ? blocks - b0 : AMX_PASS, n, out, ldo);
+    }
 }
 
 /* The tile path of daop_expert_bf16 (same arguments; D % 32 == 0, K % 32 == 0). */
 AMX_FN static void expert_amx(const uint16_t *x, int n, const uint16_t *gate_up, const uint16_t *down, uint16_t *y,
                               long D, long I, long K, int threads, float *scratch) {
     const int blocks = (n + 15) / 16;
-    const long rows = 2 * K > D ? 2 * K : D;
     float *h = scratch, *yf = h + (long)n * 2 * K;
     uint16_t *xv = (uint16_t *)(yf + (long)n * D), *av = xv + (long)blocks * 16 * D;
-    float *acc = (float *)(av + (long)blocks * 16 * K);
-    uint32_t *done_gate_up = (uint32_t *)(acc + rows * blocks * 16), *done_down = done_gate_up + 2 * K / 16;
-    long next_gate_up = 0, next_down = 0;
+    long next_gate = 0, next_up = 0, next_down = 0;
 #pragma omp parallel num_threads(threads)
     {
         int id = omp_get_thread_num(), count = omp_get_num_threads();
@@ -379,10 +349,10 @@ AMX_FN static void expert_amx(const uint16_t *x, int n, const uint16_t *gate_up,
                     dst[0] = t < n ? x[t * D + 2 * p] : 0;
                     dst[1] = t < n ? x[t * D + 2 * p + 1] : 0;
                 }
-        if (id == 0) memset(done_gate_up, 0, (2 * K + D) / 16 * sizeof(uint32_t));
 #pragma omp barrier
         TILE_BEGIN();
-        amx_product(gate_up, gate_up + I * D, K, D, D, 2 * K, &next_gate_up, done_gate_up, acc, xv, n, h, 2 * K);
+        amx_take_rows(gate_up, D, D, K, &next_gate, xv, n, h, 2 * K);
+        amx_take_rows(gate_up + I * D, D, D, K, &next_up, xv, n, h + K, 2 * K);
 #pragma omp barrier
         share(K, id, count, &r0, &r1); /* 16-row blocks: whole pairs */
         for (int t = 0; t < blocks * 16; t++)
@@ -395,7 +365,7 @@ AMX_FN static void expert_amx(const uint16_t *x, int n, const uint16_t *gate_up,
                 av[(((t / 16) * (K / 2) + i / 2) * 16 + t % 16) * 2 + i % 2] = v;
             }
 #pragma omp barrier
-        amx_product(down, down, D, K, I, D, &next_down, done_down, acc, av, n, yf, D);
+        amx_take_rows(down, K, I, D, &next_down, av, n, yf, D);
         TILE_END();
 #pragma omp barrier
         share((long)n * D, id, count, &r0, &r1);
@@ -419,10 +389,7 @@ int daop_max_tokens(int isa, long D, long K) { return takes_amx(isa, AMX_MAX_TOK
 
 /* The float32 scratch a job needs. */
 long daop_scratch_floats(int isa, int n, long D, long K) {
-    (void)isa;
-#ifdef DAOP_AMX
-    if (takes_amx(isa, n, D, K)) return amx_scratch(n, D, K);
-#endif
+    if (takes_amx(isa, n, D, K)) return (long)n * (2 * K + D) + 8L * ((n + 15) / 16) * (D + K);
     return (long)n * (D + 3 * K);
 }
 
