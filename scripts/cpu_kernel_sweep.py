@@ -8,7 +8,7 @@ magnitude (`err`). Prints a table and one JSON line.
 
     python3 scripts/cpu_kernel_sweep.py [--prefetch 0,512,1024,2048] [--rows 2,4,8] [--threads 15,16]
         [--tokens 1,4,16,64] [--amx-min 4]   (AMX_MIN_TOKENS: on a CPU with AMX, the fewest tokens
-        that take the tile path)  [--variants "AMX_KC=1024,AMX_MAX_TOKENS=512;AMX_KC=2048"]
+        that take the tile path)  [--variants "AMX_MAX_TOKENS=256,AMX_PREFETCH=256;AMX_PREFETCH=1024"]
         (more builds: ';' between variants, ',' between one variant's NAME=VALUE settings)
 """
 from __future__ import annotations

@@ -17,7 +17,8 @@ An exception in a job is re-raised in the caller by `result()`.
 
 Kernels: with `native`, a job list the C kernel serves whole (`daop.kernels.cpu_expert`: bf16
 experts for 1-8 tokens, at about the host's read bandwidth where torch's products took 1.4-1.7x
-longer; with AMX up to 128 tokens, a prompt's share of an expert) is queued on the kernel's own thread, in either mode: it starts at once and never needs the
+longer; with AMX up to 128 tokens, a prompt's share of an expert) is queued on the kernel's own
+thread, in either mode: it starts at once and never needs the
 GIL (a Python worker waited up to half a millisecond per job for the driving thread to let go of
 it). Other lists run as above, each job the kernel serves through it, the rest through
 `expert_forward`. Only CPU experts of a model on a GPU use the kernel: on a CPU device every
@@ -145,8 +146,8 @@ class DeferredFuture(Future):
 def kernel_name(native: bool) -> str:
     """Which products CPU experts run on (for profiles and bench cards): native is asked for a model on a GPU."""
     if native and cpu_expert.available():
-        upto = f"1-{cpu_expert.SERVES_TOKENS}" if cpu_expert.isa() != "amx" else f"1-{cpu_expert.AMX_MAX_TOKENS}"
-        return f"daop C kernel ({cpu_expert.isa()}) for bf16 at {upto} tokens, else torch"
+        upto = cpu_expert.max_tokens(32, 32)  # an aligned shape: the most any path of this CPU takes
+        return f"daop C kernel ({cpu_expert.isa()}) for bf16 at 1-{upto} tokens, else torch"
     return "torch"
 
 

@@ -175,16 +175,17 @@ def serves(dtype: torch.dtype, tokens: int, w: list, rows: int | None = None) ->
     return tokens <= max_tokens(D, I if rows is None else int(rows))
 
 
-def check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, rows: int | None = None,
-                 limit: int = MAX_TOKENS) -> int:
-    """The intermediate rows the job computes (rows, or all of them), once the shapes fit (at most
-    `limit` tokens)."""
+def check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, rows: int | None, lib: ctypes.CDLL,
+                 level: int) -> int:
+    """The intermediate rows the job computes (rows, or all of them), once the shapes fit and the
+    token count is one the library's path at `level` takes (`daop_max_tokens`)."""
     D, I = x.shape[1], down.shape[1]
     if gate_up.shape != (2 * I, D) or down.shape != (D, I):
         raise ValueError(f"expert shapes gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)} do not fit x {tuple(x.shape)}")
     K = I if rows is None else int(rows)
     if not 1 <= K <= I:
         raise ValueError(f"an expert part of {K} intermediate rows does not fit an expert of {I}")
+    limit = lib.daop_max_tokens(level, D, K)
     if not 1 <= x.shape[0] <= limit:
         raise ValueError(f"the CPU expert kernel takes 1-{limit} tokens for this expert shape, got {x.shape[0]}")
     return K
@@ -210,7 +211,7 @@ class Queued:
         self.ys: list[torch.Tensor] = []
         self.jobs: list[JobStruct] = []
         for x, (gate_up, down), part in zip(xs, weights, rows or [None] * len(xs), strict=True):
-            K = check_shapes(x, gate_up, down, part, lib.daop_max_tokens(lib.isa, x.shape[1], part or down.shape[1]))
+            K = check_shapes(x, gate_up, down, part, lib, lib.isa)
             x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
             n, D = x.shape
             I = down.shape[1]
@@ -261,7 +262,7 @@ def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: 
     if lib is None:
         raise RuntimeError("the CPU expert kernel is not available")
     level = lib.isa if isa_level is None else min(isa_level, lib.isa)
-    K = check_shapes(x, gate_up, down, rows, lib.daop_max_tokens(level, x.shape[1], rows or down.shape[1]))
+    K = check_shapes(x, gate_up, down, rows, lib, level)
     n, D = x.shape
     I = down.shape[1]
     x = x.contiguous()
