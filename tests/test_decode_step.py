@@ -148,6 +148,36 @@ def test_routed_experts_equal_experts_computed_alone(tokens, expert_dtype):
     assert torch.equal(ours, weighted_sum(h, ys, weights, rows_host, rows))
 
 
+@needs_cuda
+@pytest.mark.parametrize("expert_dtype", ["auto", "int8"])
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_slot_experts_in_one_launch_equal_experts_computed_alone(tokens, expert_dtype):
+    """The offloaded runner's few-row path: several slots' experts through one GEMV launch per
+    product (`indexed_swiglu`), each row as `expert_forward` computes it for its expert alone."""
+    from daop.quant import ExpertFormat, expert_forward, indexed_swiglu
+    from daop.kernels import expert_gemv
+
+    if not expert_gemv.AVAILABLE:
+        pytest.skip("needs Triton")
+    torch.manual_seed(tokens)
+    S, D, I = 5, 256, 512
+    fmt = ExpertFormat(expert_dtype, torch.bfloat16)
+    experts = [fmt.from_float((torch.randn(2 * I, D) * 0.05).bfloat16(), (torch.randn(D, I) * 0.05).bfloat16())
+               for _ in range(S)]
+    stacked = [torch.stack([e[i] for e in experts]).cuda() for i in range(len(experts[0]))]
+    h = torch.randn(tokens, D, device="cuda").bfloat16()
+    slots = [4, 1, 2]
+    if tokens == 1:  # one token read by every row (x_div)
+        got = indexed_swiglu(h, torch.tensor(slots, device="cuda"), len(slots), stacked)
+        want = torch.cat([expert_forward(h, [t[s] for t in stacked]) for s in slots])
+    else:  # a row per (token, slot)
+        picks = [(t, s) for s in slots for t in range(tokens) if (t + s) % 2 == 0]
+        x = h[torch.tensor([t for t, _ in picks], device="cuda")]
+        got = indexed_swiglu(x, torch.tensor([s for _, s in picks], device="cuda"), 1, stacked)
+        want = torch.cat([expert_forward(h[t:t + 1], [w[s] for w in stacked]) for t, s in picks])
+    assert torch.equal(got, want)
+
+
 LOWBIT = {"auto": {}, "int8": {"expert_dtype": "int8"}, "int4": {"expert_dtype": "int4", "group_size": 64}}
 
 

@@ -351,6 +351,18 @@ def grouped_swiglu(x: torch.Tensor, offs: torch.Tensor, gate_up: torch.Tensor, d
     return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
 
 
+def indexed_swiglu(x: torch.Tensor, idx: torch.Tensor, x_div: int, stacked: List[torch.Tensor]) -> torch.Tensor:
+    """Rows through a stack of SwiGLU experts picked per row, unweighted, by the GEMV kernel (a few
+    rows: decode): row m of the output is expert idx[m] of the stack (float gate_up [S, 2I, D] and
+    down [S, D, I]; int8 with their scales) on x[m // x_div]. Each row comes out as `expert_forward`
+    gives it for that expert alone on CUDA (the same kernel walks each row's sums in the same order),
+    so several experts take one launch per product instead of one each."""
+    scales = len(stacked) == 4
+    gate, up = expert_gemv.gemv(x, stacked[0], stacked[1] if scales else None, idx=idx, x_div=x_div).chunk(2, dim=-1)
+    down, down_s = (stacked[2], stacked[3]) if scales else (stacked[1], None)
+    return expert_gemv.gemv(F.silu(gate) * up, down, down_s, idx=idx)
+
+
 def grouped_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked: List[torch.Tensor]) -> torch.Tensor:
     """The weighted sum of every token's routed experts through grouped products, routed on the
     device (no host sync): h [N, D], ids and weights [N, K], stacked float gate_up [E, 2I, D] and down

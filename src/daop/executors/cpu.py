@@ -73,6 +73,11 @@ def default_cpu_threads(device: torch.device) -> int:
     return max(1, cores - 1) if device.type == "cuda" and cores > 2 else cores
 
 
+def every_row(rows: torch.Tensor, n: int) -> bool:
+    """Whether token rows [k] are 0..n-1 in order (one token: [0])."""
+    return len(rows) == n and (n == 1 and int(rows[0]) == 0 or bool((rows == torch.arange(n)).all()))
+
+
 class SwitchInterval:
     """sys.setswitchinterval lowered while any CPU job is pending (counted), restored after the last."""
 
@@ -165,6 +170,10 @@ class QueuedFuture(Future):
     def done(self) -> bool:
         return super().done() or self.queued.done()
 
+    def join(self) -> None:
+        """Block (without the GIL) until the jobs have run; their errors are left for `result()`."""
+        self.queued.lib.daop_wait(self.queued.ticket)
+
     def result(self, timeout: float | None = None):
         if not super().done():
             try:
@@ -230,8 +239,9 @@ class CpuExecutor:
                 and all(cpu_expert.serves(h_host.dtype, len(r), w, k) for r, w, k in zip(rows, weights, heads))):
             if ready is not None:
                 ready.synchronize()  # the activations' copy (the caller has just read the routing: it is quick)
-            queued = cpu_expert.Queued([h_host.index_select(0, r) for r in rows], weights, self.threads,
-                                       pin=h_host.is_pinned(), rows=heads)
+            # a job of every row in order reads h_host itself (the caller's buffer stays the job's until it is done)
+            queued = cpu_expert.Queued([h_host if every_row(r, h_host.shape[0]) else h_host.index_select(0, r) for r in rows],
+                                       weights, self.threads, pin=h_host.is_pinned(), rows=heads)
             return QueuedFuture(self, queued, experts, tokens, submitted, span)
 
         def run() -> dict[int, torch.Tensor]:

@@ -6,6 +6,8 @@ On a CPU-only machine the "GPU" is the CPU and every transfer is a plain synchro
 """
 from __future__ import annotations
 
+import os
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 
@@ -16,10 +18,16 @@ from daop.kernels import device_wait, host_read
 from daop.quant import copy_into_slot
 
 
+SPIN_S = 0.02  # `read_on_host(spin=True)` polls at most this long, then sleeps
+RESERVED: Future = Future()  # a staging buffer's reader while it is held for a job not yet started (never done)
+
+
 class Transfer:
     def __init__(self, device: torch.device) -> None:
-        self.device = device
         self.cuda = device.type == "cuda"
+        if self.cuda and device.index is None:  # with its index: `current_stream` then skips a device lookup per call
+            device = torch.device("cuda", torch.cuda.current_device())
+        self.device = device
         self.stream = torch.cuda.Stream(device) if self.cuda else None
         self.last_copy: torch.cuda.Event | None = None  # the copy stream's latest copy
         self.slot_released: dict[int, torch.cuda.Event] = {}
@@ -29,6 +37,9 @@ class Transfer:
         # only once that job has finished (the pool grows if every buffer is still being read).
         self.staging: list[torch.Tensor] = []
         self.readers: list[Future | None] = []
+        # Activations copied into a staging buffer ahead of a host read (`stage`): (the device
+        # tensor, its buffer's index, the host view, whether a host read has covered the copy since)
+        self.staged: tuple[torch.Tensor, int, torch.Tensor, bool] | None = None
         self.host_reader = host_read.checked_reader(device) if self.cuda and host_read.available() else None
         # the GPU waits for CPU experts queued on the C kernel's thread and reads their results itself
         self.device_wait = device_wait.checked(device) if self.host_reader is not None else None
@@ -77,10 +88,12 @@ class Transfer:
         self.last_copy = done
         return done
 
-    def read_on_host(self, x: torch.Tensor) -> torch.Tensor:
+    def read_on_host(self, x: torch.Tensor, spin: bool = False) -> torch.Tensor:
         """A small device tensor (a layer's routing) on the host, once the compute stream has made it:
         copied into pinned memory and awaited on a blocking event, so the host thread sleeps instead of
-        spinning on a core the CPU experts need (a plain `.cpu()` spins while the GPU works)."""
+        spinning on a core the CPU experts need (a plain `.cpu()` spins while the GPU works). spin: poll
+        the event instead, yielding the core between polls (for a wait known to be short: a sleeping
+        thread wakes tens of microseconds late, and on a slower clock), sleeping past SPIN_S."""
         if not self.cuda:
             return x.cpu()
         n = x.numel()
@@ -90,7 +103,13 @@ class Transfer:
         host = buf[:n].view(x.shape)
         host.copy_(x, non_blocking=True)
         self.routing_ready.record(torch.cuda.current_stream(self.device))
+        if spin:
+            until = time.perf_counter() + SPIN_S
+            while not self.routing_ready.query() and time.perf_counter() < until:
+                os.sched_yield()
         self.routing_ready.synchronize()
+        if self.staged is not None:  # a staging copy queued before this read has landed too
+            self.staged = (*self.staged[:3], True)
         return host.clone()  # the buffer is reused by the next read
 
     def copies_done(self) -> bool:
@@ -115,20 +134,46 @@ class Transfer:
     def host_job(self, x: torch.Tensor, start: Callable[[torch.Tensor, "torch.cuda.Event | None"], Future]) -> Future:
         """Run a CPU job on activations x [N, D]: x is copied into a pinned staging buffer no
         unfinished job reads, `start(host, ready)` launches the job (which must wait on `ready`
-        before reading), and the buffer belongs to that job until it is done."""
+        before reading), and the buffer belongs to that job until it is done. Where x was staged
+        (`stage`) and a host read has waited for the copy since, the job takes that buffer and
+        `ready` is None."""
         if not self.cuda:
             return start(x, None)
+        staged, self.staged = self.staged, None
+        if staged is not None and staged[0] is x and staged[3]:
+            i, host, ready = staged[1], staged[2], None  # copied and awaited already (`stage`)
+        else:
+            if staged is not None:
+                self.readers[staged[1]] = None
+            i, host = self.copy_to_staging(x)
+            ready = torch.cuda.Event(blocking=True)  # a host thread waits on it: sleep, do not spin
+            ready.record(torch.cuda.current_stream(self.device))
+        job = start(host, ready)
+        self.readers[i] = job
+        return job
+
+    def stage(self, x: torch.Tensor) -> None:
+        """Start copying activations x [N, D] into a staging buffer now, before a host read
+        (`read_on_host`) that waits for the compute stream anyway: a CPU job on x started after that
+        read (`host_job`) finds them on the host and starts without waiting on an event of its own.
+        A staging not taken by the next job is given back then."""
+        if not self.cuda:
+            return
+        if self.staged is not None:
+            self.readers[self.staged[1]] = None
+        i, host = self.copy_to_staging(x)
+        self.readers[i] = RESERVED
+        self.staged = (x, i, host, False)
+
+    def copy_to_staging(self, x: torch.Tensor) -> tuple[int, torch.Tensor]:
+        """(index, host view) of a free staging buffer that x is being copied into (non-blocking)."""
         i = self.free_staging()
         n, buf = x.numel(), self.staging[i]
         if buf.numel() < n or buf.dtype != x.dtype:
             buf = self.staging[i] = torch.empty(max(n, 2 * buf.numel()), dtype=x.dtype, pin_memory=True)
         host = buf[:n].view(x.shape)
         host.copy_(x, non_blocking=True)
-        ready = torch.cuda.Event(blocking=True)  # a host thread waits on it: sleep, do not spin
-        ready.record(torch.cuda.current_stream(self.device))
-        job = start(host, ready)
-        self.readers[i] = job
-        return job
+        return i, host
 
     def free_staging(self) -> int:
         """Index of a staging buffer no unfinished job reads (a new one if every buffer is in use)."""

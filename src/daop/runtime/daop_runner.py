@@ -224,7 +224,7 @@ class DaopRunner(OffloadedExperts):
         # one device->host copy for this layer's routing, the true routing and the predictions
         parts = ([ids] + ([true_ids] if ids is not true_ids else []) + ([pred.raw_ids, pred.ids] if pred else [])
                  + ([ahead[1]] if ahead else []))
-        host = self.transfer.read_on_host(torch.cat([p.long() for p in parts], dim=1)).split(ids.shape[1], dim=1)
+        host = self.read_routing(torch.cat([p.long() for p in parts], dim=1), h).split(ids.shape[1], dim=1)
         ids_host, true_host = host[0], host[1] if ids is not true_ids else host[0]
         pred_host = host[len(host) - 2 - bool(ahead):len(host) - bool(ahead)] if pred else ()
         self.mark(layer_idx, "routed")

@@ -8,6 +8,7 @@ does, so exact policies give the same tokens. Shapes: N tokens, D hidden, K top-
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
@@ -19,10 +20,14 @@ from daop.executors.cpu import CpuExecutor, QueuedFuture
 from daop.executors.transfer import Transfer
 from daop.model.moe import expert_inputs, group_by_expert, token_rows, weighted_sum
 from daop.placement.policies import LayerPlan, Policy
-from daop.quant import expert_forward, expert_rows, grouped_on_device, grouped_swiglu
+from daop.quant import expert_forward, expert_rows, grouped_on_device, grouped_swiglu, indexed_swiglu, routes_on_device
 from daop.runtime.stats import Counters
 from daop.runtime.timeline import Timeline
 from daop.weights.expert_store import ExpertStore
+
+
+STAGE_ROWS = 64  # a layer call of at most this many tokens copies its activations to the host with its routing
+ROUTING_WAIT = os.environ.get("DAOP_ROUTING_WAIT", "hybrid")  # decode: "block", "spin" or "hybrid" (`read_routing`)
 
 
 class OffloadedExperts:
@@ -121,10 +126,25 @@ class OffloadedExperts:
 
     def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         self.mark(layer_idx, "enter")
-        rows_host = group_by_expert(self.transfer.read_on_host(ids))  # the plan needs the routing on the host
+        rows_host = group_by_expert(self.read_routing(ids, h))  # the plan needs the routing on the host
         self.mark(layer_idx, "routed")
         plan = self.policy.plan(layer_idx, {e: len(r[0]) for e, r in rows_host.items()})
         return self.execute(layer_idx, h, weights, rows_host, plan)
+
+    def read_routing(self, ids: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+        """A layer's routing (ids, or several routings concatenated) on the host. In decode (at most
+        STAGE_ROWS tokens) the layer's activations h come with it (`Transfer.stage`), so a CPU job
+        planned from the routing starts at once, without a copy and an event wait of its own; and the
+        host sleeps only until the CPU experts the GPU waits on are done, then polls the routing's
+        event (ROUTING_WAIT "hybrid"), so it reads the routing as soon as the GPU has made it."""
+        if h.shape[0] > STAGE_ROWS or not self.transfer.cuda:
+            return self.transfer.read_on_host(ids)
+        self.transfer.stage(h)
+        if ROUTING_WAIT == "hybrid":
+            for job in self.deferred:
+                if not job.done():
+                    job.join()
+        return self.transfer.read_on_host(ids, spin=ROUTING_WAIT != "block")
 
     def cpu_job(self, layer_idx: int, h: torch.Tensor, rows_host: dict, experts: Sequence[int], ahead: bool = False,
                 parts: dict[int, int] | None = None) -> Future:
@@ -189,7 +209,10 @@ class OffloadedExperts:
                      + [(e, s, ev) for e, (s, ev) in ready.items()])
         copy_items = [(e, slot, first_use.get(i)) for i, (e, slot) in enumerate(plan.copy)]
         if grouped_on_device(self.store.fmt, h.device, h.shape[0], self.store.hidden, self.store.inter):
-            ys.update(self.grouped(layer_idx, h, rows, gpu_items + copy_items, len(gpu_items)))
+            ys.update(self.grouped(layer_idx, h, rows, gpu_items + copy_items, len(gpu_items), self.grouped_products))
+            xs = expert_inputs(h, rows, [e for e, _, _ in plan.split])
+        elif routes_on_device(self.store.fmt, h.device, h.shape[0]):
+            ys.update(self.grouped(layer_idx, h, rows, gpu_items + copy_items, len(gpu_items), self.indexed_products))
             xs = expert_inputs(h, rows, [e for e, _, _ in plan.split])
         else:
             xs = expert_inputs(h, rows, [e for e, _, _ in gpu_items + copy_items] + [e for e, _, _ in plan.split])
@@ -223,27 +246,22 @@ class OffloadedExperts:
         self.mark(layer_idx, "exit")
         return out
 
-    def grouped(self, layer_idx: int, h: torch.Tensor, rows: dict, items: list, copied_from: int) -> dict[int, torch.Tensor]:
+    def grouped(self, layer_idx: int, h: torch.Tensor, rows: dict | None, items: list, copied_from: int,
+                products: Callable[[torch.Tensor, dict | None, list[tuple[int, int]]], dict[int, torch.Tensor]]
+                ) -> dict[int, torch.Tensor]:
         """Outputs of the experts in slots (items: (expert, slot, copy event or None); those from
-        `copied_from` on are copies, None where the slot is read earlier in the plan) through grouped
-        products over the slot stack (`grouped_swiglu`), as the all-resident runner runs a layer's
-        experts: in waves, one product pair each, a wave ending where a copy must wait for a read
-        of its slot queued in it."""
+        `copied_from` on are copies, None where the slot is read earlier in the plan) through one
+        launch per product over the slot stack (`products`: `grouped_products` for many rows,
+        `indexed_products` for a few), as the all-resident runner runs a layer's experts: in waves,
+        a wave ending where a copy must wait for a read of its slot queued in it."""
         ys: dict[int, torch.Tensor] = {}
         wave: list[tuple[int, int]] = []
 
         def launch() -> None:
             if not wave:
                 return
-            wave.sort(key=lambda item: item[1])
-            counts = [0] * self.store.num_slots
-            for e, slot in wave:
-                counts[slot] = len(rows[e][0])
-            ends = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(h.device, non_blocking=True)
-            x = h[torch.cat([rows[e][0] for e, _ in wave])]
-            y = grouped_swiglu(x, ends, self.store.slots[0], self.store.slots[1])
-            for (e, slot), part in zip(wave, y.split([counts[slot] for _, slot in wave])):
-                ys[e] = part
+            ys.update(products(h, rows, wave))
+            for _, slot in wave:
                 self.transfer.release_slot(slot)
             wave.clear()
 
@@ -256,6 +274,29 @@ class OffloadedExperts:
             wave.append((e, slot))
         launch()
         return ys
+
+    def grouped_products(self, h: torch.Tensor, rows: dict, wave: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
+        """A wave's experts (expert, slot) on their token rows through grouped products (`grouped_swiglu`)."""
+        wave = sorted(wave, key=lambda item: item[1])
+        counts = [0] * self.store.num_slots
+        for e, slot in wave:
+            counts[slot] = len(rows[e][0])
+        ends = torch.tensor(counts, dtype=torch.int32).cumsum(0, dtype=torch.int32).to(h.device, non_blocking=True)
+        x = h[torch.cat([rows[e][0] for e, _ in wave])]
+        y = grouped_swiglu(x, ends, self.store.slots[0], self.store.slots[1])
+        return dict(zip([e for e, _ in wave], y.split([counts[slot] for _, slot in wave])))
+
+    def indexed_products(self, h: torch.Tensor, rows: dict | None, wave: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
+        """A wave's experts (expert, slot) on their few token rows through the GEMV kernel, each row
+        reading its expert's slot (`indexed_swiglu`): the values `expert_forward` gives per expert."""
+        counts = [h.shape[0] if rows is None else len(rows[e][0]) for e, _ in wave]
+        idx = torch.tensor([slot for (_, slot), n in zip(wave, counts) for _ in range(n)]).to(h.device, non_blocking=True)
+        if rows is None:  # one token: every row reads it
+            x, x_div = h, sum(counts)
+        else:
+            x, x_div = h[torch.cat([rows[e][0] for e, _ in wave])], 1
+        y = indexed_swiglu(x.contiguous(), idx, x_div, self.store.slots)
+        return dict(zip([e for e, _ in wave], y.split(counts)))
 
     def waits_on_device(self, job: Future) -> bool:
         """Whether the GPU can wait for this CPU job itself: queued on the C kernel's thread, with
