@@ -237,15 +237,17 @@ class DaopRunner(OffloadedExperts):
             self.gap_ms += GAP_WEIGHT * (max(0.0, (now - self.finish_at) * 1000) - self.gap_ms)
         cpu_free, copy_free = self.channel_clock(now)
         reserved = {s for early in self.early.values() for s in early.slots.values()}
+        clock_now = Clock(cpu_free, copy_free)
         plan = plan_decode_layer(counts, rows, self.wanted_slots(layer_idx), self.policy.scratch(), prepared,
-                                 self.policy.split, cfg.cpu_experts, Clock(cpu_free, copy_free), reserved)
-        self.finish_at = self.estimate_finish(layer_idx, now, Clock(cpu_free, copy_free), counts, plan)
+                                 self.policy.split, cfg.cpu_experts, clock_now, reserved)
         ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
         halves = {e: pend.copy_events[e] for e, _, _ in plan.layer.split} if pend else {}
         precalc = (pend.precalc, plan.precalc_used) if pend and pend.precalc else None
         taken = {s for _, s in plan.ready} | {s for _, s in plan.layer.copy} | {s for _, s, _ in plan.layer.split}
 
         def speculate() -> None:  # once this layer's CPU work and copies are queued
+            # (estimated here, once the CPU has its work: it does not change what this layer does)
+            self.finish_at = self.estimate_finish(layer_idx, now, clock_now, counts, plan)
             self.counters.add("precalc_used", layer_idx, len(plan.precalc_used))
             if pend is not None and pend.early:
                 self.counters.add("two_ahead_used", layer_idx, sum(e in pend.early for e, _ in plan.ready))

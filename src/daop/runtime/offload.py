@@ -184,13 +184,13 @@ class OffloadedExperts:
         and the two outputs are added in float32.
         """
         ready, halves = ready or {}, halves or {}
-        self.collect()
         used = precalc[1] if precalc else ()
         check_served(layer_idx, rows_host, plan, ready, used)
         cpu_experts = (*plan.cpu, *(e for e, _, _ in plan.split))
         future = (self.cpu_job(layer_idx, h, rows_host, cpu_experts, parts={e: k for e, _, k in plan.split})
                   if cpu_experts else None)
         self.mark(layer_idx, "cpu_submitted")
+        self.collect()  # after the submit: the CPU starts first
         # A slot that this plan reads before (a resident expert, an earlier copy) is refilled only
         # after that read has been queued; the others are copied right away.
         busy = {slot for _, slot in plan.gpu} | {slot for slot, _ in ready.values()}
