@@ -26,6 +26,7 @@ from daop.runtime.timeline import Timeline
 from daop.weights.expert_store import ExpertStore
 
 
+PAIR_TABLE_SLOTS = 256
 STAGE_ROWS = 64  # a layer call of at most this many tokens copies its activations to the host with its routing
 # Decode's routing reads (`read_routing`): "hybrid" sleeps until the CPU experts the GPU waits on are
 # done, then polls; DAOP_ROUTING_WAIT=block sleeps on the event throughout. (Polling throughout took a
@@ -48,6 +49,7 @@ class OffloadedExperts:
         self.copy_free_at = self.cpu_free_at = 0.0
         self.cpu_last: Future | None = None
         self.deferred: list[QueuedFuture] = []  # CPU jobs the GPU consumed without the host waiting
+        self.slot_pairs: torch.Tensor | None = None  # [S, S, 2] on the device: (a, b) at [a, b] (`slot_index`)
         cost = policy.ctx.cost
         self.copy_s = cost.copy_ms() / 1000 if math.isfinite(cost.copy_ms()) else 0.0
         self.apply_placement(policy.placement, force=True)
@@ -293,13 +295,25 @@ class OffloadedExperts:
         """A wave's experts (expert, slot) on their few token rows through the GEMV kernel, each row
         reading its expert's slot (`indexed_swiglu`): the values `expert_forward` gives per expert."""
         counts = [h.shape[0] if rows is None else len(rows[e][0]) for e, _ in wave]
-        idx = torch.tensor([slot for (_, slot), n in zip(wave, counts) for _ in range(n)]).to(h.device, non_blocking=True)
+        idx = self.slot_index([slot for (_, slot), n in zip(wave, counts) for _ in range(n)], h.device)
         if rows is None:  # one token: every row reads it
             x, x_div = h, sum(counts)
         else:
             x, x_div = h[torch.cat([rows[e][0] for e, _ in wave])], 1
         y = indexed_swiglu(x.contiguous(), idx, x_div, self.store.slots)
         return dict(zip([e for e, _ in wave], y.split(counts)))
+
+    def slot_index(self, slots: list[int], device: torch.device) -> torch.Tensor:
+        """Slot numbers as a device tensor: one or two (a token's experts in decode) as a view of a
+        table on the device (up to PAIR_TABLE_SLOTS slots: 1 MB), with no copy; more through pinned memory, a copy that never waits for
+        the stream (a pageable one may)."""
+        if len(slots) <= 2 and self.store.num_slots <= PAIR_TABLE_SLOTS:
+            if self.slot_pairs is None:
+                S = self.store.num_slots
+                grid = torch.arange(S).repeat_interleave(S), torch.arange(S).repeat(S)
+                self.slot_pairs = torch.stack(grid, dim=1).view(S, S, 2).to(device)
+            return self.slot_pairs[slots[0], slots[-1], 2 - len(slots):]
+        return torch.tensor(slots, pin_memory=True).to(device, non_blocking=True)
 
     def waits_on_device(self, job: Future) -> bool:
         """Whether the GPU can wait for this CPU job itself: queued on the C kernel's thread, with
