@@ -72,6 +72,29 @@ def test_universal_bound_splits_host_experts_between_the_channels():
     assert prefill_bound_ms(0, 0, 0.5, cost, 5.0) == 5.0
 
 
+def test_shared_bound_slows_both_channels_and_never_beats_the_faster_one_alone():
+    import dataclasses
+
+    from daop.bench.sweep import host_expert_ms, universal_bound_ms
+    from daop.hardware import HardwareProfile
+    from daop.placement.cost import CostModel
+
+    base = HardwareProfile(hidden_size=8, intermediate_size=16, dtype="float32", expert_bytes=1, copy_pinned_ms=6.0,
+                           copy_pageable_ms=12.0, cpu_threads=1, cpu_token_counts=(1, 8), cpu_expert_ms=(3.0, 3.0),
+                           gpu_token_counts=(1, 8), gpu_expert_ms=(0.1, 0.1))
+    assert CostModel(base).shared_factors() is None  # not measured: the shared bound is the separate one
+    assert host_expert_ms(1, CostModel(base), shared=True) == host_expert_ms(1, CostModel(base)) == 2.0
+    # side by side the CPU takes 1.5x and a copy 1.25x as long: 4.5 ms and 7.5 ms, 2.8125 ms per read
+    cost = CostModel(dataclasses.replace(base, shared_cpu_factor=1.5, shared_copy_factor=1.25))
+    assert cost.shared_factors() == (1.5, 1.25)
+    assert abs(host_expert_ms(1, cost, shared=True) - 4.5 * 7.5 / 12.0) < 1e-9
+    assert host_expert_ms(1, cost) == 2.0  # the separate bound is unchanged
+    assert abs(universal_bound_ms(16, 16, 0.5, cost, shared=True) - (8 * 4.5 * 7.5 / 12.0 + 16 * 0.1)) < 1e-9
+    # channels that slow each other to more than the CPU's own time: the CPU alone is the bound
+    worse = CostModel(dataclasses.replace(base, shared_cpu_factor=3.0, shared_copy_factor=2.0))
+    assert host_expert_ms(1, worse, shared=True) == 3.0
+
+
 def test_every_geometry_maps_to_a_config():
     from daop.bench.geometry import GEOMETRIES, geometry_config
 

@@ -54,6 +54,10 @@ class HardwareProfile:
 
     expert_format: str = ""  # the experts' stored format ('int8', 'int4-g128'); empty: the model's dtype
     cpu_kernel: str = ""  # which products the CPU experts were measured on (executors.cpu.kernel_name); empty: torch
+    # How much longer a one-token CPU expert and an expert's copy take while the other channel runs
+    # than alone (both read host memory; `shared_channels`); 0: not measured (a CPU device, older profiles)
+    shared_cpu_factor: float = 0.0
+    shared_copy_factor: float = 0.0
 
     def matches(self, hidden_size: int, intermediate_size: int, dtype: str, expert_format: str | None = None) -> bool:
         mine = (self.hidden_size, self.intermediate_size, self.dtype, self.expert_format or self.dtype)
@@ -173,6 +177,7 @@ def calibrate(hidden_size: int, intermediate_size: int, dtype: torch.dtype, devi
     load = driving_load(device)
     choice_counts = (1, 4) if quick else (1, 2, 4, 8)
     trials, best, reason = tune(experts, load, device, physical_cores(), threads, mode, choice_counts, repeat)
+    shared = shared_channels(experts, copy(pinned), best.threads, repeat, device) if cuda else (0.0, 0.0)
     counts = (1, 4, 16, 64) if quick else (1, 2, 4, 8, 16, 32, 64, 128, 256)
     busy = run_trial(best.mode, best.threads, experts, counts, repeat, load, native=cuda).busy_ms
     gpu_counts = counts + ((1024,) if not quick else ())
@@ -191,4 +196,55 @@ def calibrate(hidden_size: int, intermediate_size: int, dtype: torch.dtype, devi
         cpu_candidate_token_counts=choice_counts,
         cpu_candidates_ms={t.label: [round(ms, 4) for ms in t.wall_ms] for t in trials},
         expert_format=fmt.name, cpu_kernel=kernel_name(cuda),
+        shared_cpu_factor=round(shared[0], 4), shared_copy_factor=round(shared[1], 4),
     )
+
+
+def shared_channels(experts: list, copy, threads: int, repeat: int, device: torch.device) -> tuple[float, float]:
+    """(CPU factor, copy factor): a one-token CPU expert's time while expert copies run, over its time
+    alone, and an expert copy's time while CPU experts run, over its time alone. Both channels read
+    host memory, so each slows the other (on an H200 host a CPU expert took 2.05 ms alone and 2.78 ms
+    beside a copy, `scripts/channel_overlap_probe.py`). The CPU experts run as decode runs them (the
+    C kernel where it serves, on `threads`); the copies on a side stream, timed by its events."""
+    from daop.executors.cpu import CpuExecutor
+
+    ex = CpuExecutor(threads, "inline", native=True)
+    hidden, dtype = experts[0][len(experts[0]) // 2].shape[0], experts[0][1].dtype  # as `run_trial` reads them
+    x = torch.randn(1, hidden).to(dtype)
+    rows = torch.zeros(1, dtype=torch.long)
+    calls = [0]
+
+    def cpu_call() -> float:
+        w = experts[calls[0] % len(experts)]
+        calls[0] += 1
+        t0 = time.perf_counter()
+        ex.submit([(0, rows, w)], x, None).result()
+        return (time.perf_counter() - t0) * 1000
+
+    side = torch.cuda.Stream(device)
+
+    def copies(n: int) -> tuple[torch.cuda.Event, torch.cuda.Event]:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        with torch.cuda.stream(side):
+            start.record(side)
+            for _ in range(n):
+                copy()
+            end.record(side)
+        return start, end
+
+    try:
+        cpu_call()
+        cpu_alone = statistics.median(cpu_call() for _ in range(repeat))
+        start, end = copies(repeat)
+        end.synchronize()
+        copy_alone = start.elapsed_time(end) / repeat
+        start, end = copies(repeat)
+        beside = []
+        while not end.query():
+            beside.append(cpu_call())
+        copy_beside = start.elapsed_time(end) / repeat
+    finally:
+        ex.close()
+    if len(beside) < 3:  # the copies ended before the CPU got going: nothing to say
+        return 0.0, 0.0
+    return statistics.median(beside[1:]) / cpu_alone, copy_beside / copy_alone

@@ -204,22 +204,30 @@ def run_once(engine: Engine, item, params: SamplingParams, batch: int, traced: b
     return stats.generated_tokens, stats
 
 
-def host_expert_ms(rows: float, cost: CostModel) -> float:
+def host_expert_ms(rows: float, cost: CostModel, shared: bool = False) -> float:
     """One host-resident expert call of `rows` tokens, read once and split between the CPU and the
-    copy channel in proportion to their calibrated rates (both finish together)."""
+    copy channel in proportion to their calibrated rates (both finish together). shared: at the rates
+    the channels keep while both read host memory (`CostModel.shared_factors`, where measured), or on
+    the faster channel alone where that is sooner."""
     cpu, copy = cost.cpu_ms(rows), cost.copy_ms()
-    return cpu * copy / (cpu + copy) if copy != float("inf") else cpu
+    if copy == float("inf"):
+        return cpu
+    factors = cost.shared_factors() if shared else None
+    if factors is None:
+        return cpu * copy / (cpu + copy)
+    both_cpu, both_copy = cpu * factors[0], copy * factors[1]
+    return min(cpu, copy, both_cpu * both_copy / (both_cpu + both_copy))
 
 
-def universal_bound_ms(expert_calls: float, picks: float, ratio: float, cost: CostModel) -> float:
+def universal_bound_ms(expert_calls: float, picks: float, ratio: float, cost: CostModel, shared: bool = False) -> float:
     """A decode step's bound that no policy's choices move (benchmark protocol): the step's expert
     calls (one per routed expert and layer, `picks` token picks among them), of which the share
-    1 - ratio live on the host, each read once over both channels (`host_expert_ms`), plus every
-    call's GPU time."""
+    1 - ratio live on the host, each read once over both channels (`host_expert_ms`; shared: at the
+    rates they keep side by side, where the profile measured them), plus every call's GPU time."""
     if not expert_calls:
         return 0.0
     rows = max(1.0, picks / expert_calls)  # tokens per expert call
-    return expert_calls * (1 - ratio) * host_expert_ms(rows, cost) + expert_calls * cost.gpu_ms(rows)
+    return expert_calls * (1 - ratio) * host_expert_ms(rows, cost, shared) + expert_calls * cost.gpu_ms(rows)
 
 
 def prefill_bound_ms(expert_calls: float, picks: float, ratio: float, cost: CostModel, gpu_ms: float) -> float:
@@ -264,6 +272,8 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     bound_ms = max(resident * cost.gpu_ms(batch), host_bytes / (bw * 1e9) * 1000)
     calls = resident + missing
     universal = universal_bound_ms(calls, batch * engine.config.top_k * moe_layers, ratio, cost)
+    shared = (universal_bound_ms(calls, batch * engine.config.top_k * moe_layers, ratio, cost, shared=True)
+              if cost.shared_factors() else None)
     med_tpot = statistics.median(tpot)
     # the prefill's bound: its expert calls as counted by the runner; the all-GPU prefill's TTFT of this
     # run (same prompt length and batch) as its GPU time where the run has one, else the experts' GPU time
@@ -311,6 +321,9 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "bound_ms": round(bound_ms, 3), "measured_over_bound": round(med_tpot / bound_ms, 2) if bound_ms else None,
         "universal_bound_ms": round(universal, 3),
         "measured_over_universal": round(med_tpot / universal, 2) if universal else None,
+        # the same bound at the rates the channels keep side by side (the profile's shared factors)
+        "universal_shared_bound_ms": round(shared, 3) if shared is not None else None,
+        "measured_over_universal_shared": round(med_tpot / shared, 2) if shared else None,
     }
 
 

@@ -35,6 +35,11 @@ class CostModel:
     def copy_ms(self) -> float:
         return self.profile.copy_pinned_ms if self.profile else float("inf")
 
+    def shared_factors(self) -> tuple[float, float] | None:
+        """(CPU, copy) slow-down while both channels read host memory, where the profile measured it."""
+        p = self.profile
+        return (p.shared_cpu_factor, p.shared_copy_factor) if p and p.shared_cpu_factor > 0 and p.shared_copy_factor > 0 else None
+
     def copy_beats_cpu(self, n: int) -> bool:
         """Copying the expert and running it on the GPU finishes before the CPU would."""
         return self.copy_ms() + self.gpu_ms(n) < self.cpu_ms(n)
