@@ -74,13 +74,15 @@ def markdown_table(path: Path) -> str:
     formats = any("expert_format" in p for p in points)
     syncs = any(p.get("host_syncs_per_step") is not None for p in points)
     universal = any(p.get("measured_over_universal") is not None for p in points)
+    shared = any(p.get("measured_over_universal_shared") is not None for p in points)
     floor = any(p.get("cpu_over_read_floor") is not None for p in points)
     prefill = any(p.get("ttft_over_prefill_bound") is not None for p in points)
     lead = "| experts | GPU memory (bf16 expert share) " if formats else ""
     rows = [lead + "| policy | expert ratio | decode ms/token | tokens/s | TTFT ms | GPU hit rate | CPU experts/token | CPU ms/expert-token | H2D MB/token | measured/bound |"
-            + " host syncs/step |" * syncs + " measured/universal bound |" * universal + " CPU expert / read floor |" * floor
+            + " host syncs/step |" * syncs + " measured/universal bound |" * universal
+            + " measured/universal bound, shared channels |" * shared + " CPU expert / read floor |" * floor
             + " TTFT / prefill bound |" * prefill,
-            "|---|---" * bool(formats) + "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (syncs + universal + floor + prefill)]
+            "|---|---" * bool(formats) + "|---|---|---|---|---|---|---|---|---|---|" + "---|" * (syncs + universal + shared + floor + prefill)]
     for p in points:
         first = f"| {p.get('expert_format', card.get('dtype'))} | {p.get('budget_ratio', p['expert_ratio']):.3g} " if formats else ""
         if p["policy"] == "accelerate":
@@ -93,6 +95,7 @@ def markdown_table(path: Path) -> str:
                     f"{f'{cpu_ms:.2f}' if cpu_ms else ''} | {p['h2d_bytes_per_token'] / 1e6:.0f} | {p['measured_over_bound']} |"
                     + (f" {p['host_syncs_per_step']:g} |" if p.get("host_syncs_per_step") is not None else " |") * syncs
                     + (f" {p.get('measured_over_universal') or ''} |") * universal
+                    + (f" {p.get('measured_over_universal_shared') or ''} |") * shared
                     + (f" {p.get('cpu_over_read_floor') or ''} |") * floor
                     + (f" {p.get('ttft_over_prefill_bound') or ''} |") * prefill)
     return head + "\n".join(rows) + "\n"
