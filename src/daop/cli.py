@@ -220,6 +220,9 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
           f"({profile.cpu_mode}, {profile.cpu_threads} threads), GPU 1 token {profile.gpu_expert_ms[0]:.3f} ms -> {out}",
           file=sys.stderr)
     print(f"[daop] CPU threads: {profile.cpu_threads_reason}", file=sys.stderr)
+    if profile.shared_cpu_factor:
+        print(f"[daop] side by side a CPU expert took {profile.shared_cpu_factor:.2f}x and a copy {profile.shared_copy_factor:.2f}x "
+              f"their time alone (both read host memory)", file=sys.stderr)
     return 0
 
 
