@@ -312,6 +312,10 @@ def test_calibrate_show_prints_the_source(request_for, monkeypatch, capsys, tmp_
     profile_with([0.1, 0.2], hidden_size=64, intermediate_size=96).save(given)
     assert main(args + ["--hardware-profile", str(given)]) == 0
     assert capsys.readouterr().out.splitlines()[:2] == [f"file: {given}", "why: given by --hardware-profile"]
+    profile_with([0.4, 0.1], hidden_size=64, intermediate_size=96).save(given)  # a time that falls with more tokens
+    assert main(args + ["--hardware-profile", str(given)]) == 0
+    why = capsys.readouterr().out.splitlines()[1]
+    assert why.startswith("why: given by --hardware-profile; its CPU numbers look noisy (CPU expert time falls from 0.400 ms")
 
 
 def test_engine_uses_driving_thread_count_on_cpu_and_counts_expert_tokens(tiny_dir):

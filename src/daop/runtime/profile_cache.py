@@ -90,7 +90,9 @@ def locate(request: ProfileRequest) -> ProfileSource:
     if request.file:
         path = Path(request.file)
         profile = HardwareProfile.load(path, c.hidden_size, c.expert_intermediate_size, request.dtype_name, request.expert_format.name)
-        return ProfileSource("file", path, "given by --hardware-profile", profile)
+        doubt = profile.implausible()  # used as given, but said: a cached one like it would be measured again
+        return ProfileSource("file", path, "given by --hardware-profile" + (f"; its CPU numbers look noisy ({doubt})" if doubt else ""),
+                             profile)
     path = cache_path(request)
     if not path.is_file():
         return ProfileSource("fresh", path, "no cached profile for this machine, versions and options")
