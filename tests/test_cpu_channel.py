@@ -318,6 +318,23 @@ def test_calibrate_show_prints_the_source(request_for, monkeypatch, capsys, tmp_
     assert why.startswith("why: given by --hardware-profile; its CPU numbers look noisy (CPU expert time falls from 0.400 ms")
 
 
+def test_calibrate_warns_when_its_cpu_numbers_look_noisy(request_for, monkeypatch, capsys, tmp_path):
+    import daop.hardware
+
+    path, _ = request_for
+    out = tmp_path / "profile.json"
+    args = ["calibrate", "--model", str(path), "--device", "cpu", "--output", str(out)]
+    monkeypatch.setattr(daop.hardware, "calibrate", lambda hidden, inter, *a, **kw: profile_with(
+        [0.1, 0.2, 0.4], hidden_size=hidden, intermediate_size=inter))
+    assert main(args) == 0 and out.exists()
+    assert "noisy" not in capsys.readouterr().err
+    monkeypatch.setattr(daop.hardware, "calibrate", lambda hidden, inter, *a, **kw: profile_with(
+        [0.4, 0.1, 0.4], hidden_size=hidden, intermediate_size=inter))
+    assert main(args) == 0
+    err = capsys.readouterr().err
+    assert "warning: the CPU numbers look noisy (CPU expert time falls from 0.400 ms at 1 tokens" in err and str(out) in err
+
+
 def test_engine_uses_driving_thread_count_on_cpu_and_counts_expert_tokens(tiny_dir):
     _, path = tiny_dir("mixtral")
     engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy="static", expert_ratio=0.25,

@@ -223,6 +223,10 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if profile.shared_cpu_factor:
         print(f"[daop] side by side a CPU expert took {profile.shared_cpu_factor:.2f}x and a copy {profile.shared_copy_factor:.2f}x "
               f"their time alone (both read host memory)", file=sys.stderr)
+    doubt = profile.implausible()
+    if doubt:
+        print(f"[daop] warning: the CPU numbers look noisy ({doubt}): was the host busy? Calibrate again before "
+              f"quoting runs made with {out}", file=sys.stderr)
     return 0
 
 
