@@ -335,6 +335,14 @@ def test_calibrate_warns_when_its_cpu_numbers_look_noisy(request_for, monkeypatc
     assert "warning: the CPU numbers look noisy (CPU expert time falls from 0.400 ms at 1 tokens" in err and str(out) in err
 
 
+def test_every_row_means_all_token_rows_in_order():
+    from daop.executors.cpu import every_row
+
+    assert every_row(torch.tensor([0]), 1) and every_row(torch.tensor([0, 1, 2]), 3)
+    assert not every_row(torch.tensor([1]), 1) and not every_row(torch.tensor([0, 2, 1]), 3)
+    assert not every_row(torch.tensor([0]), 2) and not every_row(torch.tensor([0, 1]), 1)
+
+
 def test_engine_uses_driving_thread_count_on_cpu_and_counts_expert_tokens(tiny_dir):
     _, path = tiny_dir("mixtral")
     engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy="static", expert_ratio=0.25,

@@ -85,7 +85,7 @@ def amx_libraries():
 def amx_library(kind):
     if kind[0] == "native":
         return cpu_expert.library()
-    return cpu_expert.load(cpu_expert.build(cpu_expert.compiler(), ("DAOP_AMX_EMULATE=1", *kind[1:]), amx=False))
+    return cpu_expert.load(cpu_expert.build(cpu_expert.compiler(), ("DAOP_AMX_EMULATE=1",), amx=False))
 
 
 @needs_kernel
@@ -242,3 +242,17 @@ def test_cpu_prefill_gemm_probe_times_each_token_count():
     assert [r["tokens"] for r in out["rows"]] == [1, 16]
     assert all(r["ms"] > 0 and r["weights_gbps"] > 0 for r in out["rows"])
     assert out["expert_bytes"] == 3 * 64 * 96 * 2
+
+
+def test_host_costs_probe_times_a_queued_jobs_setup():
+    """scripts/host_costs_probe.py (the driving thread's host costs), a tiny expert; its CUDA part needs a GPU."""
+    from helpers import load_script
+
+    out = load_script("host_costs_probe").main(["--small"])
+    assert out["kind"] == "host_costs" and (out["hidden"], out["intermediate"]) == (64, 96)
+    if cpu_expert.available():
+        setup = out["queued_setup_us pin=False gap=0.5ms"]
+        assert all(setup[k] > 0 for k in ("shapes", "output", "scratch", "structs", "submit"))
+        assert setup["total"] >= setup["submit"]
+    if torch.cuda.is_available() and "one_launch_equal_bitwise" in out:
+        assert out["one_launch_equal_bitwise"]

@@ -75,7 +75,9 @@ def default_cpu_threads(device: torch.device) -> int:
 
 def every_row(rows: torch.Tensor, n: int) -> bool:
     """Whether token rows [k] are 0..n-1 in order (one token: [0])."""
-    return len(rows) == n and (n == 1 and int(rows[0]) == 0 or bool((rows == torch.arange(n)).all()))
+    if len(rows) != n:
+        return False
+    return int(rows[0]) == 0 if n == 1 else torch.equal(rows, torch.arange(n, dtype=rows.dtype))
 
 
 class SwitchInterval:

@@ -30,7 +30,8 @@ PAIR_TABLE_SLOTS = 256
 STAGE_ROWS = 64  # a layer call of at most this many tokens copies its activations to the host with its routing
 # Decode's routing reads (`read_routing`): "hybrid" sleeps until the CPU experts the GPU waits on are
 # done, then polls; DAOP_ROUTING_WAIT=block sleeps on the event throughout. (Polling throughout took a
-# core from the CPU experts: static's step 48 ms against 30 on an H200 host, `read_routing`'s note.)
+# core from the CPU experts: static's step 48 ms against 29-31 on an H200 host,
+# benchmarks/results/h200-mixtral-8x7b-8layers-decode-host-path-ab.jsonl.)
 ROUTING_WAIT = "block" if os.environ.get("DAOP_ROUTING_WAIT", "") == "block" else "hybrid"
 
 
@@ -213,11 +214,11 @@ class OffloadedExperts:
         gpu_items = ([(e, slot, self.landing.pop(slot, None)) for e, slot in plan.gpu]
                      + [(e, s, ev) for e, (s, ev) in ready.items()])
         copy_items = [(e, slot, first_use.get(i)) for i, (e, slot) in enumerate(plan.copy)]
-        if grouped_on_device(self.store.fmt, h.device, h.shape[0], self.store.hidden, self.store.inter):
-            ys.update(self.grouped(layer_idx, h, rows, gpu_items + copy_items, len(gpu_items), self.grouped_products))
-            xs = expert_inputs(h, rows, [e for e, _, _ in plan.split])
-        elif routes_on_device(self.store.fmt, h.device, h.shape[0]):
-            ys.update(self.grouped(layer_idx, h, rows, gpu_items + copy_items, len(gpu_items), self.indexed_products))
+        products = (self.grouped_products if grouped_on_device(self.store.fmt, h.device, h.shape[0], self.store.hidden,
+                                                              self.store.inter)
+                    else self.indexed_products if routes_on_device(self.store.fmt, h.device, h.shape[0]) else None)
+        if products is not None:  # the slots' experts in one launch per product
+            ys.update(self.grouped(layer_idx, h, rows, gpu_items + copy_items, len(gpu_items), products))
             xs = expert_inputs(h, rows, [e for e, _, _ in plan.split])
         else:
             xs = expert_inputs(h, rows, [e for e, _, _ in gpu_items + copy_items] + [e for e, _, _ in plan.split])
@@ -305,8 +306,8 @@ class OffloadedExperts:
 
     def slot_index(self, slots: list[int], device: torch.device) -> torch.Tensor:
         """Slot numbers as a device tensor: one or two (a token's experts in decode) as a view of a
-        table on the device (up to PAIR_TABLE_SLOTS slots: 1 MB), with no copy; more through pinned memory, a copy that never waits for
-        the stream (a pageable one may)."""
+        table on the device (up to PAIR_TABLE_SLOTS slots: 1 MB), with no copy; more through pinned
+        memory, a copy that never waits for the stream (a pageable one may)."""
         if len(slots) <= 2 and self.store.num_slots <= PAIR_TABLE_SLOTS:
             if self.slot_pairs is None:
                 S = self.store.num_slots
