@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from daop.engine import Engine, GenerationStats
-from daop.model.layers import Rotary, decode_mask
+from daop.model.layers import Rotary, additive_mask, attend, decode_mask
 from daop.runtime import decode_step
 from daop.runtime.decode_step import StepInputs, cache_length, captures
 from daop.sampling import SamplingParams
@@ -62,6 +62,66 @@ def test_decode_mask_hides_unwritten_positions_row_by_row():
     m = decode_mask(torch.tensor([3, 1]), 6)  # a position per row (a batch of sequences of different lengths)
     assert m.shape == (2, 1, 1, 6)
     assert m[1].flatten().tolist() == [True, True, False, False, False, False]
+
+
+def test_additive_mask_is_zero_where_attended_and_minus_infinity_elsewhere():
+    m = additive_mask(decode_mask(torch.tensor([3, 1]), 5), torch.bfloat16)
+    inf = float("-inf")
+    assert m.dtype == torch.bfloat16 and m.shape == (2, 1, 1, 5)
+    assert m[0].flatten().tolist() == [0.0] * 4 + [inf] and m[1].flatten().tolist() == [0.0, 0.0, inf, inf, inf]
+
+
+@needs_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("window", [0, 3])
+def test_attention_under_the_additive_mask_equals_the_boolean_mask(dtype, window):
+    """A decode step's masks are made additive once (`Decoder.begin_decode`); torch's attention
+    gives the same bits as with the boolean mask it converts itself in every layer."""
+    torch.manual_seed(window)
+    q = torch.randn(2, 8, 1, 128, device="cuda").to(dtype)
+    k, v = (torch.randn(2, 4, 40, 128, device="cuda").to(dtype) for _ in range(2))
+    mask = decode_mask(torch.tensor([17, 39], device="cuda"), 40, window)
+    want = attend(q, k, v, mask, 128**-0.5, gqa=True)
+    assert torch.equal(attend(q, k, v, additive_mask(mask, dtype), 128**-0.5, gqa=True), want)
+
+
+def test_a_gated_product_needs_gate_and_up_rows_of_one_size():
+    from daop.kernels import expert_gemv
+
+    with pytest.raises(ValueError, match="gate and up rows of one size.*got 5 rows"):
+        expert_gemv.gemv(torch.zeros(1, 6), torch.zeros(5, 6), glu=True)
+    with pytest.raises(ValueError, match="tiles of 2 rows or more"):
+        expert_gemv.gemv(torch.zeros(1, 6), torch.zeros(4, 6), glu=True, blocks=(1, 8, 4))
+
+
+@needs_cuda
+@pytest.mark.parametrize("expert_dtype,dtype", [("auto", torch.bfloat16), ("auto", torch.float16),
+                                                 ("auto", torch.float32), ("int8", torch.bfloat16)])
+@pytest.mark.parametrize("rows", [1, 5])
+def test_gated_product_equals_the_product_then_torch_activation(expert_dtype, dtype, rows):
+    """The gate_up GEMV that stores silu(gate) * up (`glu`) gives, bit for bit, what torch's F.silu
+    and product kernels make of the plain GEMV's output, with gates from about -90 to 90."""
+    from daop.kernels import expert_gemv
+    from daop.quant import ExpertFormat
+
+    if not expert_gemv.AVAILABLE:
+        pytest.skip("needs Triton")
+    torch.manual_seed(rows)
+    S, D, I = 3, 256, 1024
+    fmt = ExpertFormat(expert_dtype, dtype)
+    experts = []
+    for _ in range(S):
+        gate_up = torch.randn(2 * I, D) * 0.05
+        gate_up[:64] *= 60  # saturating and vanishing gates
+        experts.append(fmt.from_float(gate_up.to(dtype), (torch.randn(D, I) * 0.05).to(dtype)))
+    stacked = [torch.stack([e[i] for e in experts]).cuda() for i in range(len(experts[0]))]
+    scales = stacked[1] if len(stacked) == 4 else None
+    x = torch.randn(rows, D).to(dtype).cuda()
+    idx = torch.tensor([2, 0, 1, 2, 0][:rows], device="cuda")
+    gate, up = expert_gemv.gemv(x, stacked[0], scales, idx=idx).chunk(2, dim=-1)
+    assert gate[:, :64].abs().max() > 30
+    want = torch.nn.functional.silu(gate) * up
+    assert torch.equal(expert_gemv.gemv(x, stacked[0], scales, idx=idx, glu=True), want)
 
 
 def test_step_inputs_on_the_cpu_hold_ids_and_position():

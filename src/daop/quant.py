@@ -223,6 +223,26 @@ def int8_linear_cuda(x, q, s):  # no annotations: TorchScript takes an ignored f
     return F.linear(x, q.to(x.dtype)) * s
 
 
+@torch.jit.ignore
+def float_swiglu_cuda(x, w):  # no annotations: TorchScript takes an ignored function as Tensors -> Tensor
+    """silu(gate) * up of a float expert's gate_up product [2I, D] on CUDA: for a few rows the GEMV
+    kernel computes the activation as it stores the product (the same bits as torch's kernels), for
+    more F.linear, F.silu and a product."""
+    if gemv_on_cuda(x):
+        return expert_gemv.gemv(x.contiguous(), w, glu=True)
+    gate, up = F.linear(x, w).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
+@torch.jit.ignore
+def int8_swiglu_cuda(x, q, s):  # no annotations: TorchScript takes an ignored function as Tensors -> Tensor
+    """`float_swiglu_cuda` for an int8 gate_up q with its scales s."""
+    if gemv_on_cuda(x):
+        return expert_gemv.gemv(x.contiguous(), q, s, glu=True)
+    gate, up = int8_linear_cuda(x, q, s).chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 def linear_q(x: torch.Tensor, q: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """x [M, K] times a quantized matrix's transpose -> [M, N] in x's dtype (TorchScript-compatible).
 
@@ -251,8 +271,9 @@ def expert_forward(x: torch.Tensor, w: List[torch.Tensor], glu: Optional[Tuple[f
     if not quantized:
         if not x.is_cuda:
             return swiglu(x, w[0], w[1])
-        gate, up = float_linear_cuda(x, w[0]).chunk(2, dim=-1)
-        return float_linear_cuda(F.silu(gate) * up, w[1])
+        return float_linear_cuda(float_swiglu_cuda(x, w[0]), w[1])
+    if x.is_cuda and w[0].dtype == torch.int8:
+        return linear_q(int8_swiglu_cuda(x, w[0], w[1]), w[2], w[3])
     gate, up = linear_q(x, w[0], w[1]).chunk(2, dim=-1)
     return linear_q(F.silu(gate) * up, w[2], w[3])
 
@@ -358,9 +379,9 @@ def indexed_swiglu(x: torch.Tensor, idx: torch.Tensor, x_div: int, stacked: List
     gives it for that expert alone on CUDA (the same kernel walks each row's sums in the same order),
     so several experts take one launch per product instead of one each."""
     scales = len(stacked) == 4
-    gate, up = expert_gemv.gemv(x, stacked[0], stacked[1] if scales else None, idx=idx, x_div=x_div).chunk(2, dim=-1)
+    act = expert_gemv.gemv(x, stacked[0], stacked[1] if scales else None, idx=idx, x_div=x_div, glu=True)
     down, down_s = (stacked[2], stacked[3]) if scales else (stacked[1], None)
-    return expert_gemv.gemv(F.silu(gate) * up, down, down_s, idx=idx)
+    return expert_gemv.gemv(act, down, down_s, idx=idx)
 
 
 def grouped_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked: List[torch.Tensor]) -> torch.Tensor:
@@ -402,9 +423,9 @@ def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, st
         order = experts.argsort(stable=True)
         experts, row_weights, x, x_div = experts[order], row_weights[order], h[order // K], 1
     scales = len(stacked) == 4
-    gate, up = expert_gemv.gemv(x, stacked[0], stacked[1] if scales else None, idx=experts, x_div=x_div).chunk(2, dim=-1)
+    act = expert_gemv.gemv(x, stacked[0], stacked[1] if scales else None, idx=experts, x_div=x_div, glu=True)
     down, down_s = (stacked[2], stacked[3]) if scales else (stacked[1], None)
-    parts = expert_gemv.gemv(F.silu(gate) * up, down, down_s, idx=experts, row_weights=row_weights)
+    parts = expert_gemv.gemv(act, down, down_s, idx=experts, row_weights=row_weights)
     if order is not None:
         parts = torch.empty_like(parts).index_copy_(0, order, parts)
     return add_picks(parts.view(N, K, -1))

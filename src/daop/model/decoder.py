@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from daop.config import ModelConfig
 from daop.model.latent_attention import LatentAttention
-from daop.model.layers import Attention, KVCache, Norm, Rotary, attention_mask, decode_mask
+from daop.model.layers import Attention, KVCache, Norm, Rotary, additive_mask, attention_mask, decode_mask
 from daop.model.moe import ExpertRunner, SharedExpert
 from daop.model.routing import ModelRouting, Routing
 from daop.model.specs import FamilySpec
@@ -141,8 +141,16 @@ class Decoder:
         at pos and read whole under a mask. Every decode step runs this, captured or not."""
         positions = pos.view(-1, 1).expand(input_ids.shape[0], 1)
         cos, sin = self.rotary.table(self.rotary_dtype, cache.max_len)
-        windows = {w: decode_mask(pos, cache.max_len, w) for w in self.windows}
-        step = Step(cos[positions], sin[positions], decode_mask(pos, cache.max_len), pos, cache, windows)
+        # on CUDA the masks are made additive once here, not by torch's attention in every layer
+        # (sink attention takes the boolean mask)
+        additive = self.device.type == "cuda" and not self.config.attention_sinks
+
+        def mask(window: int = 0) -> torch.Tensor:
+            m = decode_mask(pos, cache.max_len, window)
+            return additive_mask(m, self.dtype) if additive else m
+
+        windows = {w: mask(w) for w in self.windows}
+        step = Step(cos[positions], sin[positions], mask(), pos, cache, windows)
         return F.embedding(input_ids, self.embed), step
 
     def attention_block(self, layer: DecoderLayer, x: torch.Tensor, step: Step,

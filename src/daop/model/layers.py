@@ -289,6 +289,8 @@ def attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torc
     bf16 CPU kernel took 1.2-4.2x float32's time (more rows and positions, more; on the 2-core test
     machine, which has AVX512-BF16), and float32 lands closer to a float64 reference. A prompt (T > 1)
     keeps the model's dtype: both take about the same time there (`scripts/cpu_attention_probe.py`)."""
+    if mask is not None and mask.is_floating_point() and mask.dtype != q.dtype:
+        mask = mask.to(q.dtype)  # an additive mask made for the model's dtype (`additive_mask`)
     if q.device.type == "cpu" and q.shape[2] == 1 and q.dtype in (torch.bfloat16, torch.float16):
         mask = mask.float() if mask is not None and mask.dtype != torch.bool else mask
         out = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask, scale=scale,
@@ -327,6 +329,13 @@ def attention_mask(start: int, num_new: int, device: torch.device, window: int =
     if window:
         mask = mask & (k_pos > q_pos - window)[None, None]
     return mask
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask (True = attend) as the additive mask torch's attention makes of it
+    on every call (0 where attended, -inf elsewhere, in the query's dtype): the same values, made
+    once per decode step instead of once per layer (two small kernels each time on CUDA)."""
+    return torch.full(mask.shape, float("-inf"), dtype=dtype, device=mask.device).masked_fill_(mask, 0.0)
 
 
 def decode_mask(pos: torch.Tensor, max_len: int, window: int = 0) -> torch.Tensor:
