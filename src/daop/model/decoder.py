@@ -67,7 +67,7 @@ class Step:
 
     cos: torch.Tensor
     sin: torch.Tensor
-    mask: torch.Tensor | None
+    mask: torch.Tensor | None  # boolean (True = attend); in a CUDA decode step additive (`additive_mask`)
     start: int | torch.Tensor
     cache: KVCache
     window_masks: dict[int, torch.Tensor | None] = field(default_factory=dict)  # by window, for sliding layers
