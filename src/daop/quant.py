@@ -372,16 +372,18 @@ def grouped_swiglu(x: torch.Tensor, offs: torch.Tensor, gate_up: torch.Tensor, d
     return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
 
 
-def indexed_swiglu(x: torch.Tensor, idx: torch.Tensor, x_div: int, stacked: List[torch.Tensor]) -> torch.Tensor:
-    """Rows through a stack of SwiGLU experts picked per row, unweighted, by the GEMV kernel (a few
-    rows: decode): row m of the output is expert idx[m] of the stack (float gate_up [S, 2I, D] and
-    down [S, D, I]; int8 with their scales) on x[m // x_div]. Each row comes out as `expert_forward`
-    gives it for that expert alone on CUDA (the same kernel walks each row's sums in the same order),
-    so several experts take one launch per product instead of one each."""
+def indexed_swiglu(x: torch.Tensor, idx: torch.Tensor, x_div: int, stacked: List[torch.Tensor],
+                   row_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Rows through a stack of SwiGLU experts picked per row by the GEMV kernel (a few rows: decode):
+    row m of the output is expert idx[m] of the stack (float gate_up [S, 2I, D] and down [S, D, I];
+    int8 with their scales) on x[m // x_div], unweighted or, with row_weights [M] (float32), scaled
+    as `combine` scales it. Each row comes out as `expert_forward` gives it for that expert alone on
+    CUDA (the same kernel walks each row's sums in the same order), so several experts take one
+    launch per product instead of one each."""
     scales = len(stacked) == 4
     act = expert_gemv.gemv(x, stacked[0], stacked[1] if scales else None, idx=idx, x_div=x_div, glu=True)
     down, down_s = (stacked[2], stacked[3]) if scales else (stacked[1], None)
-    return expert_gemv.gemv(act, down, down_s, idx=idx)
+    return expert_gemv.gemv(act, down, down_s, idx=idx, row_weights=row_weights)
 
 
 def grouped_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, stacked: List[torch.Tensor]) -> torch.Tensor:
@@ -422,10 +424,7 @@ def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, st
     if N > 1:  # several tokens: rows of one expert side by side, so they share its weight tiles in the L2 cache
         order = experts.argsort(stable=True)
         experts, row_weights, x, x_div = experts[order], row_weights[order], h[order // K], 1
-    scales = len(stacked) == 4
-    act = expert_gemv.gemv(x, stacked[0], stacked[1] if scales else None, idx=experts, x_div=x_div, glu=True)
-    down, down_s = (stacked[2], stacked[3]) if scales else (stacked[1], None)
-    parts = expert_gemv.gemv(act, down, down_s, idx=experts, row_weights=row_weights)
+    parts = indexed_swiglu(x, experts, x_div, stacked, row_weights)
     if order is not None:
         parts = torch.empty_like(parts).index_copy_(0, order, parts)
     return add_picks(parts.view(N, K, -1))

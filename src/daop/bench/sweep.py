@@ -271,9 +271,9 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     host_bytes = (agg.get("cpu_calls", 0.0) + agg.get("split_cpu_share", 0.0)) * expert_bytes + agg.get("copied_bytes", 0.0)
     bound_ms = max(resident * cost.gpu_ms(batch), host_bytes / (bw * 1e9) * 1000)
     calls = resident + missing
-    universal = universal_bound_ms(calls, batch * engine.config.top_k * moe_layers, ratio, cost)
-    shared = (universal_bound_ms(calls, batch * engine.config.top_k * moe_layers, ratio, cost, shared=True)
-              if cost.shared_factors() else None)
+    picks = batch * engine.config.top_k * moe_layers
+    universal = universal_bound_ms(calls, picks, ratio, cost)
+    shared = universal_bound_ms(calls, picks, ratio, cost, shared=True) if cost.shared_factors() else None
     med_tpot = statistics.median(tpot)
     # the prefill's bound: its expert calls as counted by the runner; the all-GPU prefill's TTFT of this
     # run (same prompt length and batch) as its GPU time where the run has one, else the experts' GPU time
