@@ -420,13 +420,11 @@ def routed_experts(h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, st
         by_expert = ids.argsort(dim=-1)
         experts = ids.gather(-1, by_expert).reshape(-1)  # row m: token m // K, its picks in ascending expert order
         row_weights = weights.gather(-1, by_expert).reshape(-1).float()
-    x, x_div, order = h, K, None
-    if N > 1:  # several tokens: rows of one expert side by side, so they share its weight tiles in the L2 cache
-        order = experts.argsort(stable=True)
-        experts, row_weights, x, x_div = experts[order], row_weights[order], h[order // K], 1
-    parts = indexed_swiglu(x, experts, x_div, stacked, row_weights)
-    if order is not None:
-        parts = torch.empty_like(parts).index_copy_(0, order, parts)
+    # Rows stay in token order, unsorted: the kernel runs the rows of one weight tile side by side
+    # whatever their order (the row is its fastest program index), so the tokens routed to one
+    # expert share each of its tiles through the L2 cache without a sort and its gathers (about 7
+    # launches per layer at 4 tokens on an H200).
+    parts = indexed_swiglu(h, experts, K, stacked, row_weights)
     return add_picks(parts.view(N, K, -1))
 
 

@@ -23,8 +23,12 @@ computed in a routed batch, bit for bit.
 
 One program computes BLOCK_N outputs of one row, walking K in BLOCK_K steps; the block shape
 depends only on (N, K), never on the number of rows. The row is the fastest-varying program index,
-so the rows that read one weight tile run side by side and share it through the L2 cache (callers
-put rows of one expert next to each other). Used only on CUDA with Triton installed.
+so all the rows' programs for one weight tile run side by side, and rows routed to one expert
+share its tile through the L2 cache in whatever order they come. Reading the tile once per program
+for all of an expert's rows was tried and was slower: 4.58 against 3.85 ms of GEMV per 4-token
+Mixtral-shaped step of 8 layers, which already reads the distinct experts at about 4 TB/s
+(`benchmarks/results/h200-mixtral-8x7b-8layers-gpu-batch-rows.jsonl`). Used only on CUDA with
+Triton installed.
 """
 from __future__ import annotations
 

@@ -26,6 +26,7 @@ from daop.hardware import SCHEMA, HardwareProfile, calibrate, host_identity
 from daop.quant import ExpertFormat
 
 ATTEMPTS = 3  # calibrations tried while the measured numbers stay implausible
+NOISY = "implausible_after_attempts"  # provenance key of a profile cached although every attempt looked noisy
 
 
 @dataclass(frozen=True)
@@ -104,36 +105,46 @@ def locate(request: ProfileRequest) -> ProfileSource:
     wanted = request.key()
     if recorded != wanted:
         return ProfileSource("fresh", path, f"cached profile was measured elsewhere ({key_difference(recorded, wanted)})")
+    measured = f"measured {profile.provenance.get('measured_at', '?')} on this machine"
     doubt = profile.implausible()
-    if doubt:
+    if doubt and NOISY not in profile.provenance:
         return ProfileSource("fresh", path, f"cached profile is implausible ({doubt})")
-    return ProfileSource("cached", path, f"measured {profile.provenance.get('measured_at', '?')} on this machine", profile)
+    if doubt:  # every attempt was noisy when it was measured: measuring again each run would cost as much again
+        return ProfileSource("cached", path, f"{measured}, where {ATTEMPTS} calibrations in a row looked noisy ({doubt}); "
+                             f"delete {path} to measure again", profile)
+    return ProfileSource("cached", path, measured, profile)
 
 
 def measure(request: ProfileRequest) -> tuple[HardwareProfile, str | None]:
-    """A quick calibration, repeated while it looks implausible; (profile, remaining doubt)."""
+    """A quick calibration, repeated while it looks implausible; (profile, remaining doubt). When no
+    attempt is plausible, the one with the lowest CPU times: a busy host only slows a measurement."""
     c = request.config
-    doubt = None
+    attempts = []
     for _ in range(ATTEMPTS):
         profile = calibrate(c.hidden_size, c.expert_intermediate_size, request.dtype, request.device,
                             request.cpu_threads, quick=True, mode=request.cpu_mode, fmt=request.expert_format)
         profile.provenance["cache_key"] = json.dumps(request.key(), sort_keys=True)
         doubt = profile.implausible()
         if doubt is None:
-            break
-    return profile, doubt
+            return profile, None
+        attempts.append(profile)
+    best = min(attempts, key=lambda p: sum(p.cpu_expert_ms))
+    return best, best.implausible()
 
 
 def obtain(request: ProfileRequest) -> tuple[HardwareProfile, ProfileSource]:
-    """The profile to use (file, cache, or measured now and cached when plausible) and its source."""
+    """The profile to use (file, cache, or measured now and cached) and its source. A measurement
+    still implausible after ATTEMPTS calibrations is cached too, marked (provenance NOISY), so a
+    noisy host is not calibrated ATTEMPTS times again on every run; `locate` says so."""
     source = locate(request)
     if source.profile is not None:
         return source.profile, source
     profile, doubt = measure(request)
-    if doubt is None:
-        try:
-            profile.save(source.path)
-        except OSError:
-            pass
-    note = f"; still implausible after {ATTEMPTS} attempts ({doubt}), not cached" if doubt else ""
+    if doubt is not None:
+        profile.provenance[NOISY] = doubt
+    try:
+        profile.save(source.path)
+    except OSError:
+        pass
+    note = f"; still implausible after {ATTEMPTS} attempts ({doubt}), cached with a note saying so" if doubt else ""
     return profile, ProfileSource("fresh", source.path, source.reason + note, profile)
