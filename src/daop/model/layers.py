@@ -179,10 +179,9 @@ class KVCache:
         if pos.numel() == 1:
             keys.index_copy_(2, pos, k)
             values.index_copy_(2, pos, v)
-        else:
-            rows = torch.arange(k.shape[0], device=pos.device)
-            keys[rows, :, pos] = k[:, :, 0]
-            values[rows, :, pos] = v[:, :, 0]
+        else:  # one kernel each: row b's entries land at position pos[b] (an expanded index, no copy)
+            keys.scatter_(2, pos.view(-1, 1, 1, 1).expand_as(k), k)
+            values.scatter_(2, pos.view(-1, 1, 1, 1).expand_as(v), v)
         return keys, values
 
     def rows(self, first: int, end: int, length: int | None = None) -> "KVCache":
