@@ -24,11 +24,15 @@ computed in a routed batch, bit for bit.
 One program computes BLOCK_N outputs of one row, walking K in BLOCK_K steps; the block shape
 depends only on (N, K), never on the number of rows. The row is the fastest-varying program index,
 so all the rows' programs for one weight tile run side by side, and rows routed to one expert
-share its tile through the L2 cache in whatever order they come. Reading the tile once per program
-for all of an expert's rows was tried and was slower: 4.58 against 3.85 ms of GEMV per 4-token
-Mixtral-shaped step of 8 layers, which already reads the distinct experts at about 4 TB/s
-(`benchmarks/results/h200-mixtral-8x7b-8layers-gpu-batch-rows.jsonl`). Used only on CUDA with
-Triton installed.
+share its tile through the L2 cache in whatever order they come (sorting them by expert made the
+GEMV 1-2 % faster on an H200 but cost more in the sort's launches). At 4 and 8 tokens the GEMV is
+then bound by the L2 cache rather than by memory: a Mixtral-shaped 4-token step of 8 layers reads
+about 15 GB of distinct experts from memory (4 TB/s) but 22.5 GB through the L2 cache (5.8 TB/s),
+since each row reads its tiles. Reading a tile once per program for all of an expert's rows, with a
+sum per row, was slower (4.58 against 3.85 ms: the rows' reductions run one after another); a
+product on the tensor cores would read it once, but would not keep a row's bits independent of
+the others (`benchmarks/results/h200-mixtral-8x7b-8layers-gpu-batch-rows.jsonl`). Used only on
+CUDA with Triton installed.
 """
 from __future__ import annotations
 
