@@ -85,21 +85,22 @@ def test_attention_under_the_additive_mask_equals_the_boolean_mask(dtype, window
     assert torch.equal(attend(q, k, v, additive_mask(mask, dtype), 128**-0.5, gqa=True), want)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])  # a scatter on CUDA, indexed writes on the CPU
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])  # grouped-query heads; one latent per position
-def test_a_batch_step_writes_each_row_at_its_own_position(tiny_dir, family):
+def test_a_batch_step_writes_each_row_at_its_own_position(tiny_dir, family, device):
     """`KVCache.write_at` with a position per row, into the whole cache and into a view of some of
     its rows and positions (`rows`): each row's entry lands at its position, nothing else moves."""
     from daop.model.layers import KVCache
 
     engine = engine_for(tiny_dir, family, device="cpu", dtype="fp32")
-    cache = KVCache(engine.decoder.config, 5, 16, torch.device("cpu"), torch.float32)
+    cache = KVCache(engine.decoder.config, 5, 16, torch.device(device), torch.bfloat16)
     for t in (*cache.keys, *cache.values):
         t.copy_(torch.randn(t.shape))
     view = cache.rows(1, 4, 12)
     before = [t.clone() for t in cache.keys[1:2] + cache.values[1:2]]
-    pos = torch.tensor([3, 0, 11])
-    k = torch.randn(3, view.keys[1].shape[1], 1, view.keys[1].shape[3])
-    v = torch.randn(3, view.values[1].shape[1], 1, view.values[1].shape[3])
+    pos = torch.tensor([3, 0, 11], device=device)
+    k = torch.randn(3, view.keys[1].shape[1], 1, view.keys[1].shape[3]).to(device, torch.bfloat16)
+    v = torch.randn(3, view.values[1].shape[1], 1, view.values[1].shape[3]).to(device, torch.bfloat16)
     keys, values = view.write_at(1, pos, k, v)
     assert keys.shape[:3] == (3, k.shape[1], 12)
     for whole, old, new in ((cache.keys[1], before[0], k), (cache.values[1], before[1], v)):

@@ -179,9 +179,13 @@ class KVCache:
         if pos.numel() == 1:
             keys.index_copy_(2, pos, k)
             values.index_copy_(2, pos, v)
-        else:  # one kernel each: row b's entries land at position pos[b] (an expanded index, no copy)
+        elif keys.is_cuda:  # one kernel each: row b's entries land at position pos[b] (an expanded index, no copy)
             keys.scatter_(2, pos.view(-1, 1, 1, 1).expand_as(k), k)
             values.scatter_(2, pos.view(-1, 1, 1, 1).expand_as(v), v)
+        else:  # torch's CPU scatter_ walks the whole cache in bf16 and fp16 (0.4 ms against 5 us at 4096 positions)
+            rows = torch.arange(k.shape[0], device=pos.device)
+            keys[rows, :, pos] = k[:, :, 0]
+            values[rows, :, pos] = v[:, :, 0]
         return keys, values
 
     def rows(self, first: int, end: int, length: int | None = None) -> "KVCache":
