@@ -9,7 +9,8 @@ import torch
 POINT_KEYS = {"policy", "expert_ratio", "ttft_ms", "decode_ms_per_token", "tokens_per_s_incl_prefill", "gpu_hit_rate",
               "cpu_calls_per_token", "copy_calls_per_token", "resident_calls_per_token", "h2d_bytes_per_token",
               "cpu_wait_share", "bound_ms", "measured_over_bound", "cpu_ms_per_expert_token", "universal_bound_ms",
-              "measured_over_universal", "cuda_graph", "host_syncs_per_step", "prefill_bound_ms", "ttft_over_prefill_bound"}
+              "measured_over_universal", "cuda_graph", "host_syncs_per_step", "prefill_bound_ms", "ttft_over_prefill_bound",
+              "expert_calls_per_step", "expert_calls_source"}
 CARD_KEYS = {"geometry", "layers", "dtype", "gpu", "cpu", "cpu_capability", "cpu_threads", "cpu_mode", "cpu_threads_reason",
              "torch", "git_sha", "expert_bytes", "hardware_profile", "routing_source"}
 
@@ -51,6 +52,25 @@ def test_bench_smoke(tmp_path):
     assert len(lines) == 2 + len(summary["points"])
     table = subprocess.run([sys.executable, "-m", "daop.cli", "bench", "--table", str(out)], capture_output=True, text=True)
     assert table.returncode == 0 and "| fiddler |" in table.stdout
+
+
+def test_batch_rows_of_a_runner_that_does_not_count_count_their_expert_calls(tmp_path):
+    """The all-resident runner routes on the device and counts no calls: one token calls top_k
+    experts per layer; a batch's calls are each layer's distinct experts, counted after the timed
+    runs, so its bound reads the experts the batch touches."""
+    out = tmp_path / "rows.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "daop.cli", "bench", "--smoke", "--policies", "gpu", "--batch", "1,3",
+                           "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.strip().splitlines()[-1])
+    card = summary["card"]
+    layers, k, experts = card["layers"], card["top_k"], card["experts"]
+    one, three = sorted(summary["points"], key=lambda p: p["batch"])
+    assert (one["batch"], three["batch"]) == (1, 3)
+    assert one["expert_calls_per_step"] == k * layers and one["expert_calls_source"] == "one token's top_k"
+    assert three["expert_calls_source"] == "counted after the timed runs"
+    assert k * layers < three["expert_calls_per_step"] <= min(experts, 3 * k) * layers
+    assert three["universal_bound_ms"] > one["universal_bound_ms"]
 
 
 def test_universal_bound_splits_host_experts_between_the_channels():

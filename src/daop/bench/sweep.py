@@ -164,6 +164,55 @@ def batch_syncs(engine: Engine, prompts: list[list[int]], steps: int) -> float:
         batcher.cancel_all()
 
 
+class ExpertCallCounter:
+    """A routing that counts each layer's distinct experts (its expert calls) while `counting` is
+    on, routing as the one it wraps. The count reads every layer's ids on the host, so it runs only
+    in a pass after the timed runs; without `device_only`, steps under it are not captured."""
+
+    def __init__(self, inner) -> None:
+        self.inner, self.counting, self.calls = inner, False, 0
+
+    def begin(self, start: int, num_new: int) -> None:
+        self.inner.begin(start, num_new)
+
+    def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, weights = self.inner.route(layer_idx, h)
+        if self.counting:
+            self.calls += int(ids.unique().numel())
+        return ids, weights
+
+    def predict(self, layer_idx: int, h: torch.Tensor):
+        return self.inner.predict(layer_idx, h)
+
+    def predict_ahead(self, layer_idx: int, h: torch.Tensor):
+        ahead = getattr(self.inner, "predict_ahead", None)
+        return ahead(layer_idx, h) if ahead is not None else None
+
+
+def batch_expert_calls(engine: Engine, prompts: list[list[int]], steps: int = 4) -> float:
+    """Expert calls per decode step of a batch on the batch path (each MoE layer's distinct experts,
+    summed over layers), for runners that do not count their calls (all experts resident, routed on
+    the device): four tokens route to about 5.5 of Mixtral's 8 experts per layer, not 2."""
+    dec = engine.decoder
+    counter = ExpertCallCounter(dec.routing)
+    with dec.routed_by(counter):
+        batcher = batch_for_prompts(engine, prompts, steps + 2)
+        errors: list = []
+        for p in prompts:
+            batcher.add(Sequence(p, SamplingParams(max_new_tokens=steps + 2), lambda kind, payload: errors.append(payload)
+                                 if kind == "error" else None))
+        try:
+            drive(batcher, batcher.prefilling_phase, errors)
+            counter.counting = True
+            for _ in range(steps):
+                batcher.step()
+        finally:
+            batcher.cancel_all()
+    if errors:
+        raise DaopError(f"counting expert calls failed: {errors[0]}")
+    return counter.calls / steps
+
+
 def count_syncs(step, steps: int) -> float:
     """Synchronizing calls per call of step(), over `steps` calls."""
     torch.cuda.synchronize()
@@ -265,7 +314,12 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
     steps = sum(s for *_, s in totals)
     agg = {k: sum(c[k] for _, _, c, _ in totals) / steps for k in totals[0][2]} if totals[0][2] else {}
     moe_layers = len(engine.config.moe_layer_ids())
-    resident = agg.get("resident_calls", engine.config.top_k * moe_layers)
+    resident = agg.get("resident_calls")
+    calls_source = "runner"
+    if resident is None:  # the runner does not count (all resident): one token calls top_k experts per layer
+        resident, calls_source = engine.config.top_k * moe_layers, "one token's top_k"
+        if batch > 1 and not traced:
+            resident, calls_source = batch_expert_calls(engine, groups[1]), "counted after the timed runs"
     missing = agg.get("cpu_calls", 0.0) + agg.get("copy_calls", 0.0) + agg.get("split_calls", 0.0)
     # a split expert's rows: the CPU's share read on the host, the rest in copied_bytes
     host_bytes = (agg.get("cpu_calls", 0.0) + agg.get("split_cpu_share", 0.0)) * expert_bytes + agg.get("copied_bytes", 0.0)
@@ -305,6 +359,7 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "decode_tokens_per_s": round(1000 * batch / med_tpot, 3),
         "tokens_per_s_incl_prefill": round(statistics.median(n / w for n, w, _, _ in totals), 3),
         "gpu_hit_rate": round(resident / calls, 4) if calls else 1.0,
+        "expert_calls_per_step": round(calls, 3), "expert_calls_source": calls_source,
         "resident_calls_per_token": round(resident / batch, 3), "cpu_calls_per_token": round(agg.get("cpu_calls", 0.0) / batch, 3),
         "copy_calls_per_token": round(agg.get("copy_calls", 0.0) / batch, 3),
         # experts split between the channels (their CPU rows' share, then their count)
