@@ -29,9 +29,10 @@ GEMV 1-2 % faster on an H200 but cost more in the sort's launches). At 4 and 8 t
 then bound by the L2 cache rather than by memory: a Mixtral-shaped 4-token step of 8 layers reads
 about 15 GB of distinct experts from memory (4 TB/s) but 22.5 GB through the L2 cache (5.8 TB/s),
 since each row reads its tiles. Reading a tile once per program for all of an expert's rows, with a
-sum per row, was slower (4.58 against 3.85 ms: the rows' reductions run one after another); a
-product on the tensor cores would read it once, but would not keep a row's bits independent of
-the others (`benchmarks/results/h200-mixtral-8x7b-8layers-gpu-batch-rows.jsonl`). Used only on
+sum per row, was slower (4.58 against 3.85 ms: the rows' reductions run one after another). A
+product on the tensor cores would read it once, but sums a row in another order than this kernel:
+an expert alone and the same expert in a batch would then agree bit for bit only if both went
+through it (`benchmarks/results/h200-mixtral-8x7b-8layers-gpu-batch-rows.jsonl`). Used only on
 CUDA with Triton installed.
 """
 from __future__ import annotations
