@@ -17,11 +17,13 @@ import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from daop.batching import Sequence, batch_for_prompts, drive
+from daop.batching import Batcher, Sequence, batch_for_prompts, drive
 from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts
 from daop.bench.trace import RoutingTrace, TraceRouting, load_traces
 from daop.engine import Engine, GenerationStats, resolve_device
@@ -150,8 +152,10 @@ def syncs_per_step(engine: Engine, item, traced: bool, steps: int = 4) -> float 
         return count_syncs(step, steps)
 
 
-def batch_syncs(engine: Engine, prompts: list[list[int]], steps: int) -> float:
-    """Host syncs per decode step of a batch on the batch path (`daop.batching`), all rows decoding."""
+@contextmanager
+def decoding_batch(engine: Engine, prompts: list[list[int]], steps: int) -> Iterator[tuple[Batcher, list]]:
+    """A batch on the batch path (`daop.batching`) with every prompt prefilled and room for `steps`
+    decode steps of all rows, and the list its errors go to; its rows are cancelled on leaving."""
     batcher = batch_for_prompts(engine, prompts, steps + 2)
     errors: list = []
     for p in prompts:
@@ -159,26 +163,31 @@ def batch_syncs(engine: Engine, prompts: list[list[int]], steps: int) -> float:
                              if kind == "error" else None))
     try:
         drive(batcher, batcher.prefilling_phase, errors)
-        return count_syncs(batcher.step, steps)
+        yield batcher, errors
     finally:
         batcher.cancel_all()
 
 
+def batch_syncs(engine: Engine, prompts: list[list[int]], steps: int) -> float:
+    """Host syncs per decode step of a batch on the batch path (`daop.batching`), all rows decoding."""
+    with decoding_batch(engine, prompts, steps) as (batcher, _):
+        return count_syncs(batcher.step, steps)
+
+
 class ExpertCallCounter:
-    """A routing that counts each layer's distinct experts (its expert calls) while `counting` is
-    on, routing as the one it wraps. The count reads every layer's ids on the host, so it runs only
-    in a pass after the timed runs; without `device_only`, steps under it are not captured."""
+    """A routing that counts each layer's distinct experts (its expert calls), routing as the one it
+    wraps. The count reads every layer's ids on the host, so it runs only in a pass after the timed
+    runs; without `device_only`, steps under it are not captured."""
 
     def __init__(self, inner) -> None:
-        self.inner, self.counting, self.calls = inner, False, 0
+        self.inner, self.calls = inner, 0
 
     def begin(self, start: int, num_new: int) -> None:
         self.inner.begin(start, num_new)
 
     def route(self, layer_idx: int, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids, weights = self.inner.route(layer_idx, h)
-        if self.counting:
-            self.calls += int(ids.unique().numel())
+        self.calls += int(ids.unique().numel())
         return ids, weights
 
     def predict(self, layer_idx: int, h: torch.Tensor):
@@ -195,19 +204,10 @@ def batch_expert_calls(engine: Engine, prompts: list[list[int]], steps: int = 4)
     the device): four tokens route to about 5.5 of Mixtral's 8 experts per layer, not 2."""
     dec = engine.decoder
     counter = ExpertCallCounter(dec.routing)
-    with dec.routed_by(counter):
-        batcher = batch_for_prompts(engine, prompts, steps + 2)
-        errors: list = []
-        for p in prompts:
-            batcher.add(Sequence(p, SamplingParams(max_new_tokens=steps + 2), lambda kind, payload: errors.append(payload)
-                                 if kind == "error" else None))
-        try:
-            drive(batcher, batcher.prefilling_phase, errors)
-            counter.counting = True
-            for _ in range(steps):
-                batcher.step()
-        finally:
-            batcher.cancel_all()
+    with dec.routed_by(counter), decoding_batch(engine, prompts, steps) as (batcher, errors):
+        counter.calls = 0  # the prompts' calls are not a decode step's
+        for _ in range(steps):
+            batcher.step()
     if errors:
         raise DaopError(f"counting expert calls failed: {errors[0]}")
     return counter.calls / steps
