@@ -493,3 +493,12 @@ def test_cpu_attention_probe_reports_both_dtypes():
         assert r["native_us"] > 0 and r["float32_us"] > 0
         if r["kind"] == "attention":
             assert r["float32_rel_err"] < 1e-2 and r["native_rel_err"] < 1e-2
+
+
+def test_kv_write_probe_times_both_writes_and_they_agree():
+    """scripts/kv_write_probe.py: the scatter and the indexed write put the same values in the cache."""
+    from helpers import load_script
+
+    out = load_script("kv_write_probe").main(["--small"])
+    assert out["kind"] == "kv_write_probe" and {r["dtype"] for r in out["results"]} == {"float32", "bfloat16", "float16"}
+    assert all(r["same_values"] and r["scatter_us"] > 0 and r["indexed_us"] > 0 for r in out["results"])
