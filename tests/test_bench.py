@@ -145,3 +145,25 @@ def test_gpt_oss_20b_geometry_and_its_synthetic_experts():
     w = host.weights(1, 3)
     assert host.fmt.biased and [tuple(t.shape) for t in w] == [(64, 64), (64, 32), (64,), (64,)]
     assert all(t.abs().sum() > 0 for t in w)
+
+
+def test_batch_bytes_reads_what_a_run_s_steps_read(tmp_path):
+    """scripts/batch_bytes.py: bytes per step from a run's expert calls, card and geometry."""
+    from helpers import load_script
+
+    from daop.bench.geometry import geometry_config
+
+    config, _ = geometry_config("tiny-mixtral")
+    rows = tmp_path / "rows.jsonl"
+    card = {"kind": "card", "dtype": "float32", "expert_bytes": 10**9}
+    points = [{"kind": "point", "policy": "gpu", "batch": b, "expert_calls_per_step": calls, "decode_ms_per_token": ms,
+               "decode_tokens_per_s": 1000 * b / ms} for b, calls, ms in ((2, 6.0, 4.0), (1, 2.0, 2.0))]
+    rows.write_text("\n".join(json.dumps(r) for r in [card, *points]))
+    out = load_script("batch_bytes").main([str(rows), "--geometry", "tiny-mixtral"])
+    dense = load_script("batch_bytes").dense_bytes(config, torch.float32)
+    assert dense > 0 and out["dense_gb"] == round(dense / 1e9, 3)
+    one, two = out["points"]
+    assert (one["batch"], two["batch"]) == (1, 2)
+    assert one["gb_per_step"] == round(2 + dense / 1e9, 2) and two["gb_per_step"] == round(6 + dense / 1e9, 2)
+    assert one["tb_per_s"] == round(one["gb_per_step"] / 2.0, 2)
+    assert two["tokens_per_s_over_first"] == 1.0 and two["at_one_speed_over_first"] == round(2 * one["gb_per_step"] / two["gb_per_step"], 2)
