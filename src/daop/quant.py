@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from daop import int4_layout
 from daop.errors import DaopError
 from daop.kernels import expert_gemv
-from daop.model.moe import add_picks, combine, gated, swiglu
+from daop.model.moe import add_picks, combine, gated, index_tensor, swiglu
 
 EXPERT_DTYPES = ("auto", "int8", "int4")
 DEFAULT_GROUP_SIZE = 128
@@ -370,6 +370,75 @@ def grouped_swiglu(x: torch.Tensor, offs: torch.Tensor, gate_up: torch.Tensor, d
     one (its slots) agree; the values differ from a product pair per expert within rounding."""
     gate, up = torch._grouped_mm(x, gate_up.transpose(-2, -1), offs=offs).chunk(2, dim=-1)
     return torch._grouped_mm(F.silu(gate) * up, down.transpose(-2, -1), offs=offs)
+
+
+# A CPU device's small bf16 experts, several at a time, run as one batched product pair over the
+# stack (`stacked_swiglu`). torch's bf16 CPU product costs 12-16 us a call whatever its size at these
+# shapes (oneDNN's overhead; float32 takes 3-11), so a layer of a batch step, which touches most of
+# its experts, paid that twice per expert: 7 experts' pairs took 119 us against 29 for one batched
+# product (`scripts/cpu_stacked_probe.py`, benchmarks/results/cpu-stacked-experts-2core.jsonl). Only
+# for experts this small (a product's overhead above its read time: at most STACKED_MAX_EXPERT_BYTES),
+# at most STACKED_MAX_TOKENS rows (decode steps and short prompt chunks), and in bf16 where the
+# batched product gives each expert's rows the bits of its own product pair, so every runner still
+# agrees with the others bit for bit: checked once per expert size on the machine at hand
+# (`stacked_is_exact`). On the 2-core test machine (AVX512-BF16) it holds in bf16; in float32 it does
+# not, so float32 keeps the products per expert.
+STACKED_MAX_EXPERT_BYTES = 256 << 10
+STACKED_MAX_TOKENS = 64
+
+
+def stacks_on_cpu(fmt: "ExpertFormat", h: torch.Tensor, hidden: int, inter: int, experts: int) -> bool:
+    """Whether a CPU device's layer runs its `experts` routed experts for h's rows as `stacked_swiglu`."""
+    return (h.device.type == "cpu" and h.dtype == torch.bfloat16 and fmt.plain and not fmt.quantized and experts > 1
+            and h.shape[0] <= STACKED_MAX_TOKENS and 3 * hidden * inter * h.element_size() <= STACKED_MAX_EXPERT_BYTES
+            and stacked_is_exact(hidden, inter, h.dtype))
+
+
+@functools.lru_cache(maxsize=None)
+def stacked_is_exact(hidden: int, inter: int, dtype: torch.dtype) -> bool:
+    """Whether `stacked_swiglu` gives each expert's rows the bits `expert_forward` gives them alone, on
+    this CPU at these sizes: random experts and rows (one token; several, one expert skipped inside
+    the range, rows padded), checked once."""
+    gen = torch.Generator().manual_seed(0)
+    stacked = [(torch.randn(4, 2 * inter, hidden, generator=gen) * hidden ** -0.5).to(dtype),
+               (torch.randn(4, hidden, inter, generator=gen) * inter ** -0.5).to(dtype)]
+    h = torch.randn(5, hidden, generator=gen).to(dtype)
+    cases = [(h[:1], {0: ([0], [0]), 3: ([0], [1])}),
+             (h, {0: ([0, 2, 3], [0, 0, 1]), 1: ([1, 4], [0, 1]), 3: ([0, 1, 2, 3, 4], [1, 1, 1, 0, 0])})]
+    with torch.inference_mode():
+        for x, picks in cases:
+            rows_host = {e: (torch.tensor(t), torch.tensor(k)) for e, (t, k) in picks.items()}
+            ys = stacked_swiglu(x, rows_host, stacked)
+            for e, (tokens, _) in rows_host.items():
+                alone = expert_forward(x if x.shape[0] == 1 else x[tokens], [stacked[0][e], stacked[1][e]])
+                if not torch.equal(ys[e], alone):
+                    return False
+    return True
+
+
+def stacked_swiglu(h: torch.Tensor, rows_host: dict, stacked: List[torch.Tensor]) -> dict[int, torch.Tensor]:
+    """Each routed expert's output for its rows of h [N, D] (`daop.model.moe.group_by_expert`'s
+    rows_host: expert -> (token rows, column)), as `expert_forward` gives it, from one batched product
+    pair over the experts lo..hi of the stack (float gate_up [E, 2I, D], down [E, D, I]; views, no
+    copy), each expert's rows padded with zero rows to the most any has. An expert in between that no
+    row picked runs on zero rows; see STACKED_MAX_EXPERT_BYTES for when that is cheaper."""
+    experts = sorted(rows_host)
+    lo, hi = experts[0], experts[-1] + 1
+    N, D = h.shape
+    if N == 1:  # one token: every expert reads it whole
+        counts = {e: 1 for e in experts}
+        x = h.expand(hi - lo, 1, D)
+    else:
+        counts = {e: len(rows_host[e][0]) for e in experts}
+        M = max(counts.values())
+        idx: list[int] = []
+        for e in range(lo, hi):
+            tokens = rows_host[e][0].tolist() if e in rows_host else []
+            idx += tokens + [N] * (M - len(tokens))  # row N: a zero row
+        x = torch.cat((h, h.new_zeros(1, D)))[index_tensor(tuple(idx))].view(hi - lo, M, D)
+    gate, up = torch.bmm(x, stacked[0][lo:hi].transpose(1, 2)).chunk(2, dim=-1)
+    out = torch.bmm(F.silu(gate) * up, stacked[1][lo:hi].transpose(1, 2))
+    return {e: out[e - lo, :counts[e]] for e in experts}
 
 
 def indexed_swiglu(x: torch.Tensor, idx: torch.Tensor, x_div: int, stacked: List[torch.Tensor],

@@ -1,0 +1,79 @@
+"""A CPU device's small bf16 experts, several at once, through one batched product pair over the
+stack (`daop.quant.stacked_swiglu`): the same bits as each expert alone, so the all-resident runner
+that uses it still gives every exact policy's tokens."""
+import pytest
+import torch
+
+import daop.quant as quant
+from daop.batching import generate_many
+from daop.engine import Engine
+from daop.model.moe import group_by_expert
+from daop.quant import expert_forward, stacked_swiglu, stacks_on_cpu
+from daop.sampling import SamplingParams
+
+PROMPTS = ["In the beginning God created", "ROMEO. But soft, what light", "def fibonacci(n):",
+           "The os module provides", "hacker n.", "import json\n"]
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    return Engine.from_pretrained(None, device="cpu", progress=False)  # bf16, as shipped
+
+
+def routing(tokens, experts, top_k, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.stack([torch.randperm(experts, generator=gen)[:top_k] for _ in range(tokens)])
+
+
+@pytest.mark.parametrize("tokens", [1, 2, 3, 8, 17])
+def test_stacked_experts_give_each_experts_bits_alone(shipped, tokens):
+    """The shipped model's first layer, random rows and routing: every routed expert's output rows
+    equal `expert_forward` on its rows alone, bit for bit (experts skipped inside the range, padding)."""
+    c, experts = shipped.config, shipped.decoder.experts
+    layer = c.moe_layer_ids()[0]
+    assert stacks_on_cpu(experts.fmt, torch.empty(tokens, c.hidden_size, dtype=torch.bfloat16), c.hidden_size,
+                         c.expert_intermediate_size, 2)
+    for seed in range(4):
+        h = torch.randn(tokens, c.hidden_size, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+        rows_host = group_by_expert(routing(tokens, c.num_experts, c.top_k, seed))
+        ys = stacked_swiglu(h, rows_host, experts.tensors[layer])
+        assert sorted(ys) == sorted(rows_host)
+        for e, (rows, _) in rows_host.items():
+            alone = expert_forward(h if tokens == 1 else h[rows], experts.weights_of(layer, e))
+            assert ys[e].shape == alone.shape
+            assert torch.equal(ys[e], alone), (tokens, seed, e)
+
+
+def test_only_small_bf16_float_experts_of_few_rows_on_a_cpu_are_stacked(shipped):
+    c, fmt = shipped.config, shipped.decoder.experts.fmt
+    D, I = c.hidden_size, c.expert_intermediate_size
+    bf16 = torch.empty(4, D, dtype=torch.bfloat16)
+    assert stacks_on_cpu(fmt, bf16, D, I, 3)
+    assert not stacks_on_cpu(fmt, bf16, D, I, 1)  # one expert: its own product pair
+    assert not stacks_on_cpu(fmt, torch.empty(4, D), D, I, 3)  # float32: the batched product rounds otherwise
+    assert not stacks_on_cpu(fmt, torch.empty(quant.STACKED_MAX_TOKENS + 1, D, dtype=torch.bfloat16), D, I, 3)
+    assert not stacks_on_cpu(fmt, bf16, 4096, 14336, 3)  # a Mixtral expert: its reads, not the call, cost
+    assert not quant.stacked_is_exact(D, I, torch.float32)  # what the dtype rule rests on, on this CPU
+
+
+@pytest.mark.parametrize("policy,ratio", [("daop-exact", 0.5), ("lru", 0.25)])
+def test_exact_policies_in_bf16_give_the_stacked_all_resident_paths_tokens(shipped, policy, ratio, monkeypatch):
+    """Batches of six prompts on the CPU in bf16: the all-resident runner (stacked products) and an
+    offloaded exact policy (a product pair per expert) give the same tokens, and the stacked path
+    gives the per-expert path's tokens."""
+    import daop.weights.expert_store as store
+
+    calls = []
+    monkeypatch.setattr(store, "stacked_swiglu", lambda *a: calls.append(a[0].shape[0]) or stacked_swiglu(*a))
+    params = SamplingParams(max_new_tokens=24)
+    stacked = generate_many(shipped, PROMPTS, params, max_batch=6)
+    assert max(calls) > 1 and 1 in calls  # prompts and batch steps, and a lone row, went through it
+    before = quant.STACKED_MAX_TOKENS
+    try:
+        quant.STACKED_MAX_TOKENS = 0  # off: a product pair per expert
+        per_expert = generate_many(shipped, PROMPTS, params, max_batch=6)
+    finally:
+        quant.STACKED_MAX_TOKENS = before
+    assert [r["text"] for r in stacked] == [r["text"] for r in per_expert]
+    offloaded = Engine.from_pretrained(None, device="cpu", progress=False, policy=policy, expert_ratio=ratio)
+    assert [r["text"] for r in generate_many(offloaded, PROMPTS, params, max_batch=6)] == [r["text"] for r in stacked]
