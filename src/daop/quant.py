@@ -387,9 +387,15 @@ STACKED_MAX_EXPERT_BYTES = 256 << 10
 STACKED_MAX_TOKENS = 64
 
 
-def stacks_on_cpu(fmt: "ExpertFormat", h: torch.Tensor, hidden: int, inter: int, experts: int) -> bool:
-    """Whether a CPU device's layer runs its `experts` routed experts for h's rows as `stacked_swiglu`."""
-    return (h.device.type == "cpu" and h.dtype == torch.bfloat16 and fmt.plain and not fmt.quantized and experts > 1
+def stacks_on_cpu(fmt: "ExpertFormat", h: torch.Tensor, hidden: int, inter: int, experts: list[int]) -> bool:
+    """Whether a CPU device's layer runs its routed experts (ascending ids) for h's rows as
+    `stacked_swiglu`: when the product pairs it saves (one per expert but one) are at least the
+    unpicked experts inside their range that it reads for nothing. Each costs about one pair's time
+    at these sizes (a cold expert's read against a call's overhead), so a lone token's two experts
+    far apart keep their own pairs."""
+    used = len(experts)
+    return (h.device.type == "cpu" and h.dtype == torch.bfloat16 and fmt.plain and not fmt.quantized and used > 1
+            and experts[-1] - experts[0] + 1 - used <= used - 1
             and h.shape[0] <= STACKED_MAX_TOKENS and 3 * hidden * inter * h.element_size() <= STACKED_MAX_EXPERT_BYTES
             and stacked_is_exact(hidden, inter, h.dtype))
 

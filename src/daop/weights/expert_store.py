@@ -191,7 +191,7 @@ class ResidentExperts:
             return grouped_experts(h, ids, weights, self.tensors[layer_idx])
         rows_host = group_by_expert(ids.cpu())  # one sync per layer, grouping on the host
         rows = token_rows(h, rows_host)
-        if stacks_on_cpu(self.fmt, h, self.hidden, self.inter, len(rows_host)):  # small bf16 experts on a CPU
+        if stacks_on_cpu(self.fmt, h, self.hidden, self.inter, list(rows_host)):  # small bf16 experts on a CPU
             return weighted_sum(h, stacked_swiglu(h, rows_host, self.tensors[layer_idx]), weights, rows_host, rows)
         xs = expert_inputs(h, rows, rows_host)
         ys = {e: expert_forward(xs[e], self.weights_of(layer_idx, e), self.fmt.glu) for e in rows_host}
