@@ -21,6 +21,8 @@ from daop.model.moe import ExpertRunner, SharedExpert
 from daop.model.routing import ModelRouting, Routing
 from daop.model.specs import FamilySpec
 
+CPU_ATTEND_POSITIONS = 64  # a CPU decode step attends over a multiple of this many positions (`Decoder.written_part`); 0: the whole cache
+
 
 class DecoderLayer:
     def __init__(self, config: ModelConfig, layer_idx: int, device: torch.device, dtype: torch.dtype) -> None:
@@ -141,6 +143,7 @@ class Decoder:
         at pos and read whole under a mask. Every decode step runs this, captured or not."""
         positions = pos.view(-1, 1).expand(input_ids.shape[0], 1)
         cos, sin = self.rotary.table(self.rotary_dtype, cache.max_len)
+        cache = self.written_part(cache, pos)
         # on CUDA the masks are made additive once here, not by torch's attention in every layer
         # (sink attention takes the boolean mask)
         additive = self.device.type == "cuda" and not self.config.attention_sinks
@@ -152,6 +155,23 @@ class Decoder:
         windows = {w: mask(w) for w in self.windows}
         step = Step(cos[positions], sin[positions], mask(), pos, cache, windows)
         return F.embedding(input_ids, self.embed), step
+
+    def written_part(self, cache: KVCache, pos: torch.Tensor) -> KVCache:
+        """The cache a decode step attends over: on a CPU device (nothing captured; pos is on the host)
+        its first positions up to the furthest one the step writes, rounded up to a multiple of
+        CPU_ATTEND_POSITIONS; elsewhere the whole cache. torch's CPU attention gives that part's
+        result bit for bit as it gives the whole cache's under the mask (its blocks of positions
+        divide the multiple; `test_decode_attends_over_the_written_part_with_the_whole_caches_bits`),
+        and a sequence's cache holds at least MIN_CACHE = 256 positions: a short request attended
+        over 192 positions it had not written, about 13 % of an 8-row step of the shipped model
+        (`scripts/cpu_attend_probe.py`). The rotary table keeps the whole cache's length (a longrope
+        model's choice depends on it). Sink and latent attention keep the whole cache."""
+        c = self.config
+        if self.device.type != "cpu" or not CPU_ATTEND_POSITIONS or c.attention_sinks or c.latent_attention is not None:
+            return cache
+        block = CPU_ATTEND_POSITIONS
+        length = -(-(int(pos.max()) + 1) // block) * block
+        return cache.rows(0, cache.batch, length) if length < cache.max_len else cache
 
     def attention_block(self, layer: DecoderLayer, x: torch.Tensor, step: Step,
                         delta: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

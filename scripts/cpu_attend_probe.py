@@ -1,0 +1,106 @@
+#!/usr/bin/env python3
+"""A CPU decode step's attention over the cache's written part (`Decoder.written_part`: the positions
+up to the furthest written, rounded up to a multiple of CPU_ATTEND_POSITIONS) against the whole cache
+under its mask: whether the results are the same bits, at random positions, head layouts and dtypes
+(also for the unrounded written length, which does not always give them), and what a whole decode
+step of the shipped model takes each way with the server's cache rows (the model's context, each
+sequence reading at least MIN_CACHE positions). JSON lines on stdout, the first a card.
+
+    python3 scripts/cpu_attend_probe.py [--batch 1,8] [--steps 40]
+
+The step times alternate the two ways step by step on one engine, so a drift of the machine's speed
+falls on both; medians are reported.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import statistics
+import time
+
+import torch
+
+import daop.model.decoder as decoder_module
+from daop.batching import Batcher, Sequence
+from daop.bench.sweep import git_sha
+from daop.engine import Engine
+from daop.model.layers import attend, decode_mask
+from daop.sampling import SamplingParams
+
+
+def same_bits(trials: int, seed: int) -> list[dict]:
+    """attend over the first S positions against all 2048, positions drawn at random below 1500."""
+    gen = torch.Generator().manual_seed(seed)
+    block = decoder_module.CPU_ATTEND_POSITIONS or 64
+    counts: dict = collections.Counter()
+    for dtype in (torch.bfloat16, torch.float32):
+        for rows, heads, groups in ((8, 4, 2), (1, 4, 2), (3, 8, 8)):
+            keys, values = (torch.randn(rows, groups, 2048, 32, generator=gen).to(dtype) for _ in range(2))
+            q = torch.randn(rows, heads, 1, 32, generator=gen).to(dtype)
+            for _ in range(trials):
+                pos = torch.randint(0, 1500, (rows,), generator=gen)
+                whole = attend(q, keys, values, decode_mask(pos, 2048), 32 ** -0.5, heads != groups)
+                written = int(pos.max()) + 1
+                for name, length in (("rounded", -(-written // block) * block), ("written", written)):
+                    part = attend(q, keys[:, :, :length], values[:, :, :length], decode_mask(pos, length), 32 ** -0.5,
+                                  heads != groups)
+                    counts[(str(dtype), name, bool(torch.equal(part, whole)))] += 1
+    return [{"kind": "bits", "dtype": d, "length": n, "equal": e, "cases": c} for (d, n, e), c in sorted(counts.items())]
+
+
+def steps(engine: Engine, rows: int, count: int, seed: int) -> dict:
+    """Decode steps of `rows` sequences of 10 prompt tokens in the server's cache (max_len: the
+    model's context), attending over the written part and over the whole row, alternating."""
+    on = decoder_module.CPU_ATTEND_POSITIONS
+
+    def batch() -> Batcher:
+        b = Batcher(engine, max_batch=rows)
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(rows):
+            b.add(Sequence(torch.randint(3, engine.config.vocab_size, (10,), generator=gen).tolist(),
+                           SamplingParams(max_new_tokens=count + 8), lambda kind, payload: None))
+        while b.prefilling is not None or b.waiting:
+            b.step()
+        return b
+
+    try:
+        with torch.inference_mode():
+            part, whole = batch(), batch()
+            times: dict[str, list[float]] = {"written_part": [], "whole_cache": []}
+            for _ in range(count):
+                for name, b, block in (("written_part", part, on), ("whole_cache", whole, 0)):
+                    decoder_module.CPU_ATTEND_POSITIONS = block
+                    t0 = time.perf_counter()
+                    b.step()
+                    times[name].append(time.perf_counter() - t0)
+    finally:
+        decoder_module.CPU_ATTEND_POSITIONS = on
+    a, b = (statistics.median(times[k]) * 1e3 for k in ("whole_cache", "written_part"))
+    return {"kind": "step", "rows": rows, "steps": count, "row_positions": part.decoding[0].length,
+            "whole_cache_ms": round(a, 3), "written_part_ms": round(b, 3), "speedup": round(a / b, 3),
+            "same_tokens": [s.tokens for s in part.decoding] == [s.tokens for s in whole.decoding]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads")
+    ap.add_argument("--trials", type=int, default=40, help="random position sets per head layout and dtype")
+    ap.add_argument("--batch", default="1,2,4,8", help="decode batch sizes of the step timing")
+    ap.add_argument("--steps", type=int, default=40, help="steps per batch size, each way")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    engine = Engine.from_pretrained(args.model, device="cpu", progress=False)
+    print(json.dumps({"kind": "card", "script": "cpu_attend_probe", "git_sha": git_sha(), "torch": torch.__version__,
+                      "threads": args.threads, "model": args.model or "shipped model", "dtype": str(engine.decoder.dtype),
+                      "block": decoder_module.CPU_ATTEND_POSITIONS, "context": engine.config.context_length}), flush=True)
+    for row in same_bits(args.trials, args.seed):
+        print(json.dumps(row), flush=True)
+    for r in (int(v) for v in args.batch.split(",")):
+        print(json.dumps(steps(engine, r, args.steps, args.seed)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
