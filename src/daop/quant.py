@@ -375,9 +375,9 @@ def grouped_swiglu(x: torch.Tensor, offs: torch.Tensor, gate_up: torch.Tensor, d
 # A CPU device's small bf16 experts, several at a time, run as one batched product pair over the
 # stack (`stacked_swiglu`). torch's bf16 CPU product costs 12-16 us a call whatever its size at the
 # shipped model's shapes (oneDNN's overhead; float32 takes 3-11), so a layer of a batch step, which
-# touches most of its experts, paid that twice per expert: one layer's 8 experts for 8 tokens took
-# 330 us a pair each against 95 us stacked, and an 8-row decode step 24.2 against 18.6 ms
-# (`scripts/cpu_stacked_probe.py`, benchmarks/results/cpu-stacked-experts-2core.jsonl). Only
+# touches most of its experts, paid that twice per expert: on the 2-core test machine one layer's 8
+# experts for 8 tokens took 326 us a pair each against 84 us stacked, and an 8-row decode step 21.4
+# against 15.5 ms (`scripts/cpu_stacked_probe.py`, benchmarks/results/cpu-stacked-experts-2core.jsonl). Only
 # for experts this small (a product's overhead above its read time: at most STACKED_MAX_EXPERT_BYTES),
 # at most STACKED_MAX_TOKENS rows (decode steps and short prompt chunks), and in bf16 where the
 # batched product gives each expert's rows the bits of its own product pair, so every runner still
