@@ -16,17 +16,19 @@ from __future__ import annotations
 import argparse
 import collections
 import json
-import statistics
-import time
+import sys
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 import daop.model.decoder as decoder_module
-from daop.batching import Batcher, Sequence
 from daop.bench.sweep import git_sha
 from daop.engine import Engine
 from daop.model.layers import attend, decode_mask
-from daop.sampling import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling batch_steps module, also when loaded by path
+from batch_steps import alternate, prefilled_batch, same_tokens  # noqa: E402
 
 
 def same_bits(trials: int, seed: int) -> list[dict]:
@@ -54,35 +56,21 @@ def steps(engine: Engine, rows: int, count: int, seed: int) -> dict:
     model's context), attending over the written part and over the whole row, alternating."""
     on = decoder_module.CPU_ATTEND_POSITIONS
 
-    def batch() -> Batcher:
-        b = Batcher(engine, max_batch=rows)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(rows):
-            b.add(Sequence(torch.randint(3, engine.config.vocab_size, (10,), generator=gen).tolist(),
-                           SamplingParams(max_new_tokens=count + 8), lambda kind, payload: None))
-        while b.prefilling is not None or b.waiting:
-            b.step()
-        return b
+    def block(value: int) -> Callable[[], None]:
+        return lambda: setattr(decoder_module, "CPU_ATTEND_POSITIONS", value)
 
     try:
-        with torch.inference_mode():
-            part, whole = batch(), batch()
-            times: dict[str, list[float]] = {"written_part": [], "whole_cache": []}
-            for _ in range(count):
-                for name, b, block in (("written_part", part, on), ("whole_cache", whole, 0)):
-                    decoder_module.CPU_ATTEND_POSITIONS = block
-                    t0 = time.perf_counter()
-                    b.step()
-                    times[name].append(time.perf_counter() - t0)
+        part, whole = (prefilled_batch(engine, rows, count + 8, seed) for _ in range(2))
+        ms = alternate({"written_part": (part, block(on)), "whole_cache": (whole, block(0))}, count)
     finally:
         decoder_module.CPU_ATTEND_POSITIONS = on
-    a, b = (statistics.median(times[k]) * 1e3 for k in ("whole_cache", "written_part"))
+    a, b = ms["whole_cache"], ms["written_part"]
     return {"kind": "step", "rows": rows, "steps": count, "row_positions": part.decoding[0].length,
             "whole_cache_ms": round(a, 3), "written_part_ms": round(b, 3), "speedup": round(a / b, 3),
-            "same_tokens": [s.tokens for s in part.decoding] == [s.tokens for s in whole.decoding]}
+            "same_tokens": same_tokens(part, whole)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -90,17 +78,18 @@ def main() -> None:
     ap.add_argument("--batch", default="1,2,4,8", help="decode batch sizes of the step timing")
     ap.add_argument("--steps", type=int, default=40, help="steps per batch size, each way")
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(args.model, device="cpu", progress=False)
-    print(json.dumps({"kind": "card", "script": "cpu_attend_probe", "git_sha": git_sha(), "torch": torch.__version__,
-                      "threads": args.threads, "model": args.model or "shipped model", "dtype": str(engine.decoder.dtype),
-                      "block": decoder_module.CPU_ATTEND_POSITIONS, "context": engine.config.context_length}), flush=True)
-    for row in same_bits(args.trials, args.seed):
-        print(json.dumps(row), flush=True)
+    rows = [{"kind": "card", "script": "cpu_attend_probe", "git_sha": git_sha(), "torch": torch.__version__,
+             "threads": args.threads, "model": args.model or "shipped model", "dtype": str(engine.decoder.dtype),
+             "block": decoder_module.CPU_ATTEND_POSITIONS, "context": engine.config.context_length}]
+    rows += same_bits(args.trials, args.seed)
     for r in (int(v) for v in args.batch.split(",")):
-        print(json.dumps(steps(engine, r, args.steps, args.seed)), flush=True)
-
+        rows.append(steps(engine, r, args.steps, args.seed))
+    for row in rows:
+        print(json.dumps(row), flush=True)
+    return rows
 
 if __name__ == "__main__":
     main()

@@ -15,17 +15,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 import daop.quant as quant
-from daop.batching import Batcher, Sequence
 from daop.bench.sweep import git_sha
 from daop.engine import Engine
 from daop.model.moe import group_by_expert
 from daop.quant import expert_forward, stacked_swiglu
-from daop.sampling import SamplingParams
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling batch_steps module, also when loaded by path
+from batch_steps import alternate, prefilled_batch, same_tokens  # noqa: E402
 
 
 def timed(fn, repeats: int) -> float:
@@ -68,37 +72,23 @@ def steps(engine: Engine, rows: int, count: int, seed: int) -> dict:
     0 turns the stacked path off)."""
     on = quant.STACKED_MAX_TOKENS
 
-    def batch() -> Batcher:
-        b = Batcher(engine, max_batch=rows, max_len=128)
-        gen = torch.Generator().manual_seed(seed)
-        for _ in range(rows):
-            b.add(Sequence(torch.randint(3, engine.config.vocab_size, (10,), generator=gen).tolist(),
-                           SamplingParams(max_new_tokens=count + 8), lambda kind, payload: None))
-        while b.prefilling is not None or b.waiting:
-            b.step()
-        return b
+    def limit(value: int) -> Callable[[], None]:
+        return lambda: setattr(quant, "STACKED_MAX_TOKENS", value)
 
     try:
-        with torch.inference_mode():
-            quant.STACKED_MAX_TOKENS = 0
-            old = batch()
-            quant.STACKED_MAX_TOKENS = on
-            new = batch()
-            times: dict[str, list[float]] = {"per_expert": [], "stacked": []}
-            for _ in range(count):
-                for name, b, limit in (("per_expert", old, 0), ("stacked", new, on)):
-                    quant.STACKED_MAX_TOKENS = limit
-                    t0 = time.perf_counter()
-                    b.step()
-                    times[name].append(time.perf_counter() - t0)
+        limit(0)()
+        old = prefilled_batch(engine, rows, count + 8, seed, max_len=128)
+        limit(on)()
+        new = prefilled_batch(engine, rows, count + 8, seed, max_len=128)
+        ms = alternate({"per_expert": (old, limit(0)), "stacked": (new, limit(on))}, count)
     finally:
         quant.STACKED_MAX_TOKENS = on
-    a, b = (statistics.median(times[k]) * 1e3 for k in ("per_expert", "stacked"))
+    a, b = ms["per_expert"], ms["stacked"]
     return {"kind": "step", "rows": rows, "steps": count, "per_expert_ms": round(a, 3), "stacked_ms": round(b, 3),
-            "speedup": round(a / b, 3), "same_tokens": [s.tokens for s in old.decoding] == [s.tokens for s in new.decoding]}
+            "speedup": round(a / b, 3), "same_tokens": same_tokens(old, new)}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the shipped model)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads")
@@ -107,19 +97,22 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=40, help="steps per batch size, each way")
     ap.add_argument("--repeats", type=int, default=500)
     ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     engine = Engine.from_pretrained(args.model, device="cpu", progress=False)
     c = engine.config
-    print(json.dumps({"kind": "card", "script": "cpu_stacked_probe", "git_sha": git_sha(), "torch": torch.__version__,
-                      "threads": args.threads, "model": args.model or "shipped model", "dtype": str(engine.decoder.dtype),
-                      "hidden": c.hidden_size, "expert_intermediate": c.expert_intermediate_size,
-                      "experts": c.num_experts, "top_k": c.top_k, "layers": c.num_layers}), flush=True)
+    rows = [{"kind": "card", "script": "cpu_stacked_probe", "git_sha": git_sha(), "torch": torch.__version__,
+             "threads": args.threads, "model": args.model or "shipped model", "dtype": str(engine.decoder.dtype),
+             "hidden": c.hidden_size, "expert_intermediate": c.expert_intermediate_size,
+             "experts": c.num_experts, "top_k": c.top_k, "layers": c.num_layers}]
+    print(json.dumps(rows[-1]), flush=True)
     for t in (int(v) for v in args.tokens.split(",")):
-        print(json.dumps(layer_rows(engine, t, args.repeats, args.seed)), flush=True)
+        rows.append(layer_rows(engine, t, args.repeats, args.seed))
+        print(json.dumps(rows[-1]), flush=True)
     for r in (int(v) for v in args.batch.split(",")):
-        print(json.dumps(steps(engine, r, args.steps, args.seed)), flush=True)
-
+        rows.append(steps(engine, r, args.steps, args.seed))
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
 
 if __name__ == "__main__":
     main()

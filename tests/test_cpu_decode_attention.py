@@ -58,3 +58,19 @@ def test_decode_attends_over_the_written_part_with_the_whole_caches_bits(dtype, 
         assert cache.max_len == 256
     assert all(torch.equal(a, b) for a, b in zip(caches[64], caches[0]))
     assert seen[:12] == [64] * 3 + [128] * 9 and seen[12:] == [256] * 12  # the furthest row writes 61, 62, ...
+
+
+def test_cpu_attend_probe_finds_the_rounded_part_exact_and_times_both_ways():
+    """scripts/cpu_attend_probe.py (the README's written-part numbers), a few cases and steps."""
+    from helpers import load_script
+
+    before = torch.get_num_threads()
+    try:
+        rows = load_script("cpu_attend_probe").main(["--trials", "2", "--batch", "2", "--steps", "3"])
+    finally:
+        torch.set_num_threads(before)
+    bits = [r for r in rows if r["kind"] == "bits"]
+    assert sum(r["cases"] for r in bits) == 2 * 2 * 3 * 2  # dtypes x layouts x trials x (rounded, written)
+    assert all(r["equal"] for r in bits if r["length"] == "rounded")
+    step = rows[-1]
+    assert step["kind"] == "step" and step["same_tokens"] and step["row_positions"] == 256

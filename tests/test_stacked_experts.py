@@ -108,3 +108,18 @@ def test_exact_policies_in_bf16_give_the_stacked_all_resident_paths_tokens(shipp
     assert [r["text"] for r in stacked] == [r["text"] for r in per_expert]
     offloaded = Engine.from_pretrained(None, device="cpu", progress=False, policy=policy, expert_ratio=ratio)
     assert [r["text"] for r in generate_many(offloaded, PROMPTS, params, max_batch=6)] == [r["text"] for r in stacked]
+
+
+def test_cpu_stacked_probe_checks_bits_and_times_both_ways(shipped):
+    """scripts/cpu_stacked_probe.py (the README's stacked-expert numbers), a few calls and steps."""
+    from helpers import load_script
+
+    needs_exact_stacking(shipped)
+    before = torch.get_num_threads()
+    try:
+        rows = load_script("cpu_stacked_probe").main(["--tokens", "1,8", "--batch", "2", "--steps", "3", "--repeats", "3"])
+    finally:
+        torch.set_num_threads(before)
+    assert [r["kind"] for r in rows] == ["card", "layer", "layer", "step"]
+    assert all(r["bitwise_equal"] and r["per_expert_us"] > 0 and r["stacked_us"] > 0 for r in rows[1:3])
+    assert rows[3]["same_tokens"] and rows[3]["per_expert_ms"] > 0 and rows[3]["stacked_ms"] > 0
