@@ -134,8 +134,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -
 class KVCache:
     """Preallocated keys and values for every layer: [B, G, S_max, d] each (see entry_shapes).
 
-    Zero-filled: a decode step attends over all S_max positions with a mask (a fixed shape), and
-    a masked position must hold a finite value (a zero weight times NaN is NaN)."""
+    Zero-filled: a decode step attends over all S_max positions with a mask (a fixed shape; on a CPU
+    device over the written part, `Decoder.written_part`), and a masked position must hold a finite
+    value (a zero weight times NaN is NaN)."""
 
     def __init__(self, config: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype):
         (kg, kd), (vg, vd) = self.entry_shapes(config)
@@ -257,7 +258,7 @@ class Attention:
         mask: torch.Tensor | None,
     ) -> torch.Tensor:
         """start: the first new position as an int (the cache up to the new tokens is read), or as a
-        position tensor [T] (a decode step: the whole cache is read, `mask` hides what is not yet written)."""
+        position tensor [T] (a decode step: the cache given is read whole, `mask` hides what is not yet written)."""
         c = self.c
         B, T, _ = x.shape
         H, G, d = c.num_heads, c.num_kv_heads, c.head_dim
