@@ -23,6 +23,7 @@ from typing import Callable
 import torch
 
 import daop.model.decoder as decoder_module
+from daop.model.decoder import written_length
 from daop.bench.sweep import git_sha
 from daop.engine import Engine
 from daop.model.layers import attend, decode_mask
@@ -43,8 +44,7 @@ def same_bits(trials: int, seed: int) -> list[dict]:
             for _ in range(trials):
                 pos = torch.randint(0, 1500, (rows,), generator=gen)
                 whole = attend(q, keys, values, decode_mask(pos, 2048), 32 ** -0.5, heads != groups)
-                written = int(pos.max()) + 1
-                for name, length in (("rounded", -(-written // block) * block), ("written", written)):
+                for name, length in (("rounded", written_length(pos, block)), ("written", written_length(pos, 1))):
                     part = attend(q, keys[:, :, :length], values[:, :, :length], decode_mask(pos, length), 32 ** -0.5,
                                   heads != groups)
                     counts[(str(dtype), name, bool(torch.equal(part, whole)))] += 1

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import daop.model.decoder as decoder_module
+from daop.model.decoder import written_length
 from daop.engine import Engine
 from daop.model.layers import attend, decode_mask
 
@@ -17,7 +18,7 @@ def test_attention_over_the_rounded_written_part_has_the_whole_caches_bits(dtype
     block = decoder_module.CPU_ATTEND_POSITIONS
     for _ in range(12):
         pos = torch.randint(0, 900, (rows,), generator=gen)
-        length = -(-(int(pos.max()) + 1) // block) * block
+        length = written_length(pos, block)
         whole = attend(q, keys, values, decode_mask(pos, 1024), 32 ** -0.5, heads != groups)
         part = attend(q, keys[:, :, :length], values[:, :, :length], decode_mask(pos, length), 32 ** -0.5, heads != groups)
         assert torch.equal(part, whole), (pos.tolist(), length)
@@ -41,9 +42,14 @@ def test_decode_attends_over_the_written_part_with_the_whole_caches_bits(dtype, 
 
     seen = []
     real = decoder_module.Decoder.written_part
-    monkeypatch.setattr(decoder_module.Decoder, "written_part",
-                        lambda self, cache, pos: seen.append(real(self, cache, pos).max_len) or real(self, cache, pos))
-    caches = {}
+
+    def spy(self, cache, pos):
+        part = real(self, cache, pos)
+        seen.append(part.max_len)
+        return part
+
+    monkeypatch.setattr(decoder_module.Decoder, "written_part", spy)
+    logits_by_block = {}
     for block in (64, 0):
         monkeypatch.setattr(decoder_module, "CPU_ATTEND_POSITIONS", block)
         gen.manual_seed(1)
@@ -54,9 +60,9 @@ def test_decode_attends_over_the_written_part_with_the_whole_caches_bits(dtype, 
             out = dec.decode(ids, pos, cache)
             logits.append(out)
             ids = out.argmax(-1, keepdim=True)
-        caches[block] = logits
+        logits_by_block[block] = logits
         assert cache.max_len == 256
-    assert all(torch.equal(a, b) for a, b in zip(caches[64], caches[0]))
+    assert all(torch.equal(a, b) for a, b in zip(logits_by_block[64], logits_by_block[0]))
     assert seen[:12] == [64] * 3 + [128] * 9 and seen[12:] == [256] * 12  # the furthest row writes 61, 62, ...
 
 

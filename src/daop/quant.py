@@ -373,8 +373,9 @@ def grouped_swiglu(x: torch.Tensor, offs: torch.Tensor, gate_up: torch.Tensor, d
 
 
 # A CPU device's small bf16 experts, several at a time, run as one batched product pair over the
-# stack (`stacked_swiglu`). torch's bf16 CPU product costs 12-16 us a call whatever its size at the
-# shipped model's shapes (oneDNN's overhead; float32 takes 3-11), so a layer of a batch step, which
+# stack (`stacked_swiglu`). torch's bf16 CPU product costs 14-16 us a call at 1 or 8 rows of the
+# shipped model's shapes (oneDNN's overhead; float32 takes 3-11, benchmarks/results/cpu-attention-
+# probe-2core.jsonl), so a layer of a batch step, which
 # touches most of its experts, paid that twice per expert: on the 2-core test machine one layer's 8
 # experts for 8 tokens took 326 us a pair each against 84 us stacked, and an 8-row decode step 21.4
 # against 15.5 ms (`scripts/cpu_stacked_probe.py`, benchmarks/results/cpu-stacked-experts-2core.jsonl). Only

@@ -24,6 +24,11 @@ from daop.model.specs import FamilySpec
 CPU_ATTEND_POSITIONS = 64  # a CPU decode step attends over a multiple of this many positions (`Decoder.written_part`); 0: the whole cache
 
 
+def written_length(pos: torch.Tensor, block: int) -> int:
+    """The positions up to the furthest one in pos (host tensor), rounded up to a multiple of block."""
+    return -(-(int(pos.max()) + 1) // block) * block
+
+
 class DecoderLayer:
     def __init__(self, config: ModelConfig, layer_idx: int, device: torch.device, dtype: torch.dtype) -> None:
         c = config
@@ -170,8 +175,7 @@ class Decoder:
         c = self.config
         if self.device.type != "cpu" or not CPU_ATTEND_POSITIONS or c.attention_sinks or c.latent_attention is not None:
             return cache
-        block = CPU_ATTEND_POSITIONS
-        length = -(-(int(pos.max()) + 1) // block) * block
+        length = written_length(pos, CPU_ATTEND_POSITIONS)
         return cache.rows(0, cache.batch, length) if length < cache.max_len else cache
 
     def attention_block(self, layer: DecoderLayer, x: torch.Tensor, step: Step,
