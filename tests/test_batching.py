@@ -208,14 +208,13 @@ def test_prompt_chunks_share_the_decode_pass(tiny_dir, policy):
     assert results[True] == [list(a) for a in alone]
 
 
-def test_shared_passes_are_on_for_a_cpu_device_unless_told(shipped, monkeypatch):
+def test_shared_passes_are_on_unless_told(shipped, monkeypatch):
     from daop.batching import mix_by_default
 
     monkeypatch.delenv("DAOP_MIX_PREFILL", raising=False)
-    assert mix_by_default(torch.device("cpu")) and not mix_by_default(torch.device("cuda"))
-    assert Batcher(shipped, max_batch=2, max_len=64).mix_prefill == (shipped.decoder.device.type == "cpu")
+    assert mix_by_default() and Batcher(shipped, max_batch=2, max_len=64).mix_prefill
     monkeypatch.setenv("DAOP_MIX_PREFILL", "0")
-    assert not mix_by_default(torch.device("cpu")) and not Batcher(shipped, max_batch=2, max_len=64).mix_prefill
+    assert not mix_by_default() and not Batcher(shipped, max_batch=2, max_len=64).mix_prefill
     monkeypatch.setenv("DAOP_MIX_PREFILL", "1")
-    assert mix_by_default(torch.device("cuda")) and Batcher(shipped, max_batch=2, max_len=64).mix_prefill
+    assert mix_by_default() and Batcher(shipped, max_batch=2, max_len=64).mix_prefill
     assert not Batcher(shipped, max_batch=2, max_len=64, mix_prefill=False).mix_prefill

@@ -7,7 +7,7 @@ decode step runs `Decoder.decode` over rows [0, R) with one position per row: no
 expert routing only for real tokens. One iteration (`Batcher.step`) runs at most one prefill
 chunk of the oldest waiting sequence (a long prompt spreads over several iterations, so running
 sequences keep decoding), then one decode step for every decoding sequence. With `mix_prefill`
-(`mix_by_default`: on for a CPU device, where it was measured faster; elsewhere DAOP_MIX_PREFILL=1),
+(`mix_by_default`: on unless DAOP_MIX_PREFILL=0),
 where the decode step is not one captured graph (offloaded experts, a CPU device) the chunk and the step
 run as one pass (`Decoder.decode_and_prefill`): attention apart, each layer's experts once for
 both, so a host-resident expert that the prompt and the batch both route to is read once, not
@@ -47,16 +47,18 @@ DEFAULT_CHUNK = 512  # prompt tokens per prefill chunk
 log = logging.getLogger("daop.batching")
 
 
-def mix_by_default(device: torch.device) -> bool:
-    """Whether prompt chunks share the decode step's pass when the caller does not say: on a CPU
-    device yes (a short prompt's own pass costs about what a decode step does there, most of it per
-    operator: with the shipped model, 8 in flight ran 1.16x the tokens/s in-process and 1.05x through
-    the server, README's server section), on a GPU no (no gain measured). DAOP_MIX_PREFILL=1 or 0
-    decides instead."""
+def mix_by_default() -> bool:
+    """Whether prompt chunks share the decode step's pass when the caller does not say: yes, on any
+    device (`Batcher.mixes` still keeps them apart where the step is one captured graph). Measured
+    faster both where a short prompt's own pass costs about what a decode step does (the shipped
+    model on the 2-core CPU: 1.16x the tokens/s in-process, 1.05x through the server) and where
+    both passes read host experts (an 8-layer Mixtral-shaped model at daop-exact 0.5 on an H200
+    host with the AMX CPU kernel: 78.1 / 78.8 against 67.5 tokens/s through the server, max batch 8;
+    README's server section). DAOP_MIX_PREFILL=1 or 0 decides instead."""
     env = os.environ.get("DAOP_MIX_PREFILL", "")
     if env in ("0", "1"):
         return env == "1"
-    return device.type == "cpu"
+    return True
 
 
 @dataclass
@@ -99,7 +101,7 @@ class Batcher:
         self.engine, self.decoder = engine, engine.decoder
         self.max_batch, self.chunk, self.prefill_first = max_batch, max(1, chunk), prefill_first
         # a prompt chunk shares its FFN pass with the decode step (`mixes`); None: `mix_by_default`
-        self.mix_prefill = mix_by_default(self.decoder.device) if mix_prefill is None else mix_prefill
+        self.mix_prefill = mix_by_default() if mix_prefill is None else mix_prefill
         self.runner_key: tuple | None = None  # the expert runner and routing its captured steps read (batch_for)
         self.max_len = min(max_len or engine.config.context_length, engine.config.context_length)
         self.cache = guarded(self.decoder, "allocation of the batch KV cache", KVCache, engine.config, max_batch,
