@@ -311,14 +311,14 @@ def test_metrics_count_requests(server):
 # ------------------------------------------------------------------- in-process server on a fake engine
 
 @contextlib.contextmanager
-def in_process_server(engine, name: str, api_key: str | None = None):
+def in_process_server(engine, name: str, api_key: str | None = None, warmup: bool = False, max_batch: int | None = None):
     """The server app around `engine`, served by uvicorn on a thread of this process; yields its port."""
     import uvicorn
 
     from daop.server import create_app
 
     port = free_port()
-    app = create_app(engine, name, api_key=api_key)
+    app = create_app(engine, name, api_key=api_key, warmup=warmup, max_batch=max_batch)
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="critical"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
@@ -414,6 +414,49 @@ def test_out_of_memory_in_a_request_is_400_and_the_next_request_is_served(tiny_d
         assert "out of CPU memory during prefill of 200 prompt tokens" in err["message"]
         status, body = request(port, "POST", "/v1/completions", {"prompt": list(range(3, 20)), "max_tokens": 6, "temperature": 0})
         assert status == 200 and body["choices"][0]["text"] == want
+
+
+def test_warm_up_runs_every_batch_size_before_listening_and_leaves_nothing_behind(tiny_dir):
+    """`daop serve`'s warm-up: the decode rows go 1..max_batch and back to none before the server
+    answers; afterwards no row is in use, /metrics counts none of its work, and a request gives the
+    tokens it gives alone."""
+    from daop.engine import Engine
+
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device="cpu", progress=False, policy="daop-exact", expert_ratio=0.5,
+                                    max_batch=None)
+    want = engine.generate(list(range(3, 20)), max_new_tokens=6)
+    cpu_calls = engine.counters()["cpu_calls"]
+    with in_process_server(engine, "tiny", warmup=True, max_batch=4) as port:
+        assert engine.counters()["cpu_calls"] > cpu_calls  # the warm-up ran CPU experts
+        after = metrics(port)
+        assert after.get("daop_expert_cpu_calls_total", 0) == 0 and after.get("daop_tokens_generated_total", 0) == 0
+        assert after["daop_batch_running"] == 0 and after["daop_queue_depth"] == 0
+        status, body = request(port, "POST", "/v1/completions", {"prompt": list(range(3, 20)), "max_tokens": 6, "temperature": 0})
+        assert status == 200 and body["choices"][0]["text"] == want
+        assert metrics(port)["daop_expert_cpu_calls_total"] > 0
+
+
+def test_warm_up_rows_and_failure(tiny_dir):
+    """The warm-up's batch grows to max_batch rows and empties; a failing warm-up says so."""
+    from daop.engine import Engine
+    from daop.server.metrics import Metrics
+    from daop.server.worker import Worker
+    from tiny_models import fail_long_prefills
+
+    _, path = tiny_dir("mixtral")
+    engine = Engine.from_pretrained(path, device="cpu", progress=False, policy="daop-exact", expert_ratio=0.5,
+                                    max_batch=None)
+    worker = Worker(engine, Metrics(), max_batch=3, warmup=True)
+    assert worker.warm_up() > 0
+    rows = worker.warmup_rows
+    assert max(rows) == 3 and rows[-1] == 0 and sorted(set(rows)) == [0, 1, 2, 3]
+    assert rows.index(3) < len(rows) - 1 - rows[::-1].index(1)  # up to 3 rows, then down through 1
+    assert worker.batcher.idle() and worker.batcher.running == 0
+    fail_long_prefills(engine, 1)  # every prefill now runs out of memory
+    with pytest.raises(Exception, match="warm-up failed"):
+        worker.warm_up()
+    assert worker.batcher.idle()
 
 
 # ------------------------------------------------------------------------------------ conformance (issue 15)

@@ -74,6 +74,7 @@ class Sequence:
     cancelled: Callable[[], bool] = lambda: False
     stats: GenerationStats = field(default_factory=GenerationStats)
     tokens: list[int] = field(default_factory=list)  # generated ids, EOS excluded
+    ignore_eos: bool = False  # run to the budget through EOS (the server's warm-up)
     # filled in by the batcher
     row: int = -1
     prefilled: int = 0  # prompt tokens in the cache
@@ -276,7 +277,7 @@ class Batcher:
 
     def _take(self, seq: Sequence, token: int) -> None:
         """A sampled token: the end (EOS), or text and maybe the end (stop string, budget)."""
-        if token in self.engine.eos_ids:
+        if token in self.engine.eos_ids and not seq.ignore_eos:
             seq.stats.finish_reason = "stop"
             return self._finish(seq, "done")
         seq.stats.generated_tokens += 1

@@ -392,6 +392,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="requests decoded together; more wait in a queue. Each holds a KV cache row of --max-context "
                             "positions, reserved in the GPU budget (default: 8 on a CPU; on a GPU up to 8, as many as "
                             "keep the rows within 15%% of the free memory)")
+    serve.add_argument("--no-warmup", action="store_true",
+                       help="listen at once, without first running a few short sequences at every batch size up to "
+                            "--max-batch (the warm-up compiles kernels and captures decode steps before the first request)")
     serve.set_defaults(func=cmd_serve)
     prof = sub.add_parser("profile", help="routing statistics of a calibration set (expert popularity, overlap, prediction); JSON")
     prof.add_argument("--model", "-m", default=None, help="checkpoint folder (default: the shipped daop-moe-mini)")

@@ -31,18 +31,21 @@ DISCONNECT_POLL_S = 0.25       # how often a waiting non-streamed request checks
 # -------------------------------------------------------------------------------------------------- app
 
 def create_app(engine: Any, model_name: str, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-               api_key: Optional[str] = None, max_batch: Optional[int] = None) -> FastAPI:
-    """The FastAPI app serving engine under model_name. The worker thread starts with the app's lifespan.
+               api_key: Optional[str] = None, max_batch: Optional[int] = None, warmup: bool = False) -> FastAPI:
+    """The FastAPI app serving engine under model_name. The worker thread starts with the app's lifespan;
+    with warmup, the lifespan's start waits for its warm-up (`Worker.warm_up`), so the server listens
+    only once it is done.
 
     With api_key, every endpoint but /health needs `Authorization: Bearer <api_key>`.
     """
     metrics = Metrics()
-    worker = Worker(engine, metrics, max_batch or getattr(engine, "max_batch", None) or DEFAULT_MAX_BATCH)
+    worker = Worker(engine, metrics, max_batch or getattr(engine, "max_batch", None) or DEFAULT_MAX_BATCH, warmup)
     created = int(time.time())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         worker.start()
+        await asyncio.get_running_loop().run_in_executor(None, worker.warmed.wait)
         try:
             yield
         finally:
@@ -277,7 +280,7 @@ def serve(args: Any) -> int:
         raise DaopError("--api-key must not be empty")
     engine = load_engine(args, reserved_cores=1)  # the HTTP event loop wakes for every streamed token
     name = args.model_name or Path(engine.model_dir).resolve().name or "daop"
-    app = create_app(engine, name, args.max_body_bytes, args.api_key, args.max_batch)
+    app = create_app(engine, name, args.max_body_bytes, args.api_key, args.max_batch, warmup=not args.no_warmup)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(message)s")
     threads = f", {engine.threads} dense-path thread{'s' if engine.threads != 1 else ''}" if engine.threads else ""
     log.info("serving %s on http://%s:%d/v1 (device %s%s, loaded in %.1f s, up to %d requests at once)", name, args.host,
