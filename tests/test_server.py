@@ -457,6 +457,10 @@ def test_warm_up_rows_and_failure(tiny_dir):
     with pytest.raises(Exception, match="warm-up failed"):
         worker.warm_up()
     assert worker.batcher.idle()
+    stopping = Worker(engine, Metrics(), max_batch=3, warmup=True)
+    stopping.begin_stop()  # a server told to stop while it warms up ends the warm-up at once
+    stopping.warm_up()
+    assert stopping.warmup_rows == [] and stopping.batcher.idle()
 
 
 # ------------------------------------------------------------------------------------ conformance (issue 15)

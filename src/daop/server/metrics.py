@@ -88,7 +88,7 @@ class Metrics:
                    samples)
         for key, value in sorted(engine_counters.items()):
             name = "daop_expert_" + re.sub(r"[^a-zA-Z0-9_]", "_", str(key)).removesuffix("_total") + "_total"
-            metric(name, "counter", f"Expert counter {key} since the model was loaded (engine.counters()).",
+            metric(name, "counter", f"Expert counter {key} since serving began (engine.counters(), the warm-up left out).",
                    [("", value)])
         return "\n".join(out) + "\n"
 

@@ -124,6 +124,9 @@ class Worker:
             batcher.add(Sequence(list(prompt), params, emit, ignore_eos=True))
         with torch.inference_mode():
             while not batcher.idle():
+                if self._stopping:  # asked to stop while warming up
+                    batcher.cancel_all()
+                    break
                 batcher.step()
                 self.warmup_rows.append(len(batcher.decoding))
         if failed:
