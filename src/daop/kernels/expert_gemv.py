@@ -26,9 +26,9 @@ depends only on (N, K), never on the number of rows. The row is the fastest-vary
 so all the rows' programs for one weight tile run side by side, and rows routed to one expert
 share its tile through the L2 cache in whatever order they come (sorting them by expert made the
 GEMV 1-2 % faster on an H200 but cost more in the sort's launches). At 4 and 8 tokens the GEMV is
-then likely bound by the L2 cache rather than by memory (from the bytes; no hardware counters read): a Mixtral-shaped 4-token step of 8 layers reads
-about 15.6 GB of distinct experts from memory (4 TB/s) but 22.5 GB through the L2 cache (5.8 TB/s),
-since each row reads its tiles. Reading a tile once per program for all of an expert's rows, with a
+then likely bound by the L2 cache rather than by memory (from the bytes; no hardware counters
+read): a Mixtral-shaped 4-token step of 8 layers reads about 15.6 GB of distinct experts from
+memory (4 TB/s) but 22.5 GB through the L2 cache (5.8 TB/s), since each row reads its tiles. Reading a tile once per program for all of an expert's rows, with a
 sum per row, was slower (4.58 against 3.85 ms: the rows' reductions run one after another). A
 product on the tensor cores would read it once, but sums a row in another order than this kernel:
 an expert alone and the same expert in a batch would then agree bit for bit only if both went

@@ -110,6 +110,7 @@ class Worker:
         the seconds it took. Every KV row is free again afterwards and the next request starts from
         the calibrated placement (the batch was empty). Run on the worker's thread, before serving."""
         t0 = time.perf_counter()
+        self.warmup_rows = []
         vocab = self.engine.config.vocab_size
         prompt = [(3 + t) % vocab for t in range(WARMUP_PROMPT_TOKENS)]
         failed: list[Any] = []
@@ -136,7 +137,7 @@ class Worker:
     def _loop(self) -> None:
         if self.warmup:
             try:
-                log.info("warming up: %d short sequences, up to %d at once", self.max_batch, self.max_batch)
+                log.info("warming up: %d short sequences, the batch growing to that many rows", self.max_batch)
                 log.info("warmed up in %.1f s", self.warm_up())
             except BaseException as exc:  # serve anyway: a request meets the same problem and gets its own error
                 log.warning("warm-up failed (%s); serving without it", exc)
