@@ -60,6 +60,25 @@ def test_two_ahead_copies_give_the_same_tokens(reference, monkeypatch, ratio):
     assert totals["degraded_tokens"] == 0 and totals["precalc_used"] == 0
 
 
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_prefetches_whose_copies_land_late_are_computed_on_the_cpu_with_the_same_tokens(reference, monkeypatch, ratio):
+    """A decode layer whose prefetched copies would land after the CPU could be through with them
+    gives them to the CPU (on the true input): here every copy is said to land a second from now."""
+    from daop.runtime.daop_runner import DaopRunner
+
+    def far(self, layer_idx, pend, counts, now):
+        return {e: 1000.0 for e in pend.prepared.prefetched if e in counts}
+
+    monkeypatch.setattr(DaopRunner, "landing_copies", far)
+    engine = load(policy="daop-exact", expert_ratio=ratio)
+    outputs = {prompt: run(engine, prompt) for prompt in PROMPTS}
+    if DEVICE == "cpu":
+        assert outputs == reference
+    totals = engine.counters()
+    assert totals["late_copies_to_cpu"] > 0
+    assert totals["speculative_copies"] > 0
+
+
 def test_two_ahead_copies_are_refused_by_strict(monkeypatch):
     """strict has no CPU experts: every miss is copied when its layer runs, so there is nothing to copy earlier."""
     monkeypatch.setenv("DAOP_TWO_AHEAD", "1")

@@ -5,8 +5,8 @@ import pytest
 
 from daop.placement.policies import LayerPlan
 from daop.predict.split import SplitPlan, makespan_split
-from daop.runtime.scheduler import (Clock, Prepared, SettlePlan, SpeculationPlan, plan_decode_layer, plan_early_copies,
-                                    plan_layer, plan_prefill_layer, plan_settle, plan_speculation)
+from daop.runtime.scheduler import (Clock, Prepared, SettlePlan, SpeculationPlan, late_to_cpu, plan_decode_layer,
+                                    plan_early_copies, plan_layer, plan_prefill_layer, plan_settle, plan_speculation)
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ COPY_WINS, CPU_WINS = Costs(cpu=10.0, copy=1.0), Costs(cpu=1.0, copy=10.0)
 
 
 def split_with(cost):
-    return lambda counts, resident, max_copies: makespan_split(counts, resident, cost, max_copies=max_copies)
+    return lambda counts, resident, max_copies, *backlog: makespan_split(counts, resident, cost, max_copies, *backlog)
 
 
 def test_plan_layer_copies_when_copies_win_and_computes_on_cpu_when_cpu_wins():
@@ -248,3 +248,48 @@ def test_a_staging_buffer_is_handed_out_again_only_after_its_reader_finished():
     assert transfer.free_staging() == 2 and len(transfer.staging) == 3  # all read: a new buffer
     reading.set_result({})
     assert transfer.free_staging() == 0
+
+
+def test_a_prefetched_copy_landing_after_the_cpu_could_be_through_goes_to_the_cpu():
+    cost = Costs(cpu=3.0, copy=6.0)
+    # expert 2's copy lands in 5 ms; the idle CPU is through with it in 3: the CPU takes it
+    assert late_to_cpu({2: 5.0}, {2: 1}, 0.0, 0.0, 0.0, cost) == (2,)
+    # it lands in 2 ms: the copy is sooner
+    assert late_to_cpu({2: 2.0}, {2: 1}, 0.0, 0.0, 0.0, cost) == ()
+    # the CPU is busy for 3 ms more with earlier work: 3 + 3 = 6 ms, later than the copy's 5
+    assert late_to_cpu({2: 5.0}, {2: 1}, 3.0, 0.0, 0.0, cost) == ()
+    # the layer's own CPU expert (3 ms) already ends at 3: with 2 added at 6, still sooner than 7
+    assert late_to_cpu({2: 7.0}, {2: 1}, 0.0, 3.0, 0.0, cost) == (2,)
+    # two late copies: moving the last (9 ms) ends the call at max(3, 8) = 8; moving 8's too would
+    # take the CPU to 6, sooner than 8: both move
+    assert late_to_cpu({1: 8.0, 2: 9.0}, {1: 1, 2: 1}, 0.0, 0.0, 0.0, cost) == (1, 2)
+    # the earlier copy lands in 4 ms: once 2 is on the CPU (3 ms), moving 1 as well (6) would be later than 4
+    assert late_to_cpu({1: 4.0, 2: 9.0}, {1: 1, 2: 1}, 0.0, 0.0, 0.0, cost) == (2,)
+    # the call waits 10 ms for another copy anyway: moving gains nothing
+    assert late_to_cpu({2: 9.0}, {2: 1}, 0.0, 0.0, 10.0, cost) == ()
+    # the CPU's time grows with the expert's tokens: 3 x 2 = 6 ms is later than 5
+    assert late_to_cpu({2: 5.0}, {2: 2}, 0.0, 0.0, 0.0, cost) == ()
+
+
+def test_decode_gives_late_prefetches_to_the_cpu_and_keeps_the_ones_that_land_in_time():
+    cost = Costs(cpu=3.0, copy=6.0)
+    prepared = Prepared(prefetched={2: 8, 6: 9, 7: 10})
+    counts = {0: 1, 2: 1, 6: 1}
+    # 2 lands in 5 ms (the CPU would take 3), 6 has landed (not listed), 7 was not routed
+    plan = plan_decode_layer(counts, {}, {0: 1}, [8, 9, 10], prepared, split_with(CPU_WINS), clock=Clock(),
+                             landing={2: 5.0, 7: 9.0}, cost=cost)
+    assert plan.late == (2,) and plan.ready == ((6, 9),)
+    assert plan.layer.cpu == (2,) and plan.layer.gpu == ((0, 1),)
+    # without a cost model, or without CPU experts (strict), every prefetch is read from its slot
+    for kwargs in ({"landing": {2: 5.0}}, {"landing": {2: 5.0}, "cost": cost, "cpu_experts": False}):
+        plan = plan_decode_layer(counts, {}, {0: 1}, [8, 9, 10], prepared, split_with(CPU_WINS), **kwargs)
+        assert plan.late == () and plan.ready == ((2, 8), (6, 9))
+    # a split expert's CPU rows count their share of the expert: rows [0, 8) of 16 is 1.5 ms, then
+    # 2's 3 ms ends at 4.5, sooner than 5; counted whole (no `inter`) it would end at 6
+    split = Prepared(prefetched={2: 8}, split={6: (9, 8)})
+    plan = plan_decode_layer(counts, {}, {0: 1}, [8, 9, 10], split, split_with(CPU_WINS), clock=Clock(),
+                             landing={2: 5.0}, cost=cost, inter=16)
+    assert plan.late == (2,) and plan.layer.cpu == (2,) and plan.layer.split == ((6, 9, 8),)
+    plan = plan_decode_layer(counts, {}, {0: 1}, [8, 9, 10], split, split_with(CPU_WINS), clock=Clock(),
+                             landing={2: 5.0}, cost=cost)
+    assert plan.late == ()

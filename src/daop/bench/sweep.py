@@ -362,6 +362,10 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "expert_calls_per_step": round(calls, 3), "expert_calls_source": calls_source,
         "resident_calls_per_token": round(resident / batch, 3), "cpu_calls_per_token": round(agg.get("cpu_calls", 0.0) / batch, 3),
         "copy_calls_per_token": round(agg.get("copy_calls", 0.0) / batch, 3),
+        # copies started a layer or two ahead for predicted misses, and those the CPU computed instead
+        # because the copy would have landed after the CPU was through
+        "speculative_copies_per_token": round(agg.get("speculative_copies", 0.0) / batch, 3),
+        "late_copies_to_cpu_per_token": round(agg.get("late_copies_to_cpu", 0.0) / batch, 3),
         # experts split between the channels (their CPU rows' share, then their count)
         "split_calls_per_token": round(agg.get("split_calls", 0.0) / batch, 3),
         "split_cpu_share": round(agg["split_cpu_share"] / agg["split_calls"], 3) if agg.get("split_calls") else None,

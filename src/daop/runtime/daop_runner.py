@@ -238,8 +238,12 @@ class DaopRunner(OffloadedExperts):
         cpu_free, copy_free = self.channel_clock(now)
         reserved = {s for early in self.early.values() for s in early.slots.values()}
         clock_now = Clock(cpu_free, copy_free)
+        landing = self.landing_copies(layer_idx, pend, counts, now) if pend else None
         plan = plan_decode_layer(counts, rows, self.wanted_slots(layer_idx), self.policy.scratch(), prepared,
-                                 self.policy.split, cfg.cpu_experts, clock_now, reserved)
+                                 self.policy.split, cfg.cpu_experts, clock_now, reserved, landing,
+                                 self.policy.ctx.cost, self.store.inter)
+        for e in plan.late:
+            self.lands.pop((layer_idx, e), None)
         ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
         halves = {e: pend.copy_events[e] for e, _, _ in plan.layer.split} if pend else {}
         precalc = (pend.precalc, plan.precalc_used) if pend and pend.precalc else None
@@ -249,6 +253,7 @@ class DaopRunner(OffloadedExperts):
             # (estimated here, once the CPU has its work: it does not change what this layer does)
             self.finish_at = self.estimate_finish(layer_idx, now, clock_now, counts, plan)
             self.counters.add("precalc_used", layer_idx, len(plan.precalc_used))
+            self.counters.add("late_copies_to_cpu", layer_idx, len(plan.late))
             if pend is not None and pend.early:
                 self.counters.add("two_ahead_used", layer_idx, sum(e in pend.early for e, _ in plan.ready))
             self.counters.add("precalc_wasted", layer_idx, plan.precalc_wasted)
@@ -264,6 +269,16 @@ class DaopRunner(OffloadedExperts):
                                     | {s for s, _ in nxt.prepared.split.values()}, clock, pred.layer_idx, nxt, at)
 
         return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate, halves=halves)
+
+    def landing_copies(self, layer_idx: int, pend: Pending, counts: dict[int, int], now: float) -> dict[int, float]:
+        """The routed experts prefetched for this layer whose copies have not landed yet, with when
+        each should land (ms from `now`, the timeline's estimate): the plan may give them to the CPU."""
+        out = {}
+        for e in pend.prepared.prefetched:
+            at, event = self.lands.get((layer_idx, e)), pend.copy_events.get(e)
+            if e in counts and at is not None and event is not None and not event.query():
+                out[e] = max(0.0, (at - now) * 1000)
+        return out
 
     def estimate_finish(self, layer_idx: int, now: float, clock: Clock, counts: dict[int, int], plan: DecodeLayerPlan) -> float:
         """When this layer call should be through (perf_counter s): its CPU experts (and the CPU's rows

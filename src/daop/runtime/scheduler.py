@@ -38,6 +38,7 @@ class DecodeLayerPlan:
     ready: tuple[tuple[int, int], ...] = ()  # (expert, scratch slot) copied ahead of need and used now
     precalc_used: tuple[int, ...] = ()  # experts whose pre-calculated output is used
     precalc_wasted: int = 0  # pre-calculated experts the routing did not ask for (or for other tokens)
+    late: tuple[int, ...] = ()  # prefetched experts the CPU computes instead: their copies land too late
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,9 @@ def plan_settle(wanted: Mapping[int, int], holds: Mapping[int, int], on_device: 
 
 def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, ...]], resident_slots: Mapping[int, int],
                       scratch: Sequence[int], prepared: Prepared | None, split: SplitRule,
-                      cpu_experts: bool = True, clock: Clock | None = None, reserved: Collection[int] = ()) -> DecodeLayerPlan:
+                      cpu_experts: bool = True, clock: Clock | None = None, reserved: Collection[int] = (),
+                      landing: Mapping[int, float] | None = None, cost: ExpertCosts | None = None,
+                      inter: int = 0) -> DecodeLayerPlan:
     """Decode: use what the previous layer prepared where the routing asks for it, plan the rest.
 
     A prefetched expert is read from its scratch slot; a split expert is computed by the CPU (its
@@ -174,6 +177,10 @@ def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, .
     CPU goes to the CPU; every other expert is planned by plan_layer over the scratch slots not
     holding prefetches (without CPU experts, over those too after them: a copy into a slot waits
     for the slot's read). `reserved` scratch slots (copies started for a later layer) are never used.
+    `landing` (with CPU experts and a cost model): prefetched experts whose copies are still on the
+    way, with when each should land (ms from now); one that would land after the CPU could be
+    through with it goes to the CPU instead (`late_to_cpu`), and its copy lands unread. A split
+    expert's CPU rows [0, K) cost K / `inter` of the whole (the whole without `inter`).
     """
     prepared = prepared or Prepared()
     ready = {e: s for e, s in prepared.prefetched.items() if e in counts}
@@ -187,8 +194,41 @@ def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, .
     if not cpu_experts:  # every miss is copied: into a prefetched slot too, once its expert has been read
         free += [s for s in scratch if s in held and s not in reserved]
     plan = plan_layer(todo, resident_slots, free, split, cpu_experts, clock)
-    layer = LayerPlan(gpu=plan.gpu, cpu=forced + plan.cpu, copy=plan.copy, split=halves)
-    return DecodeLayerPlan(layer, tuple(sorted(ready.items())), used, len(prepared.precalc_rows) - len(used))
+    late: tuple[int, ...] = ()
+    if cpu_experts and landing and cost is not None:
+        clock = clock or Clock()
+        work = (sum(cost.cpu_ms(counts[e]) for e in (*forced, *plan.cpu))
+                + sum(cost.cpu_ms(counts[e]) * (k / inter if inter else 1.0) for e, _, k in halves))
+        copies = clock.copy_free + len(plan.copy) * cost.copy_ms() if plan.copy else 0.0
+        late = late_to_cpu({e: landing[e] for e in ready if e in landing}, {e: counts[e] for e in ready}, clock.cpu_free,
+                           work, copies, cost)
+        for e in late:
+            del ready[e]
+    layer = LayerPlan(gpu=plan.gpu, cpu=forced + plan.cpu + late, copy=plan.copy, split=halves)
+    return DecodeLayerPlan(layer, tuple(sorted(ready.items())), used, len(prepared.precalc_rows) - len(used), late)
+
+
+def late_to_cpu(landing: Mapping[int, float], counts: Mapping[int, int], cpu_free: float, cpu_work: float,
+                other: float, cost: ExpertCosts) -> tuple[int, ...]:
+    """Prefetched experts still being copied (landing: expert -> ms from now when the copy should
+    land) that the CPU computes instead, so the layer call finishes sooner. The call ends when the
+    last of its parts does: the CPU's work (cpu_work ms of it, starting when the CPU is free, or
+    nothing), these copies and the rest (`other`, e.g. copies planned for this call). The copy that
+    lands last is the only one whose move can bring the end forward: it moves while the CPU, with
+    it added, is through before the end would otherwise come; then the next latest, and so on."""
+    order = sorted(landing, key=lambda e: (-landing[e], e))
+    moved: list[int] = []
+    work = cpu_work
+    for i, e in enumerate(order):
+        cpu_end = max(0.0, cpu_free) + work if work > 0 else 0.0
+        end = max(cpu_end, landing[e], other)
+        after = max(max(0.0, cpu_free) + work + cost.cpu_ms(counts[e]), other,
+                    landing[order[i + 1]] if i + 1 < len(order) else 0.0)
+        if after >= end:
+            break
+        moved.append(e)
+        work += cost.cpu_ms(counts[e])
+    return tuple(sorted(moved))
 
 
 def plan_early_copies(predicted_counts: Mapping[int, int], resident: Collection[int], free_scratch: Sequence[int],
