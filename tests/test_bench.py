@@ -115,6 +115,28 @@ def test_shared_bound_slows_both_channels_and_never_beats_the_faster_one_alone()
     assert host_expert_ms(1, worse, shared=True) == 3.0
 
 
+def test_side_by_side_costs_slow_the_cpu_and_the_copies_by_the_measured_factors(monkeypatch):
+    import dataclasses
+
+    from daop.hardware import HardwareProfile
+    from daop.placement.cost import CostModel
+    from daop.runtime.daop_runner import timing_costs
+
+    base = HardwareProfile(hidden_size=8, intermediate_size=16, dtype="float32", expert_bytes=1, copy_pinned_ms=6.0,
+                           copy_pageable_ms=12.0, cpu_threads=1, cpu_token_counts=(1, 8), cpu_expert_ms=(3.0, 5.0),
+                           gpu_token_counts=(1, 8), gpu_expert_ms=(0.1, 0.2))
+    assert CostModel(base).side_by_side() == CostModel(base)  # not measured: the times alone
+    cost = CostModel(dataclasses.replace(base, shared_cpu_factor=1.5, shared_copy_factor=1.25))
+    both = cost.side_by_side()
+    assert (both.cpu_ms(1), both.cpu_ms(8), both.copy_ms()) == (4.5, 7.5, 7.5)
+    assert (both.gpu_ms(1), both.shared_factors()) == (0.1, (1.5, 1.25))  # the GPU's time and the factors kept
+    assert both.side_by_side() == both  # applied once
+    assert CostModel().side_by_side().cpu_ms(1) == 1.0  # no profile
+    assert timing_costs(cost) == both
+    monkeypatch.setenv("DAOP_SIDE_BY_SIDE", "0")
+    assert timing_costs(cost) == cost
+
+
 def test_every_geometry_maps_to_a_config():
     from daop.bench.geometry import GEOMETRIES, geometry_config
 

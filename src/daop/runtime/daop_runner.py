@@ -22,6 +22,7 @@ them out. Shapes: N tokens, K top-k, E experts, D hidden.
 """
 from __future__ import annotations
 
+import math
 import os
 import time
 from collections.abc import Collection
@@ -33,6 +34,7 @@ import torch
 
 from daop.model.moe import group_by_expert
 from daop.model.routing import Routing
+from daop.placement.cost import CostModel
 from daop.placement.daop import Daop
 from daop.predict.degrade import degrade
 from daop.runtime.offload import OffloadedExperts
@@ -93,6 +95,8 @@ class DaopRunner(OffloadedExperts):
         self.gap_ms = GAP_MS
         self.lands: dict[tuple[int, int], float] = {}
         self.split_rows = split_rows(self.policy.config, self.store, self.transfer.cuda)
+        self.timing = timing_costs(self.policy.ctx.cost)
+        self.copy_s = self.timing.copy_ms() / 1000 if math.isfinite(self.timing.copy_ms()) else 0.0
 
     def set_phase(self, phase: str) -> None:
         if self.phase != "decode" and phase == "decode":
@@ -161,7 +165,7 @@ class DaopRunner(OffloadedExperts):
         spec = plan_speculation({e: len(r[0]) for e, r in predicted.items()}, set(self.held_slots(nxt)),
                                 sorted(self.policy.scratch(), key=lambda slot: slot in read),
                                 Clock(cpu_free, copy_free, max(cpu_free, copy_free)),
-                                self.policy.ctx.cost, stale_input=False, speculative_copies=True,
+                                self.timing, stale_input=False, speculative_copies=True,
                                 balance_channels=cfg.balance_channels, cpu_experts=cfg.cpu_experts)
         pend = Pending(None, None, predicted_ids, Prepared(prefetched=dict(spec.copies), cpu_assigned=frozenset(spec.cpu_assigned)))
         for e, slot in spec.copies:
@@ -241,7 +245,7 @@ class DaopRunner(OffloadedExperts):
         landing = self.landing_copies(layer_idx, pend, counts, now) if pend else None
         plan = plan_decode_layer(counts, rows, self.wanted_slots(layer_idx), self.policy.scratch(), prepared,
                                  self.policy.split, cfg.cpu_experts, clock_now, reserved, landing,
-                                 self.policy.ctx.cost, self.store.inter)
+                                 self.timing, self.store.inter)
         for e in plan.late:
             self.lands.pop((layer_idx, e), None)
         ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
@@ -284,7 +288,7 @@ class DaopRunner(OffloadedExperts):
         """When this layer call should be through (perf_counter s): its CPU experts (and the CPU's rows
         of split ones) run after the CPU's backlog, its copies land behind the copy stream's, its
         prefetched copies where they were due."""
-        cost, layer, inter = self.policy.ctx.cost, plan.layer, self.store.inter
+        cost, layer, inter = self.timing, plan.layer, self.store.inter
         work = [cost.cpu_ms(counts[e]) for e in layer.cpu] + [cost.cpu_ms(counts[e]) * k / inter for e, _, k in layer.split]
         end = now + (clock.cpu_free + sum(work)) / 1000 if work else now
         if layer.copy:
@@ -302,7 +306,7 @@ class DaopRunner(OffloadedExperts):
         predicted = group_by_expert(ids_host)
         early = self.early.pop(nxt, None) or Early()
         free = [s for s in self.policy.scratch() if s not in taken and s not in early.slots.values()]
-        cost = self.policy.ctx.cost
+        cost = self.timing
         spec = plan_speculation({e: len(r[0]) for e, r in predicted.items()},
                                 set(self.policy.placement.resident_experts(nxt)) | set(early.slots),
                                 free, clock, cost, stale_input=cfg.stale_input,
@@ -352,7 +356,7 @@ class DaopRunner(OffloadedExperts):
         lead = max(clock.lead + nxt.cpu_ms, *lands, 0.0) + self.gap_ms
         cpu_free, copy_free = self.channel_clock(time.perf_counter())
         spec = plan_early_copies({e: len(r[0]) for e, r in predicted.items()}, set(self.policy.placement.resident_experts(nxt2)),
-                                 free, Clock(cpu_free, copy_free, lead), self.policy.ctx.cost)
+                                 free, Clock(cpu_free, copy_free, lead), self.timing)
         early = Early()
         for (e, slot), land in zip(spec.copies, spec.lands):
             early.slots[e], early.events[e] = slot, self.copy(nxt2, e, slot, "ahead2")
@@ -382,6 +386,13 @@ def split_rows(config, store, cuda: bool) -> SplitRows | None:
     if not able or env == "0" or not (config.split_experts or env == "1") or not (cuda or env == "1"):
         return None
     return SplitRows.for_inter(store.inter)
+
+
+def timing_costs(cost: CostModel) -> CostModel:
+    """The costs the runner's timeline plans with: in decode both channels read host memory most of
+    the time, so a CPU expert and a copy take the profile's side-by-side times (`CostModel.side_by_side`;
+    1.17x and 1.22x their times alone in the H200 profile). DAOP_SIDE_BY_SIDE=0 plans with the times alone."""
+    return cost if os.environ.get("DAOP_SIDE_BY_SIDE", "") == "0" else cost.side_by_side()
 
 
 def two_ahead(config) -> bool:

@@ -51,8 +51,8 @@ class OffloadedExperts:
         self.cpu_last: Future | None = None
         self.deferred: list[QueuedFuture] = []  # CPU jobs the GPU consumed without the host waiting
         self.slot_pairs: torch.Tensor | None = None  # [S, S, 2] on the device: (a, b) at [a, b] (`slot_index`)
-        cost = policy.ctx.cost
-        self.copy_s = cost.copy_ms() / 1000 if math.isfinite(cost.copy_ms()) else 0.0
+        self.timing = policy.ctx.cost  # the costs behind the channels' backlog estimates (`channel_clock`)
+        self.copy_s = self.timing.copy_ms() / 1000 if math.isfinite(self.timing.copy_ms()) else 0.0
         self.apply_placement(policy.placement, force=True)
 
     def apply_placement(self, placement, force: bool = False) -> None:
@@ -159,7 +159,7 @@ class OffloadedExperts:
         jobs = [(e, rows_host[e][0], self.store.host_weights(layer_idx, e)) for e in experts]
         tl = self.timeline
         span = (lambda *t: tl.cpu_span(layer_idx, "ahead" if ahead else "cpu", *t)) if tl else None
-        cost, parts, inter = self.policy.ctx.cost, parts or {}, self.store.inter
+        cost, parts, inter = self.timing, parts or {}, self.store.inter
         work = sum(cost.cpu_ms(len(r)) * parts.get(e, inter) / inter for e, r, _ in jobs)
         self.cpu_free_at = max(time.perf_counter(), self.cpu_free_at) + work / 1000
         self.cpu_last = self.transfer.host_job(
