@@ -253,7 +253,7 @@ class DaopRunner(OffloadedExperts):
         precalc = (pend.precalc, plan.precalc_used) if pend and pend.precalc else None
         taken = {s for _, s in plan.ready} | {s for _, s in plan.layer.copy} | {s for _, s, _ in plan.layer.split}
 
-        def speculate() -> None:  # once this layer's CPU work and copies (or its GPU work) are queued
+        def speculate() -> None:  # once this layer's CPU work and copies are queued
             # (estimated here, once the CPU has its work: it does not change what this layer does)
             self.finish_at = self.estimate_finish(layer_idx, now, clock_now, counts, plan)
             self.counters.add("precalc_used", layer_idx, len(plan.precalc_used))
@@ -272,13 +272,7 @@ class DaopRunner(OffloadedExperts):
                     self.copy_early(ahead[0], host[-1], taken | set(nxt.prepared.prefetched.values())
                                     | {s for s, _ in nxt.prepared.split.values()}, clock, pred.layer_idx, nxt, at)
 
-        # With CPU work the layer waits for the CPU (its job is queued first), and the next layer's
-        # copies start before the GPU work is launched; without, the GPU work is what the layer
-        # waits for: it is launched first, and the speculation follows while the GPU runs it.
-        if plan.layer.cpu or plan.layer.split or precalc:
-            return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate, halves=halves)
-        return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, after_launch=speculate,
-                            halves=halves)
+        return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate, halves=halves)
 
     def landing_copies(self, layer_idx: int, pend: Pending, counts: dict[int, int], now: float) -> dict[int, float]:
         """The routed experts prefetched for this layer whose copies have not landed yet, with when
