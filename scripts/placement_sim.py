@@ -12,6 +12,8 @@ resident. No weights, no GPU: this isolates the placement from the scheduler. Va
   between layers too);
 - `window N/M`: the swaps, then every M decode steps swaps again on the last N steps' counts (a
   swap is a whole expert's copy: `swaps/token` says how many);
+- `decode window N/M`: the same on decode steps only, as the DAOP runner's decode re-swaps
+  (DAOP_DECODE_SWAPS=N/M) count them;
 - `oracle`: the quota placement on the sequence's own decode counts (known only afterwards: the
   most a fixed per-sequence placement could keep).
 
@@ -57,8 +59,9 @@ def replay(ids: np.ndarray, prompt_len: int, layers: list[int], capacity: int, v
             apply_swaps(placement, l, plan_swaps(prompt[l], placement.resident_experts(l)))
     hits = picks = swaps = 0
     for t in range(prompt_len, ids.shape[1]):
-        if variant == "window" and t > prompt_len and (t - prompt_len) % every == 0:
-            recent = counts_of(ids, layers, max(0, t - window), t, num_experts)
+        if variant in ("window", "decode window") and t > prompt_len and (t - prompt_len) % every == 0:
+            first = prompt_len if variant == "decode window" else 0
+            recent = counts_of(ids, layers, max(first, t - window), t, num_experts)
             for l in layers:
                 moved = plan_swaps(recent[l], placement.resident_experts(l))
                 swaps += len(apply_swaps(placement, l, moved))
@@ -80,7 +83,7 @@ def main() -> None:
     layers = list(range(args.layers))
     num_experts = int(max(ids.max() for ids, _ in recorded)) + 1
     variants = [("calibrated+swaps", 0, 0), ("quota-on-prompt", 0, 0), ("window", 16, 8), ("window", 32, 8),
-                ("oracle", 0, 0)]
+                ("decode window", 32, 8), ("decode window", 16, 8), ("decode window", 32, 4), ("oracle", 0, 0)]
     for ratio in (float(r) for r in args.ratios.split(",")):
         capacity = int(round(ratio * args.layers * num_experts)) - args.scratch
         for variant, window, every in variants:
@@ -88,7 +91,7 @@ def main() -> None:
             for ids, prompt_len in recorded:
                 h, p, s = replay(ids, prompt_len, layers, capacity, variant, window, every)
                 hits, picks, swaps, steps = hits + h, picks + p, swaps + s, steps + ids.shape[1] - prompt_len
-            name = f"window {window}/{every}" if variant == "window" else variant
+            name = f"{variant} {window}/{every}" if "window" in variant else variant
             print(json.dumps({"trace": args.trace, "layers": args.layers, "ratio": ratio, "resident_slots": capacity,
                               "variant": name, "hit_rate": round(hits / picks, 4),
                               "host_picks_per_token": round((picks - hits) / steps, 3),

@@ -79,6 +79,35 @@ def test_prefetches_whose_copies_land_late_are_computed_on_the_cpu_with_the_same
     assert totals["speculative_copies"] > 0
 
 
+@pytest.mark.parametrize("policy", ["daop-exact", "daop-strict"])
+def test_decode_reswaps_copy_recently_hot_experts_in_and_keep_the_tokens(reference, monkeypatch, policy):
+    """DAOP_DECODE_SWAPS=8/4: every 4 decode calls a layer swaps on its last 8 calls' counts; the
+    swapped-in experts are copied into their slots, and the tokens stay the all-GPU path's."""
+    monkeypatch.setenv("DAOP_DECODE_SWAPS", "8/4")
+    engine = load(policy=policy, expert_ratio=0.5)
+    outputs = {}
+    for prompt in PROMPTS:
+        outputs[prompt] = run(engine, prompt)
+        assert_slots_hold_the_wanted_experts(engine.decoder.experts)
+    if DEVICE == "cpu" or policy == "daop-strict":
+        assert outputs == reference
+    totals = engine.counters()
+    assert totals["decode_swaps"] > 0
+    monkeypatch.setenv("DAOP_DECODE_SWAPS", "0")
+    engine = load(policy=policy, expert_ratio=0.5)
+    run(engine, PROMPTS[0], n=8)
+    assert engine.counters()["decode_swaps"] == 0  # off by default and with =0
+
+
+@pytest.mark.parametrize("value", ["32", "x/8", "0/8", "32/0"])
+def test_a_bad_decode_swap_setting_is_named(monkeypatch, value):
+    from daop.errors import DaopError
+
+    monkeypatch.setenv("DAOP_DECODE_SWAPS", value)
+    with pytest.raises(DaopError, match="DAOP_DECODE_SWAPS"):
+        load(policy="daop-exact", expert_ratio=0.5)
+
+
 def test_two_ahead_copies_are_refused_by_strict(monkeypatch):
     """strict has no CPU experts: every miss is copied when its layer runs, so there is nothing to copy earlier."""
     monkeypatch.setenv("DAOP_TWO_AHEAD", "1")

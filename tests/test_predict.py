@@ -295,3 +295,23 @@ def test_prediction_accuracy_counts_top1_and_set_overlap():
     assert prediction_accuracy(ids, ids.clone()) == (1.0, 1.0)
     top1, overlap = prediction_accuracy(torch.tensor([[0, 1], [2, 3]]), torch.tensor([[0, 3], [3, 2]]))
     assert top1 == 0.5 and overlap == 0.75
+
+
+def test_recent_counts_keep_the_last_window_calls_and_fall_due_every_period():
+    from daop.predict.swaps import RecentCounts
+
+    recent = RecentCounts(num_layers=2, num_experts=4, window=3, every=2)
+    assert not recent.due(0) and list(recent.sums(0)) == [0, 0, 0, 0]
+    recent.add(0, {1: 2, 3: 1})
+    assert not recent.due(0)
+    recent.add(0, {1: 1})
+    assert recent.due(0) and not recent.due(1)  # each layer counts its own calls
+    assert list(recent.sums(0)) == [0, 3, 0, 1]
+    recent.add(0, {0: 5})
+    recent.add(0, {2: 1})  # the first call falls out of the window of 3
+    assert recent.due(0) and list(recent.sums(0)) == [5, 1, 1, 0]
+    assert list(recent.sums(1)) == [0, 0, 0, 0]
+    recent.clear()
+    assert not recent.due(0) and list(recent.sums(0)) == [0, 0, 0, 0]
+    with pytest.raises(ValueError, match="at least one call"):
+        RecentCounts(2, 4, window=0, every=2)

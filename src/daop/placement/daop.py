@@ -51,6 +51,12 @@ class DaopConfig:
     # only reorder the same copies, with a less precise prediction, and decode was 5 % slower
     # (README, "Two-ahead copies"); DAOP_TWO_AHEAD=1 turns it on for every preset that can use it
     two_ahead_copies: bool = False
+    # decode re-swaps: every `decode_swap_every` decode calls of a layer, the prefill's swap rule runs
+    # again on the layer's counts over its last `decode_swap_window` calls, and each swapped-in expert
+    # is copied into its slot on the copy stream (0: off). Off until measured on a GPU host;
+    # DAOP_DECODE_SWAPS=WINDOW/EVERY (e.g. 32/8) turns it on for every DAOP preset, =0 off
+    decode_swap_every: int = 0
+    decode_swap_window: int = 32
 
     @property
     def exact(self) -> bool:
@@ -94,9 +100,10 @@ class Daop(Policy):
         first = self.resident_capacity()
         return list(range(first, first + self.ctx.scratch_slots))
 
-    def prefill_swaps(self, layer_idx: int, counts: dict[int, int]) -> list[tuple[int, int]]:
-        """Swap hot host experts into cold experts' slots of the placement this sequence wants; returns
-        the (expert, slot) pairs it moved (the runner brings the slots there after the layer's prefill)."""
+    def prefill_swaps(self, layer_idx: int, counts) -> list[tuple[int, int]]:
+        """Swap hot host experts into cold experts' slots of the placement this sequence wants (counts: a
+        prompt's, or recent decode calls' [E]); returns the (expert, slot) pairs it moved (the runner
+        brings the slots there: after the layer's prefill, or by a copy in decode)."""
         c = self.config
         swaps = plan_swaps(counts, self.placement.resident_experts(layer_idx), c.swap_fraction, c.swap_ratio,
                            num_experts=self.ctx.num_experts)

@@ -83,3 +83,34 @@ def apply_swaps(placement: Placement, layer_idx: int, swaps: Sequence[tuple[int,
         placement.assign(layer_idx, hot, slot)
         copies.append((hot, slot))
     return copies
+
+
+class RecentCounts:
+    """Each layer's routing counts over its last `window` decode calls (a ring of [window, E]), and
+    whether a layer is due to swap again: every `every` calls (decode re-swaps)."""
+
+    def __init__(self, num_layers: int, num_experts: int, window: int, every: int) -> None:
+        if window < 1 or every < 1:
+            raise ValueError(f"decode swaps need a window and a period of at least one call, got {window}/{every}")
+        self.window, self.every = window, every
+        self.ring = np.zeros((num_layers, window, num_experts), dtype=np.int64)
+        self.calls = np.zeros(num_layers, dtype=np.int64)
+
+    def add(self, layer_idx: int, counts: Mapping[int, int]) -> None:
+        row = self.ring[layer_idx, self.calls[layer_idx] % self.window]
+        row[:] = 0
+        for e, n in counts.items():
+            row[int(e)] = n
+        self.calls[layer_idx] += 1
+
+    def due(self, layer_idx: int) -> bool:
+        n = int(self.calls[layer_idx])
+        return n > 0 and n % self.every == 0
+
+    def sums(self, layer_idx: int) -> np.ndarray:
+        """[E] assignments per expert over the layer's last min(calls, window) calls."""
+        return self.ring[layer_idx].sum(axis=0)
+
+    def clear(self) -> None:
+        self.ring[:] = 0
+        self.calls[:] = 0

@@ -17,6 +17,9 @@ need a copy from the host are copied when decode starts (`set_phase`), behind ev
 itself waits for, so they do not delay the first token. While
 a layer runs, the next layer's predicted host experts are copied ahead into the scratch slots (or
 promised to the CPU), as in decode, so the copy stream never waits for a layer to start.
+With decode re-swaps on (`DaopConfig.decode_swap_every`, DAOP_DECODE_SWAPS), every few decode calls
+a layer runs the prefill's swap rule again on its recent routing counts and copies the experts it
+swaps in into their slots.
 Every decision is made by the pure planners of runtime/scheduler.py; this class only carries
 them out. Shapes: N tokens, K top-k, E experts, D hidden.
 """
@@ -32,11 +35,13 @@ from typing import Any, Callable
 
 import torch
 
+from daop.errors import DaopError
 from daop.model.moe import group_by_expert
 from daop.model.routing import Routing
 from daop.placement.cost import CostModel
 from daop.placement.daop import Daop
 from daop.predict.degrade import degrade
+from daop.predict.swaps import RecentCounts
 from daop.runtime.offload import OffloadedExperts
 from daop.runtime.scheduler import (Clock, DecodeLayerPlan, Prepared, SplitRows, plan_decode_layer, plan_early_copies,
                                     plan_prefill_layer, plan_settle, plan_speculation)
@@ -96,6 +101,8 @@ class DaopRunner(OffloadedExperts):
         self.lands: dict[tuple[int, int], float] = {}
         self.split_rows = split_rows(self.policy.config, self.store, self.transfer.cuda)
         self.timing = timing_costs(self.policy.ctx.cost)
+        window, every = decode_swaps(self.policy.config)
+        self.recent = RecentCounts(self.counters.num_layers, self.policy.ctx.num_experts, window, every) if every else None
         self.copy_s = self.timing.copy_ms() / 1000 if math.isfinite(self.timing.copy_ms()) else 0.0
 
     def set_phase(self, phase: str) -> None:
@@ -109,6 +116,8 @@ class DaopRunner(OffloadedExperts):
         self.collect(wait=True)
         self.policy.reset()
         self.forget_pending()
+        if self.recent is not None:
+            self.recent.clear()
 
     def forget_pending(self) -> None:
         """Drop what was started for later layers and the timeline estimates that go with it."""
@@ -234,6 +243,8 @@ class DaopRunner(OffloadedExperts):
         self.mark(layer_idx, "routed")
         rows_host = group_by_expert(ids_host)
         counts = {e: len(r[0]) for e, r in rows_host.items()}
+        if self.recent is not None:
+            self.recent.add(layer_idx, counts)
         prepared = pend.prepared if pend else None
         rows = {e: tuple(rows_host[e][0].tolist()) for e in (prepared.precalc_rows if prepared else ()) if e in rows_host}
         now = time.perf_counter()
@@ -272,7 +283,20 @@ class DaopRunner(OffloadedExperts):
                     self.copy_early(ahead[0], host[-1], taken | set(nxt.prepared.prefetched.values())
                                     | {s for s, _ in nxt.prepared.split.values()}, clock, pred.layer_idx, nxt, at)
 
-        return self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate, halves=halves)
+        out = self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate, halves=halves)
+        if self.recent is not None and self.recent.due(layer_idx):
+            self.swap_in(layer_idx)
+        return out
+
+    def swap_in(self, layer_idx: int) -> None:
+        """Decode re-swaps: the swap rule on the layer's recent decode counts; each hot host expert is
+        copied into its cold partner's slot behind the copies queued so far (after this call's reads
+        of the slot), and the slot's next reader waits for it. The cold expert is a host expert from
+        the next call on."""
+        for e, slot in self.policy.prefill_swaps(layer_idx, self.recent.sums(layer_idx)):
+            self.landing[slot] = self.copy(layer_idx, e, slot, "swap")
+            self.counters.add("decode_swaps", layer_idx, 1)
+            self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes)
 
     def landing_copies(self, layer_idx: int, pend: Pending, counts: dict[int, int], now: float) -> dict[int, float]:
         """The routed experts prefetched for this layer whose copies have not landed yet, with when
@@ -393,6 +417,23 @@ def timing_costs(cost: CostModel) -> CostModel:
     the time, so a CPU expert and a copy take the profile's side-by-side times (`CostModel.side_by_side`;
     1.17x and 1.22x their times alone in the H200 profile). DAOP_SIDE_BY_SIDE=0 plans with the times alone."""
     return cost if os.environ.get("DAOP_SIDE_BY_SIDE", "") == "0" else cost.side_by_side()
+
+
+def decode_swaps(config) -> tuple[int, int]:
+    """(window, every) of decode re-swaps (`DaopConfig.decode_swap_every`), or (0, 0) where they are
+    off; DAOP_DECODE_SWAPS=WINDOW/EVERY turns them on (e.g. 32/8), =0 off."""
+    env = os.environ.get("DAOP_DECODE_SWAPS", "").strip()
+    if env == "0":
+        return 0, 0
+    if env:
+        try:
+            window, every = (int(x) for x in env.split("/"))
+        except ValueError:
+            raise DaopError(f"DAOP_DECODE_SWAPS={env!r}: expected WINDOW/EVERY in decode calls (e.g. 32/8), or 0") from None
+        if window < 1 or every < 1:
+            raise DaopError(f"DAOP_DECODE_SWAPS={env!r}: the window and the period must be at least 1 call")
+        return window, every
+    return (config.decode_swap_window, config.decode_swap_every) if config.decode_swap_every > 0 else (0, 0)
 
 
 def two_ahead(config) -> bool:
