@@ -100,7 +100,7 @@ class Daop(Policy):
         first = self.resident_capacity()
         return list(range(first, first + self.ctx.scratch_slots))
 
-    def prefill_swaps(self, layer_idx: int, counts) -> list[tuple[int, int]]:
+    def swap_hot(self, layer_idx: int, counts) -> list[tuple[int, int]]:
         """Swap hot host experts into cold experts' slots of the placement this sequence wants (counts: a
         prompt's, or recent decode calls' [E]); returns the (expert, slot) pairs it moved (the runner
         brings the slots there: after the layer's prefill, or by a copy in decode)."""

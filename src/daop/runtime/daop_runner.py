@@ -142,7 +142,7 @@ class DaopRunner(OffloadedExperts):
         self.mark(layer_idx, "routed")
         rows_host = group_by_expert(host[0])
         counts = {e: len(r[0]) for e, r in rows_host.items()}
-        self.policy.prefill_swaps(layer_idx, counts)  # the placement this sequence wants
+        self.policy.swap_hot(layer_idx, counts)  # the placement this sequence wants
         clock = Clock(*self.channel_clock(time.perf_counter()))
         plan = plan_prefill_layer(counts, self.held_slots(layer_idx), self.policy.scratch(), pend.prepared if pend else None,
                                   self.policy.split, cfg.cpu_experts, clock, self.wanted_slots(layer_idx))
@@ -293,7 +293,7 @@ class DaopRunner(OffloadedExperts):
         copied into its cold partner's slot behind the copies queued so far (after this call's reads
         of the slot), and the slot's next reader waits for it. The cold expert is a host expert from
         the next call on."""
-        for e, slot in self.policy.prefill_swaps(layer_idx, self.recent.sums(layer_idx)):
+        for e, slot in self.policy.swap_hot(layer_idx, self.recent.sums(layer_idx)):
             self.landing[slot] = self.copy(layer_idx, e, slot, "swap")
             self.counters.add("decode_swaps", layer_idx, 1)
             self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes)
