@@ -62,12 +62,14 @@ def test_two_ahead_copies_give_the_same_tokens(reference, monkeypatch, ratio):
 
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 def test_prefetches_whose_copies_land_late_are_computed_on_the_cpu_with_the_same_tokens(reference, monkeypatch, ratio):
-    """A decode layer whose prefetched copies would land after the CPU could be through with them
-    gives them to the CPU (on the true input): here every copy is said to land a second from now."""
+    """A decode layer whose prefetched copies (or resident slots' copies) would land after the CPU
+    could be through with them gives them to the CPU (on the true input): here every prefetched and
+    every resident routed expert is said to land a second from now."""
     from daop.runtime.daop_runner import DaopRunner
 
     def far(self, layer_idx, pend, counts, now):
-        return {e: 1000.0 for e in pend.prepared.prefetched if e in counts}
+        prefetched = pend.prepared.prefetched if pend is not None else {}
+        return {e: 1000.0 for e in counts if e in prefetched or e in self.wanted_slots(layer_idx)}
 
     monkeypatch.setattr(DaopRunner, "landing_copies", far)
     engine = load(policy="daop-exact", expert_ratio=ratio)
@@ -77,6 +79,17 @@ def test_prefetches_whose_copies_land_late_are_computed_on_the_cpu_with_the_same
     totals = engine.counters()
     assert totals["late_copies_to_cpu"] > 0
     assert totals["speculative_copies"] > 0
+    # a decode step reads no slot: every routed expert was resident or prefetched, and all went to the CPU
+    from daop.generate import DecodeSession
+
+    session = DecodeSession(engine.decoder, engine.tokenizer.encode(PROMPTS[0]), 4)
+    with torch.inference_mode():
+        logits = session.prefill()
+        before = engine.counters()
+        session.step(logits.argmax(-1))
+    after = engine.counters()
+    assert after["resident_calls"] == before["resident_calls"]
+    assert after["late_copies_to_cpu"] - before["late_copies_to_cpu"] == after["cpu_calls"] - before["cpu_calls"] > 0
 
 
 @pytest.mark.parametrize("policy", ["daop-exact", "daop-strict"])

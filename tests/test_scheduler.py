@@ -269,6 +269,11 @@ def test_a_prefetched_copy_landing_after_the_cpu_could_be_through_goes_to_the_cp
     assert late_to_cpu({2: 9.0}, {2: 1}, 0.0, 0.0, 10.0, cost) == ()
     # the CPU's time grows with the expert's tokens: 3 x 2 = 6 ms is later than 5
     assert late_to_cpu({2: 5.0}, {2: 2}, 0.0, 0.0, 0.0, cost) == ()
+    # two copies landing together in 9 ms: moving one alone gains nothing, moving both ends at 6
+    assert late_to_cpu({1: 9.0, 2: 9.0}, {1: 1, 2: 1}, 0.0, 0.0, 0.0, cost) == (1, 2)
+    # three landing in 7 ms: all three on the CPU would end at 9, later: none moves
+    assert late_to_cpu({0: 7.0, 1: 7.0, 2: 7.0}, {0: 1, 1: 1, 2: 1}, 0.0, 0.0, 0.0, cost) == ()
+    assert late_to_cpu({}, {}, 0.0, 3.0, 0.0, cost) == ()
 
 
 def test_decode_gives_late_prefetches_to_the_cpu_and_keeps_the_ones_that_land_in_time():
@@ -293,3 +298,15 @@ def test_decode_gives_late_prefetches_to_the_cpu_and_keeps_the_ones_that_land_in
     plan = plan_decode_layer(counts, {}, {0: 1}, [8, 9, 10], split, split_with(CPU_WINS), clock=Clock(),
                              landing={2: 5.0}, cost=cost)
     assert plan.late == ()
+
+
+def test_decode_gives_a_resident_expert_whose_slot_is_still_being_filled_to_the_cpu():
+    cost = Costs(cpu=3.0, copy=6.0)
+    # slot 1 is being filled with expert 0 (a settle or swap copy landing in 5 ms); 4 in slot 2 has landed
+    plan = plan_decode_layer({0: 1, 4: 1}, {}, {0: 1, 4: 2}, [8, 9], None, split_with(CPU_WINS), clock=Clock(),
+                             landing={0: 5.0}, cost=cost)
+    assert plan.late == (0,) and plan.layer.gpu == ((4, 2),) and plan.layer.cpu == (0,)
+    # landing in 2 ms: the GPU waits for it
+    plan = plan_decode_layer({0: 1, 4: 1}, {}, {0: 1, 4: 2}, [8, 9], None, split_with(CPU_WINS), clock=Clock(),
+                             landing={0: 2.0}, cost=cost)
+    assert plan.late == () and plan.layer.gpu == ((0, 1), (4, 2))

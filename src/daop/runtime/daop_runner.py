@@ -99,6 +99,7 @@ class DaopRunner(OffloadedExperts):
         self.finish_at: float | None = None
         self.gap_ms = GAP_MS
         self.lands: dict[tuple[int, int], float] = {}
+        self.slot_lands: dict[int, float] = {}  # resident slot -> when its settle or swap copy should land
         self.split_rows = split_rows(self.policy.config, self.store, self.transfer.cuda)
         self.timing = timing_costs(self.policy.ctx.cost)
         window, every = decode_swaps(self.policy.config)
@@ -206,6 +207,7 @@ class DaopRunner(OffloadedExperts):
     def settle_copy(self, layer_idx: int, expert_idx: int, slot: int) -> None:
         """Copy a wanted expert from the host into its resident slot; the slot's next reader waits for it."""
         self.landing[slot] = self.copy(layer_idx, expert_idx, slot, "settle")
+        self.slot_lands[slot] = self.copy_free_at
         self.counters.add("settle_copies", layer_idx, 1)
         self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes)
 
@@ -253,7 +255,7 @@ class DaopRunner(OffloadedExperts):
         cpu_free, copy_free = self.channel_clock(now)
         reserved = {s for early in self.early.values() for s in early.slots.values()}
         clock_now = Clock(cpu_free, copy_free)
-        landing = self.landing_copies(layer_idx, pend, counts, now) if pend else None
+        landing = self.landing_copies(layer_idx, pend, counts, now)
         plan = plan_decode_layer(counts, rows, self.wanted_slots(layer_idx), self.policy.scratch(), prepared,
                                  self.policy.split, cfg.cpu_experts, clock_now, reserved, landing,
                                  self.timing, self.store.inter)
@@ -295,17 +297,25 @@ class DaopRunner(OffloadedExperts):
         the next call on."""
         for e, slot in self.policy.swap_hot(layer_idx, self.recent.sums(layer_idx)):
             self.landing[slot] = self.copy(layer_idx, e, slot, "swap")
+            self.slot_lands[slot] = self.copy_free_at
             self.counters.add("decode_swaps", layer_idx, 1)
             self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes)
 
-    def landing_copies(self, layer_idx: int, pend: Pending, counts: dict[int, int], now: float) -> dict[int, float]:
-        """The routed experts prefetched for this layer whose copies have not landed yet, with when
-        each should land (ms from `now`, the timeline's estimate): the plan may give them to the CPU."""
+    def landing_copies(self, layer_idx: int, pend: Pending | None, counts: dict[int, int], now: float) -> dict[int, float]:
+        """The routed experts whose copies have not landed yet, with when each should land (ms from
+        `now`, the timeline's estimates): those prefetched for this layer, and resident ones whose slot
+        a settle or swap copy is still filling. The plan may give them to the CPU."""
         out = {}
-        for e in pend.prepared.prefetched:
+        for e in pend.prepared.prefetched if pend is not None else ():
             at, event = self.lands.get((layer_idx, e)), pend.copy_events.get(e)
             if e in counts and at is not None and event is not None and not event.query():
                 out[e] = max(0.0, (at - now) * 1000)
+        for slot, event in self.landing.items():
+            owner = self.slot_contents.get(slot)
+            at = self.slot_lands.get(slot)
+            if (event is not None and owner is not None and owner[0] == layer_idx and owner[1] in counts and at is not None
+                    and not event.query()):
+                out[owner[1]] = max(0.0, (at - now) * 1000)
         return out
 
     def estimate_finish(self, layer_idx: int, now: float, clock: Clock, counts: dict[int, int], plan: DecodeLayerPlan) -> float:

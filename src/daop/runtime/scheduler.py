@@ -38,7 +38,7 @@ class DecodeLayerPlan:
     ready: tuple[tuple[int, int], ...] = ()  # (expert, scratch slot) copied ahead of need and used now
     precalc_used: tuple[int, ...] = ()  # experts whose pre-calculated output is used
     precalc_wasted: int = 0  # pre-calculated experts the routing did not ask for (or for other tokens)
-    late: tuple[int, ...] = ()  # prefetched experts the CPU computes instead: their copies land too late
+    late: tuple[int, ...] = ()  # prefetched or resident experts the CPU computes instead: their copies land too late
 
 
 @dataclass(frozen=True)
@@ -177,10 +177,11 @@ def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, .
     CPU goes to the CPU; every other expert is planned by plan_layer over the scratch slots not
     holding prefetches (without CPU experts, over those too after them: a copy into a slot waits
     for the slot's read). `reserved` scratch slots (copies started for a later layer) are never used.
-    `landing` (with CPU experts and a cost model): prefetched experts whose copies are still on the
-    way, with when each should land (ms from now); one that would land after the CPU could be
-    through with it goes to the CPU instead (`late_to_cpu`), and its copy lands unread. A split
-    expert's CPU rows [0, K) cost K / `inter` of the whole (the whole without `inter`).
+    `landing` (with CPU experts and a cost model): prefetched experts, and resident ones whose slot
+    is being filled (a settle or swap copy), whose copies are still on the way, with when each should
+    land (ms from now); one that would land after the CPU could be through with it goes to the CPU
+    instead (`late_to_cpu`), and its copy lands unread for now. A split expert's CPU rows [0, K) cost
+    K / `inter` of the whole (the whole without `inter`).
     """
     prepared = prepared or Prepared()
     ready = {e: s for e, s in prepared.prefetched.items() if e in counts}
@@ -195,40 +196,40 @@ def plan_decode_layer(counts: Mapping[int, int], rows: Mapping[int, tuple[int, .
         free += [s for s in scratch if s in held and s not in reserved]
     plan = plan_layer(todo, resident_slots, free, split, cpu_experts, clock)
     late: tuple[int, ...] = ()
+    gpu = plan.gpu
     if cpu_experts and landing and cost is not None:
         clock = clock or Clock()
         work = (sum(cost.cpu_ms(counts[e]) for e in (*forced, *plan.cpu))
                 + sum(cost.cpu_ms(counts[e]) * (k / inter if inter else 1.0) for e, _, k in halves))
         copies = clock.copy_free + len(plan.copy) * cost.copy_ms() if plan.copy else 0.0
-        late = late_to_cpu({e: landing[e] for e in ready if e in landing}, {e: counts[e] for e in ready}, clock.cpu_free,
-                           work, copies, cost)
+        candidates = [*ready, *(e for e, _ in gpu)]
+        late = late_to_cpu({e: landing[e] for e in candidates if e in landing}, {e: counts[e] for e in candidates},
+                           clock.cpu_free, work, copies, cost)
         for e in late:
-            del ready[e]
-    layer = LayerPlan(gpu=plan.gpu, cpu=forced + plan.cpu + late, copy=plan.copy, split=halves)
+            ready.pop(e, None)
+        gpu = tuple((e, s) for e, s in gpu if e not in late)
+    layer = LayerPlan(gpu=gpu, cpu=forced + plan.cpu + late, copy=plan.copy, split=halves)
     return DecodeLayerPlan(layer, tuple(sorted(ready.items())), used, len(prepared.precalc_rows) - len(used), late)
 
 
 def late_to_cpu(landing: Mapping[int, float], counts: Mapping[int, int], cpu_free: float, cpu_work: float,
                 other: float, cost: ExpertCosts) -> tuple[int, ...]:
-    """Prefetched experts still being copied (landing: expert -> ms from now when the copy should
-    land) that the CPU computes instead, so the layer call finishes sooner. The call ends when the
-    last of its parts does: the CPU's work (cpu_work ms of it, starting when the CPU is free, or
-    nothing), these copies and the rest (`other`, e.g. copies planned for this call). The copy that
-    lands last is the only one whose move can bring the end forward: it moves while the CPU, with
-    it added, is through before the end would otherwise come; then the next latest, and so on."""
+    """Experts whose copies are still on the way (landing: expert -> ms from now when the copy
+    should land) that the CPU computes instead, so the layer call finishes sooner. The call ends when
+    the last of its parts does: the CPU's work (cpu_work ms of it, starting when the CPU is free, or
+    nothing), these copies and the rest (`other`, e.g. copies planned for this call). Only moving the
+    copies that land last can bring the end forward, so the choice is how many of them, latest
+    first: the count with the soonest end (the fewest among equals)."""
     order = sorted(landing, key=lambda e: (-landing[e], e))
-    moved: list[int] = []
-    work = cpu_work
-    for i, e in enumerate(order):
-        cpu_end = max(0.0, cpu_free) + work if work > 0 else 0.0
-        end = max(cpu_end, landing[e], other)
-        after = max(max(0.0, cpu_free) + work + cost.cpu_ms(counts[e]), other,
-                    landing[order[i + 1]] if i + 1 < len(order) else 0.0)
-        if after >= end:
-            break
-        moved.append(e)
+    start = max(0.0, cpu_free)
+    best_end = max(start + cpu_work if cpu_work > 0 else 0.0, landing[order[0]] if order else 0.0, other)
+    best, work = 0, cpu_work
+    for k, e in enumerate(order, 1):
         work += cost.cpu_ms(counts[e])
-    return tuple(sorted(moved))
+        end = max(start + work, landing[order[k]] if k < len(order) else 0.0, other)
+        if end < best_end:
+            best, best_end = k, end
+    return tuple(sorted(order[:best]))
 
 
 def plan_early_copies(predicted_counts: Mapping[int, int], resident: Collection[int], free_scratch: Sequence[int],
