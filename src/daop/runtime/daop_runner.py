@@ -25,7 +25,6 @@ them out. Shapes: N tokens, K top-k, E experts, D hidden.
 """
 from __future__ import annotations
 
-import math
 import os
 import time
 from collections.abc import Collection
@@ -101,10 +100,11 @@ class DaopRunner(OffloadedExperts):
         self.lands: dict[tuple[int, int], float] = {}
         self.slot_lands: dict[int, float] = {}  # resident slot -> when its settle or swap copy should land
         self.split_rows = split_rows(self.policy.config, self.store, self.transfer.cuda)
-        self.timing = timing_costs(self.policy.ctx.cost)
         window, every = decode_swaps(self.policy.config)
         self.recent = RecentCounts(self.counters.num_layers, self.policy.ctx.num_experts, window, every) if every else None
-        self.copy_s = self.timing.copy_ms() / 1000 if math.isfinite(self.timing.copy_ms()) else 0.0
+
+    def plan_costs(self) -> CostModel:
+        return timing_costs(self.policy.ctx.cost)
 
     def set_phase(self, phase: str) -> None:
         if self.phase != "decode" and phase == "decode":
@@ -204,11 +204,13 @@ class DaopRunner(OffloadedExperts):
             for e, slot in plan_settle(self.wanted_slots(layer_idx), self.holds(layer_idx), {}).copies:
                 self.settle_copy(layer_idx, e, slot)
 
-    def settle_copy(self, layer_idx: int, expert_idx: int, slot: int) -> None:
-        """Copy a wanted expert from the host into its resident slot; the slot's next reader waits for it."""
-        self.landing[slot] = self.copy(layer_idx, expert_idx, slot, "settle")
+    def settle_copy(self, layer_idx: int, expert_idx: int, slot: int, kind: str = "settle",
+                    counter: str = "settle_copies") -> None:
+        """Copy a wanted expert from the host into its resident slot; the slot's next reader waits for
+        it, and the timeline knows when it should land (`landing_copies`)."""
+        self.landing[slot] = self.copy(layer_idx, expert_idx, slot, kind)
         self.slot_lands[slot] = self.copy_free_at
-        self.counters.add("settle_copies", layer_idx, 1)
+        self.counters.add(counter, layer_idx, 1)
         self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes)
 
     def predict(self, layer_idx: int, h: torch.Tensor) -> Prediction | None:
@@ -296,10 +298,7 @@ class DaopRunner(OffloadedExperts):
         of the slot), and the slot's next reader waits for it. The cold expert is a host expert from
         the next call on."""
         for e, slot in self.policy.swap_hot(layer_idx, self.recent.sums(layer_idx)):
-            self.landing[slot] = self.copy(layer_idx, e, slot, "swap")
-            self.slot_lands[slot] = self.copy_free_at
-            self.counters.add("decode_swaps", layer_idx, 1)
-            self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes)
+            self.settle_copy(layer_idx, e, slot, "swap", "decode_swaps")
 
     def landing_copies(self, layer_idx: int, pend: Pending | None, counts: dict[int, int], now: float) -> dict[int, float]:
         """The routed experts whose copies have not landed yet, with when each should land (ms from

@@ -51,9 +51,13 @@ class OffloadedExperts:
         self.cpu_last: Future | None = None
         self.deferred: list[QueuedFuture] = []  # CPU jobs the GPU consumed without the host waiting
         self.slot_pairs: torch.Tensor | None = None  # [S, S, 2] on the device: (a, b) at [a, b] (`slot_index`)
-        self.timing = policy.ctx.cost  # the costs behind the channels' backlog estimates (`channel_clock`)
+        self.timing = self.plan_costs()  # the costs behind the channels' backlog estimates (`channel_clock`)
         self.copy_s = self.timing.copy_ms() / 1000 if math.isfinite(self.timing.copy_ms()) else 0.0
         self.apply_placement(policy.placement, force=True)
+
+    def plan_costs(self):
+        """The cost model the runner's estimates use: the policy's."""
+        return self.policy.ctx.cost
 
     def apply_placement(self, placement, force: bool = False) -> None:
         """Copy experts into the slots the placement names (only slots holding something else unless force)."""
