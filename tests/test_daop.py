@@ -109,7 +109,16 @@ def test_decode_reswaps_copy_recently_hot_experts_in_and_keep_the_tokens(referen
     monkeypatch.setenv("DAOP_DECODE_SWAPS", "0")
     engine = load(policy=policy, expert_ratio=0.5)
     run(engine, PROMPTS[0], n=8)
-    assert engine.counters()["decode_swaps"] == 0  # off by default and with =0
+    assert engine.counters()["decode_swaps"] == 0  # =0 turns them off
+
+
+def test_decode_reswaps_are_on_by_default_except_in_the_paper_preset(monkeypatch):
+    from daop.placement.daop import PRESETS
+    from daop.runtime.daop_runner import decode_swaps
+
+    monkeypatch.delenv("DAOP_DECODE_SWAPS", raising=False)
+    assert {name: decode_swaps(cfg) for name, cfg in PRESETS.items()} == {
+        "daop-exact": (32, 8), "daop": (32, 8), "daop-stale": (32, 8), "daop-strict": (32, 8), "daop-paper": (0, 0)}
 
 
 @pytest.mark.parametrize("value", ["32", "x/8", "0/8", "32/0"])

@@ -53,9 +53,9 @@ class DaopConfig:
     two_ahead_copies: bool = False
     # decode re-swaps: every `decode_swap_every` decode calls of a layer, the prefill's swap rule runs
     # again on the layer's counts over its last `decode_swap_window` calls, and each swapped-in expert
-    # is copied into its slot on the copy stream (0: off). Off until measured on a GPU host;
-    # DAOP_DECODE_SWAPS=WINDOW/EVERY (e.g. 32/8) turns it on for every DAOP preset, =0 off
-    decode_swap_every: int = 0
+    # is copied into its slot on the copy stream (0: off). On (32/8) except in daop-paper, which
+    # swaps at prefill only; DAOP_DECODE_SWAPS=WINDOW/EVERY sets it for every DAOP preset, =0 turns it off
+    decode_swap_every: int = 8
     decode_swap_window: int = 32
 
     @property
@@ -66,7 +66,7 @@ class DaopConfig:
 PRESETS: dict[str, DaopConfig] = {
     "daop-exact": DaopConfig(),
     "daop-paper": DaopConfig(first_predicted_layer=4, split="sum", predicted_routing=True, stale_input=True,
-                             substitution=True, speculative_copies=False),
+                             substitution=True, speculative_copies=False, decode_swap_every=0),
     # Our best trade-off is, so far, no approximation at all: on the H200 the stale-input variant
     # (daop-stale) was slower than daop-exact and changed the tokens, so `daop` is daop-exact.
     "daop": DaopConfig(),
