@@ -79,7 +79,9 @@ def test_prefetches_whose_copies_land_late_are_computed_on_the_cpu_with_the_same
     totals = engine.counters()
     assert totals["late_copies_to_cpu"] > 0
     assert totals["speculative_copies"] > 0
-    # a decode step reads no slot: every routed expert was resident or prefetched, and all went to the CPU
+    # a decode step reads no resident or prefetched slot: those experts all went to the CPU as late
+    # copies (on a GPU, the speculation may also have promised predicted misses to the CPU rather
+    # than copying them: those are CPU calls but not late copies)
     from daop.generate import DecodeSession
 
     session = DecodeSession(engine.decoder, engine.tokenizer.encode(PROMPTS[0]), 4)
@@ -88,8 +90,12 @@ def test_prefetches_whose_copies_land_late_are_computed_on_the_cpu_with_the_same
         before = engine.counters()
         session.step(logits.argmax(-1))
     after = engine.counters()
-    assert after["resident_calls"] == before["resident_calls"]
-    assert after["late_copies_to_cpu"] - before["late_copies_to_cpu"] == after["cpu_calls"] - before["cpu_calls"] > 0
+    for name in ("resident_calls", "split_calls"):
+        assert after[name] == before[name], name
+    late, cpu = (after[k] - before[k] for k in ("late_copies_to_cpu", "cpu_calls"))
+    assert 0 < late <= cpu
+    if DEVICE == "cpu":
+        assert late == cpu  # the CPU device copies its other misses: each CPU call of the step is a late copy
 
 
 @pytest.mark.parametrize("policy", ["daop-exact", "daop-strict"])
