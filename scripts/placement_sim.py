@@ -13,11 +13,13 @@ resident. No weights, no GPU: this isolates the placement from the scheduler. Va
 - `window N/M`: the swaps, then every M decode steps swaps again on the last N steps' counts (a
   swap is a whole expert's copy: `swaps/token` says how many);
 - `decode window N/M`: the same on decode steps only, as the DAOP runner's decode re-swaps
-  (DAOP_DECODE_SWAPS=N/M) count them;
+  (DAOP_DECODE_SWAPS=N/M) count them; `z=Z` adds the swap rule's noise margin (`plan_swaps`'s
+  margin_z), as `DaopConfig.decode_swap_z` does;
 - `oracle`: the quota placement on the sequence's own decode counts (known only afterwards: the
   most a fixed per-sequence placement could keep).
 
     python3 scripts/placement_sim.py --trace benchmarks/traces/daop-moe-mini-heldout.npz --layers 8
+    python3 scripts/placement_sim.py --iid 1.0   # routing without locality (see --iid)
 """
 from __future__ import annotations
 
@@ -43,8 +45,25 @@ def counts_of(ids: np.ndarray, layers: list[int], lo: int, hi: int, num_experts:
     return out
 
 
+def iid_prompts(alpha: float, n: int = 10, layers: int = 8, experts: int = 8, top_k: int = 2, prompt_len: int = 256,
+                gen: int = 64, seed: int = 0) -> list[tuple[np.ndarray, int]]:
+    """Routing without locality: each layer has a fixed popularity (Dirichlet(alpha) over its experts,
+    one draw per prompt) and every token picks top_k distinct experts from it independently of the
+    tokens before, as a random router on unrelated states roughly does."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        ids = np.zeros((layers, prompt_len + gen, top_k), dtype=np.int64)
+        for layer in range(layers):
+            p = rng.dirichlet([alpha] * experts)
+            for t in range(prompt_len + gen):
+                ids[layer, t] = rng.choice(experts, size=top_k, replace=False, p=p)
+        out.append((ids, prompt_len))
+    return out
+
+
 def replay(ids: np.ndarray, prompt_len: int, layers: list[int], capacity: int, variant: str,
-           window: int = 0, every: int = 0) -> tuple[int, int, int]:
+           window: int = 0, every: int = 0, z: float = 0.0) -> tuple[int, int, int]:
     """(hits, picks, swaps) over the decode steps of one recorded prompt."""
     num_experts = int(ids.max()) + 1
     prompt = counts_of(ids, layers, 0, prompt_len, num_experts)
@@ -63,7 +82,7 @@ def replay(ids: np.ndarray, prompt_len: int, layers: list[int], capacity: int, v
             first = prompt_len if variant == "decode window" else 0
             recent = counts_of(ids, layers, max(first, t - window), t, num_experts)
             for l in layers:
-                moved = plan_swaps(recent[l], placement.resident_experts(l))
+                moved = plan_swaps(recent[l], placement.resident_experts(l), margin_z=z)
                 swaps += len(apply_swaps(placement, l, moved))
         for l in layers:
             for e in ids[l, t]:
@@ -74,25 +93,30 @@ def replay(ids: np.ndarray, prompt_len: int, layers: list[int], capacity: int, v
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--trace", required=True)
+    source = ap.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace")
+    source.add_argument("--iid", type=float, metavar="ALPHA",
+                        help="replay routing without locality instead (iid_prompts, Dirichlet(ALPHA) popularity per layer)")
     ap.add_argument("--layers", type=int, default=8, help="the first N layers of the trace (the bench's depth cut)")
     ap.add_argument("--ratios", default="0.5,0.25")
     ap.add_argument("--scratch", type=int, default=4, help="slots kept for copies (daop-exact: 2 x top-k)")
     args = ap.parse_args()
-    recorded = prompts(args.trace)
+    recorded = prompts(args.trace) if args.trace else iid_prompts(args.iid, layers=args.layers)
     layers = list(range(args.layers))
     num_experts = int(max(ids.max() for ids, _ in recorded)) + 1
-    variants = [("calibrated+swaps", 0, 0), ("quota-on-prompt", 0, 0), ("window", 16, 8), ("window", 32, 8),
-                ("decode window", 32, 8), ("decode window", 16, 8), ("decode window", 32, 4), ("oracle", 0, 0)]
+    variants = [("calibrated+swaps", 0, 0, 0.0), ("quota-on-prompt", 0, 0, 0.0), ("window", 16, 8, 0.0),
+                ("window", 32, 8, 0.0), ("decode window", 32, 8, 0.0), ("decode window", 16, 8, 0.0),
+                ("decode window", 32, 4, 0.0), ("decode window", 32, 8, 1.0), ("decode window", 32, 8, 1.5),
+                ("decode window", 32, 8, 2.0), ("decode window", 32, 8, 3.0), ("oracle", 0, 0, 0.0)]
     for ratio in (float(r) for r in args.ratios.split(",")):
         capacity = int(round(ratio * args.layers * num_experts)) - args.scratch
-        for variant, window, every in variants:
+        for variant, window, every, z in variants:
             hits = picks = swaps = steps = 0
             for ids, prompt_len in recorded:
-                h, p, s = replay(ids, prompt_len, layers, capacity, variant, window, every)
+                h, p, s = replay(ids, prompt_len, layers, capacity, variant, window, every, z)
                 hits, picks, swaps, steps = hits + h, picks + p, swaps + s, steps + ids.shape[1] - prompt_len
-            name = f"{variant} {window}/{every}" if "window" in variant else variant
-            print(json.dumps({"trace": args.trace, "layers": args.layers, "ratio": ratio, "resident_slots": capacity,
+            name = (f"{variant} {window}/{every}" + (f" z={z:g}" if z else "")) if "window" in variant else variant
+            print(json.dumps({"trace": args.trace or f"iid alpha={args.iid:g}", "layers": args.layers, "ratio": ratio, "resident_slots": capacity,
                               "variant": name, "hit_rate": round(hits / picks, 4),
                               "host_picks_per_token": round((picks - hits) / steps, 3),
                               "swaps_per_token": round(swaps / steps, 3)}))

@@ -124,10 +124,13 @@ def test_decode_reswaps_are_on_by_default_except_in_the_paper_preset(monkeypatch
 
     monkeypatch.delenv("DAOP_DECODE_SWAPS", raising=False)
     assert {name: decode_swaps(cfg) for name, cfg in PRESETS.items()} == {
-        "daop-exact": (32, 8), "daop": (32, 8), "daop-stale": (32, 8), "daop-strict": (32, 8), "daop-paper": (0, 0)}
+        "daop-exact": (32, 8, 1.0), "daop": (32, 8, 1.0), "daop-stale": (32, 8, 1.0), "daop-strict": (32, 8, 1.0),
+        "daop-paper": (0, 0, 0.0)}
+    monkeypatch.setenv("DAOP_DECODE_SWAPS", "16/4/0")
+    assert decode_swaps(PRESETS["daop-paper"]) == (16, 4, 0.0)
 
 
-@pytest.mark.parametrize("value", ["32", "x/8", "0/8", "32/0"])
+@pytest.mark.parametrize("value", ["32", "x/8", "0/8", "32/0", "32/8/-1", "32/8/nan", "32/8/1/2"])
 def test_a_bad_decode_swap_setting_is_named(monkeypatch, value):
     from daop.errors import DaopError
 

@@ -116,11 +116,26 @@ def test_swap_fraction_caps_pairs():
     assert plan_swaps(n, {0}, swap_fraction=1.0) == [(7, 0)]  # fewer GPU experts than the cap
 
 
+def test_swap_noise_margin_asks_for_a_difference_beyond_z_standard_deviations():
+    # 10 against 6: difference 4, sqrt(16) = 4 standard deviations' unit
+    assert plan_swaps([6, 10], {0}) == [(1, 0)]
+    assert plan_swaps([6, 10], {0}, margin_z=0.99) == [(1, 0)]
+    assert plan_swaps([6, 10], {0}, margin_z=1.0) == []  # 4 > 1.0 * 4 fails: strict
+    assert plan_swaps([0, 4], {0}, margin_z=1.9) == [(1, 0)]  # 4 > 1.9 * 2
+    assert plan_swaps([0, 4], {0}, margin_z=2.0) == []
+    # the margin ends the pairing like the ratio: (3, 0) passes, (2, 1) does not
+    assert plan_swaps([0, 9, 12, 20], {0, 1}, margin_z=1.0) == [(3, 0)]
+    assert plan_swaps([0, 9, 12, 20], {0, 1}) == [(3, 0), (2, 1)]
+
+
 def test_swap_input_checks():
     with pytest.raises(ValueError, match="num_experts"):
         plan_swaps({0: 1}, {0})
     with pytest.raises(ValueError, match="swap_ratio"):
         plan_swaps([1, 2], {0}, swap_ratio=0.9)
+    for z in (-0.5, float("nan")):
+        with pytest.raises(ValueError, match="margin_z"):
+            plan_swaps([1, 2], {0}, margin_z=z)
 
 
 def test_apply_swaps_moves_hot_into_cold_slot():

@@ -52,11 +52,14 @@ class DaopConfig:
     # (README, "Two-ahead copies"); DAOP_TWO_AHEAD=1 turns it on for every preset that can use it
     two_ahead_copies: bool = False
     # decode re-swaps: every `decode_swap_every` decode calls of a layer, the prefill's swap rule runs
-    # again on the layer's counts over its last `decode_swap_window` calls, and each swapped-in expert
-    # is copied into its slot on the copy stream (0: off). On (32/8) except in daop-paper, which
-    # swaps at prefill only; DAOP_DECODE_SWAPS=WINDOW/EVERY sets it for every DAOP preset, =0 turns it off
+    # again on the layer's counts over its last `decode_swap_window` calls, with a noise margin (a
+    # pair swaps only if its counts differ by more than `decode_swap_z` standard deviations of a
+    # Poisson difference: `plan_swaps`'s margin_z), and each swapped-in expert is copied into its
+    # slot on the copy stream (0: off). On (32/8, z 1) except in daop-paper, which swaps at prefill
+    # only; DAOP_DECODE_SWAPS=WINDOW/EVERY[/Z] sets it for every DAOP preset, =0 turns it off
     decode_swap_every: int = 8
     decode_swap_window: int = 32
+    decode_swap_z: float = 1.0
 
     @property
     def exact(self) -> bool:
@@ -100,13 +103,14 @@ class Daop(Policy):
         first = self.resident_capacity()
         return list(range(first, first + self.ctx.scratch_slots))
 
-    def swap_hot(self, layer_idx: int, counts) -> list[tuple[int, int]]:
+    def swap_hot(self, layer_idx: int, counts, margin_z: float = 0.0) -> list[tuple[int, int]]:
         """Swap hot host experts into cold experts' slots of the placement this sequence wants (counts: a
-        prompt's, or recent decode calls' [E]); returns the (expert, slot) pairs it moved (the runner
-        brings the slots there: after the layer's prefill, or by a copy in decode)."""
+        prompt's, or recent decode calls' [E], with their noise margin); returns the (expert, slot)
+        pairs it moved (the runner brings the slots there: after the layer's prefill, or by a copy in
+        decode)."""
         c = self.config
         swaps = plan_swaps(counts, self.placement.resident_experts(layer_idx), c.swap_fraction, c.swap_ratio,
-                           num_experts=self.ctx.num_experts)
+                           num_experts=self.ctx.num_experts, margin_z=margin_z)
         return apply_swaps(self.placement, layer_idx, swaps)
 
     def split(self, counts: dict[int, int], on_gpu: set[int], max_copies: int, cpu_start: float = 0.0,

@@ -36,6 +36,7 @@ def plan_swaps(
     swap_fraction: float = 0.5,
     swap_ratio: float = 1.05,
     num_experts: int | None = None,
+    margin_z: float = 0.0,
 ) -> list[tuple[int, int]]:
     """(hot host expert, cold GPU expert) pairs to swap for one layer of one prompt.
 
@@ -47,9 +48,16 @@ def plan_swaps(
     that fails ends the search. Ties: among equally hot host experts, and among equally cold GPU
     experts, the lower expert index comes first. The ratio is compared as the decimal it prints
     as (1.05 is 21/20), so the boundary does not depend on binary rounding.
+
+    margin_z > 0 also asks the counts to differ by more than noise: n[hot] - n[cold] > margin_z x
+    sqrt(n[hot] + n[cold]) (the difference of two Poisson counts is that many standard deviations
+    from zero). Decode re-swaps use it: their windows are a few dozen calls, where the counts of
+    routing without locality differ by chance and the paper's 1.05 would swap on that noise.
     """
     if not 0.0 <= swap_fraction <= 1.0:
         raise ValueError(f"swap_fraction must be in [0, 1], got {swap_fraction}")
+    if not margin_z >= 0.0:
+        raise ValueError(f"margin_z must be >= 0, got {margin_z}")
     if swap_ratio < 1.0:
         raise ValueError(f"swap_ratio must be >= 1 (a swap must not bring in a colder expert), got {swap_ratio}")
     counts = _counts(n, num_experts)
@@ -62,6 +70,8 @@ def plan_swaps(
     swaps: list[tuple[int, int]] = []
     for h, c in zip(hot, cold):
         if len(swaps) >= limit or not Fraction(counts[h]) > ratio * Fraction(counts[c]):
+            break
+        if margin_z and not counts[h] - counts[c] > margin_z * math.sqrt(counts[h] + counts[c]):
             break
         swaps.append((h, c))
     return swaps

@@ -18,7 +18,7 @@ itself waits for, so they do not delay the first token. While
 a layer runs, the next layer's predicted host experts are copied ahead into the scratch slots (or
 promised to the CPU), as in decode, so the copy stream never waits for a layer to start.
 With decode re-swaps on (`DaopConfig.decode_swap_every`, DAOP_DECODE_SWAPS), every few decode calls
-a layer runs the prefill's swap rule again on its recent routing counts and copies the experts it
+a layer runs the prefill's swap rule again on its recent routing counts (with a noise margin) and copies the experts it
 swaps in into their slots.
 Every decision is made by the pure planners of runtime/scheduler.py; this class only carries
 them out. Shapes: N tokens, K top-k, E experts, D hidden.
@@ -100,7 +100,7 @@ class DaopRunner(OffloadedExperts):
         self.lands: dict[tuple[int, int], float] = {}
         self.slot_lands: dict[int, float] = {}  # resident slot -> when its settle or swap copy should land
         self.split_rows = split_rows(self.policy.config, self.store, self.transfer.cuda)
-        window, every = decode_swaps(self.policy.config)
+        window, every, self.swap_z = decode_swaps(self.policy.config)
         self.recent = RecentCounts(self.counters.num_layers, self.policy.ctx.num_experts, window, every) if every else None
 
     def plan_costs(self) -> CostModel:
@@ -297,7 +297,7 @@ class DaopRunner(OffloadedExperts):
         copied into its cold partner's slot behind the copies queued so far (after this call's reads
         of the slot), and the slot's next reader waits for it. The cold expert is a host expert from
         the next call on."""
-        for e, slot in self.policy.swap_hot(layer_idx, self.recent.sums(layer_idx)):
+        for e, slot in self.policy.swap_hot(layer_idx, self.recent.sums(layer_idx), self.swap_z):
             self.settle_copy(layer_idx, e, slot, "swap", "decode_swaps")
 
     def landing_copies(self, layer_idx: int, pend: Pending | None, counts: dict[int, int], now: float) -> dict[int, float]:
@@ -428,21 +428,31 @@ def timing_costs(cost: CostModel) -> CostModel:
     return cost if os.environ.get("DAOP_SIDE_BY_SIDE", "") == "0" else cost.side_by_side()
 
 
-def decode_swaps(config) -> tuple[int, int]:
-    """(window, every) of decode re-swaps (`DaopConfig.decode_swap_every`), or (0, 0) where they are
-    off; DAOP_DECODE_SWAPS=WINDOW/EVERY turns them on (e.g. 32/8), =0 off."""
+def decode_swaps(config) -> tuple[int, int, float]:
+    """(window, every, z) of decode re-swaps (`DaopConfig.decode_swap_every`, `decode_swap_window`,
+    `decode_swap_z`), or (0, 0, 0.0) where they are off; DAOP_DECODE_SWAPS=WINDOW/EVERY[/Z] sets them
+    (e.g. 32/8, or 32/8/0 for the paper's bare 1.05 rule), =0 turns them off."""
     env = os.environ.get("DAOP_DECODE_SWAPS", "").strip()
     if env == "0":
-        return 0, 0
+        return 0, 0, 0.0
     if env:
+        parts = env.split("/")
         try:
-            window, every = (int(x) for x in env.split("/"))
+            if len(parts) not in (2, 3):
+                raise ValueError
+            window, every = int(parts[0]), int(parts[1])
+            z = float(parts[2]) if len(parts) == 3 else config.decode_swap_z
         except ValueError:
-            raise DaopError(f"DAOP_DECODE_SWAPS={env!r}: expected WINDOW/EVERY in decode calls (e.g. 32/8), or 0") from None
+            raise DaopError(f"DAOP_DECODE_SWAPS={env!r}: expected WINDOW/EVERY in decode calls, optionally /Z "
+                            "(e.g. 32/8 or 32/8/1), or 0") from None
         if window < 1 or every < 1:
             raise DaopError(f"DAOP_DECODE_SWAPS={env!r}: the window and the period must be at least 1 call")
-        return window, every
-    return (config.decode_swap_window, config.decode_swap_every) if config.decode_swap_every > 0 else (0, 0)
+        if not 0.0 <= z < float("inf"):
+            raise DaopError(f"DAOP_DECODE_SWAPS={env!r}: the noise margin Z must be a number >= 0")
+        return window, every, z
+    if config.decode_swap_every > 0:
+        return config.decode_swap_window, config.decode_swap_every, config.decode_swap_z
+    return 0, 0, 0.0
 
 
 def two_ahead(config) -> bool:
