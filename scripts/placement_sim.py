@@ -9,7 +9,9 @@ resident. No weights, no GPU: this isolates the placement from the scheduler. Va
 - `calibrated+swaps`: what `daop-exact` does (quota placement on uniform counts, then the prompt's
   prefill swaps, paper 2.1-2.2);
 - `quota-on-prompt`: the quota placement computed from the prompt's own counts (slots move
-  between layers too);
+  between layers too), as DAOP_PLACE_ON_PROMPT=1 places at decode start (`copies at decode start`:
+  the experts it has resident that the prefill's swaps did not); `quota-on-prompt decode window
+  N/M z=Z`: that, then decode re-swaps;
 - `window N/M`: the swaps, then every M decode steps swaps again on the last N steps' counts (a
   swap is a whole expert's copy: `swaps/token` says how many);
 - `decode window N/M`: the same on decode steps only, as the DAOP runner's decode re-swaps
@@ -64,22 +66,25 @@ def iid_prompts(alpha: float, n: int = 10, layers: int = 8, experts: int = 8, to
 
 def replay(ids: np.ndarray, prompt_len: int, layers: list[int], capacity: int, variant: str,
            window: int = 0, every: int = 0, z: float = 0.0) -> tuple[int, int, int]:
-    """(hits, picks, swaps) over the decode steps of one recorded prompt."""
+    """(hits, picks, swaps, copies at decode start) over the decode steps of one recorded prompt."""
     num_experts = int(ids.max()) + 1
     prompt = counts_of(ids, layers, 0, prompt_len, num_experts)
+    swapped = quota_placement(np.ones_like(prompt), layers, capacity, num_slots=capacity)
+    for l in layers:
+        apply_swaps(swapped, l, plan_swaps(prompt[l], swapped.resident_experts(l)))
     if variant == "oracle":
         placement = quota_placement(counts_of(ids, layers, prompt_len, ids.shape[1], num_experts), layers, capacity,
                                     num_slots=capacity)
-    elif variant == "quota-on-prompt":
+    elif variant.startswith("quota-on-prompt"):
         placement = quota_placement(prompt, layers, capacity, num_slots=capacity)
     else:
-        placement = quota_placement(np.ones_like(prompt), layers, capacity, num_slots=capacity)
-        for l in layers:
-            apply_swaps(placement, l, plan_swaps(prompt[l], placement.resident_experts(l)))
+        placement = swapped
+    # experts the placement has resident that the prefill's swaps did not: copied at decode start
+    placed = sum(not swapped.resident(l, e) for l in layers for e in placement.resident_experts(l))
     hits = picks = swaps = 0
     for t in range(prompt_len, ids.shape[1]):
-        if variant in ("window", "decode window") and t > prompt_len and (t - prompt_len) % every == 0:
-            first = prompt_len if variant == "decode window" else 0
+        if variant.endswith("window") and t > prompt_len and (t - prompt_len) % every == 0:
+            first = prompt_len if variant.endswith("decode window") else 0
             recent = counts_of(ids, layers, max(first, t - window), t, num_experts)
             for l in layers:
                 moved = plan_swaps(recent[l], placement.resident_experts(l), margin_z=z)
@@ -88,7 +93,7 @@ def replay(ids: np.ndarray, prompt_len: int, layers: list[int], capacity: int, v
             for e in ids[l, t]:
                 picks += 1
                 hits += placement.resident(l, int(e))
-    return hits, picks, swaps
+    return hits, picks, swaps, placed
 
 
 def main() -> None:
@@ -107,19 +112,22 @@ def main() -> None:
     variants = [("calibrated+swaps", 0, 0, 0.0), ("quota-on-prompt", 0, 0, 0.0), ("window", 16, 8, 0.0),
                 ("window", 32, 8, 0.0), ("decode window", 32, 8, 0.0), ("decode window", 16, 8, 0.0),
                 ("decode window", 32, 4, 0.0), ("decode window", 32, 8, 1.0), ("decode window", 32, 8, 1.5),
-                ("decode window", 32, 8, 2.0), ("decode window", 32, 8, 3.0), ("oracle", 0, 0, 0.0)]
+                ("decode window", 32, 8, 2.0), ("decode window", 32, 8, 3.0),
+                ("quota-on-prompt decode window", 32, 8, 1.0), ("oracle", 0, 0, 0.0)]
     for ratio in (float(r) for r in args.ratios.split(",")):
         capacity = int(round(ratio * args.layers * num_experts)) - args.scratch
         for variant, window, every, z in variants:
-            hits = picks = swaps = steps = 0
+            hits = picks = swaps = steps = placed = 0
             for ids, prompt_len in recorded:
-                h, p, s = replay(ids, prompt_len, layers, capacity, variant, window, every, z)
-                hits, picks, swaps, steps = hits + h, picks + p, swaps + s, steps + ids.shape[1] - prompt_len
+                h, p, s, c = replay(ids, prompt_len, layers, capacity, variant, window, every, z)
+                hits, picks, swaps, placed = hits + h, picks + p, swaps + s, placed + c
+                steps += ids.shape[1] - prompt_len
             name = (f"{variant} {window}/{every}" + (f" z={z:g}" if z else "")) if "window" in variant else variant
             print(json.dumps({"trace": args.trace or f"iid alpha={args.iid:g}", "layers": args.layers, "ratio": ratio, "resident_slots": capacity,
                               "variant": name, "hit_rate": round(hits / picks, 4),
                               "host_picks_per_token": round((picks - hits) / steps, 3),
-                              "swaps_per_token": round(swaps / steps, 3)}))
+                              "swaps_per_token": round(swaps / steps, 3),
+                              "copies_at_decode_start_per_prompt": round(placed / len(recorded), 2)}))
 
 
 if __name__ == "__main__":

@@ -130,6 +130,41 @@ def test_decode_reswaps_are_on_by_default_except_in_the_paper_preset(monkeypatch
     assert decode_swaps(PRESETS["daop-paper"]) == (16, 4, 0.0)
 
 
+@pytest.mark.parametrize("policy", ["daop-exact", "daop-strict"])
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_placement_on_the_prompt_keeps_the_tokens_and_fills_the_slots(reference, monkeypatch, policy, ratio):
+    """DAOP_PLACE_ON_PROMPT=1: at decode start the slots are placed again on the prompt's counts; the
+    experts it brings in are copied into their slots, and the tokens stay the all-GPU path's."""
+    from daop.predict.placement import quota_placement
+
+    monkeypatch.setenv("DAOP_PLACE_ON_PROMPT", "1")
+    engine = load(policy=policy, expert_ratio=ratio)
+    runner = engine.decoder.experts
+    outputs = {}
+    for prompt in PROMPTS:
+        outputs[prompt] = run(engine, prompt, n=8)
+        assert runner.placed_on_prompt
+        assert_slots_hold_the_wanted_experts(runner)
+        # the decode re-swaps (every 8 calls) have not run yet: the placement is the quota rule's
+        policy_ = runner.policy
+        ctx = policy_.ctx
+        want = quota_placement(runner.prompt_counts + ctx.popularity / (ctx.popularity.sum() + 1.0), ctx.moe_layers,
+                               policy_.resident_capacity())
+        for layer_idx in ctx.moe_layers:
+            assert policy_.placement.resident_experts(layer_idx) == want.resident_experts(layer_idx)
+    if DEVICE == "cpu" or policy == "daop-strict":
+        assert outputs == {p: reference[p][:8] for p in PROMPTS}
+    assert engine.counters()["prompt_placements"] > 0
+
+
+def test_a_bad_place_on_prompt_setting_is_named(monkeypatch):
+    from daop.errors import DaopError
+
+    monkeypatch.setenv("DAOP_PLACE_ON_PROMPT", "yes")
+    with pytest.raises(DaopError, match="DAOP_PLACE_ON_PROMPT"):
+        load(policy="daop-exact", expert_ratio=0.5)
+
+
 @pytest.mark.parametrize("value", ["32", "x/8", "0/8", "32/0", "32/8/-1", "32/8/nan", "32/8/1/2"])
 def test_a_bad_decode_swap_setting_is_named(monkeypatch, value):
     from daop.errors import DaopError

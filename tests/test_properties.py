@@ -300,3 +300,47 @@ def test_group_by_expert_in_python_equals_unique_and_where():
         assert list(got) == list(want)
         for e in want:
             assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(got[e], want[e]))
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_placement_on_the_prompt_is_the_quota_rule_and_keeps_every_staying_expert_in_its_slot(data):
+    from daop.predict.placement import quota_placement
+
+    ctx = data.draw(contexts())
+    if precondition("daop-exact", ctx):
+        return
+    policy = make_daop("daop-exact", ctx)
+    counts = np.array(data.draw(st.lists(st.lists(st.integers(0, 40), min_size=ctx.num_experts, max_size=ctx.num_experts),
+                                         min_size=ctx.num_layers, max_size=ctx.num_layers)), dtype=np.float64)
+    for layer_idx, n in data.draw(layer_calls(ctx), label="prefill swaps first"):
+        policy.swap_hot(layer_idx, n)
+    before = policy.placement.copy()
+    changed = policy.place_on(counts)
+    after = policy.placement
+    after.check()
+    capacity = policy.resident_capacity()
+    ties = ctx.popularity / (ctx.popularity.sum() + 1.0)
+    want = quota_placement(counts + ties, ctx.moe_layers, capacity)
+    for layer_idx in range(ctx.num_layers):
+        assert after.resident_experts(layer_idx) == want.resident_experts(layer_idx)
+        for e in after.resident_experts(layer_idx):
+            assert 0 <= after.slot(layer_idx, e) < capacity  # scratch slots stay free
+            if before.resident(layer_idx, e):
+                assert after.slot(layer_idx, e) == before.slot(layer_idx, e)
+    assert sorted(changed) == sorted((l, e, after.slot(l, e)) for l in ctx.moe_layers for e in after.resident_experts(l)
+                                     if not before.resident(l, e))
+
+
+def test_placement_on_the_prompt_moves_leftover_slots_to_the_layers_the_prompt_used_most():
+    # 2 layers x 4 experts, 7 slots of which 2 are scratch: a quota of 2 per layer (slots 0-1 and
+    # 2-3) and one leftover slot (4), which uniform popularity gives to layer 0
+    ctx = PolicyContext(2, 4, 1, 7, [0, 1], np.ones((2, 4)), CostModel(None))
+    policy = make_daop("daop-exact", ctx)
+    assert policy.resident_capacity() == 5 and policy.scratch() == [5, 6]
+    assert {l: policy.placement.resident_experts(l) for l in (0, 1)} == {0: [0, 1, 2], 1: [0, 1]}
+    changed = policy.place_on(np.array([[9, 0, 0, 1], [5, 7, 6, 0]]))
+    # the prompt wants layer 0's experts 0 and 3, and layer 1's 0, 1 and 2 (the leftover moves there)
+    assert {l: policy.placement.resident_experts(l) for l in (0, 1)} == {0: [0, 3], 1: [0, 1, 2]}
+    assert [policy.placement.slot(0, 0), policy.placement.slot(1, 0), policy.placement.slot(1, 1)] == [0, 2, 3]
+    assert changed == [(0, 3, 1), (1, 2, 4)]  # into the slots layer 0's experts 1 and 2 left, in order

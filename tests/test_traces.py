@@ -233,7 +233,18 @@ def test_placement_replay_counts_resident_decode_picks():
     # prompt: layer 0 uses expert 3, layer 1 expert 2; decode: layer 0 expert 1 twice then 3, layer 1 expert 2
     ids = np.array([[[3], [3], [1], [1], [3]], [[2], [2], [2], [2], [2]]])
     # one slot per layer: the uniform quota puts experts 0 there; the prompt's swaps bring 3 and 2
-    assert sim.replay(ids, 2, [0, 1], 2, "calibrated+swaps") == (4, 6, 0)
-    assert sim.replay(ids, 2, [0, 1], 2, "quota-on-prompt") == (4, 6, 0)
-    assert sim.replay(ids, 2, [0, 1], 2, "oracle") == (5, 6, 0)  # expert 1, the decode's commonest in layer 0
-    assert sim.replay(ids, 2, [0, 1], 8, "calibrated+swaps") == (6, 6, 0)  # everything resident
+    # (hits, picks, swaps, experts resident that the prompt's swaps did not place: copied at decode start)
+    assert sim.replay(ids, 2, [0, 1], 2, "calibrated+swaps") == (4, 6, 0, 0)
+    assert sim.replay(ids, 2, [0, 1], 2, "quota-on-prompt") == (4, 6, 0, 0)
+    assert sim.replay(ids, 2, [0, 1], 2, "oracle") == (5, 6, 0, 1)  # expert 1, the decode's commonest in layer 0
+    assert sim.replay(ids, 2, [0, 1], 8, "calibrated+swaps") == (6, 6, 0, 0)  # everything resident
+    # 3 slots: the uniform quota's leftover goes to layer 0, whose swaps keep {1, 3}, layer 1 {1};
+    # the prompt's quota (layer 0 used only expert 3, layer 1 experts 1 and 2) gives it to layer 1's
+    # expert 2: one copy at decode start; layer 0 loses expert 1 (two decode hits), layer 1 gains
+    # expert 2 (two hits)
+    ids3 = np.array([[[3], [3], [1], [1], [3]], [[2], [1], [2], [1], [2]]])
+    assert sim.replay(ids3, 2, [0, 1], 3, "calibrated+swaps") == (4, 6, 0, 0)
+    assert sim.replay(ids3, 2, [0, 1], 3, "quota-on-prompt") == (4, 6, 0, 1)
+    # then re-swaps every 2 decode steps on the last 2 (z = 0): layer 0 swaps 1 in for 3 before the
+    # last step, which uses 3
+    assert sim.replay(ids3, 2, [0, 1], 3, "quota-on-prompt decode window", 2, 2, 0.0) == (3, 6, 1, 1)

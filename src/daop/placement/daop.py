@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+import numpy as np
+
 from daop.errors import DaopError
 from daop.placement.policies import Policy, PolicyContext
-from daop.placement.table import Placement
+from daop.placement.table import HOST, Placement
 from daop.predict.placement import quota_placement
 from daop.predict.split import SplitPlan, makespan_split, sum_of_costs_split
 from daop.predict.swaps import apply_swaps, plan_swaps
@@ -60,6 +62,12 @@ class DaopConfig:
     decode_swap_every: int = 8
     decode_swap_window: int = 32
     decode_swap_z: float = 1.0
+    # placement on the prompt: when decode starts, the slots are placed again by the quota rule
+    # (section 2.1) on the prompt's own routing counts, so the leftover slots can move between
+    # layers; every expert that stays resident keeps its slot, the others are copied in at decode
+    # start. Off until measured on a GPU host; DAOP_PLACE_ON_PROMPT=1 turns it on for every DAOP
+    # preset, =0 off
+    place_on_prompt: bool = False
 
     @property
     def exact(self) -> bool:
@@ -112,6 +120,33 @@ class Daop(Policy):
         swaps = plan_swaps(counts, self.placement.resident_experts(layer_idx), c.swap_fraction, c.swap_ratio,
                            num_experts=self.ctx.num_experts, margin_z=margin_z)
         return apply_swaps(self.placement, layer_idx, swaps)
+
+    def place_on(self, counts) -> list[tuple[int, int, int]]:
+        """Place the resident slots again by the quota rule on `counts` [L, E] (a prompt's routing counts;
+        the calibrated popularity breaks ties), keeping every expert that stays resident in its slot;
+        returns the (layer, expert, slot) assignments that changed (the runner copies them in). The
+        scratch slots are not touched."""
+        ctx = self.ctx
+        counts = np.asarray(counts, dtype=np.float64)
+        prior = np.asarray(ctx.popularity, dtype=np.float64)
+        ties = prior / (prior.sum() + 1.0) if prior.shape == counts.shape else 0.0  # below one count in all
+        capacity = self.resident_capacity()
+        target = quota_placement(counts + ties, ctx.moe_layers, capacity, num_slots=ctx.gpu_slots)
+        old = self.placement
+        wanted = [(l, e) for l in ctx.moe_layers for e in target.resident_experts(l)]
+        new = Placement(ctx.num_layers, ctx.num_experts, ctx.gpu_slots)
+        for l, e in wanted:
+            if old.resident(l, e):
+                new.assign(l, e, old.slot(l, e))
+        free = iter(s for s in range(capacity) if new.owner[s][0] == HOST)
+        changed = []
+        for l, e in wanted:
+            if not new.resident(l, e):
+                slot = next(free)
+                new.assign(l, e, slot)
+                changed.append((l, e, slot))
+        self.placement = new
+        return changed
 
     def split(self, counts: dict[int, int], on_gpu: set[int], max_copies: int, cpu_start: float = 0.0,
               copy_start: float = 0.0) -> SplitPlan:

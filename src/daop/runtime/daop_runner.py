@@ -32,6 +32,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from daop.errors import DaopError
@@ -102,12 +103,20 @@ class DaopRunner(OffloadedExperts):
         self.split_rows = split_rows(self.policy.config, self.store, self.transfer.cuda)
         window, every, self.swap_z = decode_swaps(self.policy.config)
         self.recent = RecentCounts(self.counters.num_layers, self.policy.ctx.num_experts, window, every) if every else None
+        # the prompt's routing counts [L, E] since the last reset, for placement on the prompt
+        self.prompt_counts = (np.zeros((self.counters.num_layers, self.policy.ctx.num_experts))
+                              if place_on_prompt(self.policy.config) else None)
+        self.placed_on_prompt = False
 
     def plan_costs(self) -> CostModel:
         return timing_costs(self.policy.ctx.cost)
 
     def set_phase(self, phase: str) -> None:
         if self.phase != "decode" and phase == "decode":
+            if self.prompt_counts is not None and not self.placed_on_prompt and self.prompt_counts.any():
+                for layer_idx, _, _ in self.policy.place_on(self.prompt_counts):
+                    self.counters.add("prompt_placements", layer_idx, 1)
+                self.placed_on_prompt = True  # once per sequence (the batch's first, when sequences join)
             self.settle_all()  # the wanted experts a prefill did not bring to the GPU, copied from the host
         self.phase = phase
         self.forget_pending()
@@ -119,6 +128,9 @@ class DaopRunner(OffloadedExperts):
         self.forget_pending()
         if self.recent is not None:
             self.recent.clear()
+        if self.prompt_counts is not None:
+            self.prompt_counts[:] = 0
+        self.placed_on_prompt = False
 
     def forget_pending(self) -> None:
         """Drop what was started for later layers and the timeline estimates that go with it."""
@@ -143,6 +155,9 @@ class DaopRunner(OffloadedExperts):
         self.mark(layer_idx, "routed")
         rows_host = group_by_expert(host[0])
         counts = {e: len(r[0]) for e, r in rows_host.items()}
+        if self.prompt_counts is not None:
+            for e, n in counts.items():
+                self.prompt_counts[layer_idx, e] += n
         self.policy.swap_hot(layer_idx, counts)  # the placement this sequence wants
         clock = Clock(*self.channel_clock(time.perf_counter()))
         plan = plan_prefill_layer(counts, self.held_slots(layer_idx), self.policy.scratch(), pend.prepared if pend else None,
@@ -453,6 +468,15 @@ def decode_swaps(config) -> tuple[int, int, float]:
     if config.decode_swap_every > 0:
         return config.decode_swap_window, config.decode_swap_every, config.decode_swap_z
     return 0, 0, 0.0
+
+
+def place_on_prompt(config) -> bool:
+    """Whether decode starts from a placement on the prompt's counts (`DaopConfig.place_on_prompt`);
+    DAOP_PLACE_ON_PROMPT=1 turns it on for every DAOP preset, =0 off."""
+    env = os.environ.get("DAOP_PLACE_ON_PROMPT", "").strip()
+    if env not in ("", "0", "1"):
+        raise DaopError(f"DAOP_PLACE_ON_PROMPT={env!r}: expected 1 (on) or 0 (off)")
+    return env == "1" or (env == "" and config.place_on_prompt)
 
 
 def two_ahead(config) -> bool:
