@@ -80,22 +80,35 @@ def test_prefetches_whose_copies_land_late_are_computed_on_the_cpu_with_the_same
     assert totals["late_copies_to_cpu"] > 0
     assert totals["speculative_copies"] > 0
     # a decode step reads no resident or prefetched slot: those experts all went to the CPU as late
-    # copies (on a GPU, the speculation may also have promised predicted misses to the CPU rather
-    # than copying them: those are CPU calls but not late copies)
+    # copies. Other misses may go to the CPU too (the split rule and the speculation weigh the
+    # channels' backlogs on the host's clock), so the step's plans are recorded and checked one by one.
     from daop.generate import DecodeSession
+    from daop.runtime import daop_runner
 
+    plans = []
+
+    def recorded(*args, **kwargs):
+        plans.append(plan_decode_layer(*args, **kwargs))
+        return plans[-1]
+
+    plan_decode_layer = daop_runner.plan_decode_layer
+    monkeypatch.setattr(daop_runner, "plan_decode_layer", recorded)
     session = DecodeSession(engine.decoder, engine.tokenizer.encode(PROMPTS[0]), 4)
     with torch.inference_mode():
         logits = session.prefill()
         before = engine.counters()
+        plans.clear()
         session.step(logits.argmax(-1))
     after = engine.counters()
     for name in ("resident_calls", "split_calls"):
         assert after[name] == before[name], name
+    assert len(plans) == after["layer_calls"] - before["layer_calls"] > 0
+    for plan in plans:
+        assert plan.ready == () and plan.layer.gpu == ()  # no prefetched or resident slot is read
+        assert set(plan.late) <= set(plan.layer.cpu)
     late, cpu = (after[k] - before[k] for k in ("late_copies_to_cpu", "cpu_calls"))
-    assert 0 < late <= cpu
-    if DEVICE == "cpu":
-        assert late == cpu  # the CPU device copies its other misses: each CPU call of the step is a late copy
+    assert late == sum(len(plan.late) for plan in plans)
+    assert 0 < late <= cpu == sum(len(plan.layer.cpu) + len(plan.precalc_used) for plan in plans)
 
 
 @pytest.mark.parametrize("policy", ["daop-exact", "daop-strict"])
