@@ -80,18 +80,18 @@ def test_prefetches_whose_copies_land_late_are_computed_on_the_cpu_with_the_same
     assert totals["late_copies_to_cpu"] > 0
     assert totals["speculative_copies"] > 0
     # a decode step reads no resident or prefetched slot: those experts all went to the CPU as late
-    # copies. Other misses may go to the CPU too (the split rule and the speculation weigh the
-    # channels' backlogs on the host's clock), so the step's plans are recorded and checked one by one.
+    # copies. Other misses may go to the CPU too (the split rule and the speculation weigh this
+    # machine's calibrated costs and the channels' backlogs), so the step's plans are recorded (the
+    # real planner's, passed through) and checked one by one.
     from daop.generate import DecodeSession
     from daop.runtime import daop_runner
 
-    plans = []
+    plans, planner = [], daop_runner.plan_decode_layer
 
     def recorded(*args, **kwargs):
-        plans.append(plan_decode_layer(*args, **kwargs))
+        plans.append(planner(*args, **kwargs))
         return plans[-1]
 
-    plan_decode_layer = daop_runner.plan_decode_layer
     monkeypatch.setattr(daop_runner, "plan_decode_layer", recorded)
     session = DecodeSession(engine.decoder, engine.tokenizer.encode(PROMPTS[0]), 4)
     with torch.inference_mode():
