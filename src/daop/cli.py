@@ -273,6 +273,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.smoke:
         args.geometry, args.layers, args.device, args.dtype = "tiny-mixtral", None, "cpu", "fp32"
         args.prompt_tokens, args.gen_tokens, args.prompts = "32", "8", 2
+    parse_bench_lists(args)
+    apply_threads(args.threads)
+    run(args)
+    return 0
+
+
+def parse_bench_lists(args: argparse.Namespace) -> None:
+    """The bench's comma-separated options as lists: policies, ratios, prompt and generation lengths, batches."""
     args.policies = [p.strip() for p in args.policies.split(",") if p.strip()]
 
     def numbers(name: str, kind):
@@ -283,9 +291,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     args.ratios = numbers("ratios", float)
     args.prompt_tokens, args.gen_tokens, args.batch = (numbers(n, int) for n in ("prompt_tokens", "gen_tokens", "batch"))
-    apply_threads(args.threads)
-    run(args)
-    return 0
 
 
 def cmd_profile(args: argparse.Namespace) -> int:

@@ -17,8 +17,9 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -479,7 +480,23 @@ def accelerate_points(subject: Subject, args, ratio: float, workloads) -> list[d
     return points
 
 
-def run(args) -> dict:
+@dataclass
+class Setup:
+    """What every point of a run shares: the subject, the card's profile and costs, the host's
+    measured bandwidths, the engines' options and the workloads (prompt, generation, batch)."""
+
+    subject: Subject
+    profile: HardwareProfile
+    cost: CostModel
+    bw: float
+    read_bw: float
+    card: dict
+    opts: dict
+    workloads: list[tuple[int, int, int]]
+
+
+def prepare(args) -> Setup:
+    """Build the subject once, read or calibrate the hardware profile, measure the host and write the card."""
     device = resolve_device(args.device)
     dtype = parse_dtype(args.dtype, "bf16")
     subject = Subject(args, device, dtype)
@@ -502,6 +519,48 @@ def run(args) -> dict:
             args.hardware_profile = str(Path(args.output).with_suffix(".profile.json"))
     threads, mode = args.cpu_threads or profile.cpu_threads, args.cpu_mode or profile.cpu_mode
     cost, bw, read_bw = CostModel(profile), host_bandwidth_gbps(), host_read_gbps()
+    the_card = card(args, config, device, dtype, profile, bw, read_bw)
+    the_card.update(routing_source=trace_source, subject=subject.name, prompts_file=args.prompts_file,
+                    expert_format=subject.fmt.name, ratio_in_float_bytes=bool(args.ratio_in_float_bytes))
+    workloads = [(p, g, b) for p in args.prompt_tokens for g in args.gen_tokens for b in args.batch]
+    if args.traces:
+        workloads = [(args.traces[0].prompt_len, len(args.traces[0].tokens) - args.traces[0].prompt_len, 1)]
+    opts = dict(cpu_threads=threads, cpu_mode=mode, hardware_profile=profile,  # every point uses the card's profile
+                expert_dtype=args.expert_dtype, group_size=args.group_size, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+    return Setup(subject, profile, cost, bw, read_bw, the_card, opts, workloads)
+
+
+HEADER = (f"{'policy':10} {'ratio':>6} {'prompt':>6} {'gen':>5} {'batch':>5} {'TTFT ms':>9} {'ms/step':>9} {'tok/s':>8} "
+          f"{'hit':>6} {'cpu/t':>6} {'x bound':>7}")
+
+
+def policy_points(setup: Setup, args, policy: str, ratio: float, emit: Callable[[dict], None]) -> list[dict]:
+    """One engine of `policy` at `ratio` (its stored share, `Subject.stored_ratio`), a point per
+    workload, each emitted and printed as it is measured; the engine is released after."""
+    subject, config = setup.subject, setup.subject.config
+    r = 1.0 if policy == "gpu" else subject.stored_ratio(ratio)
+    engine = subject.engine(policy, r, setup.opts)
+    points = []
+    try:
+        for prompt_tokens, gen_tokens, batch in setup.workloads:
+            point = {"kind": "point", "geometry": subject.name, "layers": config.num_layers, "policy": policy, "expert_ratio": r,
+                     "expert_format": subject.fmt.name, "budget_ratio": ratio if policy != "gpu" else 1.0,
+                     **measure_point(engine, args, setup.cost, setup.bw, setup.profile.expert_bytes, prompt_tokens, gen_tokens,
+                                     batch, r, setup.read_bw)}
+            points.append(point)
+            emit(point)
+            print(f"{policy:10} {r:6.3f} {prompt_tokens:6d} {gen_tokens:5d} {batch:5d} {point['ttft_ms']:9.1f} "
+                  f"{point['decode_ms_per_token']:9.2f} {point['decode_tokens_per_s']:8.2f} {point['gpu_hit_rate']:6.2f} "
+                  f"{point['cpu_calls_per_token']:6.2f} {point['measured_over_bound'] or 0:7.2f}", flush=True)
+    finally:
+        subject.release(engine)
+        del engine
+    return points
+
+
+def run(args) -> dict:
+    setup = prepare(args)
+    subject = setup.subject
     out = open(args.output, "a") if args.output else None
 
     def emit(row: dict) -> None:
@@ -509,43 +568,24 @@ def run(args) -> dict:
             out.write(json.dumps(row) + "\n")
             out.flush()
 
-    the_card = card(args, config, device, dtype, profile, bw, read_bw)
-    the_card.update(routing_source=trace_source, subject=subject.name, prompts_file=args.prompts_file,
-                    expert_format=subject.fmt.name, ratio_in_float_bytes=bool(args.ratio_in_float_bytes))
-    print(json.dumps(the_card), file=sys.stderr)
-    emit(the_card)
-    rows = []
-    workloads = [(p, g, b) for p in args.prompt_tokens for g in args.gen_tokens for b in args.batch]
-    if args.traces:
-        workloads = [(args.traces[0].prompt_len, len(args.traces[0].tokens) - args.traces[0].prompt_len, 1)]
-    print(f"{'policy':10} {'ratio':>6} {'prompt':>6} {'gen':>5} {'batch':>5} {'TTFT ms':>9} {'ms/step':>9} {'tok/s':>8} {'hit':>6} {'cpu/t':>6} {'x bound':>7}")
-    opts = dict(cpu_threads=threads, cpu_mode=mode, hardware_profile=profile,  # every point uses the card's profile
-                expert_dtype=args.expert_dtype, group_size=args.group_size, cuda_graphs=not getattr(args, "no_cuda_graphs", False))
+    print(json.dumps(setup.card), file=sys.stderr)
+    emit(setup.card)
+    rows: list[dict] = []
+    print(HEADER)
     for ratio in args.ratios:
         for policy in args.policies:
-            r = 1.0 if policy == "gpu" else subject.stored_ratio(ratio)
             if policy == "gpu" and any(x["policy"] == "gpu" for x in rows):
                 continue
             if policy == "accelerate":
-                for point in accelerate_points(subject, args, ratio, workloads):  # float experts: the plain ratio
+                for point in accelerate_points(subject, args, ratio, setup.workloads):  # float experts: the plain ratio
                     rows.append(point)
                     emit(point)
-                    print(f"{policy:10} {r:6.3f} {point['prompt_tokens']:6d} {point['gen_tokens']:5d} {1:5d} {point['ttft_ms']:9.1f} "
-                          f"{point['decode_ms_per_token']:9.2f} {point['decode_tokens_per_s']:8.2f}", flush=True)
+                    print(f"{policy:10} {subject.stored_ratio(ratio):6.3f} {point['prompt_tokens']:6d} {point['gen_tokens']:5d} {1:5d} "
+                          f"{point['ttft_ms']:9.1f} {point['decode_ms_per_token']:9.2f} {point['decode_tokens_per_s']:8.2f}",
+                          flush=True)
                 continue
-            engine = subject.engine(policy, r, opts)
-            for prompt_tokens, gen_tokens, batch in workloads:
-                point = {"kind": "point", "geometry": subject.name, "layers": config.num_layers, "policy": policy, "expert_ratio": r,
-                         "expert_format": subject.fmt.name, "budget_ratio": ratio if policy != "gpu" else 1.0,
-                         **measure_point(engine, args, cost, bw, profile.expert_bytes, prompt_tokens, gen_tokens, batch, r, read_bw)}
-                rows.append(point)
-                emit(point)
-                print(f"{policy:10} {r:6.3f} {prompt_tokens:6d} {gen_tokens:5d} {batch:5d} {point['ttft_ms']:9.1f} "
-                      f"{point['decode_ms_per_token']:9.2f} {point['decode_tokens_per_s']:8.2f} {point['gpu_hit_rate']:6.2f} "
-                      f"{point['cpu_calls_per_token']:6.2f} {point['measured_over_bound'] or 0:7.2f}", flush=True)
-            subject.release(engine)
-            del engine
-    summary = {"kind": "summary", "card": the_card, "points": rows}
+            rows += policy_points(setup, args, policy, ratio, emit)
+    summary = {"kind": "summary", "card": setup.card, "points": rows}
     emit(summary)
     if out:
         out.close()
