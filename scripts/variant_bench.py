@@ -6,7 +6,7 @@ DAOP_SPLIT_EXPERTS, DAOP_SIDE_BY_SIDE; not those read at import, such as DAOP_RO
 
 The H200 hosts drift by 10-20 % within minutes, so the variants run interleaved: per round in the
 given order, then reversed (a, b, c, c, b, a), every ratio and policy of the bench arguments per
-variant. Every point goes to --output with `variant` and `run` added; a summary row per (variant,
+variant, after a warm-up point that is not kept. Every point goes to --output with `variant` and `run` added; a summary row per (variant,
 policy, ratio) gives the runs' decode ms per token, their median, and the median over the first
 variant's (above 1: slower than the first). A table is printed, JSON last.
 
@@ -66,6 +66,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--variant", action="append", required=True, help="LABEL=[DAOP_NAME=VALUE,...] (repeat; the first is the base)")
     ap.add_argument("--rounds", type=int, default=1, help="rounds of the variants in order then reversed (default 1)")
     ap.add_argument("--output", required=True, help="JSONL: the card, every point, the summary rows")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="points of the first variant, first policy and ratio, run first and not kept (default 1): "
+                         "the process's first engine runs slower")
     args = ap.parse_args(ours)
     variants = dict(parse_variant(v) for v in args.variant)
     labels = list(variants)
@@ -88,6 +91,10 @@ def main(argv: list[str] | None = None) -> int:
     emit(setup.card)
     points = []
     print(HEADER)
+    for _ in range(args.warmup):
+        print(f"-- warm-up: {labels[0]}, not kept", flush=True)
+        os.environ.update(variants[labels[0]])
+        policy_points(setup, bench, bench.policies[0], bench.ratios[0], lambda row: None)
     for run, label in enumerate(order(labels, args.rounds)):
         for name in names:  # every variant starts from the environment the script was given
             if saved[name] is None:

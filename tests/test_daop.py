@@ -170,6 +170,34 @@ def test_placement_on_the_prompt_keeps_the_tokens_and_fills_the_slots(reference,
     assert engine.counters()["prompt_placements"] > 0
 
 
+@pytest.mark.parametrize("setting", ["", "0"])
+def test_predictions_made_after_the_cpu_submit_keep_the_tokens(reference, monkeypatch, tmp_path, setting):
+    """A decode layer whose predicted misses were promised to the CPU predicts the next layers once
+    its CPU experts are submitted (read in a second copy); DAOP_LATE_PREDICT=0 predicts before every
+    routing read. Either way the predictions are the same, and so are the tokens. Copies here cost
+    far more than a CPU expert, so the speculation promises the predicted misses to the CPU."""
+    monkeypatch.setenv("DAOP_LATE_PREDICT", setting)
+    profile = write_profile(default_model_dir(), tmp_path, 50.0, 0.1, {"fp32": "float32", "bf16": "bfloat16"}[DTYPE])
+    engine = load(policy="daop-exact", expert_ratio=0.5, hardware_profile=profile)
+    outputs = {prompt: run(engine, prompt) for prompt in PROMPTS}
+    if DEVICE == "cpu":
+        assert outputs == reference
+    totals = engine.counters()
+    if setting == "0":
+        assert totals.get("late_predictions", 0) == 0
+    else:  # about half the decode calls here (those promised CPU experts)
+        assert totals["late_predictions"] > 0.25 * totals["layer_calls"]
+    assert totals["predicted_hits"] / totals["predicted_total"] > 0.8  # the same predictions, scored as before
+
+
+def test_a_bad_late_predict_setting_is_named(monkeypatch):
+    from daop.errors import DaopError
+
+    monkeypatch.setenv("DAOP_LATE_PREDICT", "yes")
+    with pytest.raises(DaopError, match="DAOP_LATE_PREDICT"):
+        load(policy="daop-exact", expert_ratio=0.5)
+
+
 def test_a_bad_place_on_prompt_setting_is_named(monkeypatch):
     from daop.errors import DaopError
 

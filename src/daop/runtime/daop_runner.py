@@ -107,6 +107,7 @@ class DaopRunner(OffloadedExperts):
         self.prompt_counts = (np.zeros((self.counters.num_layers, self.policy.ctx.num_experts))
                               if place_on_prompt(self.policy.config) else None)
         self.placed_on_prompt = False
+        self.late_predict = late_predictions()
 
     def plan_costs(self) -> CostModel:
         return timing_costs(self.policy.ctx.cost)
@@ -251,14 +252,20 @@ class DaopRunner(OffloadedExperts):
         true_ids = ids
         if pend is not None and cfg.predicted_routing:
             ids, weights = pend.ids, pend.weights.to(weights.dtype)
-        pred = self.predict(layer_idx, h)
-        ahead = self.predict_ahead(pred, h)
+        # Where this layer is expected to have CPU experts (the layer before promised it some), the
+        # next layers' predictions are made once they are submitted: launching them first (a few
+        # hundred microseconds of the driving thread) would hold up the CPU's start. Elsewhere they
+        # are launched before the routing read, while the device still computes the layer's input.
+        late = self.late_predict and pend is not None and bool(pend.prepared.cpu_assigned or pend.prepared.split)
+        pred = None if late else self.predict(layer_idx, h)
+        ahead = None if late else self.predict_ahead(pred, h)
         # one device->host copy for this layer's routing, the true routing and the predictions
         parts = ([ids] + ([true_ids] if ids is not true_ids else []) + ([pred.raw_ids, pred.ids] if pred else [])
                  + ([ahead[1]] if ahead else []))
         host = self.read_routing(torch.cat([p.long() for p in parts], dim=1), h).split(ids.shape[1], dim=1)
         ids_host, true_host = host[0], host[1] if ids is not true_ids else host[0]
         pred_host = host[len(host) - 2 - bool(ahead):len(host) - bool(ahead)] if pred else ()
+        ahead_host = host[-1] if ahead else None
         self.mark(layer_idx, "routed")
         rows_host = group_by_expert(ids_host)
         counts = {e: len(r[0]) for e, r in rows_host.items()}
@@ -284,6 +291,16 @@ class DaopRunner(OffloadedExperts):
         taken = {s for _, s in plan.ready} | {s for _, s in plan.layer.copy} | {s for _, s, _ in plan.layer.split}
 
         def speculate() -> None:  # once this layer's CPU work and copies are queued
+            nonlocal pred, ahead, pred_host, ahead_host
+            if late:  # the predictions, read in a second copy (the device is not busy with this layer yet)
+                self.counters.add("late_predictions", layer_idx, 1)
+                pred = self.predict(layer_idx, h)
+                ahead = self.predict_ahead(pred, h)
+                if pred is not None:
+                    parts = [pred.raw_ids, pred.ids] + ([ahead[1]] if ahead else [])
+                    got = self.transfer.read_on_host(torch.cat([p.long() for p in parts], dim=1), spin=True)
+                    got = got.split(ids.shape[1], dim=1)
+                    pred_host, ahead_host = got[:2], got[2] if ahead else None
             # (estimated here, once the CPU has its work: it does not change what this layer does)
             self.finish_at = self.estimate_finish(layer_idx, now, clock_now, counts, plan)
             self.counters.add("precalc_used", layer_idx, len(plan.precalc_used))
@@ -299,7 +316,7 @@ class DaopRunner(OffloadedExperts):
                 clock = Clock(cpu_free, copy_free, max(0.0, (self.finish_at - at) * 1000) + self.gap_ms)
                 nxt = self.pending[pred.layer_idx] = self.prepare(pred, h, *pred_host, taken, clock, at)
                 if ahead is not None:
-                    self.copy_early(ahead[0], host[-1], taken | set(nxt.prepared.prefetched.values())
+                    self.copy_early(ahead[0], ahead_host, taken | set(nxt.prepared.prefetched.values())
                                     | {s for s, _ in nxt.prepared.split.values()}, clock, pred.layer_idx, nxt, at)
 
         out = self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate, halves=halves)
@@ -477,6 +494,15 @@ def place_on_prompt(config) -> bool:
     if env not in ("", "0", "1"):
         raise DaopError(f"DAOP_PLACE_ON_PROMPT={env!r}: expected 1 (on) or 0 (off)")
     return env == "1" or (env == "" and config.place_on_prompt)
+
+
+def late_predictions() -> bool:
+    """Whether a decode layer expected to have CPU experts predicts the next layers only once they
+    are submitted (the default); DAOP_LATE_PREDICT=0 predicts before every routing read."""
+    env = os.environ.get("DAOP_LATE_PREDICT", "").strip()
+    if env not in ("", "0", "1"):
+        raise DaopError(f"DAOP_LATE_PREDICT={env!r}: expected 1 (on) or 0 (off)")
+    return env != "0"
 
 
 def two_ahead(config) -> bool:
