@@ -10,15 +10,18 @@ geometry at one expert ratio, batch 1, each policy in turn; prints one JSON row 
   to the next CPU job's start within a step (the CPU idle between jobs);
 - step_ms: the median step.
 
-    python3 scripts/host_profile.py --policies daop-exact,static --ratio 0.5 [--trace T.npz] [--hardware-profile P]
+    python3 scripts/host_profile.py --policies daop-exact,static --ratio 0.5 [--trace T.npz] [--hardware-profile P] [--cprofile F]
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import cProfile
 import functools
 import json
+import pstats
 import statistics
+import sys
 import time
 from collections import defaultdict
 
@@ -104,6 +107,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--hardware-profile", default=None)
     ap.add_argument("--trace", default=None, help="replay this routing trace's sequences (.npz), teacher forced")
+    ap.add_argument("--cprofile", default=None, metavar="FILE",
+                    help="also profile the timed steps with cProfile (slower steps), stats saved to FILE, the top printed")
     args = ap.parse_args()
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     config, decoder, host = synthetic_model(args.geometry, args.layers, dev, torch.bfloat16)
@@ -118,6 +123,7 @@ def main() -> None:
         step_ms: list[float] = []
         TIMES.clear()
         done = 0
+        prof = cProfile.Profile() if args.cprofile else None
         for seq in traces or [None]:
             if done >= args.steps:
                 break
@@ -130,10 +136,14 @@ def main() -> None:
                 for i in range(n):
                     if i == args.warmup:
                         TIMES.clear()
+                    if prof is not None and i >= args.warmup:
+                        prof.enable()
                     tl.current = Step(time.perf_counter(), None)  # marks and CPU spans, no synchronize
                     token = [seq.tokens[len(prompt) + i]] if seq else logits.argmax(-1).cpu()
                     logits = session.step(token)
                     logits.argmax(-1).cpu()
+                    if prof is not None:
+                        prof.disable()
                     tl.current.end_ms = tl.now()
                     if i >= args.warmup:
                         steps.append(tl.current)
@@ -149,6 +159,9 @@ def main() -> None:
         row = {"policy": policy, "ratio": args.ratio, "routing": args.trace or "synthetic routers", "steps": len(steps),
                "step_ms": round(statistics.median(step_ms), 3) if step_ms else None, **gaps(steps), "calls": calls}
         print(json.dumps(row), flush=True)
+        if prof is not None:
+            prof.dump_stats(f"{args.cprofile}.{policy}")
+            pstats.Stats(prof, stream=sys.stderr).sort_stats("tottime").print_stats(45)
         runner.close()
         decoder.experts = None
 
