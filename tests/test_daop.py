@@ -198,6 +198,19 @@ def test_a_bad_late_predict_setting_is_named(monkeypatch):
         load(policy="daop-exact", expert_ratio=0.5)
 
 
+def test_placement_on_the_prompt_is_on_by_default_except_in_the_paper_preset(monkeypatch):
+    from daop.placement.daop import PRESETS
+    from daop.runtime.daop_runner import place_on_prompt
+
+    monkeypatch.delenv("DAOP_PLACE_ON_PROMPT", raising=False)
+    assert {name: place_on_prompt(cfg) for name, cfg in PRESETS.items()} == {
+        "daop-exact": True, "daop": True, "daop-stale": True, "daop-strict": True, "daop-paper": False}
+    monkeypatch.setenv("DAOP_PLACE_ON_PROMPT", "0")
+    assert not any(place_on_prompt(cfg) for cfg in PRESETS.values())
+    monkeypatch.setenv("DAOP_PLACE_ON_PROMPT", "1")
+    assert all(place_on_prompt(cfg) for cfg in PRESETS.values())
+
+
 def test_a_bad_place_on_prompt_setting_is_named(monkeypatch):
     from daop.errors import DaopError
 

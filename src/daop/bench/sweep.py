@@ -368,8 +368,10 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "speculative_copies_per_token": round(agg.get("speculative_copies", 0.0) / batch, 3),
         "late_copies_to_cpu_per_token": round(agg.get("late_copies_to_cpu", 0.0) / batch, 3),
         "decode_swaps_per_token": round(agg.get("decode_swaps", 0.0) / batch, 3),  # experts copied in by decode re-swaps
-        # experts placed on the prompt at decode start (DAOP_PLACE_ON_PROMPT=1), spread over the decode steps
+        # experts placed on the prompt at decode start (on by default, DAOP_PLACE_ON_PROMPT), spread over the decode steps
         "prompt_placements_per_token": round(agg.get("prompt_placements", 0.0) / batch, 3),
+        # layer calls that predicted the next layers after submitting their CPU experts (DAOP_LATE_PREDICT)
+        "late_predictions_per_token": round(agg.get("late_predictions", 0.0) / batch, 3),
         # experts split between the channels (their CPU rows' share, then their count)
         "split_calls_per_token": round(agg.get("split_calls", 0.0) / batch, 3),
         "split_cpu_share": round(agg["split_cpu_share"] / agg["split_calls"], 3) if agg.get("split_calls") else None,

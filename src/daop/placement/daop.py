@@ -65,9 +65,10 @@ class DaopConfig:
     # placement on the prompt: when decode starts, the slots are placed again by the quota rule
     # (section 2.1) on the prompt's own routing counts, so the leftover slots can move between
     # layers; every expert that stays resident keeps its slot, the others are copied in at decode
-    # start. Off until measured on a GPU host; DAOP_PLACE_ON_PROMPT=1 turns it on for every DAOP
-    # preset, =0 off
-    place_on_prompt: bool = False
+    # start. On except in daop-paper: on the H200, with the trained-routing trace, decode was 0.85-1.00x
+    # as long in three calls (benchmarks/results/h200-mixtral-8x7b-8layers-late-predict-place-on-prompt.jsonl),
+    # the first token 0-12 % later; DAOP_PLACE_ON_PROMPT=1 turns it on for every DAOP preset, =0 off
+    place_on_prompt: bool = True
 
     @property
     def exact(self) -> bool:
@@ -77,7 +78,7 @@ class DaopConfig:
 PRESETS: dict[str, DaopConfig] = {
     "daop-exact": DaopConfig(),
     "daop-paper": DaopConfig(first_predicted_layer=4, split="sum", predicted_routing=True, stale_input=True,
-                             substitution=True, speculative_copies=False, decode_swap_every=0),
+                             substitution=True, speculative_copies=False, decode_swap_every=0, place_on_prompt=False),
     # Our best trade-off is, so far, no approximation at all: on the H200 the stale-input variant
     # (daop-stale) was slower than daop-exact and changed the tokens, so `daop` is daop-exact.
     "daop": DaopConfig(),
