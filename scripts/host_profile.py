@@ -78,7 +78,9 @@ def wrap_all() -> None:
 def gaps(steps: list[Step]) -> dict:
     routed_submit, routed_launch, idle = defaultdict(list), defaultdict(list), []
     for s in steps:
-        m = {(layer, name): ms for layer, name, ms in s.marks}
+        m: dict[tuple[int, str], float] = {}
+        for layer, name, ms in s.marks:  # a layer's first mark of each name (an early submit marks cpu_submitted first)
+            m.setdefault((layer, name), ms)
         for (layer, name), ms in m.items():
             if name != "routed":
                 continue

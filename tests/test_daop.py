@@ -190,6 +190,33 @@ def test_predictions_made_after_the_cpu_submit_keep_the_tokens(reference, monkey
     assert totals["predicted_hits"] / totals["predicted_total"] > 0.8  # the same predictions, scored as before
 
 
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_experts_promised_to_the_cpu_started_before_the_plan_keep_the_tokens(reference, monkeypatch, tmp_path, ratio):
+    """DAOP_EARLY_SUBMIT=1: a decode layer starts the CPU experts the layer before promised it as soon
+    as its routing is read, and plans the rest after; the plan gives the CPU the same experts (a
+    layer call raises otherwise), the counters add up, and the tokens are the all-GPU path's."""
+    monkeypatch.setenv("DAOP_EARLY_SUBMIT", "1")
+    profile = write_profile(default_model_dir(), tmp_path, 50.0, 0.1, {"fp32": "float32", "bf16": "bfloat16"}[DTYPE])
+    engine = load(policy="daop-exact", expert_ratio=ratio, hardware_profile=profile)
+    outputs = {prompt: run(engine, prompt) for prompt in PROMPTS}
+    if DEVICE == "cpu":
+        assert outputs == reference
+    totals = engine.counters()
+    assert 0 < totals["early_submits"] <= totals["cpu_calls"]
+    monkeypatch.setenv("DAOP_EARLY_SUBMIT", "0")
+    engine = load(policy="daop-exact", expert_ratio=ratio, hardware_profile=profile)
+    run(engine, PROMPTS[0], n=8)
+    assert engine.counters()["early_submits"] == 0  # off by default and with =0
+
+
+def test_a_bad_early_submit_setting_is_named(monkeypatch):
+    from daop.errors import DaopError
+
+    monkeypatch.setenv("DAOP_EARLY_SUBMIT", "2")
+    with pytest.raises(DaopError, match="DAOP_EARLY_SUBMIT"):
+        load(policy="daop-exact", expert_ratio=0.5)
+
+
 def test_a_bad_late_predict_setting_is_named(monkeypatch):
     from daop.errors import DaopError
 

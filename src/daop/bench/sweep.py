@@ -372,6 +372,8 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "prompt_placements_per_token": round(agg.get("prompt_placements", 0.0) / batch, 3),
         # layer calls that predicted the next layers after submitting their CPU experts (DAOP_LATE_PREDICT)
         "late_predictions_per_token": round(agg.get("late_predictions", 0.0) / batch, 3),
+        # CPU experts started before the rest of their layer was planned (DAOP_EARLY_SUBMIT=1)
+        "early_submits_per_token": round(agg.get("early_submits", 0.0) / batch, 3),
         # experts split between the channels (their CPU rows' share, then their count)
         "split_calls_per_token": round(agg.get("split_calls", 0.0) / batch, 3),
         "split_cpu_share": round(agg["split_cpu_share"] / agg["split_calls"], 3) if agg.get("split_calls") else None,

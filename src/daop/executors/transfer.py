@@ -22,6 +22,16 @@ SPIN_S = 0.02  # `read_on_host(spin=True)` polls at most this long, then sleeps
 RESERVED: Future = Future()  # a staging buffer's reader while it is held for a job not yet started (never done)
 
 
+class Both:
+    """Two jobs reading one staging buffer: done once both are."""
+
+    def __init__(self, first, second) -> None:
+        self.first, self.second = first, second
+
+    def done(self) -> bool:
+        return self.first.done() and self.second.done()
+
+
 class Transfer:
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -40,6 +50,9 @@ class Transfer:
         # Activations copied into a staging buffer ahead of a host read (`stage`): (the device
         # tensor, its buffer's index, the host view, whether a host read has covered the copy since)
         self.staged: tuple[torch.Tensor, int, torch.Tensor, bool] | None = None
+        # the last job's activations since the last `stage`: (device tensor, buffer index, host view), so a
+        # second job of the same layer call on the same activations reads them from that buffer too
+        self.last_job: tuple[torch.Tensor, int, torch.Tensor] | None = None
         self.host_reader = host_read.checked_reader(device) if self.cuda and host_read.available() else None
         # the GPU waits for CPU experts queued on the C kernel's thread and reads their results itself
         self.device_wait = device_wait.checked(device) if self.host_reader is not None else None
@@ -140,8 +153,14 @@ class Transfer:
         if not self.cuda:
             return start(x, None)
         staged, self.staged = self.staged, None
+        last = self.last_job
         if staged is not None and staged[0] is x and staged[3]:
             i, host, ready = staged[1], staged[2], None  # copied and awaited already (`stage`)
+        elif staged is None and last is not None and last[0] is x and self.readers[last[1]] is not None:
+            i, host, ready = last[1], last[2], None  # the job before read the same activations from this buffer
+            job = start(host, ready)
+            self.readers[i] = Both(self.readers[i], job)  # the buffer is free once both are done
+            return job
         else:
             if staged is not None:
                 self.readers[staged[1]] = None
@@ -150,6 +169,7 @@ class Transfer:
             ready.record(torch.cuda.current_stream(self.device))
         job = start(host, ready)
         self.readers[i] = job
+        self.last_job = (x, i, host)
         return job
 
     def stage(self, x: torch.Tensor) -> None:
@@ -159,6 +179,7 @@ class Transfer:
         A staging not taken by the next job is given back then."""
         if not self.cuda:
             return
+        self.last_job = None
         if self.staged is not None:
             self.readers[self.staged[1]] = None
         i, host = self.copy_to_staging(x)

@@ -29,7 +29,7 @@ import os
 import time
 from collections.abc import Collection
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -44,7 +44,7 @@ from daop.predict.degrade import degrade
 from daop.predict.swaps import RecentCounts
 from daop.runtime.offload import OffloadedExperts
 from daop.runtime.scheduler import (Clock, DecodeLayerPlan, Prepared, SplitRows, plan_decode_layer, plan_early_copies,
-                                    plan_prefill_layer, plan_settle, plan_speculation)
+                                    plan_prefill_layer, plan_settle, plan_speculation, promised_to_cpu)
 
 
 GAP_MS = 0.5  # the gap from a layer's finish to the next layer's plan, before any is measured (ms)
@@ -108,6 +108,7 @@ class DaopRunner(OffloadedExperts):
                               if place_on_prompt(self.policy.config) else None)
         self.placed_on_prompt = False
         self.late_predict = late_predictions()
+        self.early_submit = early_submits()
 
     def plan_costs(self) -> CostModel:
         return timing_costs(self.policy.ctx.cost)
@@ -269,16 +270,17 @@ class DaopRunner(OffloadedExperts):
         self.mark(layer_idx, "routed")
         rows_host = group_by_expert(ids_host)
         counts = {e: len(r[0]) for e, r in rows_host.items()}
-        if self.recent is not None:
-            self.recent.add(layer_idx, counts)
         prepared = pend.prepared if pend else None
-        rows = {e: tuple(rows_host[e][0].tolist()) for e in (prepared.precalc_rows if prepared else ()) if e in rows_host}
         now = time.perf_counter()
         if self.finish_at is not None and layer_idx != self.first_moe:
             self.gap_ms += GAP_WEIGHT * (max(0.0, (now - self.finish_at) * 1000) - self.gap_ms)
-        cpu_free, copy_free = self.channel_clock(now)
-        reserved = {s for early in self.early.values() for s in early.slots.values()}
+        cpu_free, copy_free = self.channel_clock(now)  # read before an early submit: the plan weighs every CPU expert
         clock_now = Clock(cpu_free, copy_free)
+        promised = self.submit_promised(layer_idx, h, rows_host, counts, prepared) if self.early_submit else None
+        if self.recent is not None:
+            self.recent.add(layer_idx, counts)
+        rows = {e: tuple(rows_host[e][0].tolist()) for e in (prepared.precalc_rows if prepared else ()) if e in rows_host}
+        reserved = {s for early in self.early.values() for s in early.slots.values()}
         landing = self.landing_copies(layer_idx, pend, counts, now)
         plan = plan_decode_layer(counts, rows, self.wanted_slots(layer_idx), self.policy.scratch(), prepared,
                                  self.policy.split, cfg.cpu_experts, clock_now, reserved, landing,
@@ -287,7 +289,14 @@ class DaopRunner(OffloadedExperts):
             self.lands.pop((layer_idx, e), None)
         ready = {e: (slot, pend.copy_events[e]) for e, slot in plan.ready} if pend else {}
         halves = {e: pend.copy_events[e] for e, _, _ in plan.layer.split} if pend else {}
-        precalc = (pend.precalc, plan.precalc_used) if pend and pend.precalc else None
+        started = [(pend.precalc, plan.precalc_used)] if pend and pend.precalc else []
+        layer_plan = plan.layer
+        if promised is not None:  # the promised experts are the plan's too: they are computed by the job already started
+            if not set(promised[1]) <= set(layer_plan.cpu):
+                raise RuntimeError(f"layer {layer_idx}: experts {promised[1]} were started on the CPU, the plan gives "
+                                   f"the CPU {layer_plan.cpu}")
+            layer_plan = replace(layer_plan, cpu=tuple(e for e in layer_plan.cpu if e not in promised[1]))
+            started.append(promised)
         taken = {s for _, s in plan.ready} | {s for _, s in plan.layer.copy} | {s for _, s, _ in plan.layer.split}
 
         def speculate() -> None:  # once this layer's CPU work and copies are queued
@@ -319,10 +328,27 @@ class DaopRunner(OffloadedExperts):
                     self.copy_early(ahead[0], ahead_host, taken | set(nxt.prepared.prefetched.values())
                                     | {s for s, _ in nxt.prepared.split.values()}, clock, pred.layer_idx, nxt, at)
 
-        out = self.execute(layer_idx, h, weights, rows_host, plan.layer, ready, precalc, speculate, halves=halves)
+        out = self.execute(layer_idx, h, weights, rows_host, layer_plan, ready, started, speculate, halves=halves)
         if self.recent is not None and self.recent.due(layer_idx):
             self.swap_in(layer_idx)
         return out
+
+    def submit_promised(self, layer_idx: int, h: torch.Tensor, rows_host: dict, counts: dict[int, int],
+                        prepared: Prepared | None) -> tuple[Future, tuple[int, ...]] | None:
+        """Early submit (DAOP_EARLY_SUBMIT=1): the routed experts the layer before promised to the CPU
+        (`promised_to_cpu`, as `plan_decode_layer` finds them: not resident, not prefetched, split or
+        pre-calculated) start on the CPU as soon as the routing is read, before the rest is planned.
+        (job, experts), or None where there are none."""
+        if prepared is None or not prepared.cpu_assigned:
+            return None
+        served = {e for e in counts if e in prepared.prefetched or e in prepared.split or e in prepared.precalc_rows}
+        experts = promised_to_cpu(prepared, counts, self.wanted_slots(layer_idx), served)
+        if not experts:
+            return None
+        job = self.cpu_job(layer_idx, h, rows_host, experts)
+        self.mark(layer_idx, "cpu_submitted")
+        self.counters.add("early_submits", layer_idx, len(experts))
+        return job, experts
 
     def swap_in(self, layer_idx: int) -> None:
         """Decode re-swaps: the swap rule on the layer's recent decode counts; each hot host expert is
@@ -503,6 +529,15 @@ def late_predictions() -> bool:
     if env not in ("", "0", "1"):
         raise DaopError(f"DAOP_LATE_PREDICT={env!r}: expected 1 (on) or 0 (off)")
     return env != "0"
+
+
+def early_submits() -> bool:
+    """Whether a decode layer starts the CPU experts the layer before promised it before planning the
+    rest (`DaopRunner.submit_promised`): DAOP_EARLY_SUBMIT=1; off by default."""
+    env = os.environ.get("DAOP_EARLY_SUBMIT", "").strip()
+    if env not in ("", "0", "1"):
+        raise DaopError(f"DAOP_EARLY_SUBMIT={env!r}: expected 1 (on) or 0 (off)")
+    return env == "1"
 
 
 def two_ahead(config) -> bool:

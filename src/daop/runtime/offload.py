@@ -179,22 +179,23 @@ class OffloadedExperts:
         return max(0.0, self.cpu_free_at - now) * 1000, max(0.0, self.copy_free_at - now) * 1000
 
     def execute(self, layer_idx: int, h: torch.Tensor, weights: torch.Tensor, rows_host: dict, plan: LayerPlan,
-                ready: dict[int, tuple[int, Any]] | None = None, precalc: tuple[Future, tuple[int, ...]] | None = None,
+                ready: dict[int, tuple[int, Any]] | None = None,
+                precalc: Sequence[tuple[Future, tuple[int, ...]]] | None = None,
                 before_compute: Callable[[], None] | None = None,
                 after_launch: Callable[[], None] | None = None, halves: dict[int, Any] | None = None) -> torch.Tensor:
         """Carry out a plan: CPU jobs first, then copies, then GPU work; sum outputs in expert order.
 
-        ready: experts already copied into scratch slots (expert -> (slot, copy event)); precalc: a
-        CPU job started earlier and the experts of its results to use (collected last, with this
-        layer's own CPU results); before_compute: a callback run once this layer's copies and CPU
+        ready: experts already copied into scratch slots (expert -> (slot, copy event)); precalc: CPU
+        jobs started earlier (a pre-calculation, an early submit) and the experts of their results
+        to use (collected after this layer's own CPU results); before_compute: a callback run once this layer's copies and CPU
         jobs are queued (speculation for the next layer); after_launch: one run once the GPU work is
         launched, before the CPU results are awaited (prefill settles slots and prefetches here);
         halves: the copy events of the split experts' GPU parts (plan.split), by expert: the CPU
         computes each one's first rows with this layer's CPU experts, the GPU the rest from its slot,
         and the two outputs are added in float32.
         """
-        ready, halves = ready or {}, halves or {}
-        used = precalc[1] if precalc else ()
+        ready, halves, precalc = ready or {}, halves or {}, list(precalc or ())
+        used = tuple(e for _, experts in precalc for e in experts)
         check_served(layer_idx, rows_host, plan, ready, used)
         cpu_experts = (*plan.cpu, *(e for e, _, _ in plan.split))
         future = (self.cpu_job(layer_idx, h, rows_host, cpu_experts, parts={e: k for e, _, k in plan.split})
@@ -241,7 +242,7 @@ class OffloadedExperts:
         if after_launch is not None:
             after_launch()
         t0 = time.perf_counter()
-        for job, experts in ((future, cpu_experts), *((precalc,) if precalc else ())):
+        for job, experts in ((future, cpu_experts), *precalc):
             if job is not None and self.waits_on_device(job):
                 ys.update(self.read_on_device(job, experts))
             elif job is not None:
