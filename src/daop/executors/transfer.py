@@ -157,8 +157,8 @@ class Transfer:
         if staged is not None and staged[0] is x and staged[3]:
             i, host, ready = staged[1], staged[2], None  # copied and awaited already (`stage`)
         elif staged is None and last is not None and last[0] is x and self.readers[last[1]] is not None:
-            i, host, ready = last[1], last[2], None  # the job before read the same activations from this buffer
-            job = start(host, ready)
+            i, host = last[1], last[2]  # the job before read the same activations from this buffer
+            job = start(host, None)
             self.readers[i] = Both(self.readers[i], job)  # the buffer is free once both are done
             return job
         else:

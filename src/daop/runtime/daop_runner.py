@@ -513,31 +513,32 @@ def decode_swaps(config) -> tuple[int, int, float]:
     return 0, 0, 0.0
 
 
+def switch(name: str) -> bool | None:
+    """An on/off environment setting: True for 1, False for 0, None where it is unset; anything else
+    is an error that names it."""
+    env = os.environ.get(name, "").strip()
+    if env not in ("", "0", "1"):
+        raise DaopError(f"{name}={env!r}: expected 1 (on) or 0 (off)")
+    return None if env == "" else env == "1"
+
+
 def place_on_prompt(config) -> bool:
     """Whether decode starts from a placement on the prompt's counts (`DaopConfig.place_on_prompt`);
     DAOP_PLACE_ON_PROMPT=1 turns it on for every DAOP preset, =0 off."""
-    env = os.environ.get("DAOP_PLACE_ON_PROMPT", "").strip()
-    if env not in ("", "0", "1"):
-        raise DaopError(f"DAOP_PLACE_ON_PROMPT={env!r}: expected 1 (on) or 0 (off)")
-    return env == "1" or (env == "" and config.place_on_prompt)
+    on = switch("DAOP_PLACE_ON_PROMPT")
+    return config.place_on_prompt if on is None else on
 
 
 def late_predictions() -> bool:
     """Whether a decode layer expected to have CPU experts predicts the next layers only once they
     are submitted (the default); DAOP_LATE_PREDICT=0 predicts before every routing read."""
-    env = os.environ.get("DAOP_LATE_PREDICT", "").strip()
-    if env not in ("", "0", "1"):
-        raise DaopError(f"DAOP_LATE_PREDICT={env!r}: expected 1 (on) or 0 (off)")
-    return env != "0"
+    return switch("DAOP_LATE_PREDICT") is not False
 
 
 def early_submits() -> bool:
     """Whether a decode layer starts the CPU experts the layer before promised it before planning the
     rest (`DaopRunner.submit_promised`): DAOP_EARLY_SUBMIT=1; off by default."""
-    env = os.environ.get("DAOP_EARLY_SUBMIT", "").strip()
-    if env not in ("", "0", "1"):
-        raise DaopError(f"DAOP_EARLY_SUBMIT={env!r}: expected 1 (on) or 0 (off)")
-    return env == "1"
+    return switch("DAOP_EARLY_SUBMIT") is True
 
 
 def two_ahead(config) -> bool:
