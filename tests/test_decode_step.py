@@ -423,29 +423,37 @@ def test_batch_stats_split_prefill_from_decode(tiny_dir):
     assert top_k * moe_layers * 5 <= calls(end, mid) <= 3 * top_k * moe_layers * 5  # five decode steps of three rows
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=needs_cuda)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("K", [1, 2, 8])
-def test_weighted_sum_adds_each_tokens_picks_in_expert_order_bit_for_bit(dtype, K):
+def test_weighted_sum_adds_each_tokens_picks_in_expert_order_bit_for_bit(dtype, K, device):
     """The batched sum equals adding the experts' scaled outputs into zeros one expert after another
     (what it replaced), with many tokens, duplicate picks of one token (a substituted routing) and
-    more than a thread's grain of elements."""
+    more than a thread's grain of elements; and one token (a decode step's scaling in one product),
+    with its picks in any column order, float32 or bf16 weights, and an expert picked twice."""
     from daop.model.moe import combine, group_by_expert, token_rows, weighted_sum
 
     g = torch.Generator().manual_seed(K)
-    for N, D in ((3, 16), (40, 128), (600, 128)):
-        h = torch.randn(N, D, generator=g).to(dtype)
+    for N, D, twice, w_dtype in ((3, 16, True, dtype), (40, 128, True, dtype), (600, 128, True, dtype),
+                                 (1, 16, False, dtype), (1, 4096, False, dtype), (1, 64, False, torch.float32),
+                                 (1, 64, True, dtype)):
+        h = torch.randn(N, D, generator=g).to(dtype).to(device)
         ids = torch.stack([torch.randperm(16, generator=g)[:K] for _ in range(N)])
-        if K > 1:
+        if K > 1 and twice:
             ids[::5, 1] = ids[::5, 0]  # a token routed twice to one expert
-        weights = torch.rand(N, K, generator=g).to(dtype)
+        weights = torch.rand(N, K, generator=g).to(w_dtype).to(device)
         rows_host = group_by_expert(ids)
         rows = token_rows(h, rows_host)
-        ys = {e: (torch.randn(len(r[0]), D, generator=g) * 10).to(dtype) for e, r in rows_host.items()}
+        # an output row per pick; one token (rows None): one row per expert, which every pick of it reads
+        ys = {e: (torch.randn(1 if rows is None else len(r[0]), D, generator=g) * 10).to(dtype).to(device)
+              for e, r in rows_host.items()}
         want = torch.zeros_like(h)
         for e in sorted(ys):
-            tokens, k_slot = rows[e]
+            tokens, k_slot = rows_host[e]
             for i in range(len(tokens)):  # one pick at a time: the order is beyond doubt
-                want[tokens[i]] += combine(ys[e][i:i + 1], weights[tokens[i:i + 1], k_slot[i:i + 1]])[0]
+                y = ys[e][0:1] if rows is None else ys[e][i:i + 1]
+                t, k = int(tokens[i]), int(k_slot[i])
+                want[t] += combine(y, weights[t, k:k + 1])[0]
         assert torch.equal(weighted_sum(h, ys, weights, rows_host, rows), want)
 
 
