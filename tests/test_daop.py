@@ -225,6 +225,17 @@ def test_a_bad_late_predict_setting_is_named(monkeypatch):
         load(policy="daop-exact", expert_ratio=0.5)
 
 
+@pytest.mark.parametrize("name", ["DAOP_TWO_AHEAD", "DAOP_SPLIT_EXPERTS", "DAOP_SIDE_BY_SIDE"])
+def test_a_bad_on_off_setting_is_named_when_the_runner_is_built(monkeypatch, name):
+    """Every on/off setting the runner reads takes 1 or 0 (or nothing); another value is an error
+    that names it, not a silent default."""
+    from daop.errors import DaopError
+
+    monkeypatch.setenv(name, "on")
+    with pytest.raises(DaopError, match=f"{name}='on': expected 1"):
+        load(policy="daop-exact", expert_ratio=0.5)
+
+
 def test_placement_on_the_prompt_is_on_by_default_except_in_the_paper_preset(monkeypatch):
     from daop.placement.daop import PRESETS
     from daop.runtime.daop_runner import place_on_prompt

@@ -109,6 +109,7 @@ class DaopRunner(OffloadedExperts):
         self.placed_on_prompt = False
         self.late_predict = late_predictions()
         self.early_submit = early_submits()
+        self.two_ahead = two_ahead(self.policy.config)
 
     def plan_costs(self) -> CostModel:
         return timing_costs(self.policy.ctx.cost)
@@ -426,8 +427,7 @@ class DaopRunner(OffloadedExperts):
         """(layer l+2, its experts [N, K] predicted from layer l's input) where this layer copies two
         ahead: speculative copies on the true input with CPU experts (`two_ahead_copies`), a layer
         after the predicted one, and a routing source that predicts that far."""
-        cfg = self.policy.config
-        if pred is None or not two_ahead(cfg) or not self.policy.scratch():
+        if pred is None or not self.two_ahead or not self.policy.scratch():
             return None
         nxt2 = self.next_moe.get(pred.layer_idx)
         source = getattr(self.routing(), "predict_ahead", None)
@@ -471,10 +471,10 @@ def split_rows(config, store, cuda: bool) -> SplitRows | None:
     tests), a preset with CPU experts and speculative copies on the true input, float SwiGLU experts
     (what `daop.quant.expert_rows` computes), and a GPU: on a CPU device both parts would run on the
     same processor. DAOP_SPLIT_EXPERTS=0 turns it off."""
-    env = os.environ.get("DAOP_SPLIT_EXPERTS", "")
+    on = switch("DAOP_SPLIT_EXPERTS")
     able = (config.cpu_experts and config.speculative_copies and not config.stale_input
             and not store.fmt.quantized and store.fmt.plain)
-    if not able or env == "0" or not (config.split_experts or env == "1") or not (cuda or env == "1"):
+    if not able or on is False or not (config.split_experts or on) or not (cuda or on):
         return None
     return SplitRows.for_inter(store.inter)
 
@@ -483,7 +483,7 @@ def timing_costs(cost: CostModel) -> CostModel:
     """The costs the runner's timeline plans with: in decode both channels read host memory most of
     the time, so a CPU expert and a copy take the profile's side-by-side times (`CostModel.side_by_side`;
     1.17x and 1.22x their times alone in the H200 profile). DAOP_SIDE_BY_SIDE=0 plans with the times alone."""
-    return cost if os.environ.get("DAOP_SIDE_BY_SIDE", "") == "0" else cost.side_by_side()
+    return cost if switch("DAOP_SIDE_BY_SIDE") is False else cost.side_by_side()
 
 
 def decode_swaps(config) -> tuple[int, int, float]:
@@ -544,6 +544,6 @@ def early_submits() -> bool:
 def two_ahead(config) -> bool:
     """Whether layer l copies l+2's predicted misses: the preset's `two_ahead_copies` with speculative
     copies on the true input and CPU experts; DAOP_TWO_AHEAD=0 turns it off, =1 on for such presets."""
-    env = os.environ.get("DAOP_TWO_AHEAD", "")
+    on = switch("DAOP_TWO_AHEAD")
     able = config.speculative_copies and config.cpu_experts and not config.stale_input and not config.predicted_routing
-    return able and env != "0" and (config.two_ahead_copies or env == "1")
+    return able and on is not False and (config.two_ahead_copies or on is True)
