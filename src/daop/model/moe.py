@@ -251,7 +251,7 @@ def one_token_sum(ys: dict[int, torch.Tensor], weights: torch.Tensor,
         for e, c in zip(order, cols):
             by_col[c] = ys[e]
         stacked = torch.stack(by_col)  # [K, 1, D], column order
-        parts = torch.mul(stacked, weights[0].view(K, 1, 1), out=torch.empty_like(stacked))
+        parts = torch.mul(stacked, weights[0].view(K, *[1] * by_col[0].dim()), out=torch.empty_like(stacked))
         out = parts[cols[0]]
         for c in cols[1:]:
             out = out + parts[c]
