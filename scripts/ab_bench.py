@@ -5,8 +5,10 @@ The H200 hosts drift by 10-20 % within minutes, so a comparison is only worth qu
 versions ran in one call, interleaved: old, new, new, old (and again, with --rounds 2). Each run is
 `python3 -m daop bench <bench args>` with PYTHONPATH at that version's `src` (extract the old one
 with `git archive OLD src | tar -x -C .bench-old`) and DAOP_GIT_SHA naming it, so its card says
-which commit ran. Every card and point goes to --output with `side` and `run` added; a summary row
-gives, per point (policy, ratio, batch, lengths, expert format), each side's runs and median decode
+which commit ran. --old-env / --new-env add environment settings to one side's processes, so one
+tree can also be run against itself under two settings read at process start (e.g. the CPU
+kernel's OpenMP spin: --old src --new-env GOMP_SPINCOUNT=10000000). Every card and point goes to
+--output with `side` and `run` added; a summary row gives, per point (policy, ratio, batch, lengths, expert format), each side's runs and median decode
 ms/token and TTFT, and old/new ratios (above 1: new is faster). A table is printed, JSON last.
 
     python3 scripts/ab_bench.py --old .bench-old/src --old-sha 0a35f71 --new-sha 5747051 --rounds 2 \\
@@ -51,8 +53,19 @@ def summarize(points: list[dict]) -> list[dict]:
     return out
 
 
-def run_side(side: str, src: Path, sha: str | None, bench_args: list[str], run: int) -> list[dict]:
-    env = dict(os.environ, PYTHONPATH=str(src))
+def parse_env(items: list[str], flag: str) -> dict[str, str]:
+    """NAME=VALUE settings (repeatable flag) for one side's processes."""
+    out = {}
+    for item in items:
+        name, eq, value = item.partition("=")
+        if not eq or not name or "=" in name:
+            raise SystemExit(f"{flag} {item!r}: expected NAME=VALUE")
+        out[name] = value
+    return out
+
+
+def run_side(side: str, src: Path, sha: str | None, extra_env: dict[str, str], bench_args: list[str], run: int) -> list[dict]:
+    env = dict(os.environ, PYTHONPATH=str(src), **extra_env)
     if sha:
         env["DAOP_GIT_SHA"] = sha
     with tempfile.TemporaryDirectory() as tmp:
@@ -73,6 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new", type=Path, default=ROOT / "src", help="the new version's src folder (default: this checkout's)")
     ap.add_argument("--old-sha", default=None)
     ap.add_argument("--new-sha", default=None)
+    ap.add_argument("--old-env", action="append", default=[], metavar="NAME=VALUE",
+                    help="an environment setting for the old side's processes (repeatable); with --old src, one "
+                         "source tree can be run against itself under two settings a process reads at start")
+    ap.add_argument("--new-env", action="append", default=[], metavar="NAME=VALUE", help="the same for the new side")
     ap.add_argument("--rounds", type=int, default=1, help="old/new/new/old rounds (default 1: four runs)")
     ap.add_argument("--output", type=Path, required=True, help="JSONL: a run row, every card and point, the summary")
     args = ap.parse_args(ours)
@@ -81,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
     for side in ("old", "new"):
         if not (getattr(args, side) / "daop" / "__init__.py").exists():
             ap.error(f"--{side} {getattr(args, side)} holds no daop package")
-    srcs = {"old": (args.old.resolve(), args.old_sha), "new": (args.new.resolve(), args.new_sha)}
+    envs = {"old": parse_env(args.old_env, "--old-env"), "new": parse_env(args.new_env, "--new-env")}
+    srcs = {side: (getattr(args, side).resolve(), getattr(args, f"{side}_sha"), envs[side]) for side in ("old", "new")}
     rows: list[dict] = [{"kind": "run", "command": "python3 scripts/ab_bench.py " + " ".join(argv),
-                         "old_sha": args.old_sha, "new_sha": args.new_sha, "order": order(args.rounds)}]
+                         "old_sha": args.old_sha, "new_sha": args.new_sha, "old_env": envs["old"], "new_env": envs["new"],
+                         "order": order(args.rounds)}]
     for run, side in enumerate(order(args.rounds)):
         got = run_side(side, *srcs[side], bench_args, run)
         rows += got

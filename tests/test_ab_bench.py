@@ -40,10 +40,12 @@ def test_the_summary_keeps_every_run_and_compares_medians(script):
 def test_a_smoke_run_writes_sides_runs_and_a_summary(script, tmp_path, capsys):
     out = tmp_path / "ab.jsonl"
     src = str(SCRIPTS.parent / "src")
-    assert script.main(["--old", src, "--old-sha", "aaaaaaa", "--new-sha", "bbbbbbb", "--output", str(out), "--",
+    # the new side's name comes through its environment setting (--new-env), the old side's through --old-sha
+    assert script.main(["--old", src, "--old-sha", "aaaaaaa", "--new-env", "DAOP_GIT_SHA=bbbbbbb", "--output", str(out), "--",
                         "--smoke", "--policies", "gpu", "--gen-tokens", "4"]) == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert rows[0]["kind"] == "run" and rows[0]["order"] == ["old", "new", "new", "old"]
+    assert rows[0]["new_env"] == {"DAOP_GIT_SHA": "bbbbbbb"} and rows[0]["old_env"] == {}
     cards = [r for r in rows if r["kind"] == "card"]
     assert [c["side"] for c in cards] == ["old", "new", "new", "old"]
     assert [c["git_sha"] for c in cards] == ["aaaaaaa", "bbbbbbb", "bbbbbbb", "aaaaaaa"]
@@ -56,3 +58,10 @@ def test_a_smoke_run_writes_sides_runs_and_a_summary(script, tmp_path, capsys):
 def test_a_folder_without_daop_is_refused(script, tmp_path):
     with pytest.raises(SystemExit):
         script.main(["--old", str(tmp_path), "--output", str(tmp_path / "x.jsonl"), "--", "--smoke"])
+
+
+def test_a_side_setting_without_a_value_is_refused(script, tmp_path):
+    assert script.parse_env(["GOMP_SPINCOUNT=100", "X="], "--new-env") == {"GOMP_SPINCOUNT": "100", "X": ""}
+    for bad in ("GOMP_SPINCOUNT", "=1"):
+        with pytest.raises(SystemExit, match="expected NAME=VALUE"):
+            script.parse_env([bad], "--new-env")
