@@ -184,6 +184,43 @@ def test_queued_jobs_run_in_order_on_the_kernels_thread_and_report_their_spans()
 
 
 @needs_kernel
+def test_a_polling_serving_thread_runs_the_same_jobs(monkeypatch):
+    """DAOP_CPU_SPIN_US: the kernel's serving thread polls for the next job a while before it sleeps;
+    jobs submitted while it polls, right after a job and after it has gone to sleep, all run, in
+    order, with the same outputs; an executor built without the setting puts it back to sleeping at once."""
+    import time
+
+    experts = [expert(64, 48, seed=s) for s in range(3)]
+    xs = [torch.randn(n, 64).bfloat16() for n in (1, 2, 3)]
+    want = [cpu_expert.expert(x, w[0], w[1], threads=2) for x, w in zip(xs, experts)]
+    monkeypatch.setenv("DAOP_CPU_SPIN_US", "20000")
+    ex = CpuExecutor(threads=2, mode="inline", native=True)
+    assert cpu_expert.library().daop_spin_us() == 20000
+    try:
+        for pause in (0.0, 0.001, 0.05):  # back to back, while it polls (20 ms), after it slept
+            got = []
+            for x, w in zip(xs, experts):
+                time.sleep(pause)
+                got += cpu_expert.Queued([x], [w], threads=2).wait()
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    finally:
+        ex.close()
+    monkeypatch.delenv("DAOP_CPU_SPIN_US")
+    CpuExecutor(threads=2, mode="inline", native=True).close()
+    assert cpu_expert.library().daop_spin_us() == 0
+    assert torch.equal(cpu_expert.Queued([xs[0]], [experts[0]], threads=2).wait()[0], want[0])
+
+
+@pytest.mark.parametrize("value", ["-1", "fast", "100001"])
+def test_a_bad_spin_setting_is_named(monkeypatch, value):
+    from daop.errors import DaopError
+
+    monkeypatch.setenv("DAOP_CPU_SPIN_US", value)
+    with pytest.raises(DaopError, match="DAOP_CPU_SPIN_US"):
+        cpu_expert.spin_us()
+
+
+@needs_kernel
 def test_executor_counts_queued_work_and_reports_its_span():
     experts = [expert(64, 48, seed=s) for s in range(2)]
     h = torch.randn(3, 64).bfloat16()

@@ -204,6 +204,8 @@ class CpuExecutor:
         self.mode = mode
         self.kernel = job_kernel() if scripted else run_jobs_eager
         self.native = native and glu is None and cpu_expert.available()
+        if self.native:  # the kernel's serving thread: sleep at once after a job, or poll a while (DAOP_CPU_SPIN_US)
+            cpu_expert.set_spin_us(cpu_expert.spin_us())
         self.glu = glu
         self.busy_s = 0.0
         self.expert_tokens = 0

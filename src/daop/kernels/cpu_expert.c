@@ -471,9 +471,28 @@ static void child_reset(void) {
     done_flag = NULL;
 }
 
+/* How long the serving thread polls for the next job before it sleeps (ns; 0: it sleeps at once).
+   A sleeping thread must be woken by the submit (a futex wake, then the core leaving its idle
+   state), which delays the job's start; polling keeps one core busy for up to this long after
+   each job. Set with daop_set_spin_us. */
+static long spin_ns = 0;
+
+static inline void relax(void) {
+#ifdef DAOP_X86
+    _mm_pause();
+#endif
+}
+
 static void *serve(void *arg) {
     (void)arg;
     for (;;) {
+        long spin = __atomic_load_n(&spin_ns, __ATOMIC_RELAXED);
+        if (spin > 0) {  /* `submitted` changes under `mu`; polled here, then read again under it */
+            double until = now_s() + spin * 1e-9;
+            while (__atomic_load_n(&submitted, __ATOMIC_ACQUIRE) == __atomic_load_n(&finished, __ATOMIC_RELAXED)
+                   && now_s() < until)
+                relax();
+        }
         pthread_mutex_lock(&mu);
         while (finished == submitted) pthread_cond_wait(&work, &mu);
         daop_job *job = queue[finished % QUEUE];
@@ -483,7 +502,7 @@ static void *serve(void *arg) {
                                    job->threads, job->isa, job->scratch);
         job->end = now_s();
         pthread_mutex_lock(&mu);
-        finished++;
+        __atomic_store_n(&finished, finished + 1, __ATOMIC_RELEASE);
         if (done_flag) __atomic_store_n(done_flag, (uint32_t)finished, __ATOMIC_RELEASE);
         pthread_cond_broadcast(&done);
         pthread_mutex_unlock(&mu);
@@ -509,7 +528,7 @@ long daop_submit(daop_job **jobs, int count) {
     for (int i = 0; i < count; i++) {
         while (submitted - finished >= QUEUE) pthread_cond_wait(&done, &mu);
         queue[submitted % QUEUE] = jobs[i];
-        submitted++;
+        __atomic_store_n(&submitted, submitted + 1, __ATOMIC_RELEASE);
     }
     long ticket = submitted;
     pthread_cond_signal(&work);
@@ -533,6 +552,13 @@ long daop_set_flag(uint32_t *flag) {
     pthread_mutex_unlock(&mu);
     return f;
 }
+
+/* The serving thread's polling time before it sleeps, in microseconds (0: none; see spin_ns). */
+void daop_set_spin_us(long us) {
+    __atomic_store_n(&spin_ns, us > 0 ? us * 1000 : 0, __ATOMIC_RELAXED);
+}
+
+long daop_spin_us(void) { return __atomic_load_n(&spin_ns, __ATOMIC_RELAXED) / 1000; }
 
 long daop_finished(void) {
     pthread_mutex_lock(&mu);

@@ -120,6 +120,9 @@ def load(path: Path) -> ctypes.CDLL:
     lib.daop_finished.restype = ctypes.c_long
     lib.daop_set_flag.restype = ctypes.c_long
     lib.daop_set_flag.argtypes = [ctypes.c_void_p]
+    lib.daop_set_spin_us.restype = None
+    lib.daop_set_spin_us.argtypes = [ctypes.c_long]
+    lib.daop_spin_us.restype = ctypes.c_long
     lib.isa = lib.daop_cpu_isa()  # the best path this CPU has, asked once
     return lib
 
@@ -146,6 +149,33 @@ def library():
 
 def available() -> bool:
     return library() is not None
+
+
+MAX_SPIN_US = 100_000
+
+
+def spin_us() -> int:
+    """DAOP_CPU_SPIN_US: how long (microseconds) the serving thread polls for the next job before it
+    sleeps; 0 (the default) sleeps at once. A sleeping thread starts the next job only once the
+    submit has woken it; polling keeps a core busy for up to this long after each job."""
+    env = os.environ.get("DAOP_CPU_SPIN_US", "").strip()
+    if not env:
+        return 0
+    try:
+        us = int(env)
+    except ValueError:
+        us = -1
+    if not 0 <= us <= MAX_SPIN_US:
+        from daop.errors import DaopError
+        raise DaopError(f"DAOP_CPU_SPIN_US={env!r}: expected whole microseconds from 0 to {MAX_SPIN_US}")
+    return us
+
+
+def set_spin_us(us: int, lib: ctypes.CDLL | None = None) -> None:
+    """Set the serving thread's polling time (`spin_us`); it applies from the next idle period on."""
+    lib = lib or library()
+    if lib is not None:
+        lib.daop_set_spin_us(int(us))
 
 
 def isa() -> str:
