@@ -75,9 +75,9 @@ def default_cpu_threads(device: torch.device) -> int:
 
 def every_row(rows: torch.Tensor, n: int) -> bool:
     """Whether token rows [k] are 0..n-1 in order (one token: [0])."""
-    if len(rows) != n:
+    if rows.shape[0] != n:
         return False
-    return int(rows[0]) == 0 if n == 1 else torch.equal(rows, torch.arange(n, dtype=rows.dtype))
+    return rows.tolist() == [0] if n == 1 else torch.equal(rows, torch.arange(n, dtype=rows.dtype))
 
 
 class SwitchInterval:
@@ -235,12 +235,12 @@ class CpuExecutor:
         weights = [list(w) for _, _, w in jobs]
         heads = [(parts or {}).get(e) for e in experts]
         # expert-tokens done: a split expert's part counts its share of the rows
-        tokens = sum(len(r) * (1.0 if k is None else k / w[-1].shape[-1]) for r, w, k in zip(rows, weights, heads))
+        tokens = sum(r.shape[0] * (1.0 if k is None else k / w[-1].shape[-1]) for r, w, k in zip(rows, weights, heads))
         if compute is not None and any(k is not None for k in heads):
             raise ValueError("a compute function serves whole experts only, not the CPU's part of a split one")
         submitted = time.perf_counter()
         if (compute is None and self.native and rows
-                and all(cpu_expert.serves(h_host.dtype, len(r), w, k) for r, w, k in zip(rows, weights, heads))):
+                and all(cpu_expert.serves(h_host.dtype, r.shape[0], w, k) for r, w, k in zip(rows, weights, heads))):
             if ready is not None:
                 ready.synchronize()  # the activations' copy (the caller has just read the routing: it is quick)
             # a job of every row in order reads h_host itself (the caller's buffer stays the job's until it is done)

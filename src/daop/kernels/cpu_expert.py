@@ -124,6 +124,7 @@ def load(path: Path) -> ctypes.CDLL:
     lib.daop_set_spin_us.argtypes = [ctypes.c_long]
     lib.daop_spin_us.restype = ctypes.c_long
     lib.isa = lib.daop_cpu_isa()  # the best path this CPU has, asked once
+    lib.limits = Limits(lib)
     return lib
 
 
@@ -215,10 +216,23 @@ def check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, row
     K = I if rows is None else int(rows)
     if not 1 <= K <= I:
         raise ValueError(f"an expert part of {K} intermediate rows does not fit an expert of {I}")
-    limit = lib.daop_max_tokens(level, D, K)
+    limit = lib.limits[("tokens", level, D, K)]
     if not 1 <= x.shape[0] <= limit:
         raise ValueError(f"the CPU expert kernel takes 1-{limit} tokens for this expert shape, got {x.shape[0]}")
     return K
+
+
+class Limits(dict):
+    """A library's answers for shapes, asked once each (a decode step asks the same ones every layer):
+    ("tokens", level, D, K) -> daop_max_tokens, ("scratch", level, n, D, K) -> daop_scratch_floats."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        super().__init__()
+        self.lib = lib
+
+    def __missing__(self, key: tuple) -> int:
+        value = self[key] = int((self.lib.daop_max_tokens if key[0] == "tokens" else self.lib.daop_scratch_floats)(*key[1:]))
+        return value
 
 
 _IN_FLIGHT: list["Queued"] = []  # queued jobs whose buffers the serving thread may still use
@@ -246,13 +260,15 @@ class Queued:
             n, D = x.shape
             I = down.shape[1]
             y = torch.empty(n, D, dtype=torch.bfloat16, pin_memory=pin)  # pinned: uploaded without a host sync
-            scratch = torch.empty(lib.daop_scratch_floats(lib.isa, n, D, K), dtype=torch.float32)
+            scratch = torch.empty(lib.limits[("scratch", lib.isa, n, D, K)], dtype=torch.float32)
             self.keep += [x, gate_up, down, scratch]
             self.ys.append(y)
             self.jobs.append(JobStruct(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I, K,
                                        max(1, int(threads)), lib.isa, scratch.data_ptr(), 0, 0.0, 0.0))
         ptrs = (ctypes.POINTER(JobStruct) * len(self.jobs))(*[ctypes.pointer(j) for j in self.jobs])
-        _IN_FLIGHT[:] = [q for q in _IN_FLIGHT if not q.done()]
+        if _IN_FLIGHT:  # one read of the finished count for all of them
+            finished = lib.daop_finished() if all(q.lib is lib for q in _IN_FLIGHT) else None
+            _IN_FLIGHT[:] = [q for q in _IN_FLIGHT if (q.ticket > finished if finished is not None else not q.done())]
         self.ticket = lib.daop_submit(ptrs, len(self.jobs))
         if self.ticket < 0:
             raise RuntimeError("the CPU expert kernel could not start its thread")
