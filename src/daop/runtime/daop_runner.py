@@ -278,8 +278,6 @@ class DaopRunner(OffloadedExperts):
         cpu_free, copy_free = self.channel_clock(now)  # read before an early submit: the plan weighs every CPU expert
         clock_now = Clock(cpu_free, copy_free)
         promised = self.submit_promised(layer_idx, h, rows_host, counts, prepared) if self.early_submit else None
-        if self.recent is not None:
-            self.recent.add(layer_idx, counts)
         rows = {e: tuple(rows_host[e][0].tolist()) for e in (prepared.precalc_rows if prepared else ()) if e in rows_host}
         reserved = {s for early in self.early.values() for s in early.slots.values()}
         landing = self.landing_copies(layer_idx, pend, counts, now)
@@ -330,8 +328,10 @@ class DaopRunner(OffloadedExperts):
                                     | {s for s, _ in nxt.prepared.split.values()}, clock, pred.layer_idx, nxt, at)
 
         out = self.execute(layer_idx, h, weights, rows_host, layer_plan, ready, started, speculate, halves=halves)
-        if self.recent is not None and self.recent.due(layer_idx):
-            self.swap_in(layer_idx)
+        if self.recent is not None:  # (after the CPU submit: the plan does not read it)
+            self.recent.add(layer_idx, counts)
+            if self.recent.due(layer_idx):
+                self.swap_in(layer_idx)
         return out
 
     def submit_promised(self, layer_idx: int, h: torch.Tensor, rows_host: dict, counts: dict[int, int],

@@ -163,11 +163,14 @@ class OffloadedExperts:
         jobs = [(e, rows_host[e][0], self.store.host_weights(layer_idx, e)) for e in experts]
         tl = self.timeline
         span = (lambda *t: tl.cpu_span(layer_idx, "ahead" if ahead else "cpu", *t)) if tl else None
-        cost, parts, inter = self.timing, parts or {}, self.store.inter
-        work = sum(cost.cpu_ms(len(r)) * parts.get(e, inter) / inter for e, r, _ in jobs)
-        self.cpu_free_at = max(time.perf_counter(), self.cpu_free_at) + work / 1000
+        parts = parts or {}
+        submitted = time.perf_counter()
         self.cpu_last = self.transfer.host_job(
             h, lambda h_host, ready: self.cpu.submit(jobs, h_host, ready, ahead=ahead, span=span, parts=parts))
+        # the channel's estimate, once the job is on its way (the estimate does not hold it up)
+        cost, inter = self.timing, self.store.inter
+        work = sum(cost.cpu_ms(len(r)) * parts.get(e, inter) / inter for e, r, _ in jobs)
+        self.cpu_free_at = max(submitted, self.cpu_free_at) + work / 1000
         return self.cpu_last
 
     def channel_clock(self, now: float) -> tuple[float, float]:
