@@ -314,7 +314,7 @@ def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: 
     x = x.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     y = torch.empty(n, D, dtype=torch.bfloat16)
-    scratch = torch.empty(lib.daop_scratch_floats(level, n, D, K), dtype=torch.float32)
+    scratch = torch.empty(lib.limits[("scratch", level, n, D, K)], dtype=torch.float32)
     rc = lib.daop_expert_bf16(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I, K,
                               max(1, int(threads)), level, scratch.data_ptr())
     if rc != 0:

@@ -244,7 +244,7 @@ def one_token_sum(ys: dict[int, torch.Tensor], weights: torch.Tensor,
     took 8, each a few tens of microseconds of the driving thread on a GPU. Otherwise (an expert
     picked twice, outputs of mixed dtypes) the picks are scaled and added one at a time."""
     order = sorted(ys)
-    cols = [int(c) for e in order for c in rows_host[e][1].tolist()]
+    cols = [c for e in order for c in rows_host[e][1].tolist()]
     K = weights.shape[1]
     if len(order) == K and sorted(cols) == list(range(K)) and len({ys[e].dtype for e in order}) == 1:
         by_col = [0] * K

@@ -262,8 +262,7 @@ class DaopRunner(OffloadedExperts):
         pred = None if late else self.predict(layer_idx, h)
         ahead = None if late else self.predict_ahead(pred, h)
         # one device->host copy for this layer's routing, the true routing and the predictions
-        parts = ([ids] + ([true_ids] if ids is not true_ids else []) + ([pred.raw_ids, pred.ids] if pred else [])
-                 + ([ahead[1]] if ahead else []))
+        parts = [ids] + ([true_ids] if ids is not true_ids else []) + prediction_parts(pred, ahead)
         host = self.read_routing(torch.cat([p.long() for p in parts], dim=1), h).split(ids.shape[1], dim=1)
         ids_host, true_host = host[0], host[1] if ids is not true_ids else host[0]
         pred_host = host[len(host) - 2 - bool(ahead):len(host) - bool(ahead)] if pred else ()
@@ -305,7 +304,7 @@ class DaopRunner(OffloadedExperts):
                 pred = self.predict(layer_idx, h)
                 ahead = self.predict_ahead(pred, h)
                 if pred is not None:
-                    parts = [pred.raw_ids, pred.ids] + ([ahead[1]] if ahead else [])
+                    parts = prediction_parts(pred, ahead)
                     got = self.transfer.read_on_host(torch.cat([p.long() for p in parts], dim=1), spin=True)
                     got = got.split(ids.shape[1], dim=1)
                     pred_host, ahead_host = got[:2], got[2] if ahead else None
@@ -463,6 +462,13 @@ class DaopRunner(OffloadedExperts):
         shared = sum(len(set(p) & set(t)) for p, t in zip(predicted.tolist(), true.tolist()))
         self.counters.add("predicted_hits", layer_idx, shared)
         self.counters.add("predicted_total", layer_idx, true.numel())
+
+
+def prediction_parts(pred: Prediction | None, ahead: tuple[int, torch.Tensor] | None) -> list[torch.Tensor]:
+    """What a decode layer reads of its predictions, in this order: l+1's raw and used ids, then l+2's."""
+    if pred is None:
+        return []
+    return [pred.raw_ids, pred.ids] + ([ahead[1]] if ahead else [])
 
 
 def split_rows(config, store, cuda: bool) -> SplitRows | None:
