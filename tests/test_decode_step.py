@@ -374,7 +374,7 @@ def run_steps(engine, steps: int, pieces: bool, monkeypatch) -> torch.Tensor:
     return torch.stack(logits)
 
 
-@pytest.mark.parametrize("policy", ["gpu", "static", "daop-exact"])
+@pytest.mark.parametrize("policy", ["gpu", "static", "daop-exact", "daop-stale"])
 def test_pieces_between_moe_calls_equal_the_whole_step(tiny_dir, family, policy, monkeypatch):
     """The step split at its MoE calls (what PiecewiseStep captures for offloaded runners) gives the
     whole step's logits bit for bit, dense layers and shared experts included."""
@@ -383,6 +383,42 @@ def test_pieces_between_moe_calls_equal_the_whole_step(tiny_dir, family, policy,
     want = run_steps(engine, 4, False, monkeypatch)
     got = run_steps(engine, 4, True, monkeypatch)
     assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("paper", [False, True])
+def test_pieces_hand_the_runner_its_predictions(tiny_dir, paper, monkeypatch):
+    """A DAOP runner's pieces predict the next layers' routing after each router (the layers its
+    `piece_predictions` names), and the runner takes those instead of predicting from the host: the
+    same predictions (scored the same against the true routing), the same tokens; with predicted
+    routing (daop-paper from layer 1) the pieces' predictions are the routing layer l+1 computes with."""
+    from daop.runtime.daop_runner import DaopRunner
+
+    kw = dict(device="cpu", dtype="fp32", policy="daop-paper" if paper else "daop-exact", expert_ratio=0.5)
+    engine = engine_for(tiny_dir, **kw)
+    if paper:
+        engine.decoder.experts.policy.config = replace(engine.decoder.experts.policy.config, first_predicted_layer=1)
+    calls = {"given": 0, "host": 0}
+    original = DaopRunner.predict
+
+    def spy(self, layer_idx, h, given=None):
+        pred = original(self, layer_idx, h, given)
+        if pred is not None and self.phase == "decode":
+            calls["given" if given is not None else "host"] += 1
+        return pred
+
+    monkeypatch.setattr(DaopRunner, "predict", spy)
+    runs = {}
+    for pieces in (False, True):
+        before = engine.counters()
+        logits = run_steps(engine, 4, pieces, monkeypatch)
+        after = engine.counters()
+        runs[pieces] = (logits, {k: after[k] - before[k] for k in ("predicted_hits", "predicted_total")}, dict(calls))
+        calls.update(given=0, host=0)
+    (want, scored, host_calls), (got, scored_pieces, piece_calls) = runs[False], runs[True]
+    assert torch.equal(got, want)
+    assert scored["predicted_total"] > 0 and scored_pieces == scored
+    assert host_calls["given"] == 0 and host_calls["host"] > 0
+    assert piece_calls["host"] == 0 and piece_calls["given"] == host_calls["host"]
 
 
 @needs_cuda

@@ -142,10 +142,22 @@ class DaopRunner(OffloadedExperts):
         self.lands.clear()
         self.finish_at = None
 
-    def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def __call__(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 predicted: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        """predicted: what a captured decode piece predicted from h for the layers `piece_predictions`
+        names (l+1's logits, ids and weights, then l+2's ids where it has them)."""
         if self.phase != "decode":
             return self.prefill_layer(layer_idx, h, ids, weights)
-        return self.decode_layer(layer_idx, h, ids, weights)
+        return self.decode_layer(layer_idx, h, ids, weights, predicted)
+
+    def piece_predictions(self, layer_idx: int) -> tuple[int, int | None] | None:
+        """(l+1, l+2 or None): the layers whose routing a captured decode piece should predict from
+        MoE layer l's input for this runner, as `predict` and `predict_ahead` would from the host;
+        None where decode predicts nothing after l."""
+        nxt = self.next_moe.get(layer_idx)
+        if nxt is None or nxt < self.policy.config.first_predicted_layer:
+            return None
+        return nxt, (self.next_moe.get(nxt) if self.two_ahead else None)
 
     def prefill_layer(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         cfg = self.policy.config
@@ -231,13 +243,14 @@ class DaopRunner(OffloadedExperts):
         self.counters.add(counter, layer_idx, 1)
         self.counters.add("copied_bytes", layer_idx, self.store.expert_bytes)
 
-    def predict(self, layer_idx: int, h: torch.Tensor) -> Prediction | None:
-        """Layer l+1's routing predicted from layer l's input, or None outside prediction."""
+    def predict(self, layer_idx: int, h: torch.Tensor, given: tuple[torch.Tensor, ...] | None = None) -> Prediction | None:
+        """Layer l+1's routing predicted from layer l's input, or None outside prediction; given:
+        (logits, ids, weights) the captured piece predicted already."""
         nxt = self.next_moe.get(layer_idx)
         cfg = self.policy.config
         if nxt is None or nxt < cfg.first_predicted_layer:
             return None
-        logits, ids, weights = self.routing().predict(nxt, h)
+        logits, ids, weights = given[:3] if given is not None else self.routing().predict(nxt, h)
         pred = Prediction(nxt, logits, ids, ids, weights)
         if cfg.substitution:
             mask = torch.zeros(logits.shape[-1], dtype=torch.bool)
@@ -246,7 +259,8 @@ class DaopRunner(OffloadedExperts):
             self.counters.add("degraded_tokens", nxt, float(degraded.sum()))
         return pred
 
-    def decode_layer(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    def decode_layer(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                     predicted: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
         cfg = self.policy.config
         self.mark(layer_idx, "enter")
         pend = self.pending.pop(layer_idx, None)
@@ -258,9 +272,11 @@ class DaopRunner(OffloadedExperts):
         # next layers' predictions are made once they are submitted: launching them first (a few
         # hundred microseconds of the driving thread) would hold up the CPU's start. Elsewhere they
         # are launched before the routing read, while the device still computes the layer's input.
-        late = self.late_predict and pend is not None and bool(pend.prepared.cpu_assigned or pend.prepared.split)
-        pred = None if late else self.predict(layer_idx, h)
-        ahead = None if late else self.predict_ahead(pred, h)
+        # Predictions a captured piece made (`predicted`) cost the host nothing: they are always early.
+        late = (predicted is None and self.late_predict and pend is not None
+                and bool(pend.prepared.cpu_assigned or pend.prepared.split))
+        pred = None if late else self.predict(layer_idx, h, predicted)
+        ahead = None if late else self.predict_ahead(pred, h, predicted)
         # one device->host copy for this layer's routing, the true routing and the predictions
         parts = [ids] + ([true_ids] if ids is not true_ids else []) + prediction_parts(pred, ahead)
         host = self.read_routing(torch.cat([p.long() for p in parts], dim=1), h).split(ids.shape[1], dim=1)
@@ -422,15 +438,20 @@ class DaopRunner(OffloadedExperts):
             self.counters.add("copied_bytes", nxt, self.store.expert_bytes * (self.store.inter - k) / self.store.inter)
         return pend
 
-    def predict_ahead(self, pred: Prediction | None, h: torch.Tensor) -> tuple[int, torch.Tensor] | None:
+    def predict_ahead(self, pred: Prediction | None, h: torch.Tensor,
+                      given: tuple[torch.Tensor, ...] | None = None) -> tuple[int, torch.Tensor] | None:
         """(layer l+2, its experts [N, K] predicted from layer l's input) where this layer copies two
         ahead: speculative copies on the true input with CPU experts (`two_ahead_copies`), a layer
-        after the predicted one, and a routing source that predicts that far."""
+        after the predicted one, and a routing source that predicts that far (given: what a captured
+        piece predicted, l+2's ids fourth where the source has them)."""
         if pred is None or not self.two_ahead or not self.policy.scratch():
             return None
         nxt2 = self.next_moe.get(pred.layer_idx)
-        source = getattr(self.routing(), "predict_ahead", None)
-        ids = source(nxt2, h) if nxt2 is not None and source is not None else None
+        if given is not None:
+            ids = given[3] if len(given) > 3 and nxt2 is not None else None
+        else:
+            source = getattr(self.routing(), "predict_ahead", None)
+            ids = source(nxt2, h) if nxt2 is not None and source is not None else None
         return (nxt2, ids) if ids is not None else None
 
     def copy_early(self, nxt2: int, ids_host: torch.Tensor, busy: set[int], clock: Clock, nxt_layer: int, nxt: Pending,

@@ -105,13 +105,21 @@ class PiecewiseStep:
     routing it reads. One launch per piece instead of some forty eager kernels per layer; the
     kernels are the eager step's own, so the tokens are the same.
 
-    Piece k's outputs (residual, MoE input, routing ids and weights) are tensors of the graphs'
-    shared memory pool that later pieces never overwrite; the runner's output goes into one static
-    buffer the next piece reads."""
+    Where the runner predicts later layers' routing from a layer's input (`piece_predictions`: the
+    DAOP runner), piece k makes those predictions too, after the layer's router, and hands them to
+    the runner with the routing: a prediction launched from the host costs its driving thread a few
+    hundred microseconds before each routing read, one inside the graph costs nothing there.
+
+    Piece k's outputs (residual, MoE input, routing ids and weights, then any predictions) are
+    tensors of the graphs' shared memory pool that later pieces never overwrite; the runner's output
+    goes into one static buffer the next piece reads."""
 
     def __init__(self, decoder: Decoder, cache: KVCache, inputs: StepInputs, graphs: bool = True) -> None:
         self.decoder, self.cache, self.inputs = decoder, cache, inputs
         self.moe_layers = [layer.layer_idx for layer in decoder.layers if layer.router is not None]
+        wants = getattr(decoder.experts, "piece_predictions", None)
+        # MoE layer -> (l+1, l+2 or None): the layers whose routing its piece predicts for the runner
+        self.predicts = {l: p for l in self.moe_layers if (p := wants(l)) is not None} if wants else {}
         c = decoder.config
         self.moe_out = torch.zeros(inputs.batch, c.hidden_size, device=decoder.device, dtype=decoder.dtype)
         self.outputs: list[tuple[torch.Tensor, ...]] = []
@@ -138,7 +146,9 @@ class PiecewiseStep:
 
     @torch.inference_mode()
     def piece(self, k: int) -> tuple[torch.Tensor, ...]:
-        """Piece k's device work; returns (residual, MoE input [N, D], ids, weights), or (logits,) last."""
+        """Piece k's device work; returns (residual, MoE input [N, D], ids, weights), then the
+        predictions the runner asked for (l+1's logits, ids and weights, then l+2's ids where asked
+        and the routing has them), or (logits,) last."""
         d = self.decoder
         delta = None  # an FFN output the next norm adds to the stream (as `Decoder.run_layers`)
         if k == 0:
@@ -156,7 +166,20 @@ class PiecewiseStep:
         h, normed = d.attention_block(d.layers[last], x, self.step, delta)
         flat = normed.reshape(-1, normed.shape[-1])
         ids, weights = d.routing.route(last, flat)
-        return h, flat, ids, weights
+        return (h, flat, ids, weights, *self.predictions(last, flat))
+
+    def predictions(self, layer_idx: int, flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The runner's predictions from MoE layer layer_idx's input: l+1's (logits, ids, weights),
+        then l+2's ids where asked for and the routing predicts that far; () where none is asked."""
+        wanted = self.predicts.get(layer_idx)
+        if wanted is None:
+            return ()
+        nxt, nxt2 = wanted
+        routing = self.decoder.routing
+        out = tuple(routing.predict(nxt, flat))
+        source = getattr(routing, "predict_ahead", None) if nxt2 is not None else None
+        ahead = source(nxt2, flat) if source is not None else None
+        return out + ((ahead,) if ahead is not None else ())
 
     def run_piece(self, k: int) -> tuple[torch.Tensor, ...]:
         if self.graphs is None:
@@ -170,8 +193,12 @@ class PiecewiseStep:
     @torch.inference_mode()
     def replay(self) -> torch.Tensor:
         for k, layer_idx in enumerate(self.moe_layers):
-            _, flat, ids, weights = self.run_piece(k)
-            self.moe_out.copy_(self.decoder.experts(layer_idx, flat, ids, weights))
+            _, flat, ids, weights, *predicted = self.run_piece(k)
+            if predicted:
+                out = self.decoder.experts(layer_idx, flat, ids, weights, predicted=tuple(predicted))
+            else:
+                out = self.decoder.experts(layer_idx, flat, ids, weights)
+            self.moe_out.copy_(out)
         return self.run_piece(len(self.moe_layers))[0]
 
 
