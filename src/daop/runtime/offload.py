@@ -20,7 +20,8 @@ from daop.executors.cpu import CpuExecutor, QueuedFuture
 from daop.executors.transfer import Transfer
 from daop.model.moe import expert_inputs, group_by_expert, token_rows, weighted_sum
 from daop.placement.policies import LayerPlan, Policy
-from daop.quant import expert_forward, expert_rows, grouped_on_device, grouped_swiglu, indexed_swiglu, routes_on_device
+from daop.quant import (expert_forward, expert_rows, grouped_on_device, grouped_swiglu, indexed_swiglu, routed_experts,
+                        routes_on_device)
 from daop.runtime.stats import Counters
 from daop.runtime.timeline import Timeline
 from daop.weights.expert_store import ExpertStore
@@ -225,7 +226,11 @@ class OffloadedExperts:
         products = (self.grouped_products if grouped_on_device(self.store.fmt, h.device, h.shape[0], self.store.hidden,
                                                               self.store.inter)
                     else self.indexed_products if routes_on_device(self.store.fmt, h.device, h.shape[0]) else None)
-        if products is not None:  # the slots' experts in one launch per product
+        out = None
+        if (products == self.indexed_products and h.shape[0] == 1 and weights.shape[1] <= 2 and not copy_items
+                and not cpu_experts and not precalc):
+            out = self.picks_in_slots(h, weights, rows_host, gpu_items)  # the whole sum, the GPU's alone
+        elif products is not None:  # the slots' experts in one launch per product
             ys.update(self.grouped(layer_idx, h, rows, gpu_items + copy_items, len(gpu_items), products))
             xs = expert_inputs(h, rows, [e for e, _, _ in plan.split])
         else:
@@ -256,7 +261,8 @@ class OffloadedExperts:
             ys[e] = (ys[e].float() + tail.float()).to(tail.dtype)
         self.mark(layer_idx, "cpu_collected")
         self.count(layer_idx, h.shape[0], plan, len(ready), len(used), time.perf_counter() - t0)
-        out = weighted_sum(h, ys, weights, rows_host, rows)
+        if out is None:
+            out = weighted_sum(h, ys, weights, rows_host, rows)
         self.mark(layer_idx, "exit")
         return out
 
@@ -288,6 +294,25 @@ class OffloadedExperts:
             wave.append((e, slot))
         launch()
         return ys
+
+    def picks_in_slots(self, h: torch.Tensor, weights: torch.Tensor, rows_host: dict, items: list) -> torch.Tensor:
+        """One token's weighted sum [1, D] where its K <= 2 picks all sit in slots on the GPU (items:
+        (expert, slot, copy event or None)): the picks in column order through the GEMV kernel, each
+        stored scaled by its weight, then added (`routed_experts` over the slot stack), which is bit
+        for bit what `weighted_sum` gives of the experts computed one by one (two picks: a + b ==
+        b + a), in 4 launches and little host work where the products and the sum took some ten."""
+        slot_of: dict[int, int] = {}
+        for e, slot, event in items:
+            self.transfer.wait(event)
+            slot_of[e] = slot
+        by_col = [0] * weights.shape[1]
+        for e, (_, cols) in rows_host.items():
+            for c in cols.tolist():
+                by_col[c] = slot_of[e]
+        out = routed_experts(h.contiguous(), self.slot_index(by_col, h.device).view(1, -1), weights, self.store.slots)
+        for slot in slot_of.values():
+            self.transfer.release_slot(slot)
+        return out
 
     def grouped_products(self, h: torch.Tensor, rows: dict, wave: list[tuple[int, int]]) -> dict[int, torch.Tensor]:
         """A wave's experts (expert, slot) on their token rows through grouped products (`grouped_swiglu`)."""
