@@ -175,10 +175,11 @@ def test_predictions_made_after_the_cpu_submit_keep_the_tokens(reference, monkey
     """A decode layer whose predicted misses were promised to the CPU predicts the next layers once
     its CPU experts are submitted (read in a second copy); DAOP_LATE_PREDICT=0 predicts before every
     routing read. Either way the predictions are the same, and so are the tokens. Copies here cost
-    far more than a CPU expert, so the speculation promises the predicted misses to the CPU."""
+    far more than a CPU expert, so the speculation promises the predicted misses to the CPU. (Steps
+    run eagerly: a captured step's pieces make the predictions themselves, tests/test_decode_step.py.)"""
     monkeypatch.setenv("DAOP_LATE_PREDICT", setting)
     profile = write_profile(default_model_dir(), tmp_path, 50.0, 0.1, {"fp32": "float32", "bf16": "bfloat16"}[DTYPE])
-    engine = load(policy="daop-exact", expert_ratio=0.5, hardware_profile=profile)
+    engine = load(policy="daop-exact", expert_ratio=0.5, hardware_profile=profile, cuda_graphs=False)
     outputs = {prompt: run(engine, prompt) for prompt in PROMPTS}
     if DEVICE == "cpu":
         assert outputs == reference

@@ -558,7 +558,8 @@ def place_on_prompt(config) -> bool:
 
 def late_predictions() -> bool:
     """Whether a decode layer expected to have CPU experts predicts the next layers only once they
-    are submitted (the default); DAOP_LATE_PREDICT=0 predicts before every routing read."""
+    are submitted (the default); DAOP_LATE_PREDICT=0 predicts before every routing read. (In a
+    captured step the pieces make the predictions, at no cost to the host: never late there.)"""
     return switch("DAOP_LATE_PREDICT") is not False
 
 
