@@ -6,6 +6,8 @@ from daop.engine import Engine
 from daop.runtime.timeline import Timeline
 
 ORDER = ["enter", "routed", "cpu_submitted", "copies_queued", "speculated", "gpu_launched", "cpu_collected", "exit"]
+# a layer whose experts the GPU alone serves speculates for the next layer once they are launched
+GPU_ONLY_ORDER = ["enter", "routed", "cpu_submitted", "copies_queued", "gpu_launched", "speculated", "cpu_collected", "exit"]
 
 
 @pytest.mark.parametrize("policy", ["static", "daop-exact"])
@@ -27,7 +29,8 @@ def test_timeline_records_each_layer_in_order_and_cpu_jobs_inside_their_step(tin
         assert times == sorted(times) and 0 <= times[0] and times[-1] <= step.end_ms
         for layer in moe_layers:
             names = [n for l, n, _ in step.marks if l == layer]
-            assert names == [n for n in ORDER if n in names] and names[0] == "enter" and names[-1] == "exit"
+            assert names in ([n for n in ORDER if n in names], [n for n in GPU_ONLY_ORDER if n in names])
+            assert names[0] == "enter" and names[-1] == "exit"
         for layer, kind, submitted, start, end in step.cpu:
             assert layer in moe_layers and kind in ("cpu", "ahead")
             assert 0 <= submitted <= start <= end <= step.end_ms

@@ -341,8 +341,13 @@ class DaopRunner(OffloadedExperts):
                 if ahead is not None:
                     self.copy_early(ahead[0], ahead_host, taken | set(nxt.prepared.prefetched.values())
                                     | {s for s, _ in nxt.prepared.split.values()}, clock, pred.layer_idx, nxt, at)
+            self.mark(layer_idx, "speculated")
 
-        out = self.execute(layer_idx, h, weights, rows_host, layer_plan, ready, started, speculate, halves=halves)
+        # A layer whose experts the GPU alone serves (no CPU work, copy or split) waits on the host's
+        # launch of them: the speculation for the next layer then runs once they are launched.
+        gpu_only = not (late or layer_plan.cpu or layer_plan.copy or layer_plan.split or started)
+        out = self.execute(layer_idx, h, weights, rows_host, layer_plan, ready, started,
+                           None if gpu_only else speculate, after_launch=speculate if gpu_only else None, halves=halves)
         if self.recent is not None:  # (after the CPU submit: the plan does not read it)
             self.recent.add(layer_idx, counts)
             if self.recent.due(layer_idx):

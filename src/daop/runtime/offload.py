@@ -193,7 +193,8 @@ class OffloadedExperts:
         jobs started earlier (a pre-calculation, an early submit) and the experts of their results
         to use (collected after this layer's own CPU results); before_compute: a callback run once this layer's copies and CPU
         jobs are queued (speculation for the next layer); after_launch: one run once the GPU work is
-        launched, before the CPU results are awaited (prefill settles slots and prefetches here);
+        launched, before the CPU results are awaited (prefill settles slots and prefetches here; decode
+        speculates here in a layer whose experts the GPU alone serves);
         halves: the copy events of the split experts' GPU parts (plan.split), by expert: the CPU
         computes each one's first rows with this layer's CPU experts, the GPU the rest from its slot,
         and the two outputs are added in float32.
@@ -217,7 +218,6 @@ class OffloadedExperts:
         self.mark(layer_idx, "copies_queued")
         if before_compute is not None:
             before_compute()
-            self.mark(layer_idx, "speculated")
         rows = token_rows(h, rows_host)
         ys: dict[int, torch.Tensor] = {}
         gpu_items = ([(e, slot, self.landing.pop(slot, None)) for e, slot in plan.gpu]
