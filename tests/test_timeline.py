@@ -24,6 +24,7 @@ def test_timeline_records_each_layer_in_order_and_cpu_jobs_inside_their_step(tin
         tl.end_step()
     assert len(tl.steps) == 5
     moe_layers = engine.config.moe_layer_ids()
+    orders = set()
     for step in tl.steps:
         times = [ms for _, _, ms in step.marks]
         assert times == sorted(times) and 0 <= times[0] and times[-1] <= step.end_ms
@@ -31,6 +32,13 @@ def test_timeline_records_each_layer_in_order_and_cpu_jobs_inside_their_step(tin
             names = [n for l, n, _ in step.marks if l == layer]
             assert names in ([n for n in ORDER if n in names], [n for n in GPU_ONLY_ORDER if n in names])
             assert names[0] == "enter" and names[-1] == "exit"
+            if "speculated" in names:
+                late = names.index("speculated") > names.index("gpu_launched")
+                orders.add(late)
+                if late:  # only a layer without CPU work speculates after its launch
+                    assert not any(l == layer and kind == "cpu" for l, kind, *_ in step.cpu)
+    if policy == "daop-exact":  # layers with CPU work and layers the GPU alone serves, each in its order
+        assert orders == {False, True}
         for layer, kind, submitted, start, end in step.cpu:
             assert layer in moe_layers and kind in ("cpu", "ahead")
             assert 0 <= submitted <= start <= end <= step.end_ms
