@@ -2,8 +2,8 @@
 """Variants of the runners' settings against each other in one process: `daop bench` points on one
 subject (a synthetic geometry is built once), each variant a set of environment variables that a
 runner reads when it is built (DAOP_DECODE_SWAPS, DAOP_PLACE_ON_PROMPT, DAOP_LATE_PREDICT,
-DAOP_EARLY_SUBMIT, DAOP_TWO_AHEAD, DAOP_SPLIT_EXPERTS, DAOP_SIDE_BY_SIDE; not those read at import,
-such as DAOP_ROUTING_WAIT).
+DAOP_EARLY_SUBMIT, DAOP_LAUNCH_FIRST, DAOP_TWO_AHEAD, DAOP_SPLIT_EXPERTS, DAOP_SIDE_BY_SIDE; not those
+read at import, such as DAOP_ROUTING_WAIT).
 
 The H200 hosts drift by 10-20 % within minutes, so the variants run interleaved: per round in the
 given order, then reversed (a, b, c, c, b, a), every ratio and policy of the bench arguments per

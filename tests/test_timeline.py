@@ -3,6 +3,7 @@ thread, CPU jobs inside their step, a summary of what was recorded."""
 import pytest
 
 from daop.engine import Engine
+from daop.errors import DaopError
 from daop.runtime.timeline import Timeline
 
 ORDER = ["enter", "routed", "cpu_submitted", "copies_queued", "speculated", "gpu_launched", "cpu_collected", "exit"]
@@ -10,8 +11,9 @@ ORDER = ["enter", "routed", "cpu_submitted", "copies_queued", "speculated", "gpu
 GPU_ONLY_ORDER = ["enter", "routed", "cpu_submitted", "copies_queued", "gpu_launched", "speculated", "cpu_collected", "exit"]
 
 
-@pytest.mark.parametrize("policy", ["static", "daop-exact"])
-def test_timeline_records_each_layer_in_order_and_cpu_jobs_inside_their_step(tiny_dir, policy):
+@pytest.mark.parametrize("policy,launch_first", [("static", ""), ("daop-exact", ""), ("daop-exact", "0")])
+def test_timeline_records_each_layer_in_order_and_cpu_jobs_inside_their_step(tiny_dir, monkeypatch, policy, launch_first):
+    monkeypatch.setenv("DAOP_LAUNCH_FIRST", launch_first)
     _, path = tiny_dir("mixtral")
     engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy=policy, expert_ratio=0.25)
     runner = engine.decoder.experts
@@ -38,7 +40,7 @@ def test_timeline_records_each_layer_in_order_and_cpu_jobs_inside_their_step(tin
                 if late:  # only a layer without CPU work speculates after its launch
                     assert not any(l == layer and kind == "cpu" for l, kind, *_ in step.cpu)
     if policy == "daop-exact":  # layers with CPU work and layers the GPU alone serves, each in its order
-        assert orders == {False, True}
+        assert orders == ({False} if launch_first == "0" else {False, True})  # =0: every layer speculates first
         for layer, kind, submitted, start, end in step.cpu:
             assert layer in moe_layers and kind in ("cpu", "ahead")
             assert 0 <= submitted <= start <= end <= step.end_ms
@@ -49,3 +51,10 @@ def test_timeline_records_each_layer_in_order_and_cpu_jobs_inside_their_step(tin
     assert set(summary["marks"]) >= {f"{moe_layers[0]}:enter", f"{moe_layers[-1]}:exit"}
     raw = tl.raw(tl.steps[-1])
     assert raw["marks"] and raw["copies"] == []
+
+
+def test_launch_first_setting_is_checked(tiny_dir, monkeypatch):
+    _, path = tiny_dir("mixtral")
+    monkeypatch.setenv("DAOP_LAUNCH_FIRST", "yes")
+    with pytest.raises(DaopError, match="DAOP_LAUNCH_FIRST=.yes."):
+        Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy="daop-exact", expert_ratio=0.25)

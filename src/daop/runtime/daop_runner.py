@@ -109,6 +109,7 @@ class DaopRunner(OffloadedExperts):
         self.placed_on_prompt = False
         self.late_predict = late_predictions()
         self.early_submit = early_submits()
+        self.launch_first = launch_first()
         self.two_ahead = two_ahead(self.policy.config)
 
     def plan_costs(self) -> CostModel:
@@ -345,7 +346,7 @@ class DaopRunner(OffloadedExperts):
 
         # A layer whose experts the GPU alone serves (no CPU work, copy or split) waits on the host's
         # launch of them: the speculation for the next layer then runs once they are launched.
-        gpu_only = not (late or layer_plan.cpu or layer_plan.copy or layer_plan.split or started)
+        gpu_only = self.launch_first and not (late or layer_plan.cpu or layer_plan.copy or layer_plan.split or started)
         out = self.execute(layer_idx, h, weights, rows_host, layer_plan, ready, started,
                            None if gpu_only else speculate, after_launch=speculate if gpu_only else None, halves=halves)
         if self.recent is not None:  # (after the CPU submit: the plan does not read it)
@@ -566,6 +567,12 @@ def late_predictions() -> bool:
     are submitted (the default); DAOP_LATE_PREDICT=0 predicts before every routing read. (In a
     captured step the pieces make the predictions, at no cost to the host: never late there.)"""
     return switch("DAOP_LATE_PREDICT") is not False
+
+
+def launch_first() -> bool:
+    """Whether a decode layer whose experts the GPU alone serves launches them before it speculates
+    for the next layer (the default); DAOP_LAUNCH_FIRST=0 speculates first, as every layer does."""
+    return switch("DAOP_LAUNCH_FIRST") is not False
 
 
 def early_submits() -> bool:
