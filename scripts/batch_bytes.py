@@ -12,10 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 
-from daop.bench.geometry import geometry_config
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.bench.geometry import geometry_config  # noqa: E402
 
 
 def dense_bytes(config, dtype: torch.dtype) -> int:

@@ -4,14 +4,17 @@ falls on both sides."""
 from __future__ import annotations
 
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
 
-from daop.batching import Batcher, Sequence
-from daop.engine import Engine
-from daop.sampling import SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.batching import Batcher, Sequence  # noqa: E402
+from daop.engine import Engine  # noqa: E402
+from daop.sampling import SamplingParams  # noqa: E402
 
 
 def prefilled_batch(engine: Engine, rows: int, new_tokens: int, seed: int, max_len: int | None = None) -> Batcher:

@@ -17,18 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
-from daop.batching import DEFAULT_CHUNK, Batcher, Sequence
-from daop.bench.geometry import synthetic_model
-from daop.bench.sweep import git_sha, synthetic_engine
-from daop.engine import Engine, resolve_device
-from daop.runtime.setup import RuntimeOptions
-from daop.sampling import SamplingParams
-from daop.weights.loader import parse_dtype
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.batching import DEFAULT_CHUNK, Batcher, Sequence  # noqa: E402
+from daop.bench.geometry import synthetic_model  # noqa: E402
+from daop.bench.sweep import git_sha, synthetic_engine  # noqa: E402
+from daop.engine import Engine, resolve_device  # noqa: E402
+from daop.runtime.setup import RuntimeOptions  # noqa: E402
+from daop.sampling import SamplingParams  # noqa: E402
+from daop.weights.loader import parse_dtype  # noqa: E402
 
 
 def build_engine(args) -> Engine:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from daop.kernels import cpu_expert
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.kernels import cpu_expert  # noqa: E402
 
 D, I = 4096, 14336  # Mixtral-8x7B's expert
 

@@ -15,12 +15,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 import triton.testing
 
-from daop.kernels import expert_gemv
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.kernels import expert_gemv  # noqa: E402
 
 BLOCKS = [(32, 256, 4), (16, 512, 4), (8, 1024, 4), (32, 256, 8), (16, 512, 8), (8, 1024, 8), (4, 2048, 4), (4, 2048, 8),
           (4, 1024, 4), (2, 4096, 4), (2, 2048, 4), (8, 2048, 8)]

@@ -19,13 +19,15 @@ import argparse
 import ctypes
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from daop.kernels import cpu_expert, expert_gemv
-from daop.quant import expert_forward, indexed_swiglu
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.kernels import cpu_expert, expert_gemv  # noqa: E402
+from daop.quant import expert_forward, indexed_swiglu  # noqa: E402
 
 
 def med(xs: list[float]) -> float:

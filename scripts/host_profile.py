@@ -24,19 +24,21 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from daop.bench.geometry import synthetic_model
-from daop.bench.trace import TraceRouting, load_traces
-from daop.executors import cpu as cpu_mod
-from daop.executors import transfer as transfer_mod
-from daop.generate import DecodeSession
-from daop.kernels import cpu_expert
-from daop.predict import swaps
-from daop.runtime import daop_runner, offload
-from daop.runtime.setup import RuntimeOptions, prepare_runtime
-from daop.runtime.timeline import Step, Timeline
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.bench.geometry import synthetic_model  # noqa: E402
+from daop.bench.trace import TraceRouting, load_traces  # noqa: E402
+from daop.executors import cpu as cpu_mod  # noqa: E402
+from daop.executors import transfer as transfer_mod  # noqa: E402
+from daop.generate import DecodeSession  # noqa: E402
+from daop.kernels import cpu_expert  # noqa: E402
+from daop.predict import swaps  # noqa: E402
+from daop.runtime import daop_runner, offload  # noqa: E402
+from daop.runtime.setup import RuntimeOptions, prepare_runtime  # noqa: E402
+from daop.runtime.timeline import Step, Timeline  # noqa: E402
 
 TIMES: dict[str, list[float]] = defaultdict(list)
 

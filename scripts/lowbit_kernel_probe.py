@@ -16,13 +16,16 @@ import argparse
 import json
 import shutil
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from cpu_gemv_probe import bandwidth_gbps  # the same host read bandwidth as the bf16 probe (this folder)
-from daop.quant import ExpertFormat, dequantize, expert_forward, to_slot_format
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.quant import ExpertFormat, dequantize, expert_forward, to_slot_format  # noqa: E402
 
 
 def has_kernel(op: str, key: str) -> bool:

@@ -20,18 +20,18 @@ import platform
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from daop.bench.geometry import synthetic_decoder
-from daop.engine import Engine
-from daop.executors.cpu import physical_cores
-from daop.model.specs import spec_by_name
-from daop.runtime.setup import RuntimeOptions, prepare_runtime
-from daop.sampling import SamplingParams
-from daop.threads import choose_threads
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.bench.geometry import synthetic_decoder  # noqa: E402
+from daop.engine import Engine  # noqa: E402
+from daop.executors.cpu import physical_cores  # noqa: E402
+from daop.model.specs import spec_by_name  # noqa: E402
+from daop.runtime.setup import RuntimeOptions, prepare_runtime  # noqa: E402
+from daop.sampling import SamplingParams  # noqa: E402
+from daop.threads import choose_threads  # noqa: E402
 
 
 def synthetic_engine(width: int, layers: int) -> Engine:
@@ -100,7 +100,6 @@ def main() -> int:
     spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.busy)]
     for p in spinners:
         p.start()
-    rows: list[dict] = []
     out = open(args.output, "w") if args.output else None
 
     def emit(row: dict) -> None:

@@ -13,14 +13,17 @@ import cProfile
 import io
 import json
 import pstats
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from daop.bench.geometry import synthetic_model
-from daop.generate import DecodeSession
-from daop.hardware import HardwareProfile
-from daop.runtime.setup import RuntimeOptions, prepare_runtime
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.bench.geometry import synthetic_model  # noqa: E402
+from daop.generate import DecodeSession  # noqa: E402
+from daop.hardware import HardwareProfile  # noqa: E402
+from daop.runtime.setup import RuntimeOptions, prepare_runtime  # noqa: E402
 
 
 def main() -> None:

@@ -27,11 +27,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import numpy as np
 
-from daop.predict.placement import quota_placement
-from daop.predict.swaps import apply_swaps, plan_swaps
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.predict.placement import quota_placement  # noqa: E402
+from daop.predict.swaps import apply_swaps, plan_swaps  # noqa: E402
 
 
 def prompts(path: str) -> list[tuple[np.ndarray, int]]:

@@ -13,14 +13,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
 
-from daop.bench.geometry import synthetic_model
-from daop.generate import DecodeSession
-from daop.runtime.setup import RuntimeOptions, prepare_runtime
-from daop.runtime.timeline import Timeline
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.bench.geometry import synthetic_model  # noqa: E402
+from daop.generate import DecodeSession  # noqa: E402
+from daop.runtime.setup import RuntimeOptions, prepare_runtime  # noqa: E402
+from daop.runtime.timeline import Timeline  # noqa: E402
 
 
 def prompt_of(n: int, seed: int) -> list[int]:

@@ -39,9 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from daop.bench.trace import load_traces, record, rerecord, save_traces
-from daop.engine import Engine
-from daop.sampling import SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.bench.trace import load_traces, record, rerecord, save_traces  # noqa: E402
+from daop.engine import Engine  # noqa: E402
+from daop.sampling import SamplingParams  # noqa: E402
 
 
 def trace_stats(traces) -> dict:

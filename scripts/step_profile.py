@@ -12,18 +12,21 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from collections import defaultdict
+from pathlib import Path
 
 import torch
 
-from daop.batching import Batcher, Sequence, drive
-from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts
-from daop.engine import Engine
-from daop.generate import DecodeSession
-from daop.runtime.decode_step import capture_kind
-from daop.runtime.setup import RuntimeOptions, prepare_runtime, resolve_expert_format
-from daop.sampling import SamplingParams
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.batching import Batcher, Sequence, drive  # noqa: E402
+from daop.bench.geometry import geometry_config, synthetic_decoder, synthetic_host_experts  # noqa: E402
+from daop.engine import Engine  # noqa: E402
+from daop.generate import DecodeSession  # noqa: E402
+from daop.runtime.decode_step import capture_kind  # noqa: E402
+from daop.runtime.setup import RuntimeOptions, prepare_runtime, resolve_expert_format  # noqa: E402
+from daop.sampling import SamplingParams  # noqa: E402
 
 
 class Run:

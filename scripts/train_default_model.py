@@ -49,7 +49,6 @@ import argparse
 import hashlib
 import json
 import math
-import os
 import shutil
 import sys
 import time

@@ -22,9 +22,11 @@ import json
 import os
 import statistics
 import sys
+from pathlib import Path
 
-from daop.bench.sweep import HEADER, policy_points, prepare
-from daop.cli import build_parser, parse_bench_lists
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "src"))  # this checkout's daop, installed or not
+from daop.bench.sweep import HEADER, policy_points, prepare  # noqa: E402
+from daop.cli import build_parser, parse_bench_lists  # noqa: E402
 
 
 def parse_variant(spec: str) -> tuple[str, dict[str, str]]:
