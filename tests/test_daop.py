@@ -33,14 +33,25 @@ def run(engine, prompt, n=32):
     return list(engine.generate_ids(engine.tokenizer.encode(prompt), SamplingParams(max_new_tokens=n)))
 
 
-@pytest.mark.parametrize("policy", ["daop-exact", "daop-strict"])
+@pytest.mark.parametrize("policy", ["daop-exact", "daop-exact keep", "daop-strict"])
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
-def test_exact_presets_equal_gpu_on_trained_model(reference, policy, ratio):
+def test_exact_presets_equal_gpu_on_trained_model(reference, monkeypatch, policy, ratio):
+    """daop-exact's decode turns its scratch slots into resident ones and predicts nothing;
+    DAOP_DECODE_SCRATCH=keep keeps them for copies made ahead on the predictions; daop-strict copies
+    every miss, so it keeps them whatever the setting."""
+    policy, _, keep = policy.partition(" ")
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", keep)
     engine = load(policy=policy, expert_ratio=ratio)
     outputs = {prompt: run(engine, prompt) for prompt in PROMPTS}
     if DEVICE == "cpu" or policy == "daop-strict":
         assert outputs == reference
     totals = engine.counters()
+    runner = engine.decoder.experts
+    if policy == "daop-exact" and not keep:
+        assert runner.policy.ctx.scratch_slots == 0 and runner.policy.resident_capacity() == runner.policy.ctx.gpu_slots
+        assert totals["predicted_total"] == 0 and totals["degraded_tokens"] == 0 and totals["precalc_used"] == 0
+        return
+    assert runner.policy.scratch() and runner.policy.resident_capacity() < runner.policy.ctx.gpu_slots
     assert totals["predicted_total"] > 0
     assert totals["predicted_hits"] / totals["predicted_total"] > 0.8  # a trained model is predictable
     assert totals["degraded_tokens"] == 0 and totals["precalc_used"] == 0  # no approximation ran
@@ -50,6 +61,7 @@ def test_exact_presets_equal_gpu_on_trained_model(reference, policy, ratio):
 @pytest.mark.parametrize("ratio", [0.25, 0.5])
 def test_two_ahead_copies_give_the_same_tokens(reference, monkeypatch, ratio):
     """DAOP_TWO_AHEAD=1: layer l copies l+2's predicted misses too, most are used, the tokens are gpu's."""
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "keep")  # copies made ahead need scratch slots in decode
     monkeypatch.setenv("DAOP_TWO_AHEAD", "1")
     engine = load(policy="daop-exact", expert_ratio=ratio)
     outputs = {prompt: run(engine, prompt) for prompt in PROMPTS}
@@ -178,6 +190,7 @@ def test_predictions_made_after_the_cpu_submit_keep_the_tokens(reference, monkey
     far more than a CPU expert, so the speculation promises the predicted misses to the CPU. (Steps
     run eagerly: a captured step's pieces make the predictions themselves, tests/test_decode_step.py.)"""
     monkeypatch.setenv("DAOP_LATE_PREDICT", setting)
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "keep")  # decode predicts only where it can copy ahead
     profile = write_profile(default_model_dir(), tmp_path, 50.0, 0.1, {"fp32": "float32", "bf16": "bfloat16"}[DTYPE])
     engine = load(policy="daop-exact", expert_ratio=0.5, hardware_profile=profile, cuda_graphs=False)
     outputs = {prompt: run(engine, prompt) for prompt in PROMPTS}
@@ -197,6 +210,7 @@ def test_experts_promised_to_the_cpu_started_before_the_plan_keep_the_tokens(ref
     as its routing is read, and plans the rest after; the plan gives the CPU the same experts (a
     layer call raises otherwise), the counters add up, and the tokens are the all-GPU path's."""
     monkeypatch.setenv("DAOP_EARLY_SUBMIT", "1")
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "keep")  # the promises come from the speculation on the predictions
     profile = write_profile(default_model_dir(), tmp_path, 50.0, 0.1, {"fp32": "float32", "bf16": "bfloat16"}[DTYPE])
     engine = load(policy="daop-exact", expert_ratio=ratio, hardware_profile=profile)
     outputs = {prompt: run(engine, prompt) for prompt in PROMPTS}

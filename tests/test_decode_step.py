@@ -393,6 +393,7 @@ def test_pieces_hand_the_runner_its_predictions(tiny_dir, paper, monkeypatch):
     routing (daop-paper from layer 1) the pieces' predictions are the routing layer l+1 computes with."""
     from daop.runtime.daop_runner import DaopRunner
 
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "keep")  # daop-exact predicts in decode only to copy ahead
     kw = dict(device="cpu", dtype="fp32", policy="daop-paper" if paper else "daop-exact", expert_ratio=0.5)
     engine = engine_for(tiny_dir, **kw)
     if paper:

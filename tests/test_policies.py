@@ -166,8 +166,10 @@ BRANCHES = {
 
 
 @pytest.mark.parametrize("policy,copies_win", sorted(BRANCHES))
-def test_cost_model_decides_between_copies_and_cpu(tiny_dir, tmp_path, reference, policy, copies_win):
-    """Explicit profiles force each branch; the counters show it was taken, the tokens that it is exact."""
+def test_cost_model_decides_between_copies_and_cpu(tiny_dir, tmp_path, monkeypatch, reference, policy, copies_win):
+    """Explicit profiles force each branch; the counters show it was taken, the tokens that it is exact.
+    (DAOP_DECODE_SCRATCH=keep: daop-exact's decode has scratch slots to copy into.)"""
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "keep")
     _, path = tiny_dir("mixtral")
     profile = write_profile(path, tmp_path, 1.0, 10.0, TORCH_DTYPE) if copies_win else write_profile(path, tmp_path, 10.0, 1.0, TORCH_DTYPE)
     engine = Engine.from_pretrained(path, device=DEVICE, dtype=DTYPE, progress=False, policy=policy, expert_ratio=0.5,

@@ -344,3 +344,86 @@ def test_placement_on_the_prompt_moves_leftover_slots_to_the_layers_the_prompt_u
     assert {l: policy.placement.resident_experts(l) for l in (0, 1)} == {0: [0, 3], 1: [0, 1, 2]}
     assert [policy.placement.slot(0, 0), policy.placement.slot(1, 0), policy.placement.slot(1, 1)] == [0, 2, 3]
     assert changed == [(0, 3, 1), (1, 2, 4)]  # into the slots layer 0's experts 1 and 2 left, in order
+
+
+def test_decode_turns_the_scratch_slots_daop_exact_does_not_keep_into_resident_ones():
+    # the context above: slots 0-4 resident, 5-6 scratch in prefill; daop-exact keeps none in decode
+    ctx = PolicyContext(2, 4, 1, 7, [0, 1], np.ones((2, 4)), CostModel(None))
+    policy = make_daop("daop-exact", ctx)
+    policy.set_decode(True)
+    assert policy.resident_capacity() == 7 and policy.scratch() == []
+    counts = np.array([[9, 0, 0, 1], [5, 7, 6, 0]])
+    changed = policy.fill_free(counts)
+    # the host experts with the most counts: layer 1's 2 (6), then layer 0's 3 (1); ties would go by popularity
+    assert changed == [(1, 2, 5), (0, 3, 6)]
+    policy.placement.check()
+    assert policy.fill_free(counts) == []  # no free slot left
+    policy.set_decode(False)  # a prefill again: the two slots are scratch, their experts host ones
+    assert policy.resident_capacity() == 5 and policy.scratch() == [5, 6]
+    assert not policy.placement.resident(1, 2) and not policy.placement.resident(0, 3)
+    assert {l: policy.placement.resident_experts(l) for l in (0, 1)} == {0: [0, 1, 2], 1: [0, 1]}
+    policy.placement.check()
+    policy.set_decode(True)
+    policy.reset()  # a new sequence starts in prefill, from the calibrated placement
+    assert policy.resident_capacity() == 5 and policy.placement.resident_experts(0) == [0, 1, 2]
+
+
+@settings(max_examples=80, deadline=None)
+@given(data=st.data())
+def test_decode_scratch_slots_switch_with_the_phase_and_lose_no_resident_expert(data):
+    ctx = data.draw(contexts())
+    keep = data.draw(st.sampled_from(["", "0", "1", "keep"]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAOP_DECODE_SCRATCH", keep)
+        if precondition("daop-exact", ctx):
+            return
+        policy = make_daop("daop-exact", ctx)
+    prefill_capacity, prefill_scratch = policy.resident_capacity(), policy.scratch()
+    want = {"": 0, "0": 0, "1": 1, "keep": len(prefill_scratch)}[keep]
+    counts = np.array(data.draw(st.lists(st.lists(st.integers(0, 40), min_size=ctx.num_experts, max_size=ctx.num_experts),
+                                         min_size=ctx.num_layers, max_size=ctx.num_layers)), dtype=np.float64)
+    for layer_idx, n in data.draw(layer_calls(ctx), label="prefill swaps first"):
+        policy.swap_hot(layer_idx, n)
+    before = policy.placement.copy()
+    policy.set_decode(True)
+    assert len(policy.scratch()) == min(want, len(prefill_scratch))
+    assert policy.resident_capacity() == ctx.gpu_slots - len(policy.scratch())
+    if data.draw(st.booleans(), label="placed on the prompt"):
+        policy.place_on(counts)
+    placed = policy.placement.copy()
+    changed = policy.fill_free(counts)
+    after = policy.placement
+    after.check()
+    for l, e, slot in changed:  # only free resident slots were filled, with host experts
+        assert placed.owner[slot][0] == HOST and not placed.resident(l, e) and slot < policy.resident_capacity()
+    hosted = [counts[l, e] for l in ctx.moe_layers for e in range(ctx.num_experts) if not after.resident(l, e)]
+    if hosted:  # a host expert is left only where every resident slot is full, and none left out beats one placed
+        assert all(after.owner[s][0] != HOST for s in range(policy.resident_capacity()))
+        assert all(counts[l, e] >= max(hosted) for l, e, _ in changed)
+    for l in ctx.moe_layers:  # what the prefill had resident stays where it was unless placed anew on the prompt
+        for e in before.resident_experts(l):
+            assert after.resident(l, e) or not placed.resident(l, e)
+    policy.set_decode(False)
+    assert policy.resident_capacity() == prefill_capacity and policy.scratch() == prefill_scratch
+    policy.placement.check()
+    for l in ctx.moe_layers:
+        for e in policy.placement.resident_experts(l):
+            assert policy.placement.slot(l, e) < prefill_capacity and after.slot(l, e) == policy.placement.slot(l, e)
+        for e in after.resident_experts(l):
+            assert policy.placement.resident(l, e) == (after.slot(l, e) < prefill_capacity)
+
+
+@pytest.mark.parametrize("value", ["x", "-1", "1.5"])
+def test_a_bad_decode_scratch_setting_is_an_error_that_names_it(monkeypatch, value):
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", value)
+    ctx = PolicyContext(2, 4, 1, 7, [0, 1], np.ones((2, 4)), CostModel(None))
+    with pytest.raises(DaopError, match="DAOP_DECODE_SCRATCH"):
+        make_daop("daop-exact", ctx)
+
+
+def test_daop_strict_keeps_its_scratch_slots_in_decode(monkeypatch):
+    """Without CPU experts every miss is copied into a scratch slot: the setting does not apply."""
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "0")
+    policy = make_daop("daop-strict", PolicyContext(2, 4, 1, 7, [0, 1], np.ones((2, 4)), CostModel(None)))
+    policy.set_decode(True)
+    assert policy.scratch() == [5, 6]

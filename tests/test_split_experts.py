@@ -164,6 +164,7 @@ def test_daop_exact_with_split_experts_gives_the_gpu_policys_tokens(tmp_path, mo
 
     reference, _ = tokens()
     monkeypatch.setenv("DAOP_SPLIT_EXPERTS", "1")
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "keep")  # a split's rows are copied into a scratch slot
     profile = write_profile(default_model_dir(), tmp_path, copy_ms=20.0, cpu_ms=5.0)  # neither channel alone serves a miss in time
     split, counters = tokens(policy="daop-exact", expert_ratio=0.25, hardware_profile=profile)
     assert counters["speculative_splits"] > 0 and counters["split_calls"] > 0

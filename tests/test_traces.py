@@ -185,9 +185,11 @@ def narrow_engine(geometry: str, policy: str, ratio: float) -> Engine:
 
 
 @pytest.mark.parametrize("name", sorted(n for n in GEOMETRY_OF if n.startswith("proxy-")))
-def test_committed_proxy_trace_drives_daop_prediction(name):
+def test_committed_proxy_trace_drives_daop_prediction(name, monkeypatch):
     """Replaying a full-size geometry's routing source: the runner routes exactly as recorded and its
-    next-layer prediction scores what the trace's recorded predictions say it should."""
+    next-layer prediction scores what the trace's recorded predictions say it should (with scratch
+    slots kept in decode, where daop-exact predicts)."""
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "keep")
     path = TRACES / name
     if not path.exists():
         pytest.fail(f"{path} is listed in GEOMETRY_OF but not committed")

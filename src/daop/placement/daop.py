@@ -17,6 +17,7 @@ The runner (runtime/daop_runner.py) carries the decisions out; this module decid
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -69,6 +70,14 @@ class DaopConfig:
     # as long in three calls (benchmarks/results/h200-mixtral-8x7b-8layers-late-predict-place-on-prompt.jsonl),
     # the first token 0-12 % later; DAOP_PLACE_ON_PROMPT=1 turns it on for every DAOP preset, =0 off
     place_on_prompt: bool = True
+    # scratch slots kept for copies in decode (None: all of them); the others hold resident experts
+    # while a sequence decodes (placed with the rest at decode start) and are scratch again in prefill,
+    # where copies made ahead bring the first token sooner. 0 in daop-exact: on H100 and H200 hosts the
+    # CPU experts alone read host memory about as fast as both channels together, and decode with the
+    # trace was 0.81-0.87x as long with the four slots resident as with copies made ahead into them
+    # (benchmarks/results/h100-mixtral-8x7b-8layers-scratch-variants.jsonl). DAOP_DECODE_SCRATCH=N sets
+    # it for every preset with CPU experts, =keep keeps them all
+    decode_scratch: int | None = None
 
     @property
     def exact(self) -> bool:
@@ -76,12 +85,12 @@ class DaopConfig:
 
 
 PRESETS: dict[str, DaopConfig] = {
-    "daop-exact": DaopConfig(),
+    "daop-exact": DaopConfig(decode_scratch=0),
     "daop-paper": DaopConfig(first_predicted_layer=4, split="sum", predicted_routing=True, stale_input=True,
                              substitution=True, speculative_copies=False, decode_swap_every=0, place_on_prompt=False),
     # Our best trade-off is, so far, no approximation at all: on the H200 the stale-input variant
     # (daop-stale) was slower than daop-exact and changed the tokens, so `daop` is daop-exact.
-    "daop": DaopConfig(),
+    "daop": DaopConfig(decode_scratch=0),
     "daop-stale": DaopConfig(stale_input=True),
     "daop-strict": DaopConfig(cpu_experts=False),
 }
@@ -96,13 +105,52 @@ class Daop(Policy):
         self.config = config
         per_layer = config.scratch_per_layer or ctx.top_k
         ctx.scratch_slots = min(ctx.gpu_slots, 2 * per_layer) if ctx.gpu_slots > 2 * per_layer else 0
+        override = scratch_setting()
+        if override is not None:
+            ctx.scratch_slots = min(ctx.gpu_slots, override)
         if not config.cpu_experts:  # every miss is copied: with a small budget, every slot is scratch
             if ctx.gpu_slots < 1:
                 raise DaopError("a DAOP preset without CPU experts needs at least one GPU expert slot to copy misses into; "
                                 "the budget holds none")
             ctx.scratch_slots = ctx.scratch_slots or ctx.gpu_slots
         self.exact = config.exact
+        self.prefill_scratch = ctx.scratch_slots
+        keep = decode_scratch_setting(config)
+        self.decode_scratch = self.prefill_scratch if keep is None else min(keep, self.prefill_scratch)
         super().__init__(ctx)
+
+    def reset(self) -> None:
+        self.ctx.scratch_slots = self.prefill_scratch
+        super().reset()
+
+    def set_decode(self, decode: bool) -> None:
+        """Switch the scratch slots between the phases: decode keeps `decode_scratch` of them for copies,
+        the others join the resident slots, empty until `place_on` or `fill_free` places experts there.
+        Back in prefill they are scratch again: the experts placed in them go back to the host (the
+        slots' contents stay until a copy overwrites them)."""
+        keep = self.decode_scratch if decode else self.prefill_scratch
+        if keep == self.ctx.scratch_slots:
+            return
+        for slot in range(self.ctx.gpu_slots - keep, self.resident_capacity()):
+            self.placement.release(slot)
+        self.ctx.scratch_slots = keep
+
+    def fill_free(self, counts) -> list[tuple[int, int, int]]:
+        """Place the host experts with the most `counts` ([L, E]; the calibrated popularity breaks ties)
+        into the free resident slots, by global rank as the quota rule places its leftovers; returns the
+        (layer, expert, slot) assignments made (the runner copies them in)."""
+        ctx, placement = self.ctx, self.placement
+        free = [s for s in range(self.resident_capacity()) if placement.owner[s][0] == HOST]
+        if not free:
+            return []
+        score = np.asarray(counts, dtype=np.float64) + tie_breaks(ctx.popularity, np.shape(counts))
+        hosted = sorted((-score[l, e], l, e) for l in ctx.moe_layers for e in range(ctx.num_experts)
+                        if not placement.resident(l, e))
+        changed = []
+        for slot, (_, l, e) in zip(free, hosted):
+            placement.assign(l, e, slot)
+            changed.append((l, e, slot))
+        return changed
 
     def initial_placement(self) -> Placement:
         ctx = self.ctx
@@ -129,8 +177,7 @@ class Daop(Policy):
         scratch slots are not touched."""
         ctx = self.ctx
         counts = np.asarray(counts, dtype=np.float64)
-        prior = np.asarray(ctx.popularity, dtype=np.float64)
-        ties = prior / (prior.sum() + 1.0) if prior.shape == counts.shape else 0.0  # below one count in all
+        ties = tie_breaks(ctx.popularity, counts.shape)
         capacity = self.resident_capacity()
         target = quota_placement(counts + ties, ctx.moe_layers, capacity, num_slots=ctx.gpu_slots)
         old = self.placement
@@ -160,3 +207,43 @@ def make_daop(preset: str, ctx: PolicyContext, **overrides) -> Daop:
     policy = Daop(ctx, config)
     policy.name = preset
     return policy
+
+
+def tie_breaks(popularity, shape) -> np.ndarray | float:
+    """The calibrated popularity scaled below one count in all, to break ties between equal counts."""
+    prior = np.asarray(popularity, dtype=np.float64)
+    return prior / (prior.sum() + 1.0) if prior.shape == tuple(shape) else 0.0
+
+
+def decode_scratch_setting(config: DaopConfig) -> int | None:
+    """Scratch slots kept for copies in decode (`DaopConfig.decode_scratch`; None: all of them);
+    DAOP_DECODE_SCRATCH=N sets it for every preset with CPU experts, =keep keeps them all. A preset
+    without CPU experts copies every miss: it keeps them all."""
+    env = os.environ.get("DAOP_DECODE_SCRATCH", "").strip()
+    if env and env != "keep":
+        try:
+            value = int(env)
+        except ValueError:
+            value = -1
+        if value < 0:
+            raise DaopError(f"DAOP_DECODE_SCRATCH={env!r}: expected a number of slots >= 0, or keep")
+    if not config.cpu_experts:
+        return None
+    if env == "keep":
+        return None
+    return int(env) if env else config.decode_scratch
+
+
+def scratch_setting() -> int | None:
+    """DAOP_SCRATCH_SLOTS=N: N of the GPU expert slots (at most all) are scratch slots for copies, the
+    rest resident; unset, 2 x the slots per layer in flight (`DaopConfig.scratch_per_layer`)."""
+    env = os.environ.get("DAOP_SCRATCH_SLOTS", "").strip()
+    if not env:
+        return None
+    try:
+        value = int(env)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise DaopError(f"DAOP_SCRATCH_SLOTS={env!r}: expected a number of slots >= 0")
+    return value

@@ -36,6 +36,16 @@ class Placement:
         self.owner[slot] = (layer_idx, expert_idx)
         return evicted
 
+    def release(self, slot: int) -> tuple[int, int] | None:
+        """Empty a slot: its expert goes back to the host; returns that (layer, expert), if any."""
+        layer_idx, expert_idx = (int(x) for x in self.owner[slot])
+        if layer_idx == HOST:
+            return None
+        self._resident.clear()
+        self.table[layer_idx, expert_idx] = HOST
+        self.owner[slot] = HOST
+        return layer_idx, expert_idx
+
     def resident_experts(self, layer_idx: int) -> list[int]:
         """The layer's GPU-resident experts, ascending (a new list: callers may keep or change it)."""
         found = self._resident.get(layer_idx)

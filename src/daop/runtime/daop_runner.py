@@ -111,17 +111,26 @@ class DaopRunner(OffloadedExperts):
         self.early_submit = early_submits()
         self.launch_first = launch_first()
         self.two_ahead = two_ahead(self.policy.config)
+        # decode predicts the next layers' routing only where it acts on the prediction: it is the
+        # routing (A1), the CPU pre-calculates on it (A2), or copies are made ahead into scratch slots
+        cfg = self.policy.config
+        self.decode_predicts = cfg.predicted_routing or cfg.stale_input or self.policy.decode_scratch > 0
 
     def plan_costs(self) -> CostModel:
         return timing_costs(self.policy.ctx.cost)
 
     def set_phase(self, phase: str) -> None:
         if self.phase != "decode" and phase == "decode":
+            self.policy.set_decode(True)  # the scratch slots decode does not keep join the resident ones
             if self.prompt_counts is not None and not self.placed_on_prompt and self.prompt_counts.any():
                 for layer_idx, _, _ in self.policy.place_on(self.prompt_counts):
                     self.counters.add("prompt_placements", layer_idx, 1)
                 self.placed_on_prompt = True  # once per sequence (the batch's first, when sequences join)
+            counts = self.prompt_counts if self.prompt_counts is not None else np.zeros_like(self.policy.ctx.popularity)
+            self.policy.fill_free(counts)  # resident slots still empty (no placement on the prompt, or a batch's later turn)
             self.settle_all()  # the wanted experts a prefill did not bring to the GPU, copied from the host
+        elif self.phase == "decode" and phase != "decode":
+            self.policy.set_decode(False)
         self.phase = phase
         self.forget_pending()
 
@@ -156,7 +165,7 @@ class DaopRunner(OffloadedExperts):
         MoE layer l's input for this runner, as `predict` and `predict_ahead` would from the host;
         None where decode predicts nothing after l."""
         nxt = self.next_moe.get(layer_idx)
-        if nxt is None or nxt < self.policy.config.first_predicted_layer:
+        if nxt is None or nxt < self.policy.config.first_predicted_layer or not self.decode_predicts:
             return None
         return nxt, (self.next_moe.get(nxt) if self.two_ahead else None)
 
@@ -249,7 +258,7 @@ class DaopRunner(OffloadedExperts):
         (logits, ids, weights) the captured piece predicted already."""
         nxt = self.next_moe.get(layer_idx)
         cfg = self.policy.config
-        if nxt is None or nxt < cfg.first_predicted_layer:
+        if nxt is None or nxt < cfg.first_predicted_layer or not self.decode_predicts:
             return None
         logits, ids, weights = given[:3] if given is not None else self.routing().predict(nxt, h)
         pred = Prediction(nxt, logits, ids, ids, weights)
