@@ -72,11 +72,11 @@ class DaopConfig:
     place_on_prompt: bool = True
     # scratch slots kept for copies in decode (None: all of them); the others hold resident experts
     # while a sequence decodes (placed with the rest at decode start) and are scratch again in prefill,
-    # where copies made ahead bring the first token sooner. 0 in daop-exact: on H100 and H200 hosts the
-    # CPU experts alone read host memory about as fast as both channels together, and decode with the
-    # trace was 0.81-0.87x as long with the four slots resident as with copies made ahead into them
-    # (benchmarks/results/h100-mixtral-8x7b-8layers-scratch-variants.jsonl). DAOP_DECODE_SCRATCH=N sets
-    # it for every preset with CPU experts, =keep keeps them all
+    # where copies made ahead bring the first token sooner. 0 in daop-exact: on the H100 hosts measured
+    # the CPU experts alone read host memory about as fast as both channels together, and keeping the
+    # four slots for copies made ahead made decode 1.21x / 1.11x as long with the trace at 0.5 / 0.25
+    # (synthetic routing: 1.16x / 0.95x; benchmarks/results/h100-mixtral-8x7b-8layers-decode-scratch-ab.jsonl).
+    # DAOP_DECODE_SCRATCH=N sets it for every preset with CPU experts, =keep keeps them all
     decode_scratch: int | None = None
 
     @property
