@@ -372,14 +372,15 @@ def test_decode_turns_the_scratch_slots_daop_exact_does_not_keep_into_resident_o
 @given(data=st.data())
 def test_decode_scratch_slots_switch_with_the_phase_and_lose_no_resident_expert(data):
     ctx = data.draw(contexts())
-    keep = data.draw(st.sampled_from(["", "0", "1", "keep"]))
+    keep = data.draw(st.sampled_from(["", "auto", "0", "1", "keep"]))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DAOP_DECODE_SCRATCH", keep)
         if precondition("daop-exact", ctx):
             return
         policy = make_daop("daop-exact", ctx)
     prefill_capacity, prefill_scratch = policy.resident_capacity(), policy.scratch()
-    want = {"": 0, "0": 0, "1": 1, "keep": len(prefill_scratch)}[keep]
+    auto = len(prefill_scratch) if ctx.cost.copy_beats_cpu(1) else 0  # the default: resident where copies lose
+    want = {"": auto, "auto": auto, "0": 0, "1": 1, "keep": len(prefill_scratch)}[keep]
     counts = np.array(data.draw(st.lists(st.lists(st.integers(0, 40), min_size=ctx.num_experts, max_size=ctx.num_experts),
                                          min_size=ctx.num_layers, max_size=ctx.num_layers)), dtype=np.float64)
     for layer_idx, n in data.draw(layer_calls(ctx), label="prefill swaps first"):
@@ -427,3 +428,17 @@ def test_daop_strict_keeps_its_scratch_slots_in_decode(monkeypatch):
     policy = make_daop("daop-strict", PolicyContext(2, 4, 1, 7, [0, 1], np.ones((2, 4)), CostModel(None)))
     policy.set_decode(True)
     assert policy.scratch() == [5, 6]
+
+
+@pytest.mark.parametrize("copy_ms,cpu_ms,kept", [(5.0, 1.0, 0), (0.1, 1.0, 2)])
+def test_daop_exact_keeps_its_decode_scratch_slots_only_where_a_copy_beats_the_cpu(monkeypatch, copy_ms, cpu_ms, kept):
+    """By default (auto) a one-token miss the CPU serves sooner than a copy makes the slots resident
+    ones in decode; where copies win they stay scratch, as DAOP_DECODE_SCRATCH=keep has them."""
+    monkeypatch.delenv("DAOP_DECODE_SCRATCH", raising=False)
+    ctx = PolicyContext(2, 4, 1, 7, [0, 1], np.ones((2, 4)), CostModel(profile(copy_ms, cpu_ms)))
+    policy = make_daop("daop-exact", ctx)
+    assert policy.decode_scratch == kept
+    policy.set_decode(True)
+    assert len(policy.scratch()) == kept and policy.resident_capacity() == 7 - kept
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "auto")
+    assert make_daop("daop-exact", PolicyContext(2, 4, 1, 7, [0, 1], np.ones((2, 4)), CostModel(profile(copy_ms, cpu_ms)))).decode_scratch == kept

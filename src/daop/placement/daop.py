@@ -70,14 +70,17 @@ class DaopConfig:
     # as long in three calls (benchmarks/results/h200-mixtral-8x7b-8layers-late-predict-place-on-prompt.jsonl),
     # the first token 0-12 % later; DAOP_PLACE_ON_PROMPT=1 turns it on for every DAOP preset, =0 off
     place_on_prompt: bool = True
-    # scratch slots kept for copies in decode (None: all of them); the others hold resident experts
-    # while a sequence decodes (placed with the rest at decode start) and are scratch again in prefill,
-    # where copies made ahead bring the first token sooner. 0 in daop-exact: on the H100 hosts measured
-    # the CPU experts alone read host memory about as fast as both channels together, and keeping the
-    # four slots for copies made ahead made decode 1.21x / 1.11x as long with the trace at 0.5 / 0.25
-    # (synthetic routing: 1.16x / 0.95x; benchmarks/results/h100-mixtral-8x7b-8layers-decode-scratch-ab.jsonl).
-    # DAOP_DECODE_SCRATCH=N sets it for every preset with CPU experts, =keep keeps them all
-    decode_scratch: int | None = None
+    # scratch slots kept for copies in decode (None: all of them; "auto": none where the CPU serves a
+    # one-token miss sooner than a copy and the GPU would, all of them elsewhere); the others hold
+    # resident experts while a sequence decodes (placed with the rest at decode start) and are scratch
+    # again in prefill, where copies made ahead bring the first token sooner. "auto" in daop-exact: on
+    # the H100 hosts measured, with Mixtral-sized experts (a copy 6.4 ms, a CPU expert 2.9 ms) the CPU
+    # experts alone read host memory about as fast as both channels together, and keeping the four
+    # slots for copies made ahead made decode 1.21x / 1.11x as long with the trace at 0.5 / 0.25
+    # (synthetic routing: 1.16x / 0.95x; benchmarks/results/h100-mixtral-8x7b-8layers-decode-scratch-ab.jsonl);
+    # where copies are cheaper than the CPU (small experts) decode copies ahead into them as before.
+    # DAOP_DECODE_SCRATCH=N sets it for every preset with CPU experts, =keep keeps them all, =auto
+    decode_scratch: int | str | None = None
 
     @property
     def exact(self) -> bool:
@@ -85,12 +88,12 @@ class DaopConfig:
 
 
 PRESETS: dict[str, DaopConfig] = {
-    "daop-exact": DaopConfig(decode_scratch=0),
+    "daop-exact": DaopConfig(decode_scratch="auto"),
     "daop-paper": DaopConfig(first_predicted_layer=4, split="sum", predicted_routing=True, stale_input=True,
                              substitution=True, speculative_copies=False, decode_swap_every=0, place_on_prompt=False),
     # Our best trade-off is, so far, no approximation at all: on the H200 the stale-input variant
     # (daop-stale) was slower than daop-exact and changed the tokens, so `daop` is daop-exact.
-    "daop": DaopConfig(decode_scratch=0),
+    "daop": DaopConfig(decode_scratch="auto"),
     "daop-stale": DaopConfig(stale_input=True),
     "daop-strict": DaopConfig(cpu_experts=False),
 }
@@ -116,7 +119,9 @@ class Daop(Policy):
         self.exact = config.exact
         self.prefill_scratch = ctx.scratch_slots
         keep = decode_scratch_setting(config)
-        self.decode_scratch = self.prefill_scratch if keep is None else min(keep, self.prefill_scratch)
+        if keep == "auto":  # slots are worth more as resident ones where a copy loses to the CPU anyway
+            keep = None if ctx.cost.copy_beats_cpu(1) else 0
+        self.decode_scratch = self.prefill_scratch if keep is None else min(int(keep), self.prefill_scratch)
         super().__init__(ctx)
 
     def reset(self) -> None:
@@ -215,22 +220,24 @@ def tie_breaks(popularity, shape) -> np.ndarray | float:
     return prior / (prior.sum() + 1.0) if prior.shape == tuple(shape) else 0.0
 
 
-def decode_scratch_setting(config: DaopConfig) -> int | None:
-    """Scratch slots kept for copies in decode (`DaopConfig.decode_scratch`; None: all of them);
-    DAOP_DECODE_SCRATCH=N sets it for every preset with CPU experts, =keep keeps them all. A preset
-    without CPU experts copies every miss: it keeps them all."""
+def decode_scratch_setting(config: DaopConfig) -> int | str | None:
+    """Scratch slots kept for copies in decode (`DaopConfig.decode_scratch`; None: all of them, "auto":
+    as the cost model says); DAOP_DECODE_SCRATCH=N sets it for every preset with CPU experts, =keep
+    keeps them all, =auto. A preset without CPU experts copies every miss: it keeps them all."""
     env = os.environ.get("DAOP_DECODE_SCRATCH", "").strip()
-    if env and env != "keep":
+    if env and env not in ("keep", "auto"):
         try:
             value = int(env)
         except ValueError:
             value = -1
         if value < 0:
-            raise DaopError(f"DAOP_DECODE_SCRATCH={env!r}: expected a number of slots >= 0, or keep")
+            raise DaopError(f"DAOP_DECODE_SCRATCH={env!r}: expected a number of slots >= 0, keep or auto")
     if not config.cpu_experts:
         return None
     if env == "keep":
         return None
+    if env == "auto":
+        return "auto"
     return int(env) if env else config.decode_scratch
 
 
