@@ -10,6 +10,7 @@ predicts l+1's experts (2.4); what is done with the prediction depends on the sw
   speculative_copies      copy predicted host experts into scratch slots ahead of need (exact)
   two_ahead_copies        also copy layer l+2's predicted misses from layer l (two layers of lead)
   cpu_experts             off: no expert ever runs on the CPU, every miss is copied (strict)
+  decode_scratch          scratch slots kept for copies in decode; the others hold resident experts there
 All switches off except speculative copies is `daop-exact`: the all-GPU path's routing, with
 outputs equal to it up to CPU-vs-GPU rounding of CPU-computed experts (bitwise on a CPU-only
 machine). `daop-strict` adds cpu_experts off: bitwise the all-GPU path's outputs on a GPU too.

@@ -20,6 +20,9 @@ promised to the CPU), as in decode, so the copy stream never waits for a layer t
 With decode re-swaps on (`DaopConfig.decode_swap_every`, DAOP_DECODE_SWAPS), every few decode calls
 a layer runs the prefill's swap rule again on its recent routing counts (with a noise margin) and copies the experts it
 swaps in into their slots.
+Where the preset keeps no scratch slots in decode (`DaopConfig.decode_scratch`: daop-exact, where a
+copy loses to the CPU for one token), they hold resident experts from decode start (`set_phase`) and
+decode predicts nothing: the speculation above then runs in prefill only.
 Every decision is made by the pure planners of runtime/scheduler.py; this class only carries
 them out. Shapes: N tokens, K top-k, E experts, D hidden.
 """
