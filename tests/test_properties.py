@@ -442,3 +442,15 @@ def test_daop_exact_keeps_its_decode_scratch_slots_only_where_a_copy_beats_the_c
     assert len(policy.scratch()) == kept and policy.resident_capacity() == 7 - kept
     monkeypatch.setenv("DAOP_DECODE_SCRATCH", "auto")
     assert make_daop("daop-exact", PolicyContext(2, 4, 1, 7, [0, 1], np.ones((2, 4)), CostModel(profile(copy_ms, cpu_ms)))).decode_scratch == kept
+
+
+def test_scratch_slots_setting_sets_them_for_both_phases(monkeypatch):
+    monkeypatch.setenv("DAOP_SCRATCH_SLOTS", "1")
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "keep")
+    policy = make_daop("daop-exact", PolicyContext(2, 4, 1, 7, [0, 1], np.ones((2, 4)), CostModel(None)))
+    assert policy.scratch() == [6] and policy.resident_capacity() == 6
+    policy.set_decode(True)
+    assert policy.scratch() == [6]
+    monkeypatch.setenv("DAOP_SCRATCH_SLOTS", "two")
+    with pytest.raises(DaopError, match="DAOP_SCRATCH_SLOTS='two'"):
+        make_daop("daop-exact", PolicyContext(2, 4, 1, 7, [0, 1], np.ones((2, 4)), CostModel(None)))

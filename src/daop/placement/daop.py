@@ -226,32 +226,25 @@ def decode_scratch_setting(config: DaopConfig) -> int | str | None:
     as the cost model says); DAOP_DECODE_SCRATCH=N sets it for every preset with CPU experts, =keep
     keeps them all, =auto. A preset without CPU experts copies every miss: it keeps them all."""
     env = os.environ.get("DAOP_DECODE_SCRATCH", "").strip()
-    if env and env not in ("keep", "auto"):
-        try:
-            value = int(env)
-        except ValueError:
-            value = -1
-        if value < 0:
-            raise DaopError(f"DAOP_DECODE_SCRATCH={env!r}: expected a number of slots >= 0, keep or auto")
-    if not config.cpu_experts:
+    value = env if env in ("", "keep", "auto") else slot_count("DAOP_DECODE_SCRATCH", env, ", keep or auto")
+    if not config.cpu_experts or value == "keep":
         return None
-    if env == "keep":
-        return None
-    if env == "auto":
-        return "auto"
-    return int(env) if env else config.decode_scratch
+    return config.decode_scratch if value == "" else value
 
 
 def scratch_setting() -> int | None:
     """DAOP_SCRATCH_SLOTS=N: N of the GPU expert slots (at most all) are scratch slots for copies, the
     rest resident; unset, 2 x the slots per layer in flight (`DaopConfig.scratch_per_layer`)."""
     env = os.environ.get("DAOP_SCRATCH_SLOTS", "").strip()
-    if not env:
-        return None
+    return slot_count("DAOP_SCRATCH_SLOTS", env) if env else None
+
+
+def slot_count(name: str, env: str, others: str = "") -> int:
+    """A setting's number of slots (>= 0); anything else is an error that names the setting."""
     try:
         value = int(env)
     except ValueError:
         value = -1
     if value < 0:
-        raise DaopError(f"DAOP_SCRATCH_SLOTS={env!r}: expected a number of slots >= 0")
+        raise DaopError(f"{name}={env!r}: expected a number of slots >= 0{others}")
     return value
