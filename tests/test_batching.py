@@ -44,9 +44,13 @@ def test_seeded_sampling_is_per_request(shipped):
     assert [g["text"] for g in generate_many(shipped, [PROMPTS[0]] * 3, params)] == want
 
 
-@pytest.mark.parametrize("policy", ["lru", "daop-exact", "static"])
+@pytest.mark.parametrize("policy", ["lru", "daop-exact", "daop-exact 0", "static"])
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v2", "deepseek_v3", "gpt_oss"])  # grouped-query and latent-attention caches, sliding windows
-def test_offloaded_policies_batch_exactly(tiny_dir, family, policy):
+def test_offloaded_policies_batch_exactly(tiny_dir, monkeypatch, family, policy):
+    """"daop-exact 0": DAOP_DECODE_SCRATCH=0, so the scratch slots turn resident at every decode step
+    and scratch again at every prompt chunk, as sequences join."""
+    policy, _, keep = policy.partition(" ")
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", keep)
     _, path = tiny_dir(family)
     ref = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False)
     engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, policy=policy, expert_ratio=0.5)
@@ -57,6 +61,8 @@ def test_offloaded_policies_batch_exactly(tiny_dir, family, policy):
     want = [ref.generate(p, max_new_tokens=10) for p in prompts]
     got = generate_many(engine, prompts, params, max_batch=2, chunk=3)
     assert [g["text"] for g in got] == want and all(g["tokens"] == 10 for g in got)
+    if keep:  # the slots did change role: scratch in prefill, resident in decode
+        assert engine.decoder.experts.policy.prefill_scratch > engine.decoder.experts.policy.decode_scratch == 0
 
 
 def test_a_cancelled_sequence_leaves_and_the_others_are_unchanged(shipped):
@@ -170,10 +176,14 @@ def test_longrope_rows_keep_the_rotary_choice_they_have_alone(tmp_path):
         assert [g["text"] for g in generate_many(engine, prompts, SamplingParams(max_new_tokens=n))] == want
 
 
-@pytest.mark.parametrize("policy", [None, "daop-exact", "lru"])
-def test_prompt_chunks_share_the_decode_pass(tiny_dir, policy):
+@pytest.mark.parametrize("policy", [None, "daop-exact", "daop-exact 0", "lru"])
+def test_prompt_chunks_share_the_decode_pass(tiny_dir, monkeypatch, policy):
     """A prompt chunk that arrives while others decode runs in one pass with their step
-    (`Decoder.decode_and_prefill`), and every request gets the tokens it gets with separate passes."""
+    (`Decoder.decode_and_prefill`), and every request gets the tokens it gets with separate passes
+    ("daop-exact 0": with DAOP_DECODE_SCRATCH=0, whose slots change role with the phase)."""
+    policy, _, keep = (policy or "").partition(" ")
+    policy = policy or None
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", keep)
     _, path = tiny_dir("mixtral")
     kw = dict(policy=policy, expert_ratio=0.5) if policy else {}
     engine = Engine.from_pretrained(path, device="cpu", dtype="fp32", progress=False, **kw)
