@@ -443,7 +443,17 @@ typedef struct {
     const uint16_t *x; int n; const uint16_t *gate_up, *down; uint16_t *y;
     long D, I, K; int threads, isa; float *scratch;
     int rc; double start, end;
+    /* A gated job (gate not NULL) starts once (int32)(*gate - gate_value) >= 0: a flag in pinned host
+       memory that a GPU stream writes once x (and *pick) are there, so the job needs no host thread
+       between the GPU's routing and the CPU's start. It polls; past GATE_TIMEOUT_S it gives up (rc -2).
+       A pick (pick not NULL) computes expert e = *pick, read once the gate is open, with the weights
+       gate_ups[e], downs[e] (addresses; 0: the expert is served elsewhere, the job writes nothing and
+       sets served 0); gate_up and down are then unused. rc -3: e outside [0, experts). */
+    const uint32_t *gate; uint32_t gate_value;
+    const int32_t *pick; const uint64_t *gate_ups, *downs; int experts, served;
 } daop_job;
+
+#define GATE_TIMEOUT_S 60.0
 
 #define QUEUE 256
 static daop_job *queue[QUEUE];
@@ -483,6 +493,41 @@ static inline void relax(void) {
 #endif
 }
 
+/* Poll a gated job's flag until it opens (1) or GATE_TIMEOUT_S passes (0). */
+static int gate_open(const daop_job *job) {
+    double until = 0.0;
+    for (long i = 0;; i++) {
+        uint32_t v = __atomic_load_n(job->gate, __ATOMIC_ACQUIRE);
+        if ((int32_t)(v - job->gate_value) >= 0) return 1;
+        if ((i & 1023) == 0) {
+            double t = now_s();
+            if (until == 0.0) until = t + GATE_TIMEOUT_S;
+            else if (t > until) return 0;
+        }
+        relax();
+    }
+}
+
+static int run_job(daop_job *job) {
+    if (job->gate && !gate_open(job)) {
+        job->start = now_s();
+        return -2;
+    }
+    job->start = now_s();
+    const uint16_t *gate_up = job->gate_up, *down = job->down;
+    if (job->pick) {
+        int32_t e = __atomic_load_n(job->pick, __ATOMIC_ACQUIRE);
+        job->served = 0;
+        if (e < 0 || e >= job->experts) return -3;
+        if (!job->gate_ups[e] || !job->downs[e]) return 0;
+        gate_up = (const uint16_t *)(uintptr_t)job->gate_ups[e];
+        down = (const uint16_t *)(uintptr_t)job->downs[e];
+        job->served = 1;
+    }
+    return daop_expert_bf16(job->x, job->n, gate_up, down, job->y, job->D, job->I, job->K, job->threads, job->isa,
+                            job->scratch);
+}
+
 static void *serve(void *arg) {
     (void)arg;
     for (;;) {
@@ -497,9 +542,7 @@ static void *serve(void *arg) {
         while (finished == submitted) pthread_cond_wait(&work, &mu);
         daop_job *job = queue[finished % QUEUE];
         pthread_mutex_unlock(&mu);
-        job->start = now_s();
-        job->rc = daop_expert_bf16(job->x, job->n, job->gate_up, job->down, job->y, job->D, job->I, job->K,
-                                   job->threads, job->isa, job->scratch);
+        job->rc = run_job(job);
         job->end = now_s();
         pthread_mutex_lock(&mu);
         __atomic_store_n(&finished, finished + 1, __ATOMIC_RELEASE);

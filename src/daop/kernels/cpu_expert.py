@@ -35,6 +35,7 @@ import sys
 import tempfile
 import threading
 import warnings
+import weakref
 from pathlib import Path
 
 import torch
@@ -99,7 +100,11 @@ class JobStruct(ctypes.Structure):
     _fields_ = [("x", ctypes.c_void_p), ("n", ctypes.c_int), ("gate_up", ctypes.c_void_p), ("down", ctypes.c_void_p),
                 ("y", ctypes.c_void_p), ("D", ctypes.c_long), ("I", ctypes.c_long), ("K", ctypes.c_long), ("threads", ctypes.c_int),
                 ("isa", ctypes.c_int), ("scratch", ctypes.c_void_p), ("rc", ctypes.c_int), ("start", ctypes.c_double),
-                ("end", ctypes.c_double)]
+                ("end", ctypes.c_double), ("gate", ctypes.c_void_p), ("gate_value", ctypes.c_uint32),
+                ("pick", ctypes.c_void_p), ("gate_ups", ctypes.c_void_p), ("downs", ctypes.c_void_p),
+                ("experts", ctypes.c_int), ("served", ctypes.c_int)]
+
+    # (a plain job leaves the gate and pick fields zero: see `Picks` for the gated pick jobs)
 
 
 def load(path: Path) -> ctypes.CDLL:
@@ -289,10 +294,13 @@ class Queued:
         return [(j.start, j.end) for j in self.jobs]
 
 
+_PICKS: "weakref.WeakSet[Picks]" = weakref.WeakSet()  # every Picks: its jobs may still be queued at exit
+
+
 @atexit.register
 def _drain() -> None:
     """At exit, let queued jobs finish before their buffers are freed."""
-    for q in _IN_FLIGHT:
+    for q in [*_IN_FLIGHT, *_PICKS]:
         q.lib.daop_wait(q.ticket)
 
 
@@ -320,3 +328,98 @@ def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: 
     if rc != 0:
         raise ValueError(f"the CPU expert kernel refused {n} tokens")
     return y
+
+
+GATE_TIMED_OUT, PICK_OUT_OF_RANGE = -2, -3  # a gated pick job's return codes (`daop_job` in the source)
+
+
+class Picks:
+    """One token's K routed picks of a layer, computed on the library's serving thread where the
+    expert is on the host, with nothing decided by a host thread: pick job k waits until the 32-bit
+    `gate` flag (pinned host memory that a GPU stream writes, or the caller) reaches the value given
+    to `submit`, reads the expert e = ids[k], and computes it on x [1, D] into y[k] with the weights
+    whose addresses the layer's tables hold for e (`set_tables`; 0 for an expert the GPU serves:
+    the job writes nothing). The buffers (x, ids, y: pinned where pin) are this object's and are
+    reused by every call; the caller must not write x or ids for a call until the call before it is
+    done (`wait`). Jobs of every Picks and Queued run in submission order on one thread, so the
+    picks of all layers share one scratch buffer (`scratch`)."""
+
+    def __init__(self, K: int, D: int, I: int, num_experts: int, threads: int, scratch: torch.Tensor,
+                 lib: ctypes.CDLL | None = None, pin: bool = False) -> None:
+        lib = self.lib = lib or library()
+        if lib is None:
+            raise RuntimeError("the CPU expert kernel is not available")
+        need = lib.limits[("scratch", lib.isa, 1, D, I)]
+        if scratch.dtype != torch.float32 or scratch.numel() < need:
+            raise ValueError(f"the picks' scratch buffer needs {need} float32 values, got {scratch.numel()} {scratch.dtype}")
+        self.K, self.D, self.I, self.E = K, D, I, num_experts
+        self.x = torch.zeros(1, D, dtype=torch.bfloat16, pin_memory=pin)
+        self.ids = torch.zeros(K, dtype=torch.int32, pin_memory=pin)
+        self.y = torch.zeros(K, D, dtype=torch.bfloat16, pin_memory=pin)
+        self.gate_ups = torch.zeros(num_experts, dtype=torch.int64)  # the expert's address, or 0 (the GPU's)
+        self.downs = torch.zeros(num_experts, dtype=torch.int64)
+        self.keep: list[torch.Tensor] = [scratch]  # the weights the tables point at, kept alive here
+        self.ticket = 0
+        self.jobs = [JobStruct(self.x.data_ptr(), 1, None, None, self.y[k].data_ptr(), D, I, I, max(1, int(threads)),
+                               lib.isa, scratch.data_ptr(), 0, 0.0, 0.0, None, 0, self.ids[k:].data_ptr(),
+                               self.gate_ups.data_ptr(), self.downs.data_ptr(), num_experts, 0) for k in range(K)]
+        self.ptrs = (ctypes.POINTER(JobStruct) * K)(*[ctypes.pointer(j) for j in self.jobs])
+        _PICKS.add(self)
+
+    def set_tables(self, host: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """The experts the CPU computes, expert -> (gate_up [2I, D], down [D, I]) contiguous bf16 on
+        the host; every other expert is the GPU's. Only between calls (after `wait`)."""
+        gate_ups, downs = [0] * self.E, [0] * self.E
+        keep: list[torch.Tensor] = [self.keep[0]]
+        for e, (gate_up, down) in host.items():
+            if not 0 <= e < self.E:
+                raise ValueError(f"expert {e} is outside the layer's {self.E} experts")
+            if (gate_up.dtype != torch.bfloat16 or down.dtype != torch.bfloat16 or gate_up.shape != (2 * self.I, self.D)
+                    or down.shape != (self.D, self.I) or not gate_up.is_contiguous() or not down.is_contiguous()
+                    or gate_up.device.type != "cpu" or down.device.type != "cpu"):
+                raise ValueError(f"expert {e}: the CPU kernel reads contiguous bf16 host weights gate_up "
+                                 f"{(2 * self.I, self.D)} and down {(self.D, self.I)}, got {tuple(gate_up.shape)} "
+                                 f"{gate_up.dtype} and {tuple(down.shape)} {down.dtype}")
+            gate_ups[e], downs[e] = gate_up.data_ptr(), down.data_ptr()
+            keep += [gate_up, down]
+        self.gate_ups.copy_(torch.tensor(gate_ups, dtype=torch.int64))
+        self.downs.copy_(torch.tensor(downs, dtype=torch.int64))
+        self.keep = keep
+
+    def submit(self, gate: torch.Tensor, value: int) -> int:
+        """Queue the K pick jobs, the first waiting until gate (an int32 host tensor [1]) reaches
+        value (compared as 32-bit integers that wrap); returns the last job's ticket."""
+        first = self.jobs[0]
+        first.gate, first.gate_value = gate.data_ptr(), value & 0xFFFFFFFF
+        for job in self.jobs:
+            job.rc, job.served = 0, 0
+        self.ticket = self.lib.daop_submit(self.ptrs, self.K)
+        if self.ticket < 0:
+            raise RuntimeError("the CPU expert kernel could not start its thread")
+        return self.ticket
+
+    def done(self) -> bool:
+        return self.lib.daop_finished() >= self.ticket
+
+    def wait(self) -> list[bool]:
+        """Block (without the GIL) until the last call's jobs have run; which picks the CPU computed.
+        Raises where a job failed (its gate timed out, a pick out of range, a refused shape)."""
+        self.lib.daop_wait(self.ticket)
+        for k, job in enumerate(self.jobs):
+            if job.rc == GATE_TIMED_OUT:
+                raise RuntimeError("a CPU pick job waited past the kernel's gate timeout for its routing")
+            if job.rc == PICK_OUT_OF_RANGE:
+                raise ValueError(f"pick {k} routed to expert {int(self.ids[k])}, outside the layer's {self.E} experts")
+            if job.rc != 0:
+                raise ValueError("the CPU expert kernel refused a pick job")
+        return [bool(job.served) for job in self.jobs]
+
+    def spans(self) -> list[tuple[float, float]]:
+        """(start, end) of each served pick of the last call, in perf_counter seconds, once done."""
+        return [(j.start, j.end) for j in self.jobs if j.served]
+
+
+def scratch_for(D: int, I: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """A float32 scratch buffer for one-token jobs over a [D, I] expert (what `Picks` shares)."""
+    lib = lib or library()
+    return torch.empty(lib.limits[("scratch", lib.isa, 1, D, I)], dtype=torch.float32)

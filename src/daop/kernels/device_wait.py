@@ -36,6 +36,100 @@ def _driver():
     return wait, pointer
 
 
+def _writer():
+    lib = ctypes.CDLL("libcuda.so.1")
+    write = getattr(lib, "cuStreamWriteValue32_v2", None) or lib.cuStreamWriteValue32
+    write.restype = ctypes.c_int
+    write.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+    return write
+
+
+def device_pointer(host: torch.Tensor) -> int:
+    """The device address of a pinned host tensor (unified addressing)."""
+    _, pointer = _driver()
+    dptr = ctypes.c_uint64()
+    rc = pointer(ctypes.byref(dptr), ctypes.c_void_p(host.data_ptr()), 0)
+    if rc != 0:
+        raise RuntimeError(f"cuMemHostGetDevicePointer returned CUDA error {rc}")
+    return dptr.value
+
+
+class HostGate:
+    """A 32-bit flag in host memory that opens the C kernel's gated jobs (`cpu_expert.Picks`): on
+    CUDA a stream writes it (`cuStreamWriteValue32`, after a memory barrier: the device-to-host
+    copies queued before it have landed when a job sees the value); on a CPU device the caller
+    writes it at once, its copies being done already."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.flag = torch.zeros(1, dtype=torch.int32, pin_memory=self.cuda)
+        self.value = 0
+        if self.cuda:
+            self.fn = _writer()
+            self.dptr = device_pointer(self.flag)
+
+    def next(self) -> int:
+        """The value the next `open` writes (it grows by one each time, wrapping at 32 bits)."""
+        return (self.value + 1) & 0xFFFFFFFF
+
+    def open(self, stream: "torch.cuda.Stream | None" = None) -> int:
+        """Write the next value once the work queued so far on the stream is done; returns it."""
+        self.value = self.next()
+        if not self.cuda:
+            self.flag[0] = ctypes.c_int32(self.value).value
+            return self.value
+        stream = stream or torch.cuda.current_stream(self.device)
+        rc = self.fn(ctypes.c_void_p(stream.cuda_stream), self.dptr, self.value, 0)
+        if rc != 0:
+            raise RuntimeError(f"cuStreamWriteValue32 returned CUDA error {rc}")
+        return self.value
+
+    def force(self) -> None:
+        """Open every gate up to the last value from the host (after an error between a submit and
+        its `open`, so no job waits for a write that never comes)."""
+        self.value = self.next()
+        self.flag[0] = ctypes.c_int32(self.value).value
+
+
+_GATES: dict = {}
+
+
+def checked_gate(device: torch.device) -> HostGate | None:
+    """A HostGate once a stream's write was seen from the host after the copy queued before it
+    (CUDA: probed once per device), a plain one on a CPU device; None (said once) where the stream
+    write does not work."""
+    if device.type != "cuda":
+        return HostGate(device)
+    key = torch.device("cuda", device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _GATES:
+        _GATES[key] = _probe_gate(key)
+    return _GATES[key]
+
+
+def _probe_gate(device: torch.device) -> HostGate | None:
+    try:
+        gate = HostGate(device)
+        src = torch.arange(4096, dtype=torch.float32, device=device)
+        dst = torch.zeros(4096, dtype=torch.float32, pin_memory=True)
+        dst.copy_(src, non_blocking=True)
+        value = gate.open()
+        deadline = time.perf_counter() + 2.0
+        while int(gate.flag[0]) != value and time.perf_counter() < deadline:
+            time.sleep(0.0005)
+        if int(gate.flag[0]) != value:
+            problem = "the write did not arrive"
+        elif not torch.equal(dst, src.cpu()):
+            problem = "the copy queued before it had not landed"
+        else:
+            return gate
+    except Exception as exc:  # noqa: BLE001 - any failure means: no gated jobs here
+        problem = f"{type(exc).__name__}: {exc}"
+    warnings.warn(f"daop: decode hand-off off: GPU stream writes to host memory do not work here ({problem})",
+                  RuntimeWarning, stacklevel=2)
+    return None
+
+
 class DeviceWait:
     """The C kernel's finished-job count in pinned memory, and stream waits on it."""
 

@@ -2,6 +2,8 @@
 
     y[m, n] = s[e, n] * sum_k x[m // x_div, k] * W[e, n, k],   e = idx[m] (or 0 without idx)
 
+(y[m] = 0 where idx[m] < 0: a pick served elsewhere, whose row reads no weights.)
+
 W is a float or int8 weight [N, K] or a stack of them [E, N, K] (s: one float32-accumulated scale
 per output row, int8 only). With `idx`, each row m reads the expert idx[m] from the stack on the
 device, so a decode step routes its tokens without sending the routing to the host (and can be
@@ -62,8 +64,10 @@ if triton is not None:
               LIBDEVICE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
-        if INDEXED:
+        if INDEXED:  # a negative index: a row served elsewhere, stored as zeros without reading a weight
             e = tl.load(idx_ptr + m).to(tl.int64)
+            valid = e >= 0
+            e = tl.maximum(e, 0)
         else:
             e = 0
         w_base = w_ptr + e * stride_we
@@ -82,8 +86,10 @@ if triton is not None:
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            w = tl.load(w_base + offs_w[:, None] * stride_wn + offs_k[None, :],
-                        mask=mask_n[:, None] & mask_k[None, :], other=0).to(tl.float32)
+            mask_w = mask_n[:, None] & mask_k[None, :]
+            if INDEXED:
+                mask_w = mask_w & valid
+            w = tl.load(w_base + offs_w[:, None] * stride_wn + offs_k[None, :], mask=mask_w, other=0).to(tl.float32)
             acc += tl.sum(w * x[None, :], axis=1)
         if SCALED:
             acc = acc * tl.load(s_ptr + e * stride_se + offs_w, mask=mask_n, other=0.0).to(tl.float32)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Collection
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -45,6 +46,7 @@ from daop.placement.cost import CostModel
 from daop.placement.daop import Daop
 from daop.predict.degrade import degrade
 from daop.predict.swaps import RecentCounts
+from daop.runtime.handoff import Handoff, switched_on
 from daop.runtime.offload import OffloadedExperts
 from daop.runtime.scheduler import (Clock, DecodeLayerPlan, Prepared, SplitRows, plan_decode_layer, plan_early_copies,
                                     plan_prefill_layer, plan_settle, plan_speculation, promised_to_cpu)
@@ -118,12 +120,17 @@ class DaopRunner(OffloadedExperts):
         # routing (A1), the CPU pre-calculates on it (A2), or copies are made ahead into scratch slots
         cfg = self.policy.config
         self.decode_predicts = cfg.predicted_routing or cfg.stale_input or self.policy.decode_scratch > 0
+        self.handoff: Handoff | None = None  # decode layers handed to the CPU kernel (DAOP_HANDOFF=1; set_phase)
+        self.handoff_refused: str | None = None
 
     def plan_costs(self) -> CostModel:
         return timing_costs(self.policy.ctx.cost)
 
     def set_phase(self, phase: str) -> None:
+        if self.handoff is not None:
+            self.handoff.flush()
         if self.phase != "decode" and phase == "decode":
+            self.start_handoff()
             self.policy.set_decode(True)  # the scratch slots decode does not keep join the resident ones
             if self.prompt_counts is not None and not self.placed_on_prompt and self.prompt_counts.any():
                 for layer_idx, _, _ in self.policy.place_on(self.prompt_counts):
@@ -137,8 +144,33 @@ class DaopRunner(OffloadedExperts):
         self.phase = phase
         self.forget_pending()
 
+    def start_handoff(self) -> None:
+        """With DAOP_HANDOFF=1, hand off decode layers where this runner can (`runtime/handoff.py`);
+        where it cannot, say why once and plan every layer on the host."""
+        if self.handoff is not None or self.handoff_refused is not None or not switched_on():
+            return
+        reason = Handoff.able(self)
+        if reason is None:
+            self.handoff = Handoff(self)
+        else:
+            self.handoff_refused = reason
+            warnings.warn(f"daop: DAOP_HANDOFF=1, but decode layers are planned on the host: {reason}",
+                          RuntimeWarning, stacklevel=3)
+
+    def totals(self) -> dict[str, float]:
+        if self.handoff is not None:
+            self.handoff.flush()
+        return super().totals()
+
+    def close(self) -> None:
+        if self.handoff is not None:
+            self.handoff.close()
+        super().close()
+
     def reset(self) -> None:
         """A new sequence wants the calibrated placement; its prefill settles the slots layer by layer."""
+        if self.handoff is not None:
+            self.handoff.flush()
         self.collect(wait=True)
         self.policy.reset()
         self.forget_pending()
@@ -173,6 +205,10 @@ class DaopRunner(OffloadedExperts):
         return nxt, (self.next_moe.get(nxt) if self.two_ahead else None)
 
     def prefill_layer(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        if self.handoff is not None:
+            if self.handoff.serves(layer_idx, h, ids):
+                return self.handoff.layer(layer_idx, h, ids, weights)
+            self.handoff.flush()
         cfg = self.policy.config
         self.mark(layer_idx, "enter")
         pend = self.pending.pop(layer_idx, None)
@@ -274,6 +310,10 @@ class DaopRunner(OffloadedExperts):
 
     def decode_layer(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                      predicted: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+        if self.handoff is not None:
+            if self.handoff.serves(layer_idx, h, ids):
+                return self.handoff.layer(layer_idx, h, ids, weights)
+            self.handoff.flush()
         cfg = self.policy.config
         self.mark(layer_idx, "enter")
         pend = self.pending.pop(layer_idx, None)
