@@ -40,7 +40,7 @@ PROMPTS = [
 EXACT_POLICIES = ["static", "fiddler", "ondemand", "lru", "daop-exact", "daop-strict"]
 TEST_FILES = ["tests/test_policies.py", "tests/test_daop.py", "tests/test_reliability.py", "tests/test_decode_step.py",
               "tests/test_batching.py", "tests/test_split_experts.py", "tests/test_device_wait.py", "tests/test_fused_kernels.py",
-              "tests/test_quantize.py"]
+              "tests/test_quantize.py", "tests/test_handoff.py"]
 
 
 def run_tests(dtype: str) -> dict:

@@ -22,7 +22,9 @@ a layer runs the prefill's swap rule again on its recent routing counts (with a 
 swaps in into their slots.
 Where the preset keeps no scratch slots in decode (`DaopConfig.decode_scratch`: daop-exact, where a
 copy loses to the CPU for one token), they hold resident experts from decode start (`set_phase`) and
-decode predicts nothing: the speculation above then runs in prefill only.
+decode predicts nothing: the speculation above then runs in prefill only. There, with
+DAOP_HANDOFF=1, a one-token decode layer is handed to the CPU kernel without a host read of its
+routing (`runtime/handoff.py`).
 Every decision is made by the pure planners of runtime/scheduler.py; this class only carries
 them out. Shapes: N tokens, K top-k, E experts, D hidden.
 """
