@@ -206,6 +206,7 @@ class Handoff:
                                f"gives it {cpu}")
         plan = LayerPlan(gpu=tuple((e, resident[e]) for e in picked if e in resident), cpu=tuple(cpu))
         r.count(layer_idx, 1, plan, 0, 0, 0.0)
+        r.counters.add("handoff_calls", layer_idx, 1)
         spans = picks.spans()
         r.cpu.busy_s += sum(b - a for a, b in spans)
         r.cpu.expert_tokens += len(spans)

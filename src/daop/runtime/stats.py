@@ -9,7 +9,7 @@ FIELDS = ("resident_calls", "cpu_calls", "copy_calls", "copied_bytes", "cpu_wait
           "predicted_hits", "predicted_total", "degraded_tokens", "speculative_copies", "precalc_used", "precalc_wasted",
           "settle_moves", "settle_copies", "split_calls", "split_cpu_share", "speculative_splits",
           "two_ahead_copies", "two_ahead_used", "late_copies_to_cpu", "decode_swaps", "prompt_placements", "late_predictions",
-          "early_submits")
+          "early_submits", "handoff_calls")
 
 
 @dataclass
