@@ -94,6 +94,8 @@ def main() -> None:
                     token = [trace.tokens[len(prompt) + i]] if trace else logits.argmax(-1).cpu()
                     logits = session.step(token)
                     logits.argmax(-1).cpu()
+                    if getattr(runner, "handoff", None) is not None:
+                        runner.handoff.flush()  # the step's handed-off layers: their CPU spans, in this step
                     tl.end_step()
             row = {"policy": policy, "ratio": ratio, "routing": args.trace or "synthetic routers", **tl.summary(skip=args.warmup),
                    "driving_thread_ms": breakdown(tl, layers, args.warmup),

@@ -3,7 +3,7 @@
 subject (a synthetic geometry is built once), each variant a set of environment variables that a
 runner reads when it is built (DAOP_DECODE_SWAPS, DAOP_PLACE_ON_PROMPT, DAOP_LATE_PREDICT,
 DAOP_EARLY_SUBMIT, DAOP_LAUNCH_FIRST, DAOP_TWO_AHEAD, DAOP_SPLIT_EXPERTS, DAOP_SIDE_BY_SIDE,
-DAOP_DECODE_SCRATCH, DAOP_SCRATCH_SLOTS; not those
+DAOP_DECODE_SCRATCH, DAOP_SCRATCH_SLOTS, DAOP_HANDOFF; not those
 read at import, such as DAOP_ROUTING_WAIT).
 
 The H200 hosts drift by 10-20 % within minutes, so the variants run interleaved: per round in the

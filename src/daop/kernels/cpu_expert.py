@@ -414,6 +414,14 @@ class Picks:
                 raise ValueError("the CPU expert kernel refused a pick job")
         return [bool(job.served) for job in self.jobs]
 
+    def __del__(self) -> None:
+        # the serving thread may still read these jobs and buffers (a call whose gate was opened by
+        # an error path just now): they go only once it is through with them
+        try:
+            self.lib.daop_wait(self.ticket)
+        except Exception:  # noqa: BLE001 - at interpreter exit the library may be gone already
+            pass
+
     def spans(self) -> list[tuple[float, float]]:
         """(start, end) of each served pick of the last call, in perf_counter seconds, once done."""
         return [(j.start, j.end) for j in self.jobs if j.served]
