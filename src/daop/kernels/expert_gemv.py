@@ -65,10 +65,10 @@ if triton is not None:
         m = tl.program_id(0)
         pid_n = tl.program_id(1)
         if INDEXED:  # a negative index: a row served elsewhere, stored as zeros without reading a weight
-            e = tl.load(idx_ptr + m).to(tl.int64)
-            valid = e >= 0
-            e = tl.maximum(e, 0)
+            picked = tl.load(idx_ptr + m).to(tl.int64)
+            e = tl.maximum(picked, 0)
         else:
+            picked = 0
             e = 0
         w_base = w_ptr + e * stride_we
         x_row = x_ptr + (m // x_div) * stride_xm
@@ -81,15 +81,16 @@ if triton is not None:
             offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
             mask_n = offs_n < N
             offs_w = offs_n
+        read_n = mask_n
+        if INDEXED:
+            read_n = mask_n & (tl.zeros_like(offs_n) + picked >= 0)
         acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             offs_k = k0 + tl.arange(0, BLOCK_K)
             mask_k = offs_k < K
             x = tl.load(x_row + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            mask_w = mask_n[:, None] & mask_k[None, :]
-            if INDEXED:
-                mask_w = mask_w & valid
-            w = tl.load(w_base + offs_w[:, None] * stride_wn + offs_k[None, :], mask=mask_w, other=0).to(tl.float32)
+            w = tl.load(w_base + offs_w[:, None] * stride_wn + offs_k[None, :],
+                        mask=read_n[:, None] & mask_k[None, :], other=0).to(tl.float32)
             acc += tl.sum(w * x[None, :], axis=1)
         if SCALED:
             acc = acc * tl.load(s_ptr + e * stride_se + offs_w, mask=mask_n, other=0.0).to(tl.float32)
