@@ -252,3 +252,46 @@ def test_a_cpu_devices_gate_is_written_at_once_and_wraps_at_32_bits():
     assert gate.next() == 0 and gate.open() == 0 and int(gate.flag[0]) == 0
     gate.force()
     assert int(gate.flag[0]) == 1 and gate.value == 1
+
+
+def test_post_and_finish_give_torchs_bits():
+    """`post` writes the routing (as int32) and activations into host buffers; `finish` takes each pick
+    from the GPU's product or the CPU's scaled output and adds them left to right. On CUDA they give
+    torch's bits; Triton's interpreter converts float32 to bf16 by truncation, so there the reference
+    rounds the same way."""
+    from daop.kernels import expert_gemv, handoff_kernels
+
+    if not (handoff_kernels.available() and (CUDA or expert_gemv.INTERPRETED)):
+        pytest.skip("needs Triton on CUDA, or its interpreter")
+    device = "cuda" if CUDA else "cpu"
+
+    def rounded(t: torch.Tensor) -> torch.Tensor:
+        if CUDA:
+            return t.bfloat16()
+        return (t.float().view(torch.int32) & -65536).view(torch.float32).bfloat16()
+
+    g = torch.Generator().manual_seed(0)
+    D = 3000
+    for K in (1, 2, 4):
+        ids = torch.randint(0, 8, (K,), generator=g).to(device)
+        x = torch.randn(1, D, generator=g).bfloat16().to(device)
+        ids_host = torch.zeros(K, dtype=torch.int32, pin_memory=CUDA)
+        x_host = torch.zeros(1, D, dtype=torch.bfloat16, pin_memory=CUDA)
+        handoff_kernels.post(ids, x, ids_host, x_host)
+        if CUDA:
+            torch.cuda.synchronize()
+        assert torch.equal(ids_host, ids.int().cpu()) and torch.equal(x_host, x.cpu())
+        on_gpu = torch.randn(K, D, generator=g).bfloat16()
+        y = torch.randn(K, D, generator=g).bfloat16()
+        slots = torch.tensor([-1 if k % 2 else k for k in range(K)], dtype=torch.int32)
+        cols = torch.randperm(K, generator=g)
+        w = torch.rand(K, generator=g)
+        got = handoff_kernels.finish(on_gpu.to(device), y.pin_memory() if CUDA else y, slots.to(device),
+                                     cols.to(device), w.to(device))
+        parts = [on_gpu[k] if slots[k] >= 0 else rounded(y[cols[k]].float() * w[k]) for k in range(K)]
+        want = parts[0]
+        for part in parts[1:]:
+            want = rounded(want.float() + part.float())
+        assert torch.equal(got.cpu()[0], want)
+    with pytest.raises(ValueError, match="do not fit"):
+        handoff_kernels.post(ids, x, ids_host[:1], x_host)

@@ -108,19 +108,29 @@ def checked_gate(device: torch.device) -> HostGate | None:
 
 
 def _probe_gate(device: torch.device) -> HostGate | None:
+    from daop.kernels import handoff_kernels
+
     try:
+        if not handoff_kernels.available():
+            raise RuntimeError("needs Triton")
         gate = HostGate(device)
-        src = torch.arange(4096, dtype=torch.float32, device=device)
-        dst = torch.zeros(4096, dtype=torch.float32, pin_memory=True)
-        dst.copy_(src, non_blocking=True)
+        ids = torch.arange(2, device=device) + 5
+        x = torch.arange(4096, device=device).to(torch.bfloat16)
+        ids_host = torch.zeros(2, dtype=torch.int32, pin_memory=True)
+        x_host = torch.zeros(1, 4096, dtype=torch.bfloat16, pin_memory=True)
+        torch.cuda._sleep(50_000_000)  # the stream busy a while: the host sees the write only after it
+        handoff_kernels.post(ids, x, ids_host, x_host)  # as a handed-off layer writes its routing
         value = gate.open()
+        early = int(gate.flag[0]) == value
         deadline = time.perf_counter() + 2.0
         while int(gate.flag[0]) != value and time.perf_counter() < deadline:
             time.sleep(0.0005)
         if int(gate.flag[0]) != value:
             problem = "the write did not arrive"
-        elif not torch.equal(dst, src.cpu()):
-            problem = "the copy queued before it had not landed"
+        elif early:
+            problem = "the write arrived before the work queued ahead of it"
+        elif not (torch.equal(ids_host, ids.int().cpu()) and torch.equal(x_host[0], x.cpu())):
+            problem = "the routing written before it had not landed"
         else:
             return gate
     except Exception as exc:  # noqa: BLE001 - any failure means: no gated jobs here

@@ -36,7 +36,7 @@ import time
 
 import torch
 
-from daop.kernels import cpu_expert, device_wait
+from daop.kernels import cpu_expert, device_wait, handoff_kernels
 from daop.model.moe import add_picks, combine, group_by_expert
 from daop.placement.policies import LayerPlan
 from daop.quant import expert_forward, indexed_swiglu, routes_on_device
@@ -65,6 +65,7 @@ class Handoff:
         self.tables: dict[int, tuple[tuple, torch.Tensor]] = {}  # layer -> (resident items, device slot table)
         self.pending: dict[int, tuple[cpu_expert.Picks, dict[int, int], float]] = {}  # layer -> last call's
         self.calls = 0
+        self.iota: dict[int, torch.Tensor] = {}
 
     @staticmethod
     def able(runner) -> str | None:
@@ -79,7 +80,7 @@ class Handoff:
         if runner.transfer.cuda:
             if runner.transfer.device_wait is None or runner.transfer.host_reader is None:
                 return "the GPU cannot wait for the CPU kernel or read its results here"
-            if not routes_on_device(store.fmt, runner.transfer.device, 1):
+            if not routes_on_device(store.fmt, runner.transfer.device, 1) or not handoff_kernels.available():
                 return "the GEMV kernel is not available"
             if device_wait.checked_gate(runner.transfer.device) is None:
                 return "GPU stream writes to host memory do not work here"
@@ -143,8 +144,11 @@ class Handoff:
         r.mark(layer_idx, "cpu_submitted")
         try:
             flat = ids.reshape(-1)
-            picks.ids.copy_(flat.to(torch.int32), non_blocking=self.cuda)
-            picks.x.copy_(h.reshape(1, -1), non_blocking=self.cuda)
+            if self.cuda:
+                handoff_kernels.post(flat, h, picks.ids, picks.x)
+            else:
+                picks.ids.copy_(flat.to(torch.int32))
+                picks.x.copy_(h.reshape(1, -1))
             self.gate.open()
             out = self.combine(h, flat, weights.reshape(-1), table, resident, picks, ticket)
         except BaseException:
@@ -173,10 +177,8 @@ class Handoff:
             for slot in resident.values():
                 r.transfer.release_slot(slot)
             r.transfer.device_wait.wait(ticket)
-            y = r.transfer.host_reader.upload(picks.y)
-            if order is not None:
-                y = y[order]
-            return add_picks(torch.where((slots >= 0)[:, None], on_gpu, combine(y, w)).view(1, K, -1))
+            cols = order if order is not None else self.columns(K)
+            return handoff_kernels.finish(on_gpu, picks.y, slots, cols, w)
         # a CPU device: the GPU's part computed here, expert by expert, once the jobs are done
         picks.lib.daop_wait(ticket)
         y = picks.y if order is None else picks.y[order]
@@ -188,6 +190,13 @@ class Handoff:
             else:
                 parts.append(combine(y[k:k + 1], w[k:k + 1]))
         return add_picks(torch.cat(parts).view(1, K, -1))
+
+    def columns(self, K: int) -> torch.Tensor:
+        """0..K-1 on the device (the picks' order where it is the routing's), made once per K."""
+        cols = self.iota.get(K)
+        if cols is None:
+            cols = self.iota[K] = torch.arange(K, device=self.device)
+        return cols
 
     def account(self, layer_idx: int) -> None:
         """Count the layer's last handed-off call (its routing, now on the host), as the planned path
