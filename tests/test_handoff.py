@@ -295,3 +295,27 @@ def test_post_and_finish_give_torchs_bits():
         assert torch.equal(got.cpu()[0], want)
     with pytest.raises(ValueError, match="do not fit"):
         handoff_kernels.post(ids, x, ids_host[:1], x_host)
+
+
+def test_the_batcher_hands_off_a_lone_row_and_plans_several(monkeypatch):
+    """The server's batch path: a batch of one row is handed off; two rows are planned on the host
+    (after the hand-off's last calls are counted); both give the planned path's tokens on the CPU."""
+    from daop.sampling import SamplingParams
+
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "0")
+    params = SamplingParams(max_new_tokens=12)
+    planned = load(policy="daop-exact", expert_ratio=0.5)
+    planned.eos_ids = frozenset()
+    want_one = planned.generate_batch([PROMPTS[0]], params)
+    want_two = planned.generate_batch(PROMPTS[1:], params)
+    monkeypatch.setenv("DAOP_HANDOFF", "1")
+    engine = load(policy="daop-exact", expert_ratio=0.5)
+    engine.eos_ids = frozenset()
+    one = engine.generate_batch([PROMPTS[0]], params)
+    handoff = engine.decoder.experts.handoff
+    calls = handoff.calls
+    assert calls == 11 * len(engine.decoder.experts.policy.ctx.moe_layers)
+    two = engine.generate_batch(PROMPTS[1:], params)
+    assert handoff.calls == calls and not handoff.pending
+    if DEVICE == "cpu":
+        assert one == want_one and two == want_two
