@@ -20,7 +20,9 @@ hold resident experts), the host need not see the routing at all:
   of a host expert reads nothing and comes out zero), waits for the jobs' ticket
   (`device_wait.DeviceWait`), reads their outputs from pinned memory and adds each pick's output,
   scaled by its weight, in the order `weighted_sum` adds them: the same values as the planned path;
-- the host returns at once and launches the next layer: it waits only for the step's token.
+- the host returns at once and launches the next layer; at the step's last MoE layer it sleeps
+  until that layer's CPU jobs are done, so that its wait for the step's token (a device-to-host copy,
+  which spins) is short and takes no core from the CPU experts for long.
 
 The routing reaches the host after the step: each layer's counts (and decode re-swaps) are taken at
 the layer's next call, or when the runner flushes (a phase change, a reset, its totals). A slot whose
@@ -160,6 +162,11 @@ class Handoff:
         r.mark(layer_idx, "exit")
         self.pending[layer_idx] = (picks, resident, submitted)
         self.calls += 1
+        if r.next_moe.get(layer_idx) is None:
+            # The step's last MoE layer: the host sleeps (a condition wait, no GIL) until its CPU
+            # work is done. Otherwise it would wait for the step's token in a device-to-host copy,
+            # which spins on a core for most of the step, a core the CPU experts use.
+            picks.lib.daop_wait(ticket)
         return out
 
     def combine(self, h: torch.Tensor, flat: torch.Tensor, w: torch.Tensor, table: torch.Tensor,
