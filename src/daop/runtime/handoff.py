@@ -140,11 +140,11 @@ class Handoff:
             self.tables.pop(layer_idx, None)
         resident = self.resident(layer_idx)
         table = self.tables_for(layer_idx, resident, picks)
-        ticket = picks.submit(self.gate.flag, self.gate.next())
-        submitted = time.perf_counter()
-        r.mark(layer_idx, "routed")
-        r.mark(layer_idx, "cpu_submitted")
         try:
+            ticket = picks.submit(self.gate.flag, self.gate.next())
+            submitted = time.perf_counter()
+            r.mark(layer_idx, "routed")
+            r.mark(layer_idx, "cpu_submitted")
             flat = ids.reshape(-1)
             if self.cuda:
                 handoff_kernels.post(flat, h, picks.ids, picks.x)
