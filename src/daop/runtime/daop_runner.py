@@ -48,7 +48,8 @@ from daop.placement.cost import CostModel
 from daop.placement.daop import Daop
 from daop.predict.degrade import degrade
 from daop.predict.swaps import RecentCounts
-from daop.runtime.handoff import Handoff, switched_on
+from daop.runtime import handoff as handoff_mod
+from daop.runtime.handoff import Handoff
 from daop.runtime.offload import OffloadedExperts
 from daop.runtime.scheduler import (Clock, DecodeLayerPlan, Prepared, SplitRows, plan_decode_layer, plan_early_copies,
                                     plan_prefill_layer, plan_settle, plan_speculation, promised_to_cpu)
@@ -149,13 +150,17 @@ class DaopRunner(OffloadedExperts):
     def start_handoff(self) -> None:
         """With DAOP_HANDOFF=1, hand off decode layers where this runner can (`runtime/handoff.py`);
         where it cannot, say why once and plan every layer on the host."""
-        if self.handoff is not None or self.handoff_refused is not None or not switched_on():
+        if self.handoff is not None or self.handoff_refused is not None:
+            return
+        asked = handoff_mod.setting()
+        if not (asked if asked is not None else handoff_mod.DEFAULT):
             return
         reason = Handoff.able(self)
         if reason is None:
             self.handoff = Handoff(self)
-        else:
-            self.handoff_refused = reason
+            return
+        self.handoff_refused = reason
+        if asked:  # asked for by name: say why not (by default it just stays off)
             warnings.warn(f"daop: DAOP_HANDOFF=1, but decode layers are planned on the host: {reason}",
                           RuntimeWarning, stacklevel=3)
 

@@ -44,11 +44,14 @@ from daop.placement.policies import LayerPlan
 from daop.quant import expert_forward, indexed_swiglu, routes_on_device
 
 
-def switched_on() -> bool:
-    """DAOP_HANDOFF=1 turns the hand-off on (off by default; see the module's docstring)."""
+DEFAULT = False  # without DAOP_HANDOFF: off (see the module's docstring)
+
+
+def setting() -> bool | None:
+    """DAOP_HANDOFF: True (=1), False (=0), or None where it is unset (then DEFAULT applies)."""
     from daop.runtime.daop_runner import switch  # (imported here: daop_runner imports this module)
 
-    return switch("DAOP_HANDOFF") is True
+    return switch("DAOP_HANDOFF")
 
 
 class Handoff:
