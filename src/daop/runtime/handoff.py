@@ -64,7 +64,7 @@ class Handoff:
         self.cuda = self.device.type == "cuda"
         self.E = runner.policy.ctx.num_experts
         self.D, self.I = store.hidden, store.inter
-        self.gate = device_wait.checked_gate(self.device)
+        self.gate = device_wait.HostGate(self.device)  # its own flag (`able` has probed that such writes work)
         self.scratch = cpu_expert.scratch_for(self.D, self.I)
         self.picks: dict[int, cpu_expert.Picks] = {}
         self.tables: dict[int, tuple[tuple, torch.Tensor]] = {}  # layer -> (resident items, device slot table)
