@@ -44,7 +44,7 @@ from daop.placement.policies import LayerPlan
 from daop.quant import expert_forward, indexed_swiglu, routes_on_device
 
 
-DEFAULT = False  # without DAOP_HANDOFF: off (see the module's docstring)
+DEFAULT = True  # without DAOP_HANDOFF: on wherever a runner can hand off (`Handoff.able`)
 
 
 def setting() -> bool | None:
