@@ -324,3 +324,22 @@ def test_the_batcher_hands_off_a_lone_row_and_plans_several(monkeypatch):
     assert handoff.calls == calls and not handoff.pending
     if DEVICE == "cpu":
         assert one == want_one and two == want_two
+
+
+def test_by_default_a_runner_hands_off_where_it_can_and_is_silent_where_not(monkeypatch, recwarn):
+    """Unset, DAOP_HANDOFF follows `handoff.DEFAULT` (on): a runner that can hands off its decode
+    layers; one that cannot (here fp32) plans them on the host without a warning."""
+    from daop.engine import Engine
+    from daop.runtime import handoff
+
+    monkeypatch.delenv("DAOP_HANDOFF", raising=False)
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "0")
+    assert handoff.DEFAULT is True
+    engine = load(policy="daop-exact", expert_ratio=0.5)
+    run(engine, PROMPTS[0], 4)
+    assert engine.decoder.experts.handoff is not None and engine.decoder.experts.handoff.calls > 0
+    fp32 = Engine.from_pretrained(None, device=DEVICE, dtype="fp32", progress=False, policy="daop-exact",
+                                  expert_ratio=0.5)
+    run(fp32, PROMPTS[0], 4)
+    assert fp32.decoder.experts.handoff is None
+    assert not [w for w in recwarn if "DAOP_HANDOFF" in str(w.message)]
