@@ -343,3 +343,28 @@ def test_by_default_a_runner_hands_off_where_it_can_and_is_silent_where_not(monk
     run(fp32, PROMPTS[0], 4)
     assert fp32.decoder.experts.handoff is None
     assert not [w for w in recwarn if "DAOP_HANDOFF" in str(w.message)]
+
+
+def test_a_one_token_prompt_is_prefilled_on_the_host_after_a_handed_off_decode(monkeypatch):
+    """Only decode calls are handed off: a later prompt of one token (a one-row prefill) runs the
+    prefill's own path, and its tokens are the planned path's."""
+    from daop.sampling import SamplingParams
+
+    monkeypatch.setenv("DAOP_DECODE_SCRATCH", "0")
+
+    def one_token(engine):
+        engine.eos_ids = frozenset()
+        first = engine.tokenizer.encode(PROMPTS[0])[:1]
+        return list(engine.generate_ids(first, SamplingParams(max_new_tokens=6)))
+
+    monkeypatch.setenv("DAOP_HANDOFF", "0")
+    want = one_token(load(policy="daop-exact", expert_ratio=0.5))
+    monkeypatch.setenv("DAOP_HANDOFF", "1")
+    engine = load(policy="daop-exact", expert_ratio=0.5)
+    run(engine, PROMPTS[1], 4)
+    handoff = engine.decoder.experts.handoff
+    before = handoff.calls
+    got = one_token(engine)
+    assert handoff.calls - before == 5 * len(engine.decoder.experts.policy.ctx.moe_layers)  # the 5 decode steps only
+    if DEVICE == "cpu":
+        assert got == want

@@ -374,7 +374,7 @@ def measure_point(engine: Engine, args, cost: CostModel, bw: float, expert_bytes
         "late_predictions_per_token": round(agg.get("late_predictions", 0.0) / batch, 3),
         # CPU experts started before the rest of their layer was planned (DAOP_EARLY_SUBMIT=1)
         "early_submits_per_token": round(agg.get("early_submits", 0.0) / batch, 3),
-        # decode layer calls handed to the CPU kernel without a host read of their routing (DAOP_HANDOFF=1)
+        # decode layer calls handed to the CPU kernel without a host read of their routing (DAOP_HANDOFF)
         "handoff_calls_per_token": round(agg.get("handoff_calls", 0.0) / batch, 3),
         # experts split between the channels (their CPU rows' share, then their count)
         "split_calls_per_token": round(agg.get("split_calls", 0.0) / batch, 3),

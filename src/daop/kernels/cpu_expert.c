@@ -509,11 +509,9 @@ static int gate_open(const daop_job *job) {
 }
 
 static int run_job(daop_job *job) {
-    if (job->gate && !gate_open(job)) {
-        job->start = now_s();
-        return -2;
-    }
+    int open = !job->gate || gate_open(job);
     job->start = now_s();
+    if (!open) return -2;
     const uint16_t *gate_up = job->gate_up, *down = job->down;
     if (job->pick) {
         int32_t e = __atomic_load_n(job->pick, __ATOMIC_ACQUIRE);

@@ -149,13 +149,9 @@ class DeviceWait:
 
     def __init__(self, lib: ctypes.CDLL, device: torch.device) -> None:
         self.lib, self.device = lib, device
-        self.fn, pointer = _driver()
+        self.fn, _ = _driver()
         self.flag = torch.zeros(1, dtype=torch.int32, pin_memory=True)
-        dptr = ctypes.c_uint64()
-        rc = pointer(ctypes.byref(dptr), ctypes.c_void_p(self.flag.data_ptr()), 0)
-        if rc != 0:
-            raise RuntimeError(f"cuMemHostGetDevicePointer returned CUDA error {rc}")
-        self.dptr = dptr.value
+        self.dptr = device_pointer(self.flag)
         lib.daop_set_flag(ctypes.c_void_p(self.flag.data_ptr()))
 
     def wait(self, ticket: int, stream: "torch.cuda.Stream | None" = None) -> None:

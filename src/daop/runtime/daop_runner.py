@@ -22,9 +22,9 @@ a layer runs the prefill's swap rule again on its recent routing counts (with a 
 swaps in into their slots.
 Where the preset keeps no scratch slots in decode (`DaopConfig.decode_scratch`: daop-exact, where a
 copy loses to the CPU for one token), they hold resident experts from decode start (`set_phase`) and
-decode predicts nothing: the speculation above then runs in prefill only. There, with
-DAOP_HANDOFF=1, a one-token decode layer is handed to the CPU kernel without a host read of its
-routing (`runtime/handoff.py`).
+decode predicts nothing: the speculation above then runs in prefill only. There a one-token decode
+layer is handed to the CPU kernel without a host read of its routing (`runtime/handoff.py`; on by
+default, DAOP_HANDOFF=0 turns it off).
 Every decision is made by the pure planners of runtime/scheduler.py; this class only carries
 them out. Shapes: N tokens, K top-k, E experts, D hidden.
 """
@@ -123,7 +123,7 @@ class DaopRunner(OffloadedExperts):
         # routing (A1), the CPU pre-calculates on it (A2), or copies are made ahead into scratch slots
         cfg = self.policy.config
         self.decode_predicts = cfg.predicted_routing or cfg.stale_input or self.policy.decode_scratch > 0
-        self.handoff: Handoff | None = None  # decode layers handed to the CPU kernel (DAOP_HANDOFF=1; set_phase)
+        self.handoff: Handoff | None = None  # decode layers handed to the CPU kernel (DAOP_HANDOFF; set_phase)
         self.handoff_refused: str | None = None
 
     def plan_costs(self) -> CostModel:
@@ -148,8 +148,9 @@ class DaopRunner(OffloadedExperts):
         self.forget_pending()
 
     def start_handoff(self) -> None:
-        """With DAOP_HANDOFF=1, hand off decode layers where this runner can (`runtime/handoff.py`);
-        where it cannot, say why once and plan every layer on the host."""
+        """Hand off decode layers where this runner can (`runtime/handoff.py`; DAOP_HANDOFF, else
+        `handoff.DEFAULT`); where it cannot, plan every layer on the host, saying why once if
+        DAOP_HANDOFF=1 asked for it."""
         if self.handoff is not None or self.handoff_refused is not None:
             return
         asked = handoff_mod.setting()
@@ -212,10 +213,6 @@ class DaopRunner(OffloadedExperts):
         return nxt, (self.next_moe.get(nxt) if self.two_ahead else None)
 
     def prefill_layer(self, layer_idx: int, h: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        if self.handoff is not None:
-            if self.handoff.serves(layer_idx, h, ids):
-                return self.handoff.layer(layer_idx, h, ids, weights)
-            self.handoff.flush()
         cfg = self.policy.config
         self.mark(layer_idx, "enter")
         pend = self.pending.pop(layer_idx, None)

@@ -1,4 +1,5 @@
-"""Decode layers handed from the GPU to the CPU kernel without the driving thread (DAOP_HANDOFF=1).
+"""Decode layers handed from the GPU to the CPU kernel without the driving thread (on by default;
+DAOP_HANDOFF=0 turns it off).
 
 In an offloaded decode step the driving thread reads each MoE layer's routing on the host, plans it
 and queues the CPU experts; the CPU's next expert starts only after the GPU has combined the layer
@@ -15,11 +16,12 @@ hold resident experts), the host need not see the routing at all:
 - the host queues the layer's K pick jobs on the C kernel's thread (`cpu_expert.Picks`) before it
   launches the layer: each waits for a flag in pinned memory, then computes the expert its pick
   routed to if the layer's table gives the CPU that expert;
-- the GPU copies the token's activations and routing into the jobs' pinned buffers, then writes the
-  flag (`device_wait.HostGate`); it computes the picks its slots hold through the GEMV kernel (a pick
-  of a host expert reads nothing and comes out zero), waits for the jobs' ticket
-  (`device_wait.DeviceWait`), reads their outputs from pinned memory and adds each pick's output,
-  scaled by its weight, in the order `weighted_sum` adds them: the same values as the planned path;
+- the GPU writes the token's activations and routing into the jobs' pinned buffers
+  (`handoff_kernels.post`), then the flag (`device_wait.HostGate`); it computes the picks its slots
+  hold through the GEMV kernel (a pick of a host expert reads nothing and comes out zero), waits for
+  the jobs' ticket (`device_wait.DeviceWait`), and `handoff_kernels.finish` reads their outputs from
+  pinned memory and adds each pick's output, scaled by its weight, in the order `weighted_sum` adds
+  them: the same values as the planned path;
 - the host returns at once and launches the next layer; at the step's last MoE layer it sleeps
   until that layer's CPU jobs are done, so that its wait for the step's token (a device-to-host copy,
   which spins) is short and takes no core from the CPU experts for long.
@@ -29,8 +31,10 @@ the layer's next call, or when the runner flushes (a phase change, a reset, its 
 settle or swap copy has not landed yet is left out of the table for that call (its experts go to the
 CPU), as the planned path lets the CPU take them.
 
-Off by default until measured on a GPU host against the planned path; on a CPU device it serves the
-tests of the path (CPU experts then through the C kernel, as on a GPU, not torch's products).
+On by default since it was measured on an H100 host against the planned path
+(`benchmarks/results/h100-mixtral-8x7b-8layers-handoff-ab.jsonl`: 0.81-0.88x its decode time). On a
+CPU device it runs only where the CPU experts use the C kernel (tests set that up: the kernel's
+products are not torch's, which a CPU device's exact policies must match).
 """
 from __future__ import annotations
 
