@@ -87,6 +87,9 @@ def test_prefetches_whose_copies_land_late_are_computed_on_the_cpu_with_the_same
         return {e: 1000.0 for e in counts if e in prefetched or e in self.wanted_slots(layer_idx)}
 
     monkeypatch.setattr(DaopRunner, "landing_copies", far)
+    # the planned decode path is under test: a handed-off decode call (on by default where the runner can,
+    # on CUDA in bf16) makes no copies and asks no landing times
+    monkeypatch.setenv("DAOP_HANDOFF", "0")
     engine = load(policy="daop-exact", expert_ratio=ratio)
     outputs = {prompt: run(engine, prompt) for prompt in PROMPTS}
     if DEVICE == "cpu":
