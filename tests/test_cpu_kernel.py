@@ -68,7 +68,83 @@ def test_kernel_refuses_what_it_cannot_run():
     assert cpu_expert.serves(torch.bfloat16, cpu_expert.SERVES_TOKENS, [gate_up, down])
     assert not cpu_expert.serves(torch.bfloat16, cpu_expert.SERVES_TOKENS + 1, [gate_up, down])
     assert not cpu_expert.serves(torch.float32, 1, [gate_up.float(), down.float()])
-    assert not cpu_expert.serves(torch.bfloat16, 1, list(ExpertFormat("int8", torch.bfloat16).from_float(gate_up.float(), down.float())))
+    # int8 experts: whole ones at 1-8 tokens; int4 ones go to torch
+    int8 = list(ExpertFormat("int8", torch.bfloat16).from_float(gate_up.float(), down.float()))
+    assert cpu_expert.serves(torch.bfloat16, cpu_expert.MAX_TOKENS, int8)
+    assert not cpu_expert.serves(torch.bfloat16, cpu_expert.MAX_TOKENS + 1, int8)
+    assert not cpu_expert.serves(torch.bfloat16, 1, int8, 32)  # a part of a split expert
+    assert not cpu_expert.serves(torch.float32, 1, int8)
+    gate_up4, down4 = expert(128, 128)
+    int4 = list(ExpertFormat("int4", torch.bfloat16, group_size=32).from_float(gate_up4.float(), down4.float()))
+    assert not cpu_expert.serves(torch.bfloat16, 1, int4)
+
+
+def int8_expert(D, I, seed=0):
+    """An int8 expert (codes and bf16 scales per output row, `daop.quant`) from random float weights."""
+    gate_up, down = expert(D, I, seed)
+    return list(ExpertFormat("int8", torch.bfloat16).from_float(gate_up.float(), down.float()))
+
+
+def int8_reference(x, w):
+    """The int8 expert in float32 from its codes and scales, rounded to bf16 where torch's int8 products round."""
+    q1, s1, q2, s2 = w
+    I = q2.shape[1]
+    h = (F.linear(x.float(), q1.float()) * s1.float()).bfloat16()
+    a = F.silu(h[:, :I]) * h[:, I:]  # bf16, as in `expert_forward`
+    return (F.linear(a.float(), q2.float()) * s2.float()).bfloat16()
+
+
+@needs_kernel
+@pytest.mark.parametrize("D,I", [(256, 176), (64, 96), (100, 37), (48, 17)])  # whole vectors, and ragged tails
+@pytest.mark.parametrize("n", [1, 3, 8])
+def test_int8_kernel_matches_the_int8_expert_on_every_path(D, I, n):
+    w = int8_expert(D, I)
+    x = torch.randn(n, D, generator=torch.Generator().manual_seed(1)).bfloat16()
+    ref = int8_reference(x, w).float()
+    scale = ref.abs().max().item()
+    # torch's int8 product (`expert_forward` on the CPU) takes sizes in whole 16s only (others read past
+    # the rows here, and crashed); where it runs, the kernel rounds where it does
+    torch_int8 = expert_forward(x, w).float() if D % 16 == 0 and I % 16 == 0 else None
+    for level in (2, 1, 0):
+        y = cpu_expert.expert(x, w[0], w[2], threads=2, isa_level=level, scales=(w[1], w[3]))
+        assert y.dtype == torch.bfloat16 and y.shape == (n, D)
+        assert (y.float() - ref).abs().max().item() <= scale * 2**-6, level
+        if torch_int8 is not None:
+            assert (y.float() - torch_int8).abs().max().item() <= scale * 2**-6, level
+    rows = torch.cat([cpu_expert.expert(x[i:i + 1], w[0], w[2], threads=1, scales=(w[1], w[3])) for i in range(n)])
+    assert torch.equal(rows, cpu_expert.expert(x, w[0], w[2], threads=2, scales=(w[1], w[3])))
+
+
+@needs_kernel
+def test_int8_kernel_refuses_what_it_cannot_run():
+    w = int8_expert(64, 48)
+    x = torch.randn(1, 64).bfloat16()
+    with pytest.raises(ValueError, match="1-8 tokens for an int8 expert"):
+        cpu_expert.expert(torch.randn(9, 64).bfloat16(), w[0], w[2], threads=1, scales=(w[1], w[3]))
+    with pytest.raises(ValueError, match="int8 scales"):
+        cpu_expert.expert(x, w[0], w[2], threads=1, scales=(w[1][:10], w[3]))
+    with pytest.raises(ValueError, match="int8 codes and bf16 scales"):
+        cpu_expert.expert(x, w[0], w[2], threads=1, scales=(w[1].float(), w[3]))
+    with pytest.raises(ValueError, match="whole int8 experts"):
+        cpu_expert.expert(x, w[0], w[2], threads=1, rows=16, scales=(w[1], w[3]))
+
+
+@needs_kernel
+@pytest.mark.parametrize("mode", ["worker", "inline"])
+def test_executor_runs_int8_experts_on_the_kernel_queued_or_inline(mode):
+    experts = [int8_expert(64, 48, seed=s) for s in range(3)]
+    h = torch.randn(12, 64).bfloat16()
+    jobs = [(0, torch.tensor([0, 3]), experts[0]), (1, torch.tensor([1]), experts[1]), (2, torch.arange(12), experts[2])]
+    ex = CpuExecutor(2, mode, native=True)
+    try:
+        mixed = ex.submit(jobs, h, None).result()  # 12 tokens: more than the kernel serves, so torch for that one
+        queued = ex.submit(jobs[:2], h, None).result()  # every job served: queued on the kernel's thread
+    finally:
+        ex.close()
+    for e, rows, w in jobs[:2]:
+        want = cpu_expert.expert(h[rows], w[0], w[2], threads=2, scales=(w[1], w[3]))
+        assert torch.equal(mixed[e], want) and torch.equal(queued[e], want)
+    assert torch.equal(mixed[2], expert_forward(h, list(experts[2])))
 
 
 def amx_libraries():

@@ -154,7 +154,8 @@ def kernel_name(native: bool) -> str:
     """Which products CPU experts run on (for profiles and bench cards): native is asked for a model on a GPU."""
     if native and cpu_expert.available():
         upto = cpu_expert.max_tokens(32, 32)  # an aligned shape: the most any path of this CPU takes
-        return f"daop C kernel ({cpu_expert.isa()}) for bf16 at 1-{upto} tokens, else torch"
+        return (f"daop C kernel ({cpu_expert.isa()}) for bf16 at 1-{upto} tokens and int8 at 1-{cpu_expert.MAX_TOKENS}, "
+                "else torch")
     return "torch"
 
 
@@ -214,6 +215,11 @@ class CpuExecutor:
             self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="daop-cpu", initializer=torch.set_num_threads,
                                            initargs=(self.threads,))
 
+    def _native(self, x: torch.Tensor, w: list, rows: int | None) -> torch.Tensor:
+        """One expert through the C kernel (bf16, or int8 with its scales), on this thread."""
+        gate_up, down, scales = cpu_expert.parts(w)
+        return cpu_expert.expert(x, gate_up, down, self.threads, rows=rows, scales=scales)
+
     def submit(self, jobs: list[Job], h_host: torch.Tensor, ready: "torch.cuda.Event | None",
                compute: Callable | None = None, ahead: bool = False,
                span: Callable[[float, float, float], None] | None = None,
@@ -260,7 +266,7 @@ class CpuExecutor:
                               for r, w, k in zip(rows, weights, heads)]
                     rest = [i for i, s in enumerate(served) if not s and heads[i] is None]
                     by_torch = iter(self.kernel(h_host, [rows[i] for i in rest], [weights[i] for i in rest], self.glu) if rest else [])
-                    ys = [cpu_expert.expert(h_host.index_select(0, r), w[0], w[1], self.threads, rows=k) if s
+                    ys = [self._native(h_host.index_select(0, r), w, k) if s
                           else next(by_torch) if k is None else expert_rows(h_host.index_select(0, r), w, 0, k)
                           for r, w, s, k in zip(rows, weights, served, heads)]
             t1 = time.perf_counter()

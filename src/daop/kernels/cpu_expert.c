@@ -75,16 +75,24 @@ static inline uint16_t f32_to_bf16(float f) { /* round to nearest even, as torch
 
 static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
+/* Weight formats: bf16, or int8 codes (one scale per output row, applied by the caller). */
+enum { FMT_BF16 = 0, FMT_INT8 = 1 };
+
 /* out[t * ldo + r] = sum_k W[r, k] * x[t * K + k] for rows r in [r0, r1), tokens t < n; row r of W
-   starts at W + r * ldw (ldw >= K: the first K columns of a wider matrix) */
-static void rows_plain(const uint16_t *W, long K, long ldw, long r0, long r1, const float *x, int n, float *out,
+   starts at W + r * ldw elements (ldw >= K: the first K columns of a wider matrix) */
+static void rows_plain(int fmt, const void *W, long K, long ldw, long r0, long r1, const float *x, int n, float *out,
                        long ldo) {
     for (long r = r0; r < r1; r++) {
-        const uint16_t *w = W + r * ldw;
         for (int t = 0; t < n; t++) {
             float s = 0.f;
             const float *xt = x + t * K;
-            for (long k = 0; k < K; k++) s += bf16_to_f32(w[k]) * xt[k];
+            if (fmt == FMT_INT8) {
+                const int8_t *w = (const int8_t *)W + r * ldw;
+                for (long k = 0; k < K; k++) s += (float)w[k] * xt[k];
+            } else {
+                const uint16_t *w = (const uint16_t *)W + r * ldw;
+                for (long k = 0; k < K; k++) s += bf16_to_f32(w[k]) * xt[k];
+            }
             out[t * ldo + r] = s;
         }
     }
@@ -104,6 +112,9 @@ static void rows_plain(const uint16_t *W, long K, long ldw, long r0, long r1, co
 #define TOKENS_AVX2 (8 / GROUP_ROWS < 2 ? 8 / GROUP_ROWS : 2)
 #define LOAD512(p) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(p))), 16))
 #define LOAD256(p) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p))), 16))
+#define LOAD512_I8(p) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(p))))
+#define LOAD256_I8(p) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p))))
+#define I8_TO_F32(v) ((float)(v))
 
 __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -112,10 +123,10 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
     return _mm_cvtss_f32(h);
 }
 
-#define GROUP(NAME, TARGET, VEC, LANES, LOAD, FMA, XLOAD, ZERO, HSUM, G, NT)                           \
-    __attribute__((target(TARGET))) static void NAME##_##NT(const uint16_t *W, long K, long ldw, long r, \
+#define GROUP(NAME, TARGET, WT, CONV, VEC, LANES, LOAD, FMA, XLOAD, ZERO, HSUM, G, NT)                \
+    __attribute__((target(TARGET))) static void NAME##_##NT(const void *Wv, long K, long ldw, long r,  \
                                                                   const float *x, float *out, long ldo) { \
-        const uint16_t *w[G];                                                                          \
+        const WT *W = (const WT *)Wv, *w[G];                                                           \
         for (int i = 0; i < G; i++) w[i] = W + (r + i) * ldw;                                           \
         VEC a[G][NT];                                                                                  \
         for (int i = 0; i < G; i++)                                                                    \
@@ -135,24 +146,34 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
         for (int i = 0; i < G; i++)                                                                    \
             for (int t = 0; t < NT; t++) {                                                             \
                 float s = HSUM(a[i][t]);                                                               \
-                for (long j = k; j < K; j++) s += bf16_to_f32(w[i][j]) * x[t * K + j];                 \
+                for (long j = k; j < K; j++) s += CONV(w[i][j]) * x[t * K + j];                        \
                 out[t * ldo + r + i] = s;                                                              \
             }                                                                                          \
     }
 
-#define AVX512_GROUP(NAME, G, NT) GROUP(NAME, "avx512f", __m512, 16, LOAD512, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_reduce_add_ps, G, NT)
-#define AVX2_GROUP(NAME, G, NT) GROUP(NAME, "avx2,fma", __m256, 8, LOAD256, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, hsum256, G, NT)
-AVX512_GROUP(avx512_g, GROUP_ROWS, 1) AVX512_GROUP(avx512_g, GROUP_ROWS, 2) AVX512_GROUP(avx512_g, GROUP_ROWS, 3) AVX512_GROUP(avx512_g, GROUP_ROWS, 4)
-AVX512_GROUP(avx512_1, 1, 1) AVX512_GROUP(avx512_1, 1, 2) AVX512_GROUP(avx512_1, 1, 3) AVX512_GROUP(avx512_1, 1, 4)
-AVX2_GROUP(avx2_g, GROUP_ROWS, 1) AVX2_GROUP(avx2_g, GROUP_ROWS, 2) AVX2_GROUP(avx2_1, 1, 1) AVX2_GROUP(avx2_1, 1, 2)
+#define AVX512_GROUP(NAME, WT, CONV, LOAD, G, NT) GROUP(NAME, "avx512f", WT, CONV, __m512, 16, LOAD, _mm512_fmadd_ps, _mm512_loadu_ps, _mm512_setzero_ps, _mm512_reduce_add_ps, G, NT)
+#define AVX2_GROUP(NAME, WT, CONV, LOAD, G, NT) GROUP(NAME, "avx2,fma", WT, CONV, __m256, 8, LOAD, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_setzero_ps, hsum256, G, NT)
+/* one set per weight format: bf16 (uint16_t) and int8 codes */
+#define FORMAT_GROUPS(SUFFIX, WT, CONV, L512, L256)                                                           \
+    AVX512_GROUP(avx512_g##SUFFIX, WT, CONV, L512, GROUP_ROWS, 1) AVX512_GROUP(avx512_g##SUFFIX, WT, CONV, L512, GROUP_ROWS, 2) \
+    AVX512_GROUP(avx512_g##SUFFIX, WT, CONV, L512, GROUP_ROWS, 3) AVX512_GROUP(avx512_g##SUFFIX, WT, CONV, L512, GROUP_ROWS, 4) \
+    AVX512_GROUP(avx512_1##SUFFIX, WT, CONV, L512, 1, 1) AVX512_GROUP(avx512_1##SUFFIX, WT, CONV, L512, 1, 2)                 \
+    AVX512_GROUP(avx512_1##SUFFIX, WT, CONV, L512, 1, 3) AVX512_GROUP(avx512_1##SUFFIX, WT, CONV, L512, 1, 4)                 \
+    AVX2_GROUP(avx2_g##SUFFIX, WT, CONV, L256, GROUP_ROWS, 1) AVX2_GROUP(avx2_g##SUFFIX, WT, CONV, L256, GROUP_ROWS, 2)       \
+    AVX2_GROUP(avx2_1##SUFFIX, WT, CONV, L256, 1, 1) AVX2_GROUP(avx2_1##SUFFIX, WT, CONV, L256, 1, 2)
+FORMAT_GROUPS(, uint16_t, bf16_to_f32, LOAD512, LOAD256)
+FORMAT_GROUPS(_i8, int8_t, I8_TO_F32, LOAD512_I8, LOAD256_I8)
 
-typedef void (*group_fn)(const uint16_t *, long, long, long, const float *, float *, long);
-static const group_fn AVX512_G[4] = {avx512_g_1, avx512_g_2, avx512_g_3, avx512_g_4};
-static const group_fn AVX512_1[4] = {avx512_1_1, avx512_1_2, avx512_1_3, avx512_1_4};
-static const group_fn AVX2_G[2] = {avx2_g_1, avx2_g_2};
-static const group_fn AVX2_1[2] = {avx2_1_1, avx2_1_2};
+typedef void (*group_fn)(const void *, long, long, long, const float *, float *, long);
+/* [format][group of GROUP_ROWS rows or one row][tokens - 1] */
+static const group_fn AVX512_FNS[2][2][4] = {
+    {{avx512_g_1, avx512_g_2, avx512_g_3, avx512_g_4}, {avx512_1_1, avx512_1_2, avx512_1_3, avx512_1_4}},
+    {{avx512_g_i8_1, avx512_g_i8_2, avx512_g_i8_3, avx512_g_i8_4}, {avx512_1_i8_1, avx512_1_i8_2, avx512_1_i8_3, avx512_1_i8_4}}};
+static const group_fn AVX2_FNS[2][2][4] = {
+    {{avx2_g_1, avx2_g_2}, {avx2_1_1, avx2_1_2}},
+    {{avx2_g_i8_1, avx2_g_i8_2}, {avx2_1_i8_1, avx2_1_i8_2}}};
 
-static void rows_vector(const group_fn *group, const group_fn *one, int chunk, const uint16_t *W, long K, long ldw,
+static void rows_vector(const group_fn *group, const group_fn *one, int chunk, const void *W, long K, long ldw,
                         long r0, long r1, const float *x, int n, float *out, long ldo) {
     for (long r = r0; r < r1;) {
         int g = r + GROUP_ROWS <= r1 ? GROUP_ROWS : 1;
@@ -198,13 +219,19 @@ int daop_cpu_isa(void) {
     return amx_usable() ? 3 : VECTOR_LEVEL;
 }
 
-static void rows(int isa, const uint16_t *W, long K, long ldw, long r0, long r1, const float *x, int n, float *out,
-                 long ldo) {
+static void rows(int isa, int fmt, const void *W, long K, long ldw, long r0, long r1, const float *x, int n,
+                 float *out, long ldo) {
 #ifdef DAOP_X86
-    if (isa >= 2) { rows_vector(AVX512_G, AVX512_1, TOKENS_AVX512, W, K, ldw, r0, r1, x, n, out, ldo); return; }
-    if (isa == 1) { rows_vector(AVX2_G, AVX2_1, TOKENS_AVX2, W, K, ldw, r0, r1, x, n, out, ldo); return; }
+    if (isa >= 2) {
+        rows_vector(AVX512_FNS[fmt][0], AVX512_FNS[fmt][1], TOKENS_AVX512, W, K, ldw, r0, r1, x, n, out, ldo);
+        return;
+    }
+    if (isa == 1) {
+        rows_vector(AVX2_FNS[fmt][0], AVX2_FNS[fmt][1], TOKENS_AVX2, W, K, ldw, r0, r1, x, n, out, ldo);
+        return;
+    }
 #endif
-    rows_plain(W, K, ldw, r0, r1, x, n, out, ldo);
+    rows_plain(fmt, W, K, ldw, r0, r1, x, n, out, ldo);
 }
 
 /* Rows [r0, r1) of `total` that thread `id` of `count` owns: equal shares, in blocks of 16 rows. */
@@ -222,12 +249,12 @@ static void share(long total, int id, int count, long *r0, long *r1) {
 #ifndef CHUNK_ROWS
 #define CHUNK_ROWS 16
 #endif
-static void take_rows(int isa, const uint16_t *W, long K, long ldw, long total, long *next, const float *x, int n,
-                      float *out, long ldo) {
+static void take_rows(int isa, int fmt, const void *W, long K, long ldw, long total, long *next, const float *x,
+                      int n, float *out, long ldo) {
     for (;;) {
         long r0 = __atomic_fetch_add(next, CHUNK_ROWS, __ATOMIC_RELAXED);
         if (r0 >= total) return;
-        rows(isa, W, K, ldw, r0, r0 + CHUNK_ROWS < total ? r0 + CHUNK_ROWS : total, x, n, out, ldo);
+        rows(isa, fmt, W, K, ldw, r0, r0 + CHUNK_ROWS < total ? r0 + CHUNK_ROWS : total, x, n, out, ldo);
     }
 }
 
@@ -393,6 +420,41 @@ long daop_scratch_floats(int isa, int n, long D, long K) {
     return (long)n * (D + 3 * K);
 }
 
+/* The vector paths' expert (1-MAX_TOKENS tokens) for either weight format: bf16 weights (scales
+   NULL), or int8 codes with one bf16 scale per output row (gate_up_s [2I], down_s [D]), each product's
+   float32 sum times its row's scale, rounded to bf16 where torch's int8 weight-only product rounds. */
+static void expert_vector(int fmt, const uint16_t *x, int n, const void *gate_up, const uint16_t *gate_up_s,
+                          const void *down, const uint16_t *down_s, uint16_t *y, long D, long I, long K, int threads,
+                          int isa, float *scratch) {
+    if (VECTOR_LEVEL < 0) VECTOR_LEVEL = vector_level();
+    if (isa > VECTOR_LEVEL) isa = VECTOR_LEVEL;
+    const void *up = (const char *)gate_up + I * D * (fmt == FMT_INT8 ? 1 : 2);
+    float *xf = scratch, *h = xf + n * D, *a = h + n * 2 * K, *yf = xf; /* yf reuses xf once it is read */
+    for (long i = 0; i < n * D; i++) xf[i] = bf16_to_f32(x[i]);
+    long next_gate = 0, next_up = 0, next_down = 0; /* the next chunk of rows to take, shared by the team */
+#pragma omp parallel num_threads(threads)
+    {
+        int id = omp_get_thread_num(), count = omp_get_num_threads();
+        long r0, r1;
+        take_rows(isa, fmt, gate_up, D, D, K, &next_gate, xf, n, h, 2 * K);
+        take_rows(isa, fmt, up, D, D, K, &next_up, xf, n, h + K, 2 * K);
+#pragma omp barrier
+        share(K, id, count, &r0, &r1);
+        for (int t = 0; t < n; t++)
+            for (long i = r0; i < r1; i++) { /* rounded to bf16 where torch's bf16 products round */
+                float g = h[t * 2 * K + i], u = h[t * 2 * K + K + i];
+                if (gate_up_s) g *= bf16_to_f32(gate_up_s[i]), u *= bf16_to_f32(gate_up_s[I + i]);
+                g = round_bf16(g), u = round_bf16(u);
+                a[t * K + i] = round_bf16(round_bf16(g / (1.f + expf(-g))) * u);
+            }
+#pragma omp barrier
+        take_rows(isa, fmt, down, K, I, D, &next_down, a, n, yf, D);
+#pragma omp barrier
+        share(n * D, id, count, &r0, &r1);
+        for (long i = r0; i < r1; i++) y[i] = f32_to_bf16(down_s ? yf[i] * bf16_to_f32(down_s[i % D]) : yf[i]);
+    }
+}
+
 /* x [n, D] bf16 -> y [n, D] bf16 over the first K of the expert's I intermediate rows (K = I: the whole
    expert; K < I: the CPU's part of an expert split with the GPU, which computes rows K..I and adds its
    output): gate rows [0, K) and up rows [I, I + K) of gate_up, columns [0, K) of down. scratch holds
@@ -408,30 +470,17 @@ int daop_expert_bf16(const uint16_t *x, int n, const uint16_t *gate_up, const ui
     }
 #endif
     if (n > MAX_TOKENS) return -1;
-    if (VECTOR_LEVEL < 0) VECTOR_LEVEL = vector_level();
-    if (isa > VECTOR_LEVEL) isa = VECTOR_LEVEL;
-    float *xf = scratch, *h = xf + n * D, *a = h + n * 2 * K, *yf = xf; /* yf reuses xf once it is read */
-    for (long i = 0; i < n * D; i++) xf[i] = bf16_to_f32(x[i]);
-    long next_gate = 0, next_up = 0, next_down = 0; /* the next chunk of rows to take, shared by the team */
-#pragma omp parallel num_threads(threads)
-    {
-        int id = omp_get_thread_num(), count = omp_get_num_threads();
-        long r0, r1;
-        take_rows(isa, gate_up, D, D, K, &next_gate, xf, n, h, 2 * K);
-        take_rows(isa, gate_up + I * D, D, D, K, &next_up, xf, n, h + K, 2 * K);
-#pragma omp barrier
-        share(K, id, count, &r0, &r1);
-        for (int t = 0; t < n; t++)
-            for (long i = r0; i < r1; i++) { /* rounded to bf16 where torch's bf16 products round */
-                float g = round_bf16(h[t * 2 * K + i]), u = round_bf16(h[t * 2 * K + K + i]);
-                a[t * K + i] = round_bf16(round_bf16(g / (1.f + expf(-g))) * u);
-            }
-#pragma omp barrier
-        take_rows(isa, down, K, I, D, &next_down, a, n, yf, D);
-#pragma omp barrier
-        share(n * D, id, count, &r0, &r1);
-        for (long i = r0; i < r1; i++) y[i] = f32_to_bf16(yf[i]);
-    }
+    expert_vector(FMT_BF16, x, n, gate_up, NULL, down, NULL, y, D, I, K, threads, isa, scratch);
+    return 0;
+}
+
+/* The whole int8 expert (codes gate_up [2I, D], down [D, I], bf16 scales gate_up_s [2I], down_s [D],
+   w = code * scale) for x [n, D] bf16, 1-MAX_TOKENS tokens, on the vector paths (isa capped at 2).
+   scratch holds daop_scratch_floats(2, n, D, I) floats. Returns 0, or -1 when n is out of range. */
+int daop_expert_int8(const uint16_t *x, int n, const int8_t *gate_up, const uint16_t *gate_up_s, const int8_t *down,
+                     const uint16_t *down_s, uint16_t *y, long D, long I, int threads, int isa, float *scratch) {
+    if (n < 1 || n > MAX_TOKENS || I < 1) return -1;
+    expert_vector(FMT_INT8, x, n, gate_up, gate_up_s, down, down_s, y, D, I, I, threads, isa > 2 ? 2 : isa, scratch);
     return 0;
 }
 
@@ -451,6 +500,9 @@ typedef struct {
        sets served 0); gate_up and down are then unused. rc -3: e outside [0, experts). */
     const uint32_t *gate; uint32_t gate_value;
     const int32_t *pick; const uint64_t *gate_ups, *downs; int experts, served;
+    /* int8 (not a pick job): gate_up and down hold int8 codes, with these bf16 scales per output row
+       (daop_expert_int8; K = I); NULL: bf16 weights */
+    const uint16_t *gate_up_s, *down_s;
 } daop_job;
 
 #define GATE_TIMEOUT_S 60.0
@@ -522,6 +574,10 @@ static int run_job(daop_job *job) {
         down = (const uint16_t *)(uintptr_t)job->downs[e];
         job->served = 1;
     }
+    if (job->gate_up_s && !job->pick)
+        return daop_expert_int8(job->x, job->n, (const int8_t *)(const void *)gate_up, job->gate_up_s,
+                                (const int8_t *)(const void *)down, job->down_s, job->y, job->D, job->I, job->threads,
+                                job->isa, job->scratch);
     return daop_expert_bf16(job->x, job->n, gate_up, down, job->y, job->D, job->I, job->K, job->threads, job->isa,
                             job->scratch);
 }

@@ -1,6 +1,10 @@
 """A bf16 expert on the CPU at memory speed (`cpu_expert.c`), for CPU experts of a GPU model: 1-8
 tokens with AVX-512 or AVX2 vectors, and, on CPUs with AMX, 4-128 tokens (a batch's or a prompt's
-share of an expert) with bf16 tile products.
+share of an expert) with bf16 tile products. int8 experts (`daop.quant`: codes with a bf16 scale per
+output row) run on the same vector paths at 1-8 tokens: each code is widened to float32 in the
+registers, so the host reads one byte per weight. They round where torch's int8 weight-only product
+rounds (sums in another order: 98.8 % of one Mixtral-sized expert's outputs equal, the rest a unit or
+so in the last place), so, as for bf16, only CPU experts of a GPU model use it.
 
 Why a kernel of our own: a decode-time expert reads every weight once, so it is bound by host memory.
 On an H200 host (16 cores, 96 GB/s read), torch's bf16 `F.linear` ran one Mixtral expert in 6.3 ms,
@@ -102,7 +106,8 @@ class JobStruct(ctypes.Structure):
                 ("isa", ctypes.c_int), ("scratch", ctypes.c_void_p), ("rc", ctypes.c_int), ("start", ctypes.c_double),
                 ("end", ctypes.c_double), ("gate", ctypes.c_void_p), ("gate_value", ctypes.c_uint32),
                 ("pick", ctypes.c_void_p), ("gate_ups", ctypes.c_void_p), ("downs", ctypes.c_void_p),
-                ("experts", ctypes.c_int), ("served", ctypes.c_int)]
+                ("experts", ctypes.c_int), ("served", ctypes.c_int), ("gate_up_s", ctypes.c_void_p),
+                ("down_s", ctypes.c_void_p)]
 
     # (a plain job leaves the gate and pick fields zero: see `Picks` for the gated pick jobs)
 
@@ -113,6 +118,10 @@ def load(path: Path) -> ctypes.CDLL:
     lib.daop_expert_bf16.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                      ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_int, ctypes.c_int,
                                      ctypes.c_void_p]
+    lib.daop_expert_int8.restype = ctypes.c_int
+    lib.daop_expert_int8.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
+                                     ctypes.c_void_p, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_int,
+                                     ctypes.c_int, ctypes.c_void_p]
     lib.daop_cpu_isa.restype = ctypes.c_int
     lib.daop_max_tokens.restype = ctypes.c_int
     lib.daop_max_tokens.argtypes = [ctypes.c_int, ctypes.c_long, ctypes.c_long]
@@ -199,11 +208,29 @@ def max_tokens(D: int, K: int, lib: ctypes.CDLL | None = None, isa_level: int | 
     return lib.daop_max_tokens(lib.isa if isa_level is None else min(isa_level, lib.isa), D, K)
 
 
+def is_int8(w) -> bool:
+    """An int8 expert (gate_up codes, their scales, down codes, their scales; `daop.quant`) with bf16 scales."""
+    return (len(w) == 4 and w[0].dtype == torch.int8 and w[2].dtype == torch.int8
+            and w[1].dtype == torch.bfloat16 and w[3].dtype == torch.bfloat16)
+
+
+def parts(w) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """(gate_up, down, scales) of a bf16 expert (scales None) or an int8 one (`is_int8`)."""
+    if len(w) == 4:
+        return w[0], w[2], (w[1], w[3])
+    return w[0], w[1], None
+
+
 def serves(dtype: torch.dtype, tokens: int, w: list, rows: int | None = None) -> bool:
     """Whether the executor runs a job through `expert` (where the kernel is `available()`): bf16
-    activations, a bf16 float expert (gate_up, down) and 1-SERVES_TOKENS tokens, or more where the
-    AMX path takes them (`max_tokens`). rows: the CPU's part of a split expert (see `expert`)."""
-    if not (len(w) == 2 and w[0].dtype == torch.bfloat16 and w[1].dtype == torch.bfloat16 and dtype == torch.bfloat16):
+    activations, and a bf16 float expert (gate_up, down) at 1-SERVES_TOKENS tokens, or more where the
+    AMX path takes them (`max_tokens`), or a whole int8 expert (`is_int8`) at 1-MAX_TOKENS tokens.
+    rows: the CPU's part of a split expert (see `expert`; bf16 only)."""
+    if dtype != torch.bfloat16:
+        return False
+    if is_int8(w):
+        return rows is None and 1 <= tokens <= MAX_TOKENS
+    if not (len(w) == 2 and w[0].dtype == torch.bfloat16 and w[1].dtype == torch.bfloat16):
         return False
     if 1 <= tokens <= SERVES_TOKENS:
         return True
@@ -212,15 +239,26 @@ def serves(dtype: torch.dtype, tokens: int, w: list, rows: int | None = None) ->
 
 
 def check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, rows: int | None, lib: ctypes.CDLL,
-                 level: int) -> int:
+                 level: int, scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> int:
     """The intermediate rows the job computes (rows, or all of them), once the shapes fit and the
-    token count is one the library's path at `level` takes (`daop_max_tokens`)."""
+    token count is one the library's path at `level` takes (`daop_max_tokens`; int8: MAX_TOKENS)."""
     D, I = x.shape[1], down.shape[1]
     if gate_up.shape != (2 * I, D) or down.shape != (D, I):
         raise ValueError(f"expert shapes gate_up {tuple(gate_up.shape)}, down {tuple(down.shape)} do not fit x {tuple(x.shape)}")
     K = I if rows is None else int(rows)
     if not 1 <= K <= I:
         raise ValueError(f"an expert part of {K} intermediate rows does not fit an expert of {I}")
+    if scales is not None:
+        if gate_up.dtype != torch.int8 or down.dtype != torch.int8 or any(s.dtype != torch.bfloat16 for s in scales):
+            raise ValueError("an int8 expert needs int8 codes and bf16 scales")
+        if tuple(scales[0].shape) != (2 * I,) or tuple(scales[1].shape) != (D,):
+            raise ValueError(f"int8 scales {tuple(scales[0].shape)}, {tuple(scales[1].shape)} do not fit gate_up {tuple(gate_up.shape)}, "
+                             f"down {tuple(down.shape)}")
+        if K != I:
+            raise ValueError("the CPU expert kernel computes whole int8 experts only, not a part of one")
+        if not 1 <= x.shape[0] <= MAX_TOKENS:
+            raise ValueError(f"the CPU expert kernel takes 1-{MAX_TOKENS} tokens for an int8 expert, got {x.shape[0]}")
+        return K
     limit = lib.limits[("tokens", level, D, K)]
     if not 1 <= x.shape[0] <= limit:
         raise ValueError(f"the CPU expert kernel takes 1-{limit} tokens for this expert shape, got {x.shape[0]}")
@@ -259,17 +297,24 @@ class Queued:
         self.keep: list[torch.Tensor] = []
         self.ys: list[torch.Tensor] = []
         self.jobs: list[JobStruct] = []
-        for x, (gate_up, down), part in zip(xs, weights, rows or [None] * len(xs), strict=True):
-            K = check_shapes(x, gate_up, down, part, lib, lib.isa)
+        for x, w, part in zip(xs, weights, rows or [None] * len(xs), strict=True):
+            gate_up, down, scales = parts(w)
+            K = check_shapes(x, gate_up, down, part, lib, lib.isa, scales)
             x, gate_up, down = x.contiguous(), gate_up.contiguous(), down.contiguous()
             n, D = x.shape
             I = down.shape[1]
             y = torch.empty(n, D, dtype=torch.bfloat16, pin_memory=pin)  # pinned: uploaded without a host sync
-            scratch = torch.empty(lib.limits[("scratch", lib.isa, n, D, K)], dtype=torch.float32)
+            level = lib.isa if scales is None else min(lib.isa, 2)  # int8: the vector paths
+            scratch = torch.empty(lib.limits[("scratch", level, n, D, K)], dtype=torch.float32)
             self.keep += [x, gate_up, down, scratch]
+            job = JobStruct(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I, K,
+                            max(1, int(threads)), level, scratch.data_ptr(), 0, 0.0, 0.0)
+            if scales is not None:
+                s_gate_up, s_down = scales[0].contiguous(), scales[1].contiguous()
+                self.keep += [s_gate_up, s_down]
+                job.gate_up_s, job.down_s = s_gate_up.data_ptr(), s_down.data_ptr()
             self.ys.append(y)
-            self.jobs.append(JobStruct(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I, K,
-                                       max(1, int(threads)), lib.isa, scratch.data_ptr(), 0, 0.0, 0.0))
+            self.jobs.append(job)
         ptrs = (ctypes.POINTER(JobStruct) * len(self.jobs))(*[ctypes.pointer(j) for j in self.jobs])
         if _IN_FLIGHT:  # one read of the finished count for all of them
             finished = lib.daop_finished() if all(q.lib is lib for q in _IN_FLIGHT) else None
@@ -305,26 +350,36 @@ def _drain() -> None:
 
 
 def expert(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, threads: int,
-           isa_level: int | None = None, lib: ctypes.CDLL | None = None, rows: int | None = None) -> torch.Tensor:
+           isa_level: int | None = None, lib: ctypes.CDLL | None = None, rows: int | None = None,
+           scales: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """down(silu(gate x) * up x) for x [n, D] bf16 (n <= `max_tokens`); gate_up [2I, D], down [D, I] bf16, on the host.
 
     rows: only intermediate rows [0, rows) (gate rows [0, rows), up rows [I, I + rows), down columns
     [0, rows)), the CPU's part of an expert split with the GPU; default all of them.
+    scales: an int8 expert (`daop.quant`): gate_up and down are int8 codes, scales their bf16 scales
+    per output row ([2I], [D]); 1-MAX_TOKENS tokens, the whole expert, on the vector paths.
     isa_level: force a lower path (0 plain C, 1 AVX2, 2 AVX-512) for tests; default the best this CPU has.
     lib: a library built with other tunables (`load(build(cc, defines))`), for probes."""
     lib = lib or library()
     if lib is None:
         raise RuntimeError("the CPU expert kernel is not available")
     level = lib.isa if isa_level is None else min(isa_level, lib.isa)
-    K = check_shapes(x, gate_up, down, rows, lib, level)
+    if scales is not None:
+        level = min(level, 2)
+    K = check_shapes(x, gate_up, down, rows, lib, level, scales)
     n, D = x.shape
     I = down.shape[1]
     x = x.contiguous()
     gate_up, down = gate_up.contiguous(), down.contiguous()
     y = torch.empty(n, D, dtype=torch.bfloat16)
     scratch = torch.empty(lib.limits[("scratch", level, n, D, K)], dtype=torch.float32)
-    rc = lib.daop_expert_bf16(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I, K,
-                              max(1, int(threads)), level, scratch.data_ptr())
+    if scales is not None:
+        s_gate_up, s_down = scales[0].contiguous(), scales[1].contiguous()
+        rc = lib.daop_expert_int8(x.data_ptr(), n, gate_up.data_ptr(), s_gate_up.data_ptr(), down.data_ptr(),
+                                  s_down.data_ptr(), y.data_ptr(), D, I, max(1, int(threads)), level, scratch.data_ptr())
+    else:
+        rc = lib.daop_expert_bf16(x.data_ptr(), n, gate_up.data_ptr(), down.data_ptr(), y.data_ptr(), D, I, K,
+                                  max(1, int(threads)), level, scratch.data_ptr())
     if rc != 0:
         raise ValueError(f"the CPU expert kernel refused {n} tokens")
     return y
