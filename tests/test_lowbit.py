@@ -249,6 +249,16 @@ def test_int4_group_that_does_not_divide_the_hidden_size_is_one_clear_error(tiny
         Engine.from_pretrained(path, device="cpu", progress=False, expert_dtype="int4", group_size=48)
 
 
+def test_int8_sizes_torch_cannot_multiply_are_one_clear_error():
+    from daop.quant import ExpertFormat, check_geometry
+
+    with pytest.raises(DaopError, match="hidden size 72 is not a multiple of 16"):
+        check_geometry("int8", 72, 48, 128)
+    with pytest.raises(DaopError, match="intermediate size 40 is not a multiple of 16"):
+        ExpertFormat("int8", torch.bfloat16).check(64, 40)
+    ExpertFormat("int8", torch.bfloat16).check(64, 48)  # whole 16s: fine
+
+
 def test_expert_dtype_names_are_checked():
     c, _ = geometry_config("mixtral-8x7b", 1)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")

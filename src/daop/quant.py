@@ -37,6 +37,7 @@ from daop.model.moe import add_picks, combine, gated, index_tensor, swiglu
 EXPERT_DTYPES = ("auto", "int8", "int4")
 DEFAULT_GROUP_SIZE = 128
 INT4_BLOCK_N = 64  # int4 sizes are whole multiples of every CPU layout's block (daop.int4_layout)
+INT8_INNER = 16  # int8 experts: hidden and intermediate sizes in whole multiples of this (`check_geometry`)
 
 
 def bits_of(expert_dtype: str) -> int | None:
@@ -61,6 +62,14 @@ def parse_expert_dtype(name: str | None, model_dtype: torch.dtype) -> str:
 
 def check_geometry(expert_dtype: str, hidden: int, inter: int, group_size: int) -> None:
     """A clear error when the expert shapes cannot be quantized in this format."""
+    if expert_dtype == "int8":
+        # torch's int8 weight-only product on the CPU takes inner sizes in whole 16s: others gave NaN
+        # or crashed (torch 2.13, AVX-512)
+        for name, size in (("hidden", hidden), ("intermediate", inter)):
+            if size % INT8_INNER:
+                raise DaopError(f"int8 experts: the {name} size {size} is not a multiple of {INT8_INNER}; use int4 "
+                                "or the model's own dtype")
+        return
     if expert_dtype != "int4":
         return
     if group_size < 32 or group_size & (group_size - 1):
