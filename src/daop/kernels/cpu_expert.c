@@ -100,10 +100,10 @@ static void rows_plain(int fmt, const void *W, long K, long ldw, long r0, long r
 
 #ifdef DAOP_X86
 /* Rows are walked GROUP_ROWS at a time (as many weight streams in flight per core, each prefetched
-   PREFETCH elements ahead; both chosen on an H200 host by scripts/cpu_kernel_sweep.py) for up to TOKENS_* tokens; every (row, token) sum is one float32 vector chain in k
+   2 * PREFETCH bytes ahead; both chosen on an H200 host by scripts/cpu_kernel_sweep.py) for up to TOKENS_* tokens; every (row, token) sum is one float32 vector chain in k
    order, reduced the same way whether its row is walked in a group of four or alone. */
 #ifndef PREFETCH
-#define PREFETCH 1024
+#define PREFETCH 1024 /* in bf16 elements: 2 KB ahead, for int8 weights too */
 #endif
 #ifndef GROUP_ROWS
 #define GROUP_ROWS 4
@@ -135,7 +135,7 @@ __attribute__((target("avx2,fma"))) static inline float hsum256(__m256 v) {
         for (; k + LANES <= K; k += LANES) {                                                           \
             VEC v[G];                                                                                  \
             for (int i = 0; i < G; i++) {                                                              \
-                _mm_prefetch((const char *)(w[i] + k + PREFETCH), _MM_HINT_T0);                        \
+                _mm_prefetch((const char *)(w[i] + k) + 2 * PREFETCH, _MM_HINT_T0);                    \
                 v[i] = LOAD(w[i] + k);                                                                 \
             }                                                                                          \
             for (int t = 0; t < NT; t++) {                                                             \
