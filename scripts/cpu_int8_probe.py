@@ -23,7 +23,7 @@ from daop.kernels import cpu_expert  # noqa: E402
 from daop.quant import ExpertFormat, expert_forward  # noqa: E402
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--hidden", type=int, default=4096)
     ap.add_argument("--inter", type=int, default=14336)
@@ -31,7 +31,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--output", default=None)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if not cpu_expert.available():
         raise SystemExit("the CPU expert kernel is not available here")
     torch.set_num_threads(args.threads)
@@ -67,8 +67,8 @@ def main() -> int:
         with open(args.output, "a") as f:
             for r in [card, *rows]:
                 f.write(json.dumps(r) + "\n")
-    return 0
+    return rows
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

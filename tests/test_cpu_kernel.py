@@ -1,6 +1,7 @@
 """daop's C kernel for bf16 CPU experts (`daop.kernels.cpu_expert`): accuracy against a float32
 reference at every instruction-set path, its limits, the executor's use of it (only when asked, for
 CPU experts of a GPU model), and the fallback when it cannot be built."""
+import json
 import os
 import subprocess
 import sys
@@ -355,6 +356,23 @@ def test_cpu_prefill_gemm_probe_times_each_token_count():
     assert [r["tokens"] for r in out["rows"]] == [1, 16]
     assert all(r["ms"] > 0 and r["weights_gbps"] > 0 for r in out["rows"])
     assert out["expert_bytes"] == 3 * 64 * 96 * 2
+
+
+@needs_kernel
+def test_int8_probe_times_the_kernel_and_torch_at_each_token_count(tmp_path):
+    """scripts/cpu_int8_probe.py on a small int8 expert."""
+    from helpers import load_script
+
+    before = torch.get_num_threads()
+    try:
+        rows = load_script("cpu_int8_probe").main(["--hidden", "64", "--inter", "48", "--tokens", "1,3", "--threads", "1",
+                                                   "--rounds", "2", "--output", str(tmp_path / "p.jsonl")])
+    finally:
+        torch.set_num_threads(before)
+    assert [r["tokens"] for r in rows] == [1, 3]
+    assert all(r["kernel_ms"] > 0 and r["torch_ms"] > 0 and r["kernel_gbps"] > 0 for r in rows)
+    lines = [json.loads(x) for x in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert [x["kind"] for x in lines] == ["card", "point", "point"]
 
 
 def test_host_costs_probe_times_a_queued_jobs_setup():
