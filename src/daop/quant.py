@@ -67,8 +67,8 @@ def check_geometry(expert_dtype: str, hidden: int, inter: int, group_size: int) 
         # or crashed (torch 2.13, AVX-512)
         for name, size in (("hidden", hidden), ("intermediate", inter)):
             if size % INT8_INNER:
-                raise DaopError(f"int8 experts: the {name} size {size} is not a multiple of {INT8_INNER}; use int4 "
-                                "or the model's own dtype")
+                raise DaopError(f"int8 experts: the {name} size {size} is not a multiple of {INT8_INNER}; keep the "
+                                "model's own dtype for its experts")
         return
     if expert_dtype != "int4":
         return

@@ -3,8 +3,9 @@ tokens with AVX-512 or AVX2 vectors, and, on CPUs with AMX, 4-128 tokens (a batc
 share of an expert) with bf16 tile products. int8 experts (`daop.quant`: codes with a bf16 scale per
 output row) run on the same vector paths at 1-8 tokens: each code is widened to float32 in the
 registers, so the host reads one byte per weight. They round where torch's int8 weight-only product
-rounds (sums in another order: 98.8 % of one Mixtral-sized expert's outputs equal, the rest a unit or
-so in the last place), so, as for bf16, only CPU experts of a GPU model use it.
+rounds (sums in another order: 98.6-99.9 % of a Mixtral-sized expert's outputs equal at 1-8 tokens,
+`scripts/cpu_int8_probe.py`, benchmarks/results/cpu-int8-kernel-2core.jsonl), so, as for bf16, only
+CPU experts of a GPU model use it.
 
 Why a kernel of our own: a decode-time expert reads every weight once, so it is bound by host memory.
 On an H200 host (16 cores, 96 GB/s read), torch's bf16 `F.linear` ran one Mixtral expert in 6.3 ms,
@@ -249,7 +250,7 @@ def check_shapes(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor, row
     if not 1 <= K <= I:
         raise ValueError(f"an expert part of {K} intermediate rows does not fit an expert of {I}")
     if scales is not None:
-        if gate_up.dtype != torch.int8 or down.dtype != torch.int8 or any(s.dtype != torch.bfloat16 for s in scales):
+        if not is_int8((gate_up, scales[0], down, scales[1])):
             raise ValueError("an int8 expert needs int8 codes and bf16 scales")
         if tuple(scales[0].shape) != (2 * I,) or tuple(scales[1].shape) != (D,):
             raise ValueError(f"int8 scales {tuple(scales[0].shape)}, {tuple(scales[1].shape)} do not fit gate_up {tuple(gate_up.shape)}, "
